@@ -1,0 +1,9 @@
+"""Entry point for ``python -m dicomai``."""
+
+from __future__ import annotations
+
+import sys
+
+from dicomai.cli import main
+
+sys.exit(main())

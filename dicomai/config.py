@@ -1,0 +1,371 @@
+"""Settings models and load_settings(): reading the TOML file is this module's only I/O."""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from dicomai.errors import ConfigError
+
+__all__ = [
+    "DEFAULT_CONFIG",
+    "DatabaseSettings",
+    "DestinationSettings",
+    "GeneralSettings",
+    "LoggingSettings",
+    "ModelSettings",
+    "PreprocessingSettings",
+    "ReceiverSettings",
+    "RouteSettings",
+    "SchedulerSettings",
+    "SenderSettings",
+    "Settings",
+    "SpoolSettings",
+    "WorkerSettings",
+    "default_config_path",
+    "load_settings",
+]
+
+#: The shipped default configuration, relative to the repository / working directory.
+DEFAULT_CONFIG = Path("config/dicomai.toml")
+_ENV_PREFIX = "DICOMAI_"
+_AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable, no backslash
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_ae(value: str, what: str) -> str:
+    if not _AE_RE.match(value) or not value.strip():
+        raise ValueError(f"{what} must be 1-16 printable characters without backslash")
+    return value.strip()
+
+
+class GeneralSettings(_Section):
+    """Where dicomai keeps its state; relative paths elsewhere resolve against ``data_dir``."""
+
+    data_dir: Path = Path("../var")
+    site_name: str = "dicomai"
+
+
+class ReceiverSettings(_Section):
+    """The DICOM Storage SCP the PACS forwards studies to."""
+
+    ae_title: str = "DICOMAI"
+    host: str = "127.0.0.1"
+    port: int = Field(default=11112, ge=0, le=65535)
+    allowed_calling_ae_titles: list[str] = Field(default_factory=list)
+    max_associations: int = Field(default=16, ge=1)
+    acse_timeout_seconds: float = Field(default=30.0, gt=0)
+    dimse_timeout_seconds: float = Field(default=60.0, gt=0)
+    network_timeout_seconds: float = Field(default=60.0, gt=0)
+    min_free_disk_mb: int = Field(default=512, ge=0)
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, value: str) -> str:
+        return _check_ae(value, "receiver.ae_title")
+
+    @field_validator("allowed_calling_ae_titles")
+    @classmethod
+    def _allowed(cls, value: list[str]) -> list[str]:
+        return [_check_ae(v, "receiver.allowed_calling_ae_titles entry") for v in value]
+
+
+class DatabaseSettings(_Section):
+    """Where job state lives: SQLite for one host, PostgreSQL for several."""
+
+    url: str = ""  # empty: sqlite file dicomai.db under general.data_dir
+    echo: bool = False
+
+
+class SpoolSettings(_Section):
+    """Where received instances and built results are stored on disk."""
+
+    path: Path = Path("spool")
+    retention_days: float = Field(default=7.0, gt=0)
+
+
+class SchedulerSettings(_Section):
+    """Periodic jobs: closing quiet studies, reaping stale claims, retention."""
+
+    study_quiet_seconds: float = Field(default=30.0, ge=0)
+    poll_seconds: float = Field(default=1.0, gt=0)
+    stale_claim_seconds: float = Field(default=300.0, gt=0)
+    purge_interval_seconds: float = Field(default=3600.0, gt=0)
+
+
+class WorkerSettings(_Section):
+    """The inference worker."""
+
+    threads: int = Field(default=1, ge=1, le=16)
+    poll_seconds: float = Field(default=0.5, gt=0)
+    max_attempts: int = Field(default=3, ge=1)
+    retry_base_seconds: float = Field(default=10.0, gt=0)
+    heartbeat_seconds: float = Field(default=10.0, gt=0)
+    torch_threads: int = Field(default=0, ge=0)  # 0: torch's default
+
+
+class SenderSettings(_Section):
+    """The C-STORE SCU returning results to destinations."""
+
+    poll_seconds: float = Field(default=0.5, gt=0)
+    max_attempts: int = Field(default=10, ge=1)
+    retry_base_seconds: float = Field(default=15.0, gt=0)
+    retry_max_seconds: float = Field(default=1800.0, gt=0)
+    timeout_seconds: float = Field(default=30.0, gt=0)
+    ae_title: str = "DICOMAI"
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, value: str) -> str:
+        return _check_ae(value, "sender.ae_title")
+
+
+class DestinationSettings(_Section):
+    """A DICOM node results are sent to (usually the PACS)."""
+
+    name: str
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+    sr_sop_class: Literal["comprehensive3d", "comprehensive", "enhanced", "none"] = (
+        "comprehensive3d"
+    )
+    emit_sc: bool = True
+    emit_text_sr: bool = False
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, value: str) -> str:
+        return _check_ae(value, "destinations.ae_title")
+
+
+class RouteSettings(_Section):
+    """Which studies go to which model; the first matching route wins."""
+
+    name: str
+    model: str
+    modality: list[str]
+    body_part: list[str] = Field(default_factory=list)  # empty: any body part
+    study_description: list[str] = Field(default_factory=list)  # regexes, case-insensitive
+    series_description: list[str] = Field(default_factory=list)
+    destinations: list[str] = Field(default_factory=lambda: ["pacs"])
+    series_rule: Literal["xray_frontal", "ct_axial_most_slices", "all"] = "all"
+
+    @field_validator("modality", "body_part")
+    @classmethod
+    def _upper(cls, value: list[str]) -> list[str]:
+        return [v.strip().upper() for v in value]
+
+    @field_validator("study_description", "series_description")
+    @classmethod
+    def _regex(cls, value: list[str]) -> list[str]:
+        for pattern in value:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"invalid regular expression {pattern!r}: {exc}") from exc
+        return value
+
+
+class PreprocessingSettings(_Section):
+    """How pixels become a model input."""
+
+    input_size: int = Field(default=224, ge=32, le=2048)
+    # CT: (center, width) per channel; default brain, subdural, bone windows.
+    windows: list[tuple[float, float]] = Field(
+        default_factory=lambda: [(40.0, 80.0), (80.0, 200.0), (600.0, 2800.0)]
+    )
+    normalize_mean: list[float] = Field(default_factory=lambda: [0.485, 0.456, 0.406])
+    normalize_std: list[float] = Field(default_factory=lambda: [0.229, 0.224, 0.225])
+    batch_size: int = Field(default=8, ge=1, le=512)
+    ct_aggregation: Literal["max", "top3_mean"] = "max"
+
+
+class ModelSettings(_Section):
+    """A TorchScript model and how to run it."""
+
+    path: Path
+    version: str
+    sha256: str = ""  # empty: not pinned (dicomai records the actual hash in every result)
+    device: str = "auto"
+    task: Literal["chest_xray", "head_ct_ich", "bone_xray"]
+    labels: list[str] = Field(default_factory=list)  # empty: from the model file's metadata
+    threshold: float = Field(default=0.5, ge=0, le=1)
+    thresholds: dict[str, float] = Field(default_factory=dict)
+    preprocessing: PreprocessingSettings = Field(default_factory=PreprocessingSettings)
+    body_part: str = ""
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+            raise ValueError("device must be auto, cpu, cuda or cuda:N")
+        return value
+
+    @field_validator("sha256")
+    @classmethod
+    def _sha(cls, value: str) -> str:
+        if value and not re.fullmatch(r"[0-9a-f]{64}", value):
+            raise ValueError("sha256 must be 64 lower-case hex digits or empty")
+        return value
+
+    def threshold_for(self, label: str) -> float:
+        """Operating point of ``label``."""
+        return self.thresholds.get(label, self.threshold)
+
+
+class LoggingSettings(_Section):
+    """Log format and level."""
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["json", "text"] = "json"
+    file: Path | None = None
+
+
+class Settings(_Section):
+    """The whole configuration tree."""
+
+    general: GeneralSettings = Field(default_factory=GeneralSettings)
+    receiver: ReceiverSettings = Field(default_factory=ReceiverSettings)
+    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
+    spool: SpoolSettings = Field(default_factory=SpoolSettings)
+    scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    sender: SenderSettings = Field(default_factory=SenderSettings)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    destinations: list[DestinationSettings] = Field(default_factory=list)
+    routes: list[RouteSettings] = Field(default_factory=list)
+    models: dict[str, ModelSettings] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _references(self) -> Settings:
+        names = [d.name for d in self.destinations]
+        if len(set(names)) != len(names):
+            raise ValueError("destination names must be unique")
+        route_names = [r.name for r in self.routes]
+        if len(set(route_names)) != len(route_names):
+            raise ValueError("route names must be unique")
+        for route in self.routes:
+            if route.model not in self.models:
+                raise ValueError(f"route {route.name!r} names unknown model {route.model!r}")
+            for dest in route.destinations:
+                if dest not in names:
+                    raise ValueError(f"route {route.name!r} names unknown destination {dest!r}")
+        return self
+
+    # -- derived paths -------------------------------------------------------------------
+    def resolve(self, path: Path) -> Path:
+        """``path`` if absolute, else relative to ``general.data_dir``."""
+        return path if path.is_absolute() else self.general.data_dir / path
+
+    @property
+    def spool_path(self) -> Path:
+        """Absolute spool directory."""
+        return self.resolve(self.spool.path)
+
+    @property
+    def database_url(self) -> str:
+        """The SQLAlchemy URL; SQLite under the data directory by default."""
+        if self.database.url:
+            return self.database.url
+        return f"sqlite:///{self.general.data_dir / 'dicomai.db'}"
+
+    def model_path(self, name: str) -> Path:
+        """Absolute path of model ``name``'s file."""
+        return self.resolve(self.models[name].path)
+
+    def destination(self, name: str) -> DestinationSettings:
+        """The destination called ``name``."""
+        for dest in self.destinations:
+            if dest.name == name:
+                return dest
+        raise KeyError(name)
+
+
+def default_config_path() -> Path:
+    """``$DICOMAI_CONFIG`` if set, else ``config/dicomai.toml``."""
+    return Path(os.environ.get("DICOMAI_CONFIG", str(DEFAULT_CONFIG)))
+
+
+def _coerce(raw: str) -> Any:
+    """Parse an environment value as a TOML scalar or list, else keep it a string."""
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
+    for key, raw in environ.items():
+        if not key.startswith(_ENV_PREFIX) or "__" not in key:
+            continue
+        section, _, field = key[len(_ENV_PREFIX) :].lower().partition("__")
+        if not section or not field or "__" in field:
+            continue
+        target = data.setdefault(section, {})
+        if not isinstance(target, dict):
+            raise ConfigError(f"environment variable {key} overrides a non-table section")
+        target[field] = _coerce(raw)
+
+
+def load_settings(
+    path: Path | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+) -> Settings:
+    """Read, merge and validate the configuration.
+
+    Parameters
+    ----------
+    path
+        TOML file; default :func:`default_config_path`.
+    environ
+        Environment to read ``DICOMAI_<SECTION>__<KEY>`` overrides from; default ``os.environ``.
+    overrides
+        Section → key → value applied last (CLI flags, tests).
+
+    Returns
+    -------
+    Settings
+        Validated settings with ``general.data_dir`` made absolute (relative to the file).
+
+    Raises
+    ------
+    ConfigError
+        The file is missing or unreadable, or a value or key is invalid.
+    """
+    path = path or default_config_path()
+    try:
+        with open(path, "rb") as fh:
+            data: dict[str, Any] = tomllib.load(fh)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file not found: {path}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    _apply_env(data, os.environ if environ is None else environ)
+    for section, values in (overrides or {}).items():
+        data.setdefault(section, {}).update(values)
+    general = data.setdefault("general", {})
+    data_dir = Path(general.get("data_dir", GeneralSettings().data_dir)).expanduser()
+    if not data_dir.is_absolute():
+        data_dir = (path.resolve().parent / data_dir).resolve()
+    general["data_dir"] = str(data_dir)
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+            lines.append(f"  {where}: {msg}")
+        raise ConfigError(f"invalid configuration in {path}:\n" + "\n".join(lines)) from exc

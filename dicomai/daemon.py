@@ -1,0 +1,151 @@
+"""Composition root: builds the components, starts and stops them, handles signals."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable
+from datetime import datetime
+from types import FrameType
+from typing import Any
+
+from dicomai.config import Settings
+from dicomai.db import create_all, make_engine, make_session_factory, utcnow
+from dicomai.logs import log_fields
+from dicomai.queue import Queue
+from dicomai.receiver import Receiver
+from dicomai.scheduler import Scheduler
+from dicomai.sender import Sender
+from dicomai.store import Spool
+from dicomai.worker import ModelPool, Worker
+
+__all__ = ["ROLES", "Daemon"]
+
+logger = logging.getLogger(__name__)
+
+ROLES = ("receiver", "worker", "sender", "scheduler")
+
+
+class Daemon:
+    """``dicomai serve``: receiver, worker, sender and scheduler threads sharing DB and spool."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        roles: Iterable[str] = ROLES,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self.settings = settings
+        self.roles = tuple(r for r in ROLES if r in set(roles))
+        self.clock = clock
+        self.engine = make_engine(settings.database_url, echo=settings.database.echo)
+        self.queue = Queue(make_session_factory(self.engine))
+        self.spool = Spool(settings.spool_path)
+        self.models = ModelPool(settings)
+        self.instance_name = f"{socket.gethostname()}:{os.getpid()}"
+        self.receiver: Receiver | None = None
+        self.worker: Worker | None = None
+        self.sender: Sender | None = None
+        self.scheduler: Scheduler | None = None
+        self._beat_stop = threading.Event()
+        self._beat_thread: threading.Thread | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------
+    def start(self) -> None:
+        """Create storage, load models, then start the components in data-flow order."""
+        self.settings.general.data_dir.mkdir(parents=True, exist_ok=True)
+        create_all(self.engine)
+        self.spool.start()
+        if "worker" in self.roles:
+            needed = sorted({r.model for r in self.settings.routes})
+            for name in needed:
+                self.models.get(name)  # load once, warm; failure = start-up error
+            self.worker = Worker(self.settings, self.queue, self.spool, self.models, self.clock)
+        if "receiver" in self.roles:
+            self.receiver = Receiver(self.settings.receiver, self.spool, self.queue, self.clock)
+            self.receiver.start()
+        if "worker" in self.roles and self.worker is not None:
+            self.worker.start()
+        if "sender" in self.roles:
+            self.sender = Sender(self.settings, self.queue, self.clock)
+            self.sender.start()
+        if "scheduler" in self.roles:
+            self.scheduler = Scheduler(self.settings, self.queue, self.spool, self.clock)
+            self.scheduler.start()
+        self._beat()
+        self._beat_thread = threading.Thread(target=self._beat_loop, name="heartbeat",
+                                             daemon=True)
+        self._beat_thread.start()
+        logger.info("daemon started", extra=log_fields("daemon.started", roles=list(self.roles)))
+
+    def _beat(self) -> None:
+        info: dict[str, Any] = {"pid": os.getpid(), "roles": list(self.roles)}
+        if self.receiver is not None and self.receiver.server is not None:
+            info["receiver"] = {"ae_title": self.settings.receiver.ae_title,
+                                "host": self.settings.receiver.host, "port": self.receiver.port}
+        info["models"] = {
+            name: {"version": b.identity.version, "sha256": b.identity.sha256,
+                   "device": b.device, "description": b.identity.description}
+            for name, b in self.models.loaded().items()
+        }
+        self.queue.beat(f"daemon@{self.instance_name}", "daemon", self.clock(), info)
+
+    def _beat_loop(self) -> None:
+        while not self._beat_stop.wait(5.0):
+            try:
+                self._beat()
+            except Exception:
+                logger.warning("heartbeat failed", extra=log_fields("daemon.heartbeat_failed"))
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop in reverse data-flow order, each step bounded and logged with its duration."""
+        steps: list[tuple[str, Callable[[], None]]] = []
+        if self.receiver is not None:
+            steps.append(("receiver", lambda: self.receiver.stop(min(timeout, 10.0))))  # type: ignore[union-attr]
+        if self.worker is not None:
+            steps.append(("worker", lambda: self.worker.stop(timeout)))  # type: ignore[union-attr]
+        if self.sender is not None:
+            steps.append(("sender", lambda: self.sender.stop(timeout)))  # type: ignore[union-attr]
+        if self.scheduler is not None:
+            steps.append(("scheduler", self.scheduler.stop))
+        for name, step in steps:
+            t0 = time.perf_counter()
+            step()
+            logger.info("component stopped", extra=log_fields(
+                "daemon.component_stopped", component=name,
+                seconds=round(time.perf_counter() - t0, 3)))
+        self._beat_stop.set()
+        try:
+            self.queue.forget_component(f"daemon@{self.instance_name}")
+        except Exception:
+            logger.warning("could not clear heartbeat", extra=log_fields("daemon.stop_warning"))
+        self.engine.dispose()
+        logger.info("daemon stopped", extra=log_fields("daemon.stopped"))
+
+    def run(self, stop_event: threading.Event | None = None) -> int:
+        """Start, wait for ``stop_event`` (or SIGTERM/SIGINT), stop; returns the exit code."""
+        stop_event = stop_event or threading.Event()
+        previous: dict[int, Any] = {}
+
+        def handle(signum: int, _frame: FrameType | None) -> None:
+            if stop_event.is_set() and signum == signal.SIGINT:
+                os._exit(1)  # second Ctrl-C: force
+            logger.info("signal received", extra=log_fields("daemon.signal", signal=signum))
+            stop_event.set()
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                previous[sig] = signal.signal(sig, handle)
+        try:
+            self.start()
+            stop_event.wait()
+        finally:
+            self.stop(self.settings.worker.heartbeat_seconds * 3)
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+        return 0

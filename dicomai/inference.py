@@ -1,0 +1,237 @@
+"""Preprocessing (pure numpy), batching and postprocessing of a model run into Findings."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Protocol
+
+import numpy as np
+import pydicom.pixels
+import torch
+import torch.nn.functional as F
+from pydicom.dataset import Dataset
+
+from dicomai.config import ModelSettings, PreprocessingSettings
+from dicomai.errors import UnsupportedInput
+from dicomai.findings import Findings, ModelIdentity, Task
+
+__all__ = [
+    "Predictor",
+    "analyse",
+    "ct_windows",
+    "order_slices",
+    "preprocess_ct_slice",
+    "preprocess_xray",
+    "resize",
+]
+
+_CT_MAX_KEY_SLICES = 5
+
+
+class Predictor(Protocol):
+    """The part of a model backend inference needs."""
+
+    @property
+    def identity(self) -> ModelIdentity: ...
+
+    @property
+    def labels(self) -> tuple[str, ...]: ...
+
+    def predict(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]: ...
+
+
+def _first_frame(ds: Dataset) -> np.ndarray:
+    if "PixelData" not in ds and "FloatPixelData" not in ds:
+        raise UnsupportedInput("instance has no pixel data")
+    try:
+        arr = ds.pixel_array
+    except Exception as exc:  # decoder errors come in many types
+        raise UnsupportedInput("pixel data could not be decoded") from exc
+    samples = int(ds.get("SamplesPerPixel", 1))
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if samples != 1:
+        raise UnsupportedInput("only greyscale images are analysed")
+    if frames > 1:
+        arr = arr[frames // 2]
+    if arr.ndim != 2 or min(arr.shape) < 8:
+        raise UnsupportedInput("image has an unsupported shape")
+    return arr
+
+
+def resize(image: np.ndarray, size: int) -> np.ndarray:
+    """Resize a 2D or channel-first 3D float image to ``size`` x ``size`` (antialiased)."""
+    tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
+    if tensor.ndim == 2:
+        tensor = tensor[None]
+    out = F.interpolate(tensor[None], size=(size, size), mode="bilinear", antialias=True,
+                        align_corners=False)
+    return out[0].numpy()
+
+
+def _normalise(channels: np.ndarray, pre: PreprocessingSettings) -> np.ndarray:
+    mean = np.asarray(pre.normalize_mean, dtype=np.float32)[:, None, None]
+    std = np.asarray(pre.normalize_std, dtype=np.float32)[:, None, None]
+    return ((channels - mean) / std).astype(np.float32)
+
+
+def preprocess_xray(ds: Dataset, pre: PreprocessingSettings) -> np.ndarray:
+    """Radiograph → normalised [3, S, S] float32.
+
+    Applies the modality LUT, the first VOI LUT or window (else a 1-99 percentile window),
+    inverts MONOCHROME1, scales to [0, 1], resizes and normalises.
+    """
+    arr = _first_frame(ds).astype(np.float32)
+    try:
+        arr = pydicom.pixels.apply_modality_lut(arr, ds).astype(np.float32)
+    except Exception as exc:
+        raise UnsupportedInput("modality LUT could not be applied") from exc
+    has_voi = "VOILUTSequence" in ds or ("WindowCenter" in ds and "WindowWidth" in ds)
+    if has_voi:
+        try:
+            arr = pydicom.pixels.apply_voi_lut(arr, ds, index=0).astype(np.float32)
+        except Exception:
+            has_voi = False
+    low, high = np.percentile(arr, [1, 99]) if arr.size else (0.0, 1.0)
+    if has_voi:
+        low, high = float(arr.min()), float(arr.max())
+    scale = max(float(high) - float(low), 1e-6)
+    grey = np.clip((arr - low) / scale, 0.0, 1.0)
+    if str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1":
+        grey = 1.0 - grey
+    small = resize(grey, pre.input_size)[0]
+    return _normalise(np.repeat(small[None], 3, axis=0), pre)
+
+
+def ct_windows(hu: np.ndarray, windows: Sequence[tuple[float, float]]) -> np.ndarray:
+    """HU slice → one [0, 1] channel per (center, width) window, shape [C, H, W]."""
+    out = np.empty((len(windows), *hu.shape), dtype=np.float32)
+    for i, (center, width) in enumerate(windows):
+        low = center - width / 2.0
+        out[i] = np.clip((hu - low) / max(width, 1e-6), 0.0, 1.0)
+    return out
+
+
+def preprocess_ct_slice(ds: Dataset, pre: PreprocessingSettings) -> np.ndarray:
+    """CT slice → normalised [3, S, S] float32 of brain, subdural and bone windows."""
+    arr = _first_frame(ds)
+    try:
+        hu = pydicom.pixels.apply_modality_lut(arr, ds).astype(np.float32)
+    except Exception as exc:
+        raise UnsupportedInput("modality LUT could not be applied") from exc
+    channels = ct_windows(hu, pre.windows)
+    return _normalise(resize(channels, pre.input_size), pre)
+
+
+def order_slices(datasets: Sequence[Dataset]) -> list[Dataset]:
+    """Slices ordered along the slice normal (else by InstanceNumber)."""
+
+    def key(ds: Dataset) -> tuple[float, float]:
+        ipp, iop = ds.get("ImagePositionPatient"), ds.get("ImageOrientationPatient")
+        if ipp is not None and iop is not None and len(ipp) == 3 and len(iop) == 6:
+            r, c = [float(v) for v in iop[:3]], [float(v) for v in iop[3:]]
+            n = (r[1] * c[2] - r[2] * c[1], r[2] * c[0] - r[0] * c[2], r[0] * c[1] - r[1] * c[0])
+            return (sum(float(p) * q for p, q in zip(ipp, n, strict=True)), 0.0)
+        return (float(ds.get("InstanceNumber") or 0), 0.0)
+
+    return sorted(datasets, key=key)
+
+
+def _run_batches(
+    predictor: Predictor, inputs: list[np.ndarray], batch_size: int
+) -> tuple[np.ndarray, np.ndarray | None]:
+    probs, cams = [], []
+    for start in range(0, len(inputs), batch_size):
+        batch = np.stack(inputs[start : start + batch_size])
+        p, c = predictor.predict(batch)
+        probs.append(p)
+        if c is not None:
+            cams.append(c)
+    all_cams = np.concatenate(cams) if len(cams) == len(probs) and cams else None
+    return np.concatenate(probs), all_cams
+
+
+def analyse(
+    task: Task,
+    datasets: Sequence[Dataset],
+    predictor: Predictor,
+    settings: ModelSettings,
+    started: datetime,
+) -> Findings:
+    """Run a model over a study's selected instances and threshold the scores.
+
+    Parameters
+    ----------
+    task
+        Decides preprocessing and aggregation.
+    datasets
+        The selected series' instances, with pixel data.
+    predictor
+        A loaded model backend.
+    settings
+        The model's configuration (preprocessing, thresholds).
+    started
+        Inference start time (aware UTC).
+
+    Returns
+    -------
+    Findings
+        Study-level scores (X-ray: max over images; CT: max or top-3 mean over slices),
+        per-image scores, key images (most suspicious first) and heat maps of the top label.
+
+    Raises
+    ------
+    UnsupportedInput
+        No instance could be analysed.
+    """
+    if not datasets:
+        raise UnsupportedInput("no instances to analyse")
+    pre = settings.preprocessing
+    if task is Task.HEAD_CT_ICH:
+        ordered = order_slices(datasets)
+        prep = preprocess_ct_slice
+    else:
+        ordered = list(datasets)
+        prep = preprocess_xray
+    inputs, used = [], []
+    for ds in ordered:
+        try:
+            inputs.append(prep(ds, pre))
+            used.append(ds)
+        except UnsupportedInput:
+            if task is not Task.HEAD_CT_ICH:
+                raise
+    if not inputs:
+        raise UnsupportedInput("no slice could be analysed")
+    probs, cams = _run_batches(predictor, inputs, pre.batch_size)
+    labels = tuple(settings.labels) or predictor.labels
+    if probs.shape[1] != len(labels):
+        raise UnsupportedInput("model output does not match its labels")
+    uids = [str(ds.SOPInstanceUID) for ds in used]
+    if task is Task.HEAD_CT_ICH and settings.preprocessing.ct_aggregation == "top3_mean":
+        top = np.sort(probs, axis=0)[-3:]
+        study = top.mean(axis=0)
+    else:
+        study = probs.max(axis=0)
+    study_scores = {lab: float(study[i]) for i, lab in enumerate(labels)}
+    thresholds = {lab: settings.threshold_for(lab) for lab in labels}
+    top_index = int(np.argmax(study / np.asarray([thresholds[lab] for lab in labels])))
+    top_label = labels[top_index]
+    order = np.argsort(-probs[:, top_index], kind="stable")
+    n_key = _CT_MAX_KEY_SLICES if task is Task.HEAD_CT_ICH else 1
+    key_idx = [int(i) for i in order[:n_key]]
+    heatmaps = {} if cams is None else {uids[i]: cams[i, top_index] for i in key_idx}
+    return Findings(
+        model=predictor.identity,
+        labels=labels,
+        thresholds=thresholds,
+        study_scores=study_scores,
+        image_scores={
+            uid: {lab: float(probs[i, j]) for j, lab in enumerate(labels)}
+            for i, uid in enumerate(uids)
+        },
+        key_image_uids=tuple(uids[i] for i in key_idx),
+        started=started,
+        heatmaps=heatmaps,
+        top_label=top_label,
+    )

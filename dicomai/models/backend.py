@@ -1,0 +1,425 @@
+"""The ModelBackend seam and its TorchScript implementation: load, verify, warm up, predict."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import threading
+import time
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from dicomai.errors import InferenceError, ModelLoadError
+from dicomai.findings import ModelIdentity, Task
+from dicomai.logs import log_fields
+from dicomai.models.reference import METADATA_FILE, MIN_INPUT_SIZE
+
+__all__ = ["ModelBackend", "TorchScriptBackend", "resolve_device"]
+
+logger = logging.getLogger(__name__)
+
+_cpu_fallback_logged = False
+_DEFAULT_DESCRIPTION = "TorchScript model without dicomai metadata."
+
+
+@runtime_checkable
+class ModelBackend(Protocol):
+    """A loaded model: who it is, its labels, and how to run a preprocessed batch."""
+
+    @property
+    def identity(self) -> ModelIdentity:
+        """Name, version, file hash, task, architecture and description."""
+        ...
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """Output labels in model order."""
+        ...
+
+    @property
+    def device(self) -> str:
+        """Where the model runs, e.g. ``"cpu"`` or ``"cuda:0"``."""
+        ...
+
+    def predict(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Probabilities [B, L] and per-image, per-label normalised CAMs [B, L, h, w] or None."""
+        ...
+
+
+def resolve_device(device: str) -> torch.device:
+    """Turn a configured device into a torch device.
+
+    Parameters
+    ----------
+    device
+        ``"auto"`` (CUDA if available, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+
+    Returns
+    -------
+    torch.device
+
+    Raises
+    ------
+    ValueError
+        If ``device`` is not one of these forms.
+    ModelLoadError
+        If CUDA is requested but not available, or ``N`` is not a visible device.
+    """
+    global _cpu_fallback_logged
+    if not isinstance(device, str):
+        raise TypeError('Argument "device" must be a string.')
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        if not _cpu_fallback_logged:
+            _cpu_fallback_logged = True
+            logger.info("no GPU available, running on CPU", extra=log_fields("model.cpu_only"))
+        return torch.device("cpu")
+    if device == "cpu":
+        return torch.device("cpu")
+    if device == "cuda" or device.startswith("cuda:"):
+        index_text = device[len("cuda:") :] if ":" in device else "0"
+        if not index_text.isdigit():
+            raise ValueError('Argument "device" must be auto, cpu, cuda or cuda:N.')
+        if not torch.cuda.is_available():
+            raise ModelLoadError(
+                f"device {device} requested but CUDA is not available "
+                f"(torch {torch.__version__}); use device auto or cpu"
+            )
+        index = int(index_text)
+        count = torch.cuda.device_count()
+        if index >= count:
+            raise ModelLoadError(f"device {device} requested but only {count} CUDA device(s)")
+        return torch.device("cuda", index)
+    raise ValueError('Argument "device" must be auto, cpu, cuda or cuda:N.')
+
+
+def _is_oom(exc: BaseException) -> bool:
+    # TorchScript re-raises CUDA OOM as a plain RuntimeError (torch.jit.Error) with the message.
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def _metadata_from_bytes(data: bytes) -> dict[str, Any]:
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            suffix = f"/extra/{METADATA_FILE}"
+            member = next((n for n in archive.namelist() if n.endswith(suffix)), None)
+            if member is None:
+                return {}
+            meta = json.loads(archive.read(member).decode("utf-8"))
+    except (zipfile.BadZipFile, ValueError) as exc:
+        raise ValueError("unreadable model archive") from exc
+    return meta if isinstance(meta, dict) else {}
+
+
+def _normalise_cams(cams: Tensor) -> Tensor:
+    """Scale each [h, w] map to [0, 1]; a constant map becomes zeros."""
+    flat = cams.flatten(2)
+    low = flat.amin(dim=2, keepdim=True)
+    span = flat.amax(dim=2, keepdim=True) - low
+    scaled = torch.where(span > 1e-12, (flat - low) / span.clamp_min(1e-12), torch.zeros_like(flat))
+    return scaled.view_as(cams)
+
+
+class TorchScriptBackend:
+    """A TorchScript model on one device; ``predict`` is serialised by a lock.
+
+    Build it with :meth:`load`; the constructor only stores its arguments.
+
+    Parameters
+    ----------
+    module
+        The loaded ``torch.jit.ScriptModule`` (in eval mode, on ``device``); any module whose
+        forward returns logits or ``(logits, cams)`` works.
+    identity
+        Recorded in every result.
+    labels
+        Output labels in model order.
+    device
+        Torch device the module lives on.
+    input_channels
+        Expected channel count, or None to accept any.
+    """
+
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        *,
+        identity: ModelIdentity,
+        labels: Sequence[str],
+        device: torch.device,
+        input_channels: int | None = 3,
+    ) -> None:
+        self._module = module
+        self._identity = identity
+        self._labels = tuple(labels)
+        self._device = device
+        self._input_channels = input_channels
+        self._lock = threading.Lock()
+
+    @property
+    def identity(self) -> ModelIdentity:
+        """Name, version, file hash, task, architecture and description."""
+        return self._identity
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """Output labels in model order."""
+        return self._labels
+
+    @property
+    def device(self) -> str:
+        """Where the model runs, e.g. ``"cpu"`` or ``"cuda:0"``."""
+        return str(self._device)
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        name: str,
+        version: str | None = None,
+        expected_sha256: str | None = None,
+        device: str = "auto",
+        labels: Sequence[str] | None = None,
+        task: Task | str | None = None,
+        body_part: str = "",
+    ) -> TorchScriptBackend:
+        """Load, verify and warm up a TorchScript model file.
+
+        The file is read once; its SHA-256 is computed over the bytes that are loaded.
+
+        Parameters
+        ----------
+        path
+            The model file.
+        name
+            Model name (from the configuration); used in identity and messages.
+        version
+            Model version; default: the file's metadata.
+        expected_sha256
+            Hex digest the file must have; None or ``""`` to accept any (the actual hash is
+            still recorded in the identity).
+        device
+            ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+        labels
+            Output labels; default: the file's metadata. Their count must equal the number of
+            model outputs.
+        task
+            The model's task; default: the file's metadata. Both given and different is an
+            error.
+        body_part
+            Recorded in the identity.
+
+        Returns
+        -------
+        TorchScriptBackend
+
+        Raises
+        ------
+        ModelLoadError
+            If the file is missing or unreadable, fails its checksum, CUDA is requested but
+            missing, metadata is insufficient, or the warm-up fails or disagrees with the labels.
+        """
+        if not isinstance(name, str) or not name:
+            raise ValueError('Argument "name" must be a non-empty string.')
+        started = time.monotonic()
+        file_path = Path(path)
+        try:
+            data = file_path.read_bytes()
+        except FileNotFoundError as exc:
+            raise ModelLoadError(f"model {name}: file not found") from exc
+        except OSError as exc:
+            raise ModelLoadError(f"model {name}: file unreadable") from exc
+        sha256 = hashlib.sha256(data).hexdigest()
+        expected = (expected_sha256 or "").strip().lower()
+        if expected and expected != sha256:
+            raise ModelLoadError(
+                f"model {name}: checksum mismatch (expected {expected[:12]}, file {sha256[:12]})"
+            )
+        torch_device = resolve_device(device)
+        try:
+            meta = _metadata_from_bytes(data)
+        except ValueError as exc:
+            raise ModelLoadError(f"model {name}: not a TorchScript archive") from exc
+        try:
+            module = torch.jit.load(io.BytesIO(data), map_location=torch_device)
+        except Exception as exc:  # torch raises RuntimeError and others for bad archives
+            raise ModelLoadError(f"model {name}: not a loadable TorchScript model") from exc
+        module.eval()
+
+        label_tuple = tuple(labels) if labels else tuple(meta.get("labels") or ())
+        if not label_tuple:
+            raise ModelLoadError(f"model {name}: no labels given and none in the file")
+        meta_task = meta.get("task")
+        try:
+            task_value = Task(task) if task is not None else Task(meta_task)
+        except ValueError as exc:
+            raise ModelLoadError(f"model {name}: unknown or missing task") from exc
+        if task is not None and meta_task is not None and Task(task) != meta_task:
+            raise ModelLoadError(
+                f"model {name}: configured task {Task(task)} but the file is for {meta_task}"
+            )
+        meta_version = meta.get("version")
+        if version is None:
+            if not meta_version:
+                raise ModelLoadError(f"model {name}: no version given and none in the file")
+            version = str(meta_version)
+        elif meta_version and meta_version != version:
+            logger.warning(
+                "configured model version differs from the file's",
+                extra=log_fields(
+                    "model.version_mismatch", model=name, version=version, file=meta_version
+                ),
+            )
+        identity = ModelIdentity(
+            name=name,
+            version=version,
+            sha256=sha256,
+            task=task_value,
+            architecture=str(meta.get("architecture", "unknown")),
+            description=str(meta.get("description", _DEFAULT_DESCRIPTION)),
+            body_part=body_part,
+        )
+        channels = meta.get("input_channels")
+        backend = cls(
+            module,
+            identity=identity,
+            labels=label_tuple,
+            device=torch_device,
+            input_channels=int(channels) if channels else None,
+        )
+        size = int(meta.get("min_input_size", MIN_INPUT_SIZE))
+        warmup = np.zeros((1, int(channels) if channels else 3, size, size), dtype=np.float32)
+        try:
+            backend.predict(warmup)
+        except Exception as exc:  # whatever the model raises, the file is not usable
+            raise ModelLoadError(f"model {name}: warm-up inference failed") from exc
+        logger.info(
+            "model loaded",
+            extra=log_fields(
+                "model.loaded",
+                model=name,
+                version=version,
+                sha256=identity.short_hash,
+                device=str(torch_device),
+                seconds=round(time.monotonic() - started, 2),
+            ),
+        )
+        return backend
+
+    def predict(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Run the model on a preprocessed batch.
+
+        On CUDA this runs under fp16 autocast; on a CUDA out-of-memory error the batch is run
+        again in halves, and a second out-of-memory error raises :class:`InferenceError`.
+
+        Parameters
+        ----------
+        batch
+            Float array [B, C, H, W] (converted to float32), B >= 1.
+
+        Returns
+        -------
+        probabilities : numpy.ndarray
+            Sigmoid of the logits, float32 [B, L].
+        cams : numpy.ndarray or None
+            Class activation maps scaled to [0, 1] per image and label, float32 [B, L, h, w];
+            None if the model returns only logits.
+
+        Raises
+        ------
+        InferenceError
+            If the model fails, returns the wrong shape or non-finite values, or runs out of
+            memory twice.
+        """
+        x = self._check_batch(batch)
+        with self._lock:
+            try:
+                return self._run(x, len(x))
+            except RuntimeError as exc:
+                if not _is_oom(exc):
+                    raise InferenceError(f"model {self._identity.name}: inference failed") from exc
+            logger.warning(
+                "out of memory, retrying with half the batch",
+                extra=log_fields("model.oom", model=self._identity.name, batch=len(x)),
+            )
+            torch.cuda.empty_cache()  # a no-op unless CUDA was initialised
+            try:
+                return self._run(x, max(1, (len(x) + 1) // 2))
+            except RuntimeError as exc:
+                if _is_oom(exc):
+                    torch.cuda.empty_cache()
+                    raise InferenceError(
+                        f"model {self._identity.name}: out of memory at batch "
+                        f"{max(1, (len(x) + 1) // 2)}"
+                    ) from exc
+                raise InferenceError(f"model {self._identity.name}: inference failed") from exc
+
+    def _check_batch(self, batch: np.ndarray) -> np.ndarray:
+        if not isinstance(batch, np.ndarray):
+            raise TypeError('Argument "batch" must be a numpy array.')
+        if batch.ndim != 4 or batch.shape[0] < 1:
+            raise ValueError('Argument "batch" must have shape [B, C, H, W] with B >= 1.')
+        if self._input_channels is not None and batch.shape[1] != self._input_channels:
+            raise ValueError(f'Argument "batch" must have {self._input_channels} channels.')
+        return np.ascontiguousarray(batch, dtype=np.float32)
+
+    def _run(self, x: np.ndarray, chunk: int) -> tuple[np.ndarray, np.ndarray | None]:
+        probs: list[np.ndarray] = []
+        cams: list[np.ndarray] = []
+        has_cams = True
+        for start in range(0, len(x), chunk):
+            p, c = self._forward(x[start : start + chunk])
+            probs.append(p)
+            if c is None:
+                has_cams = False
+            else:
+                cams.append(c)
+        prob_array = np.concatenate(probs, axis=0)
+        return prob_array, (np.concatenate(cams, axis=0) if has_cams else None)
+
+    def _forward(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        on_cuda = self._device.type == "cuda"
+        tensor = torch.from_numpy(x).to(self._device, non_blocking=on_cuda)
+        logits, cams = self._call(tensor, autocast=on_cuda)
+        if on_cuda and not bool(torch.isfinite(logits).all()):
+            logits, cams = self._call(tensor, autocast=False)  # fp16 overflow: redo in fp32
+        n, n_labels = len(x), len(self._labels)
+        if logits.shape != (n, n_labels):
+            raise InferenceError(
+                f"model {self._identity.name}: output shape {tuple(logits.shape)}, "
+                f"expected ({n}, {n_labels})"
+            )
+        if cams is not None and (cams.dim() != 4 or cams.shape[:2] != (n, n_labels)):
+            raise InferenceError(
+                f"model {self._identity.name}: CAM shape {tuple(cams.shape)} does not match"
+            )
+        if not bool(torch.isfinite(logits).all()):
+            raise InferenceError(f"model {self._identity.name}: non-finite output")
+        probs = torch.sigmoid(logits).cpu().numpy().astype(np.float32, copy=False)
+        cam_array = None
+        if cams is not None:
+            cam_array = _normalise_cams(cams).cpu().numpy().astype(np.float32, copy=False)
+        return probs, cam_array
+
+    def _call(self, tensor: Tensor, *, autocast: bool) -> tuple[Tensor, Tensor | None]:
+        with torch.inference_mode(), torch.autocast(
+            device_type=self._device.type, dtype=torch.float16, enabled=autocast
+        ):
+            out = self._module(tensor)
+        if isinstance(out, Tensor):
+            return out.float(), None
+        if isinstance(out, tuple | list) and len(out) >= 1 and isinstance(out[0], Tensor):
+            cams = out[1] if len(out) > 1 and isinstance(out[1], Tensor) else None
+            return out[0].float(), (None if cams is None else cams.float())
+        raise InferenceError(f"model {self._identity.name}: unexpected output type")

@@ -1,0 +1,421 @@
+"""The job state machine in the database: states, allowed transitions, claims and enqueueing."""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicomai.db import ComponentHeartbeat, Instance, Job, JobEvent, ResultObject, Study, utcnow
+from dicomai.errors import StateConflict
+from dicomai.logs import log_fields
+
+__all__ = [
+    "ALLOWED_TRANSITIONS",
+    "TERMINAL_STATES",
+    "InstanceRecord",
+    "JobState",
+    "Queue",
+    "RetryPolicy",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class JobState(enum.StrEnum):
+    """Where a study generation is in the pipeline."""
+
+    RECEIVING = "receiving"  # instances still arriving
+    QUEUED = "queued"  # quiet period over, route and series chosen; waiting for a worker
+    RUNNING = "running"  # claimed by a worker (claimed_by, heartbeat_at set)
+    OUTBOX = "outbox"  # result files written; waiting for the sender
+    SENDING = "sending"  # claimed by a sender
+    DONE = "done"  # terminal: every result object accepted
+    SKIPPED = "skipped"  # terminal: no route matched (not an error)
+    FAILED = "failed"  # terminal: permanent error, or attempts used up
+    CANCELLED = "cancelled"  # terminal: operator action
+
+
+S = JobState
+ALLOWED_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+    S.RECEIVING: frozenset({S.QUEUED, S.SKIPPED}),
+    S.QUEUED: frozenset({S.RUNNING, S.CANCELLED}),
+    S.RUNNING: frozenset({S.OUTBOX, S.QUEUED, S.FAILED}),
+    S.OUTBOX: frozenset({S.SENDING, S.CANCELLED}),
+    S.SENDING: frozenset({S.DONE, S.OUTBOX, S.FAILED}),
+    S.DONE: frozenset(),
+    S.SKIPPED: frozenset(),
+    S.FAILED: frozenset({S.QUEUED, S.OUTBOX, S.CANCELLED}),
+    S.CANCELLED: frozenset(),
+}
+TERMINAL_STATES = frozenset({S.DONE, S.SKIPPED, S.FAILED, S.CANCELLED})
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Exponential backoff: ``base * 2**(attempt-1)`` seconds, capped, for ``max_attempts``."""
+
+    max_attempts: int
+    base_seconds: float
+    max_seconds: float = 3600.0
+
+    def delay(self, attempt: int) -> timedelta:
+        """Wait before the attempt after ``attempt`` (1-based)."""
+        if attempt < 1:
+            raise ValueError('Argument "attempt" must be positive.')
+        return timedelta(seconds=min(self.max_seconds, self.base_seconds * 2 ** (attempt - 1)))
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceRecord:
+    """Header fields of a received instance, extracted once by the receiver."""
+
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    modality: str = ""
+    body_part: str = ""
+    series_number: int | None = None
+    instance_number: int | None = None
+    image_type: str = ""
+    view_position: str = ""
+    study_description: str = ""
+    series_description: str = ""
+    orientation: str = ""
+    slice_position: float | None = None
+    rows: int | None = None
+    columns: int | None = None
+
+
+class Queue:
+    """All reads and writes of job state. The only place a job's state changes."""
+
+    def __init__(self, session_factory: sessionmaker[Session]) -> None:
+        self._sessions = session_factory
+
+    def session(self) -> Session:
+        """A new session (use as a context manager)."""
+        return self._sessions()
+
+    # -- receiving ---------------------------------------------------------------------
+    def has_instance(self, sop_instance_uid: str) -> bool:
+        """Whether an instance with this SOP Instance UID is already stored."""
+        with self._sessions() as s:
+            found = s.scalar(
+                select(Instance.id).where(Instance.sop_instance_uid == sop_instance_uid)
+            )
+            return found is not None
+
+    def record_instance(
+        self, rec: InstanceRecord, path: str, size_bytes: int, calling_ae: str, now: datetime
+    ) -> tuple[bool, int]:
+        """Index a stored instance and attach it to its study's RECEIVING job.
+
+        Returns
+        -------
+        tuple[bool, int]
+            ``(new, job_id)``; ``new`` is False when the SOP Instance UID was already stored
+            (then nothing changes).
+        """
+        for _ in range(3):
+            try:
+                return self._record_instance(rec, path, size_bytes, calling_ae, now)
+            except IntegrityError:
+                # A concurrent association created the same study/job/instance: re-read.
+                continue
+        raise StateConflict("could not record instance after 3 attempts")
+
+    def _record_instance(
+        self, rec: InstanceRecord, path: str, size_bytes: int, calling_ae: str, now: datetime
+    ) -> tuple[bool, int]:
+        with self._sessions.begin() as s:
+            existing = s.scalar(
+                select(Instance.job_id).where(Instance.sop_instance_uid == rec.sop_instance_uid)
+            )
+            if existing is not None:
+                return False, existing
+            study = s.scalar(
+                select(Study).where(Study.study_instance_uid == rec.study_instance_uid)
+            )
+            if study is None:
+                study = Study(
+                    study_instance_uid=rec.study_instance_uid,
+                    first_received_at=now,
+                    last_received_at=now,
+                    calling_ae_title=calling_ae,
+                )
+                s.add(study)
+                s.flush()
+            study.last_received_at = now
+            job = s.scalar(
+                select(Job).where(Job.study_id == study.id, Job.state == S.RECEIVING.value)
+            )
+            if job is None:
+                generation = (
+                    s.scalar(select(func.max(Job.generation)).where(Job.study_id == study.id)) or 0
+                ) + 1
+                job = Job(
+                    study_id=study.id,
+                    generation=generation,
+                    state=S.RECEIVING.value,
+                    created_at=now,
+                    updated_at=now,
+                    last_instance_at=now,
+                )
+                s.add(job)
+                s.flush()
+                s.add(JobEvent(job_id=job.id, src=None, dst=S.RECEIVING.value, at=now,
+                               reason="instance.first"))
+            job.last_instance_at = now
+            job.instance_count = (job.instance_count or 0) + 1
+            s.add(
+                Instance(
+                    sop_instance_uid=rec.sop_instance_uid,
+                    study_id=study.id,
+                    job_id=job.id,
+                    series_instance_uid=rec.series_instance_uid,
+                    sop_class_uid=rec.sop_class_uid,
+                    transfer_syntax_uid=rec.transfer_syntax_uid,
+                    modality=rec.modality,
+                    body_part=rec.body_part,
+                    series_number=rec.series_number,
+                    instance_number=rec.instance_number,
+                    image_type=rec.image_type,
+                    view_position=rec.view_position,
+                    study_description=rec.study_description,
+                    series_description=rec.series_description,
+                    orientation=rec.orientation,
+                    slice_position=rec.slice_position,
+                    rows=rec.rows,
+                    columns=rec.columns,
+                    path=path,
+                    size_bytes=size_bytes,
+                    calling_ae_title=calling_ae,
+                    received_at=now,
+                )
+            )
+            return True, job.id
+
+    # -- transitions -------------------------------------------------------------------
+    def transition(
+        self,
+        job_id: int,
+        src: JobState | str,
+        dst: JobState | str,
+        *,
+        reason: str,
+        now: datetime | None = None,
+        session: Session | None = None,
+        **fields: Any,
+    ) -> None:
+        """Compare-and-set a job from ``src`` to ``dst``, recording a job event.
+
+        Raises
+        ------
+        ValueError
+            The transition is not in :data:`ALLOWED_TRANSITIONS`.
+        StateConflict
+            The job was not in ``src`` (somebody else moved it).
+        """
+        src, dst = JobState(src), JobState(dst)
+        if dst not in ALLOWED_TRANSITIONS[src]:
+            raise ValueError(f"transition {src} -> {dst} is not allowed")
+        now = now or utcnow()
+        values: dict[str, Any] = {"state": dst.value, "updated_at": now, **fields}
+        if dst in TERMINAL_STATES and "finished_at" not in values:
+            values["finished_at"] = now
+        if session is None:
+            with self._sessions.begin() as s:
+                self._cas(s, job_id, src, dst, values, reason, now)
+        else:
+            self._cas(session, job_id, src, dst, values, reason, now)
+        logger.info(
+            "job state changed",
+            extra=log_fields("job.transition", job_id=job_id, src=src.value, dst=dst.value,
+                             reason=reason),
+        )
+
+    @staticmethod
+    def _cas(
+        s: Session,
+        job_id: int,
+        src: JobState,
+        dst: JobState,
+        values: dict[str, Any],
+        reason: str,
+        now: datetime,
+    ) -> None:
+        result = s.execute(
+            update(Job).where(Job.id == job_id, Job.state == src.value).values(**values)
+        )
+        if result.rowcount != 1:  # type: ignore[attr-defined]
+            raise StateConflict(f"job {job_id} is not {src.value}")
+        s.add(JobEvent(job_id=job_id, src=src.value, dst=dst.value, at=now, reason=reason))
+
+    def claim_next(
+        self, src: JobState, dst: JobState, claimer: str, now: datetime, *,
+        models: Sequence[str] | None = None,
+    ) -> Job | None:
+        """Claim the most urgent due job in ``src`` and move it to ``dst``.
+
+        ``FOR UPDATE SKIP LOCKED`` on PostgreSQL; on SQLite the compare-and-set guard alone
+        keeps two claimers off the same job.
+        """
+        for _ in range(5):
+            with self._sessions.begin() as s:
+                query = (
+                    select(Job)
+                    .where(Job.state == src.value)
+                    .where((Job.not_before.is_(None)) | (Job.not_before <= now))
+                    .order_by(Job.priority.desc(), Job.closed_at, Job.id)
+                    .limit(1)
+                    .with_for_update(skip_locked=True)
+                )
+                if models is not None:
+                    query = query.where(Job.model.in_(list(models)))
+                job = s.scalar(query)
+                if job is None:
+                    return None
+                fields: dict[str, Any] = {"claimed_by": claimer, "heartbeat_at": now}
+                if dst is S.RUNNING:
+                    fields["attempts"] = job.attempts + 1
+                try:
+                    self._cas(s, job.id, src, dst, {"state": dst.value, "updated_at": now,
+                                                     **fields}, "claim", now)
+                except StateConflict:
+                    continue
+                s.flush()
+                s.refresh(job)
+            logger.info("job claimed", extra=log_fields("job.claimed", job_id=job.id,
+                                                          state=dst.value, claimer=claimer))
+            return job
+        return None
+
+    def heartbeat_job(self, job_id: int, claimer: str, now: datetime) -> None:
+        """Touch a claimed job's heartbeat."""
+        with self._sessions.begin() as s:
+            s.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.claimed_by == claimer)
+                .values(heartbeat_at=now)
+            )
+
+    # -- reads -------------------------------------------------------------------------
+    def get_job(self, job_id: int) -> Job:
+        """The job row (detached)."""
+        with self._sessions() as s:
+            job = s.get(Job, job_id)
+            if job is None:
+                raise KeyError(job_id)
+            return job
+
+    def study_uid(self, job: Job) -> str:
+        """StudyInstanceUID of a job's study."""
+        with self._sessions() as s:
+            return s.scalar(select(Study.study_instance_uid).where(Study.id == job.study_id)) or ""
+
+    def study_instances(self, study_id: int, up_to_generation: int | None = None) -> list[Instance]:
+        """All instances of a study, optionally only those of generations up to the given one."""
+        with self._sessions() as s:
+            q = select(Instance).where(Instance.study_id == study_id)
+            if up_to_generation is not None:
+                q = q.join(Job, Job.id == Instance.job_id).where(
+                    Job.generation <= up_to_generation
+                )
+            return list(s.scalars(q.order_by(Instance.id)))
+
+    def receiving_jobs_quiet_since(self, cutoff: datetime) -> list[Job]:
+        """RECEIVING jobs whose last instance arrived before ``cutoff``."""
+        with self._sessions() as s:
+            return list(
+                s.scalars(
+                    select(Job)
+                    .where(Job.state == S.RECEIVING.value, Job.last_instance_at < cutoff)
+                    .order_by(Job.id)
+                )
+            )
+
+    def stale_claims(self, state: JobState, cutoff: datetime) -> list[Job]:
+        """Jobs in ``state`` whose heartbeat is older than ``cutoff``."""
+        with self._sessions() as s:
+            return list(
+                s.scalars(
+                    select(Job).where(
+                        Job.state == state.value,
+                        (Job.heartbeat_at.is_(None)) | (Job.heartbeat_at < cutoff),
+                    )
+                )
+            )
+
+    def previous_results(self, study_id: int, before_generation: int) -> list[ResultObject]:
+        """Result objects of earlier generations of a study (for predecessor references)."""
+        with self._sessions() as s:
+            return list(
+                s.scalars(
+                    select(ResultObject)
+                    .join(Job, Job.id == ResultObject.job_id)
+                    .where(Job.study_id == study_id, Job.generation < before_generation)
+                    .order_by(Job.generation.desc())
+                )
+            )
+
+    def results_for(self, job_id: int) -> list[ResultObject]:
+        """Result rows of a job."""
+        with self._sessions() as s:
+            return list(
+                s.scalars(
+                    select(ResultObject).where(ResultObject.job_id == job_id).order_by(
+                        ResultObject.id
+                    )
+                )
+            )
+
+    def add_results(self, job_id: int, rows: Sequence[ResultObject], *, session: Session) -> None:
+        """Replace a job's result rows (a rerun after a crash rebuilds the same UIDs)."""
+        for old in session.scalars(select(ResultObject).where(ResultObject.job_id == job_id)):
+            session.delete(old)
+        session.flush()
+        session.add_all(rows)
+
+    def mark_result(self, result_id: int, *, state: str, status_code: int | None,
+                    error: str | None, now: datetime) -> None:
+        """Record one object's delivery outcome."""
+        with self._sessions.begin() as s:
+            row = s.get(ResultObject, result_id)
+            if row is None:
+                return
+            row.state = state
+            row.status_code = status_code
+            row.attempts += 1
+            row.last_error = error
+            if state == "sent":
+                row.sent_at = now
+
+    # -- components --------------------------------------------------------------------
+    def beat(self, component: str, role: str, now: datetime, info: dict[str, Any]) -> None:
+        """Record that a component is alive."""
+        with self._sessions.begin() as s:
+            row = s.get(ComponentHeartbeat, component)
+            if row is None:
+                s.add(ComponentHeartbeat(component=component, role=role, started_at=now,
+                                         beat_at=now, info=info))
+            else:
+                row.beat_at = now
+                row.info = info
+                row.role = role
+
+    def forget_component(self, component: str) -> None:
+        """Remove a component's heartbeat row (clean shutdown)."""
+        with self._sessions.begin() as s:
+            row = s.get(ComponentHeartbeat, component)
+            if row is not None:
+                s.delete(row)

@@ -1,0 +1,303 @@
+"""DICOM Storage SCP: C-ECHO and C-STORE handlers that store durably before answering Success."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+    UID,
+)
+from pydicom.uid import JPEGLossless as JPEGLosslessP14
+from pynetdicom import AE, evt
+from pynetdicom.presentation import StoragePresentationContexts
+from pynetdicom.sop_class import Verification
+from pynetdicom.transport import ThreadedAssociationServer
+
+from dicomai import __version__
+from dicomai.config import ReceiverSettings
+from dicomai.logs import log_fields, uid_ref
+from dicomai.queue import InstanceRecord, Queue
+from dicomai.store import Spool, safe_uid
+
+__all__ = [
+    "IMPLEMENTATION_CLASS_UID",
+    "Receiver",
+    "STATUS_CANNOT_UNDERSTAND",
+    "STATUS_DATASET_MISMATCH",
+    "STATUS_OUT_OF_RESOURCES",
+    "STATUS_SUCCESS",
+    "TRANSFER_SYNTAXES",
+    "handle_store",
+]
+
+logger = logging.getLogger(__name__)
+
+IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.8.498.1.71"
+IMPLEMENTATION_VERSION_NAME = f"DICOMAI_{__version__}"[:16]
+
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_DATASET_MISMATCH = 0xA900
+STATUS_CANNOT_UNDERSTAND = 0xC210
+
+#: Accepted transfer syntaxes; instances are stored exactly as received.
+TRANSFER_SYNTAXES: list[UID] = [
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLosslessP14,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+    RLELossless,
+]
+
+
+def _text(ds: Dataset, keyword: str, limit: int = 128) -> str:
+    value = ds.get(keyword)
+    if value is None:
+        return ""
+    if isinstance(value, list | tuple) or getattr(value, "VM", 1) > 1:
+        return "\\".join(str(v) for v in value)[:limit]
+    return str(value).strip()[:limit]
+
+
+def _int(ds: Dataset, keyword: str) -> int | None:
+    try:
+        value = ds.get(keyword)
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def extract_record(ds: Dataset, transfer_syntax: str, sop_class_uid: str) -> InstanceRecord:
+    """Header fields routing needs; raises ``ValueError`` when a required UID is missing."""
+    study = safe_uid(ds.StudyInstanceUID)
+    series = safe_uid(ds.SeriesInstanceUID)
+    sop = safe_uid(ds.SOPInstanceUID)
+    slice_position: float | None = None
+    ipp = ds.get("ImagePositionPatient")
+    iop = ds.get("ImageOrientationPatient")
+    if ipp is not None and iop is not None and len(ipp) == 3 and len(iop) == 6:
+        row, col = [float(v) for v in iop[:3]], [float(v) for v in iop[3:]]
+        normal = (
+            row[1] * col[2] - row[2] * col[1],
+            row[2] * col[0] - row[0] * col[2],
+            row[0] * col[1] - row[1] * col[0],
+        )
+        slice_position = sum(float(p) * n for p, n in zip(ipp, normal, strict=True))
+    return InstanceRecord(
+        sop_instance_uid=sop,
+        study_instance_uid=study,
+        series_instance_uid=series,
+        sop_class_uid=str(sop_class_uid),
+        transfer_syntax_uid=str(transfer_syntax),
+        modality=_text(ds, "Modality", 16).upper(),
+        body_part=_text(ds, "BodyPartExamined", 64).upper(),
+        series_number=_int(ds, "SeriesNumber"),
+        instance_number=_int(ds, "InstanceNumber"),
+        image_type=_text(ds, "ImageType").upper(),
+        view_position=_text(ds, "ViewPosition", 16).upper(),
+        study_description=_text(ds, "StudyDescription"),
+        series_description=_text(ds, "SeriesDescription"),
+        orientation="\\".join(f"{float(v):.4f}" for v in iop) if iop is not None else "",
+        slice_position=slice_position,
+        rows=_int(ds, "Rows"),
+        columns=_int(ds, "Columns"),
+    )
+
+
+def handle_store(
+    event: evt.Event,
+    spool: Spool,
+    queue: Queue,
+    min_free_bytes: int,
+    clock: Callable[[], datetime],
+) -> int:
+    """EVT_C_STORE handler: returns a DIMSE status and never raises.
+
+    Success is answered only after the file is fsynced and its row committed.
+    """
+    try:
+        calling = event.assoc.requestor.ae_title.strip()
+        context = event.context
+        try:
+            ds = event.dataset
+            rec = extract_record(ds, context.transfer_syntax, event.request.AffectedSOPClassUID)
+        except Exception:  # any decoding problem of peer-supplied bytes
+            logger.warning(
+                "instance rejected",
+                extra=log_fields("instance.rejected", reason="undecodable_or_missing_uid",
+                                 calling_ae=calling),
+            )
+            return STATUS_CANNOT_UNDERSTAND
+        if rec.sop_instance_uid != str(event.request.AffectedSOPInstanceUID):
+            return STATUS_DATASET_MISMATCH
+        if queue.has_instance(rec.sop_instance_uid):
+            logger.debug("duplicate instance", extra=log_fields(
+                "instance.duplicate", sop=uid_ref(rec.sop_instance_uid)))
+            return STATUS_SUCCESS
+        if spool.free_bytes() < min_free_bytes:
+            logger.error("spool below free-space floor",
+                         extra=log_fields("instance.out_of_space", calling_ae=calling))
+            return STATUS_OUT_OF_RESOURCES
+        path = spool.instance_path(rec.study_instance_uid, rec.series_instance_uid,
+                                   rec.sop_instance_uid)
+        try:
+            size = spool.write_atomic(path, event.encoded_dataset())
+        except OSError:
+            logger.exception("could not write instance",
+                             extra=log_fields("instance.write_failed", calling_ae=calling))
+            return STATUS_OUT_OF_RESOURCES
+        try:
+            new, job_id = queue.record_instance(rec, str(path), size, calling, clock())
+        except Exception:
+            logger.exception("could not record instance",
+                             extra=log_fields("instance.db_failed", calling_ae=calling))
+            return STATUS_OUT_OF_RESOURCES
+        logger.debug(
+            "instance stored",
+            extra=log_fields("instance.stored", job_id=job_id, new=new,
+                             study=uid_ref(rec.study_instance_uid), bytes=size),
+        )
+        return STATUS_SUCCESS
+    except Exception:  # the handler must never raise: pynetdicom would answer 0xC211
+        logger.exception("store handler failed", extra=log_fields("instance.handler_failed"))
+        return STATUS_OUT_OF_RESOURCES
+
+
+def handle_echo(event: evt.Event) -> int:
+    """EVT_C_ECHO handler."""
+    return STATUS_SUCCESS
+
+
+def _on_conn_open(event: evt.Event) -> None:
+    try:
+        sock = event.assoc.dul.socket.socket
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (AttributeError, OSError):
+        pass
+
+
+def _on_accepted(event: evt.Event) -> None:
+    req = event.assoc.requestor
+    logger.info("association accepted", extra=log_fields(
+        "association.accepted", calling_ae=req.ae_title.strip(), peer=req.address))
+
+
+def _on_rejected(event: evt.Event) -> None:
+    req = event.assoc.requestor
+    logger.warning("association rejected", extra=log_fields(
+        "association.rejected", calling_ae=req.ae_title.strip(), peer=req.address))
+
+
+def _on_released(event: evt.Event) -> None:
+    logger.info("association released", extra=log_fields(
+        "association.released", calling_ae=event.assoc.requestor.ae_title.strip()))
+
+
+class Receiver:
+    """The Storage SCP component."""
+
+    def __init__(
+        self,
+        settings: ReceiverSettings,
+        spool: Spool,
+        queue: Queue,
+        clock: Callable[[], datetime],
+        ssl_context: Any = None,
+    ) -> None:
+        self.settings = settings
+        self.spool = spool
+        self.queue = queue
+        self.clock = clock
+        self.ssl_context = ssl_context
+        self.ae: AE | None = None
+        self.server: ThreadedAssociationServer | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def port(self) -> int:
+        """The bound port (useful with port 0)."""
+        if self.server is None:
+            raise RuntimeError("receiver not started")
+        return int(self.server.server_address[1])
+
+    def _make_ae(self) -> AE:
+        s = self.settings
+        ae = AE(ae_title=s.ae_title)
+        ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+        ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
+        ae.require_called_aet = True
+        ae.require_calling_aet = list(s.allowed_calling_ae_titles)
+        ae.maximum_associations = s.max_associations
+        ae.acse_timeout = s.acse_timeout_seconds
+        ae.dimse_timeout = s.dimse_timeout_seconds
+        ae.network_timeout = s.network_timeout_seconds
+        ae.maximum_pdu_size = 0  # unlimited: fewer, larger P-DATA PDUs
+        ae.add_supported_context(Verification)
+        for cx in StoragePresentationContexts:
+            ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
+        return ae
+
+    def start(self) -> None:
+        """Bind and serve in background threads."""
+        ae = self._make_ae()
+        handlers = [
+            (evt.EVT_C_ECHO, handle_echo),
+            (evt.EVT_C_STORE, handle_store,
+             [self.spool, self.queue, self.settings.min_free_disk_mb * 1024 * 1024, self.clock]),
+            (evt.EVT_CONN_OPEN, _on_conn_open),
+            (evt.EVT_ACCEPTED, _on_accepted),
+            (evt.EVT_REJECTED, _on_rejected),
+            (evt.EVT_RELEASED, _on_released),
+        ]
+        server = ae.start_server(
+            (self.settings.host, self.settings.port),
+            block=False,
+            evt_handlers=handlers,
+            ssl_context=self.ssl_context,
+        )
+        with self._lock:
+            self.ae, self.server = ae, server
+        logger.info("receiver listening", extra=log_fields(
+            "receiver.started", ae_title=self.settings.ae_title, host=self.settings.host,
+            port=self.port))
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop accepting, wait (bounded) for open associations, then shut down."""
+        with self._lock:
+            ae, server = self.ae, self.server
+            self.ae = self.server = None
+        if server is None or ae is None:
+            return
+        server.shutdown()
+        deadline = self.clock().timestamp() + timeout
+        while ae.active_associations and self.clock().timestamp() < deadline:
+            threading.Event().wait(0.05)
+        ae.shutdown()
+        logger.info("receiver stopped", extra=log_fields("receiver.stopped"))

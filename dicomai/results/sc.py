@@ -1,0 +1,237 @@
+"""Secondary Capture images: key images with the heat map and a caption burned in."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import highdicom as hd
+import pydicom.uid
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+
+from dicomai.findings import Findings, ModelIdentity, Task, result_uid
+from dicomai.results.codes import LabelCode
+from dicomai.results.display import display_rgb, fit_size, overlay, resize_rgb
+from dicomai.results.sr import (
+    air_contributing_equipment,
+    check_findings,
+    check_sources,
+    content_when,
+    model_line,
+    no_name_warnings,
+    uid_key,
+    with_type2_defaults,
+)
+
+__all__ = ["SC_SERIES_DESCRIPTION", "build_sc", "build_sc_series", "caption_text"]
+
+SC_SERIES_DESCRIPTION = "AI OVERLAY - NOT FOR DIAGNOSTIC USE"
+_CAPTION_TITLE = "AI RESULT - NOT FOR DIAGNOSTIC USE"
+#: BodyPartExamined when neither the source nor the model names one.
+_TASK_BODY_PART = {Task.CHEST_XRAY: "CHEST", Task.HEAD_CT_ICH: "HEAD", Task.BONE_XRAY: "EXTREMITY"}
+
+
+def build_sc_series(
+    sources: Sequence[Dataset],
+    findings: Findings,
+    *,
+    series_number: int,
+    max_images: int,
+) -> list[Dataset]:
+    """One SC per key image (most suspicious first, at most ``max_images``), in one series.
+
+    Parameters
+    ----------
+    sources
+        Every instance the model analysed; key images must carry pixel data.
+    findings
+        What the model found; ``key_image_uids`` picks the images.
+    series_number
+        Series Number of the SC series.
+    max_images
+        Most SC images.
+
+    Returns
+    -------
+    list[pydicom.dataset.Dataset]
+        SC images, instance numbers 1..N.
+
+    Raises
+    ------
+    UnsupportedInput
+        A key image has no pixel data or cannot be decoded.
+    """
+    if max_images < 0:
+        raise ValueError('Argument "max_images" must not be negative.')
+    check_sources(sources)
+    table = check_findings(sources, findings)
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in sources}
+    base = uid_key(sources, findings.model)
+    series_uid = result_uid("sc-series", **base)
+    return [
+        build_sc(
+            by_uid[uid],
+            findings,
+            table,
+            base=base,
+            series_uid=series_uid,
+            series_number=series_number,
+            index=index,
+        )
+        for index, uid in enumerate(findings.key_image_uids[:max_images])
+    ]
+
+
+def build_sc(
+    src: Dataset,
+    findings: Findings,
+    table: Mapping[str, LabelCode],
+    *,
+    base: Mapping[str, object],
+    series_uid: str,
+    series_number: int,
+    index: int,
+) -> Dataset:
+    """One SC image of ``src`` (first frame if multi-frame), at most MAX_SIDE pixels a side.
+
+    Parameters
+    ----------
+    src
+        Key image with pixel data.
+    findings
+        What the model found.
+    table
+        Label codes of the task.
+    base
+        UID content key of the run (:func:`~dicomai.results.sr.uid_key`).
+    series_uid
+        SC series shared by every SC of the run.
+    series_number
+        Series Number of the SC series.
+    index
+        0-based position in the series.
+
+    Returns
+    -------
+    pydicom.dataset.Dataset
+        An RGB Secondary Capture Image with ``BurnedInAnnotation`` YES.
+    """
+    model = findings.model
+    uid = str(src.SOPInstanceUID)
+    rgb = display_rgb(src)
+    size = fit_size(int(rgb.shape[0]), int(rgb.shape[1]))
+    heat = findings.heatmaps.get(uid)
+    pixels = overlay(resize_rgb(rgb, size), heat, caption=caption_text(findings, table, uid, heat is not None))
+    same_grid = size == tuple(rgb.shape[:2])
+    spacing = src.get("PixelSpacing")
+    keep_spacing = same_grid and spacing is not None and len(spacing) == 2 and min(spacing) > 0
+    patient_orientation, known = _orientation(src)
+    laterality = str(src.get("ImageLaterality") or src.get("Laterality") or "")
+    with no_name_warnings():
+        sc = hd.sc.SCImage.from_ref_dataset(
+            ref_dataset=with_type2_defaults(src),
+            pixel_array=pixels,
+            photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
+            bits_allocated=8,
+            coordinate_system=hd.CoordinateSystemNames.PATIENT,
+            series_instance_uid=series_uid,
+            series_number=series_number,
+            sop_instance_uid=result_uid("sc", **base, source_uid=uid, index=index),
+            instance_number=index + 1,
+            manufacturer=model.vendor,
+            manufacturer_model_name=model.name,
+            software_versions=model.version,
+            pixel_spacing=tuple(float(v) for v in spacing) if keep_spacing else None,
+            patient_orientation=patient_orientation,
+            laterality=laterality if laterality in ("L", "R") else None,
+            series_description=SC_SERIES_DESCRIPTION,
+            content_qualification="RESEARCH",
+            transfer_syntax_uid=pydicom.uid.ExplicitVRLittleEndian,
+            **content_when(findings.started),
+        )
+        sc.copy_patient_and_study_information(src)
+    if not known:
+        sc.PatientOrientation = ""  # Type 2: empty when unknown
+    body_part = src.get("BodyPartExamined") or model.body_part.upper() or _TASK_BODY_PART[model.task]
+    sc.BodyPartExamined = str(body_part)[:16]
+    sc.BurnedInAnnotation = "YES"
+    sc.ConversionType = "WSD"
+    sc.ImageComments = (
+        f"AI-generated overlay. Not for diagnostic use. Model {model_line(model)}: "
+        f"{model.description}."
+    )
+    what = f"heat map of {findings.top_label} and caption" if heat is not None else "caption"
+    sc.DerivationDescription = _clip(
+        f"{model_line(model)}: {what} burned in; {model.description}. Not for diagnostic use.",
+        1024,
+    )
+    ref = Dataset()
+    ref.ReferencedSOPClassUID = src.SOPClassUID
+    ref.ReferencedSOPInstanceUID = src.SOPInstanceUID
+    if int(src.get("NumberOfFrames") or 1) > 1:
+        ref.ReferencedFrameNumber = 1
+    ref.PurposeOfReferenceCodeSequence = [
+        hd.sr.CodedConcept.from_code(codes.DCM.SourceImageForImageProcessingOperation)
+    ]
+    sc.SourceImageSequence = [ref]
+    if "ContributingEquipmentSequence" not in sc:
+        sc.ContributingEquipmentSequence = []
+    sc.ContributingEquipmentSequence.append(air_contributing_equipment(model))
+    return sc
+
+
+def caption_text(
+    findings: Findings, table: Mapping[str, LabelCode], uid: str, with_heat: bool
+) -> str:
+    """Caption burned into an SC: disclaimer, model, description, positive findings."""
+    model: ModelIdentity = findings.model
+    lines = [_CAPTION_TITLE, f"{model.name} {model.version} sha256 {model.short_hash}"]
+    lines.append(model.description)
+    positives = findings.positive_labels
+    for label in positives:
+        row = table[label]
+        lines.append(
+            f"{row.title}: {row.values[0].meaning} {_pct(findings.study_scores[label])} "
+            f"(threshold {_pct(findings.thresholds[label])})"
+        )
+    if not positives:
+        top = max(findings.labels, key=lambda lab: findings.study_scores[lab])
+        lines.append(
+            f"No finding at or above threshold (highest: {table[top].title} "
+            f"{_pct(findings.study_scores[top])})"
+        )
+    image_scores = findings.image_scores.get(uid, {})
+    if model.task == Task.HEAD_CT_ICH and image_scores:
+        hits = [
+            f"{table[label].title} {_pct(score)}"
+            for label, score in sorted(image_scores.items(), key=lambda kv: -kv[1])
+            if score >= findings.thresholds[label]
+        ]
+        lines.append("This slice: " + (", ".join(hits) if hits else "below threshold"))
+    if with_heat and findings.top_label is not None and findings.top_label in table:
+        lines.append(f"Heat map: {table[findings.top_label].title}")
+    return "\n".join(lines)
+
+
+def _pct(value: float) -> str:
+    return f"{100.0 * float(value):.0f}%"
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _orientation(src: Dataset) -> tuple[tuple[str, str], bool]:
+    """PatientOrientation of ``src``, else derived from ImageOrientationPatient; known or not."""
+    value = src.get("PatientOrientation")
+    if value is not None and not isinstance(value, str) and len(value) == 2:
+        return (str(value[0]), str(value[1])), True
+    if "ImageOrientationPatient" in src and len(src.ImageOrientationPatient) == 6:
+        iop = [float(v) for v in src.ImageOrientationPatient]
+
+        def letter(v: list[float]) -> str:
+            i = max(range(3), key=lambda k: abs(v[k]))
+            return "LPH"[i] if v[i] > 0 else "RAF"[i]
+
+        return (letter(iop[:3]), letter(iop[3:])), True
+    return ("L", "F"), False  # placeholder for the constructor; emptied by the caller

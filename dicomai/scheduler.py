@@ -1,0 +1,155 @@
+"""APScheduler wiring; each periodic job is a plain idempotent function tests can call directly."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from datetime import datetime, timedelta
+
+from apscheduler.schedulers.background import BackgroundScheduler
+from sqlalchemy import select
+
+from dicomai.config import RouteSettings, Settings
+from dicomai.db import Instance, Job
+from dicomai.errors import StateConflict
+from dicomai.logs import log_fields
+from dicomai.queue import TERMINAL_STATES, JobState, Queue
+from dicomai.routing import StudyInfo, select_route, summarise_series
+from dicomai.store import Spool
+
+__all__ = ["Scheduler", "close_quiet_studies", "purge_finished", "reap_stale"]
+
+logger = logging.getLogger(__name__)
+
+_ROUTING_COLUMNS = (
+    "series_instance_uid", "modality", "body_part", "series_number", "image_type",
+    "view_position", "study_description", "series_description", "orientation",
+)
+
+
+def close_quiet_studies(
+    queue: Queue, routes: Sequence[RouteSettings], now: datetime, quiet_seconds: float
+) -> int:
+    """Route every RECEIVING job quiet for ``quiet_seconds``: QUEUED, or SKIPPED if no route.
+
+    Returns
+    -------
+    int
+        Number of jobs closed.
+    """
+    closed = 0
+    for job in queue.receiving_jobs_quiet_since(now - timedelta(seconds=quiet_seconds)):
+        rows = queue.study_instances(job.study_id, up_to_generation=job.generation)
+        study = StudyInfo(
+            study_instance_uid=queue.study_uid(job),
+            series=tuple(summarise_series(
+                {c: getattr(r, c) for c in _ROUTING_COLUMNS} for r in rows)),
+        )
+        decision = select_route(study, routes)
+        try:
+            if decision is None:
+                queue.transition(job.id, JobState.RECEIVING, JobState.SKIPPED,
+                                 reason="route.none", now=now, closed_at=now)
+            else:
+                queue.transition(
+                    job.id, JobState.RECEIVING, JobState.QUEUED, reason="route.matched",
+                    now=now, closed_at=now, route=decision.route, model=decision.model,
+                    destinations=list(decision.destinations),
+                    series_uids=list(decision.series_instance_uids),
+                )
+            closed += 1
+        except StateConflict:
+            continue
+    if closed:
+        logger.info("quiet studies closed", extra=log_fields("scheduler.closed", jobs=closed))
+    return closed
+
+
+def reap_stale(queue: Queue, now: datetime, stale_seconds: float) -> int:
+    """Return RUNNING/SENDING jobs with a stale heartbeat to QUEUED/OUTBOX."""
+    cutoff = now - timedelta(seconds=stale_seconds)
+    reaped = 0
+    for state, back in ((JobState.RUNNING, JobState.QUEUED), (JobState.SENDING, JobState.OUTBOX)):
+        for job in queue.stale_claims(state, cutoff):
+            try:
+                queue.transition(job.id, state, back, reason="reap.stale_heartbeat", now=now,
+                                 claimed_by=None)
+                reaped += 1
+            except StateConflict:
+                continue
+    if reaped:
+        logger.warning("stale claims reaped", extra=log_fields("scheduler.reaped", jobs=reaped))
+    return reaped
+
+
+def purge_finished(queue: Queue, spool: Spool, now: datetime, retention_days: float) -> int:
+    """Delete spool files of jobs finished more than ``retention_days`` ago (rows are kept)."""
+    cutoff = now - timedelta(days=retention_days)
+    purged = 0
+    terminal = [s.value for s in TERMINAL_STATES]
+    with queue.session() as s:
+        jobs = list(s.scalars(select(Job).where(Job.state.in_(terminal),
+                                                Job.finished_at < cutoff)))
+        for job in jobs:
+            results_dir = spool.root / "results" / str(job.id)
+            if results_dir.exists():
+                spool.remove_tree(results_dir)
+                purged += 1
+            paths = s.scalars(select(Instance.path).where(Instance.job_id == job.id))
+            for path in paths:
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+    if purged:
+        logger.info("retention purge", extra=log_fields("scheduler.purged", jobs=purged))
+    return purged
+
+
+class Scheduler:
+    """BackgroundScheduler running the periodic jobs."""
+
+    def __init__(
+        self, settings: Settings, queue: Queue, spool: Spool, clock: Callable[[], datetime]
+    ) -> None:
+        self.settings = settings
+        self.queue = queue
+        self.spool = spool
+        self.clock = clock
+        self._sched: BackgroundScheduler | None = None
+
+    def tick(self) -> None:
+        """One pass of every periodic job except purge (also used by tests)."""
+        s = self.settings.scheduler
+        now = self.clock()
+        close_quiet_studies(self.queue, self.settings.routes, now, s.study_quiet_seconds)
+        reap_stale(self.queue, now, s.stale_claim_seconds)
+
+    def _safe(self, fn: Callable[[], object]) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                fn()
+            except Exception:
+                logger.exception("periodic job failed", extra=log_fields("scheduler.error"))
+
+        return run
+
+    def start(self) -> None:
+        """Start the periodic jobs."""
+        s = self.settings.scheduler
+        sched = BackgroundScheduler(timezone="UTC",
+                                    job_defaults={"coalesce": True, "max_instances": 1})
+        sched.add_job(self._safe(self.tick), "interval", seconds=s.poll_seconds, id="tick")
+        sched.add_job(
+            self._safe(lambda: purge_finished(self.queue, self.spool, self.clock(),
+                                              self.settings.spool.retention_days)),
+            "interval", seconds=s.purge_interval_seconds, id="purge")
+        sched.start()
+        self._sched = sched
+
+    def stop(self) -> None:
+        """Stop without waiting for a running tick."""
+        if self._sched is not None:
+            self._sched.shutdown(wait=False)
+            self._sched = None

@@ -1,0 +1,216 @@
+"""Sender: C-STORE SCU returning result objects to destinations, with retries kept in the database."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+
+import pydicom
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE
+
+from dicomai.config import DestinationSettings, Settings
+from dicomai.errors import StateConflict
+from dicomai.logs import log_fields
+from dicomai.queue import JobState, Queue, RetryPolicy
+
+__all__ = ["Outcome", "SendItem", "SendReport", "Sender", "classify_status", "send_objects"]
+
+logger = logging.getLogger(__name__)
+
+
+class Outcome(StrEnum):
+    """What happened to one object."""
+
+    SENT = "sent"
+    RETRY = "retry"
+    REFUSED = "refused"
+
+
+def classify_status(status: int | None) -> Outcome:
+    """0x0000 and 0xB0xx are success; 0xA7xx retryable; anything else permanent."""
+    if status is None:
+        return Outcome.RETRY
+    if status == 0x0000 or (status & 0xF000) == 0xB000:
+        return Outcome.SENT
+    if (status & 0xFF00) == 0xA700:
+        return Outcome.RETRY
+    return Outcome.REFUSED
+
+
+@dataclass(frozen=True, slots=True)
+class SendItem:
+    """One file to send (our result row id and its path)."""
+
+    result_id: int
+    path: str
+    sop_class_uid: str
+
+
+@dataclass(slots=True)
+class SendReport:
+    """Outcome per result row, plus an association-level error if any."""
+
+    outcomes: dict[int, tuple[Outcome, int | None, str | None]] = field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def all_sent(self) -> bool:
+        """Every object was accepted."""
+        return bool(self.outcomes) and all(o[0] is Outcome.SENT for o in self.outcomes.values())
+
+
+def send_objects(
+    dest: DestinationSettings, items: Sequence[SendItem], *, calling_ae: str, timeout: float
+) -> SendReport:
+    """Send files to ``dest`` over one association with exactly the contexts needed."""
+    report = SendReport()
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    for sop_class in sorted({i.sop_class_uid for i in items}):
+        ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    try:
+        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+    except Exception as exc:  # socket errors surface in several types
+        report.error = f"association failed: {type(exc).__name__}"
+        for item in items:
+            report.outcomes[item.result_id] = (Outcome.RETRY, None, report.error)
+        ae.shutdown()
+        return report
+    try:
+        if not assoc.is_established:
+            reason = "rejected" if assoc.is_rejected else "aborted or unreachable"
+            report.error = f"association {reason}"
+            # A rejection by the peer (wrong AE title) is configuration: retrying may help once
+            # the PACS admin fixes it, so it stays retryable until send attempts run out.
+            for item in items:
+                report.outcomes[item.result_id] = (Outcome.RETRY, None, report.error)
+            return report
+        for item in items:
+            try:
+                ds = pydicom.dcmread(item.path)
+                status_ds = assoc.send_c_store(ds)
+            except ValueError as exc:  # no accepted presentation context for the SOP class
+                report.outcomes[item.result_id] = (Outcome.REFUSED, None,
+                                                   f"SOP class not accepted: {exc}"[:300])
+                continue
+            except Exception as exc:
+                report.outcomes[item.result_id] = (Outcome.RETRY, None, type(exc).__name__)
+                continue
+            status = int(status_ds.Status) if status_ds and "Status" in status_ds else None
+            outcome = classify_status(status)
+            error = None if outcome is Outcome.SENT else (
+                "no response" if status is None else f"status 0x{status:04X}")
+            report.outcomes[item.result_id] = (outcome, status, error)
+            if status is None and not assoc.is_established:
+                break
+        for item in items:
+            report.outcomes.setdefault(item.result_id, (Outcome.RETRY, None, "association lost"))
+        if assoc.is_established:
+            assoc.release()
+    finally:
+        ae.shutdown()
+    return report
+
+
+class Sender:
+    """Delivers OUTBOX jobs: OUTBOX → SENDING → DONE (or OUTBOX with backoff, or FAILED)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        queue: Queue,
+        clock: Callable[[], datetime],
+        name: str | None = None,
+    ) -> None:
+        self.settings = settings
+        self.queue = queue
+        self.clock = clock
+        self.name = name or f"sender@{socket.gethostname()}:{os.getpid()}"
+        s = settings.sender
+        self.policy = RetryPolicy(s.max_attempts, s.retry_base_seconds, s.retry_max_seconds)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start the claim loop in a background thread."""
+        self._thread = threading.Thread(target=self._loop, name="sender", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop claiming and wait (bounded) for the job being sent."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                worked = self.run_once()
+            except Exception:
+                logger.exception("sender loop error", extra=log_fields("sender.loop_error"))
+                worked = False
+            if not worked:
+                self._stop.wait(self.settings.sender.poll_seconds)
+
+    def run_once(self) -> bool:
+        """Claim and deliver one job; False when nothing was due."""
+        job = self.queue.claim_next(JobState.OUTBOX, JobState.SENDING, self.name, self.clock())
+        if job is None:
+            return False
+        try:
+            self.deliver(job.id, job.send_attempts)
+        except StateConflict:
+            logger.warning("send claim lost", extra=log_fields("send.lost_claim", job_id=job.id))
+        return True
+
+    def deliver(self, job_id: int, send_attempts: int) -> None:
+        """Send every pending object of a SENDING job and choose its next state."""
+        rows = [r for r in self.queue.results_for(job_id) if r.state == "pending"]
+        by_dest: dict[str, list[SendItem]] = {}
+        for r in rows:
+            by_dest.setdefault(r.destination, []).append(SendItem(r.id, r.path, r.sop_class_uid))
+        retry, refused, errors = False, False, []
+        for dest_name, items in by_dest.items():
+            dest = self.settings.destination(dest_name)
+            report = send_objects(dest, items, calling_ae=self.settings.sender.ae_title,
+                                  timeout=self.settings.sender.timeout_seconds)
+            now = self.clock()
+            for result_id, (outcome, status, error) in report.outcomes.items():
+                state = {"sent": "sent", "retry": "pending", "refused": "failed"}[outcome.value]
+                self.queue.mark_result(result_id, state=state, status_code=status, error=error,
+                                       now=now)
+                retry |= outcome is Outcome.RETRY
+                refused |= outcome is Outcome.REFUSED
+                if error:
+                    errors.append(f"{dest_name}: {error}")
+            event = "send.completed" if report.all_sent else "send.failed"
+            logger.log(logging.INFO if report.all_sent else logging.WARNING, "results sent",
+                       extra=log_fields(event, job_id=job_id, destination=dest_name,
+                                        objects=len(items), error=report.error))
+        now = self.clock()
+        message = "; ".join(dict.fromkeys(errors))[:500] or None
+        if retry:
+            attempts = send_attempts + 1
+            if attempts >= self.policy.max_attempts:
+                self.queue.transition(job_id, JobState.SENDING, JobState.FAILED,
+                                      reason="send.attempts_exhausted", now=now,
+                                      send_attempts=attempts, last_error=message)
+                return
+            self.queue.transition(
+                job_id, JobState.SENDING, JobState.OUTBOX, reason="retry.send", now=now,
+                send_attempts=attempts, not_before=now + self.policy.delay(attempts),
+                last_error=message, claimed_by=None,
+            )
+        elif refused:
+            self.queue.transition(job_id, JobState.SENDING, JobState.FAILED,
+                                  reason="send.refused", now=now, last_error=message)
+        else:
+            self.queue.transition(job_id, JobState.SENDING, JobState.DONE, reason="send.done",
+                                  now=now, claimed_by=None, last_error=None)

@@ -1,0 +1,257 @@
+"""Worker: claims QUEUED jobs, runs the routed model, writes result objects to the outbox."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from io import BytesIO
+
+import pydicom
+from pydicom.dataset import Dataset
+
+from dicomai.config import DestinationSettings, Settings
+from dicomai.db import ResultObject
+from dicomai.errors import PermanentError, StateConflict
+from dicomai.findings import Task
+from dicomai.inference import analyse
+from dicomai.logs import log_fields, uid_ref
+from dicomai.models.backend import TorchScriptBackend
+from dicomai.models.reference import ensure_model_file
+from dicomai.queue import JobState, Queue, RetryPolicy
+from dicomai.results import ResultOptions, build_results
+from dicomai.store import Spool
+
+__all__ = ["ModelPool", "Worker", "options_for"]
+
+logger = logging.getLogger(__name__)
+
+
+def options_for(dest: DestinationSettings) -> ResultOptions:
+    """Result flavour a destination asked for."""
+    return ResultOptions(
+        sr_sop_class=dest.sr_sop_class, emit_sc=dest.emit_sc, emit_text_sr=dest.emit_text_sr
+    )
+
+
+class ModelPool:
+    """Loads each configured model once (building missing reference models) and keeps it warm."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._loaded: dict[str, TorchScriptBackend] = {}
+        self._lock = threading.Lock()
+
+    def get(self, name: str) -> TorchScriptBackend:
+        """The loaded backend of model ``name``.
+
+        Raises
+        ------
+        ModelLoadError
+            The file is missing (and not a reference model), unreadable or fails its checksum.
+        """
+        with self._lock:
+            backend = self._loaded.get(name)
+            if backend is None:
+                spec = self.settings.models[name]
+                path = self.settings.model_path(name)
+                if ensure_model_file(name, path):
+                    logger.info("reference model built", extra=log_fields(
+                        "model.built", model=name, path=str(path)))
+                backend = TorchScriptBackend.load(
+                    path, name=name, version=spec.version,
+                    expected_sha256=spec.sha256 or None, device=spec.device,
+                    labels=tuple(spec.labels) or None, task=spec.task, body_part=spec.body_part,
+                )
+                self._loaded[name] = backend
+                ident = backend.identity
+                logger.info("model loaded", extra=log_fields(
+                    "model.loaded", model=name, version=ident.version, sha256=ident.sha256,
+                    device=backend.device))
+            return backend
+
+    def loaded(self) -> dict[str, TorchScriptBackend]:
+        """Snapshot of the loaded models."""
+        with self._lock:
+            return dict(self._loaded)
+
+
+class Worker:
+    """Runs jobs: QUEUED → RUNNING → OUTBOX (or back to QUEUED / FAILED)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        queue: Queue,
+        spool: Spool,
+        models: ModelPool,
+        clock: Callable[[], datetime],
+        name: str | None = None,
+        model_names: Sequence[str] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.queue = queue
+        self.spool = spool
+        self.models = models
+        self.clock = clock
+        self.name = name or f"worker@{socket.gethostname()}:{os.getpid()}"
+        self.model_names = list(model_names) if model_names is not None else None
+        w = settings.worker
+        self.policy = RetryPolicy(w.max_attempts, w.retry_base_seconds)
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    # -- loop --------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the claim loops in background threads."""
+        if self.settings.worker.torch_threads:
+            import torch
+
+            torch.set_num_threads(self.settings.worker.torch_threads)
+        for i in range(self.settings.worker.threads):
+            t = threading.Thread(target=self._loop, name=f"worker-{i}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop claiming and wait (bounded) for the running job; the reaper handles the rest."""
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout)
+        self._threads.clear()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                worked = self.run_once()
+            except Exception:
+                logger.exception("worker loop error", extra=log_fields("worker.loop_error"))
+                worked = False
+            if not worked:
+                self._stop.wait(self.settings.worker.poll_seconds)
+
+    def run_once(self) -> bool:
+        """Claim and run one job; False when nothing was due."""
+        job = self.queue.claim_next(JobState.QUEUED, JobState.RUNNING, self.name, self.clock(),
+                                    models=self.model_names)
+        if job is None:
+            return False
+        self.run_job(job.id)
+        return True
+
+    # -- one job -----------------------------------------------------------------------
+    def run_job(self, job_id: int) -> None:
+        """Run a claimed (RUNNING) job to OUTBOX, or schedule a retry, or fail it."""
+        job = self.queue.get_job(job_id)
+        beat_stop = threading.Event()
+        beater = threading.Thread(target=self._beat, args=(job_id, beat_stop), daemon=True)
+        beater.start()
+        try:
+            self._run(job_id)
+        except StateConflict:
+            logger.warning("job taken away", extra=log_fields("job.lost_claim", job_id=job_id))
+        except PermanentError as exc:
+            self._fail(job_id, f"permanent.{type(exc).__name__}", str(exc))
+        except Exception as exc:
+            logger.exception("job failed", extra=log_fields("job.error", job_id=job_id))
+            reason = f"{type(exc).__name__}: {exc}"[:500]
+            if job.attempts >= self.policy.max_attempts:
+                self._fail(job_id, "attempts_exhausted", reason)
+            else:
+                now = self.clock()
+                self.queue.transition(
+                    job_id, JobState.RUNNING, JobState.QUEUED, reason="retry.error", now=now,
+                    not_before=now + self.policy.delay(job.attempts), last_error=reason,
+                    claimed_by=None,
+                )
+                logger.warning("job retry scheduled", extra=log_fields(
+                    "job.retry_scheduled", job_id=job_id, attempt=job.attempts))
+        finally:
+            beat_stop.set()
+
+    def _beat(self, job_id: int, stop: threading.Event) -> None:
+        while not stop.wait(self.settings.worker.heartbeat_seconds):
+            try:
+                self.queue.heartbeat_job(job_id, self.name, self.clock())
+            except Exception:
+                logger.warning("heartbeat failed", extra=log_fields("job.heartbeat_failed",
+                                                                      job_id=job_id))
+
+    def _fail(self, job_id: int, code: str, message: str) -> None:
+        logger.error("job failed for good", extra=log_fields("job.failed", job_id=job_id,
+                                                              reason=code))
+        try:
+            self.queue.transition(job_id, JobState.RUNNING, JobState.FAILED, reason=code,
+                                  now=self.clock(), last_error=message[:500])
+        except StateConflict:
+            pass
+
+    def _load_sources(self, job_id: int) -> tuple[list[Dataset], int]:
+        job = self.queue.get_job(job_id)
+        rows = self.queue.study_instances(job.study_id, up_to_generation=job.generation)
+        wanted = set(job.series_uids)
+        paths = [r.path for r in rows if r.series_instance_uid in wanted]
+        return [pydicom.dcmread(p) for p in paths], len(rows)
+
+    def _run(self, job_id: int) -> None:
+        job = self.queue.get_job(job_id)
+        if not job.model:
+            raise PermanentError(f"job {job_id} has no model")
+        spec = self.settings.models[job.model]
+        started = self.clock()
+        t0 = time.perf_counter()
+        backend = self.models.get(job.model)
+        datasets, _ = self._load_sources(job_id)
+        findings = analyse(Task(spec.task), datasets, backend, spec, started)
+        previous = [
+            (self.queue.study_uid(job), r.series_instance_uid, r.sop_class_uid,
+             r.sop_instance_uid)
+            for r in self.queue.previous_results(job.study_id, job.generation)
+            if r.kind == "sr"
+        ]
+        previous = list(dict.fromkeys(previous))
+        rows: list[ResultObject] = []
+        built: dict[ResultOptions, list[tuple[str, Dataset, str]]] = {}
+        for dest_name in job.destinations:
+            options = options_for(self.settings.destination(dest_name))
+            if options not in built:
+                objects = build_results(datasets, findings, options, previous_sr_refs=previous)
+                files = []
+                for index, ds in enumerate(objects):
+                    kind = _kind(ds)
+                    path = self.spool.result_path(job_id, f"{kind}-{index}-{ds.SOPInstanceUID}.dcm")
+                    buf = BytesIO()
+                    ds.save_as(buf, enforce_file_format=True)
+                    self.spool.write_atomic(path, buf.getvalue())
+                    files.append((kind, ds, str(path)))
+                built[options] = files
+            for kind, ds, path in built[options]:
+                rows.append(ResultObject(
+                    job_id=job_id, destination=dest_name, kind=kind,
+                    sop_class_uid=str(ds.SOPClassUID), sop_instance_uid=str(ds.SOPInstanceUID),
+                    series_instance_uid=str(ds.SeriesInstanceUID), path=path, state="pending"))
+        elapsed = time.perf_counter() - t0
+        with self.queue.session() as s, s.begin():
+            self.queue.add_results(job_id, rows, session=s)
+            self.queue.transition(
+                job_id, JobState.RUNNING, JobState.OUTBOX, reason="results.written",
+                now=self.clock(), session=s, findings=findings.summary(),
+                inference_seconds=round(elapsed, 3), claimed_by=None, not_before=None,
+            )
+        logger.info("job analysed", extra=log_fields(
+            "job.analysed", job_id=job_id, model=job.model, images=len(datasets),
+            objects=len(rows), seconds=round(elapsed, 3), positive=len(findings.positive_labels),
+            study=uid_ref(datasets[0].StudyInstanceUID if datasets else "")))
+
+
+def _kind(ds: Dataset) -> str:
+    modality = str(ds.get("Modality", ""))
+    if modality == "SR":
+        return "text-sr" if ds.SOPClassUID == pydicom.uid.BasicTextSRStorage else "sr"
+    if modality == "KO":
+        return "ko"
+    return "sc"
