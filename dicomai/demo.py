@@ -88,7 +88,8 @@ def run_demo(base: Settings, *, keep: bool = False, timeout: float = 600.0,
         print(f"daemon listening as {settings.receiver.ae_title}@127.0.0.1:{port}; "
               f"local PACS as PACS@127.0.0.1:{pacs.port}; quiet period "
               f"{_DEMO_QUIET_SECONDS:.0f}s")
-        studies = demo_studies(data_dir / "samples", uid_seed=uuid.uuid4().hex)
+        studies = demo_studies(data_dir / "samples", uid_seed=uuid.uuid4().hex,
+                               include_unroutable=True)
         sent_at: dict[str, float] = {}
         kinds: dict[str, tuple[str, str]] = {}
         for study in studies:

@@ -130,8 +130,10 @@ def _choose(candidates: Sequence[SeriesInfo], rule: str) -> tuple[str, ...]:
         return (best.series_instance_uid,)
     if rule == "xray_frontal":
         usable = [s for s in candidates if not s.is_localizer] or list(candidates)
+        # Frontal views first; among those the latest acquisition (highest SeriesNumber).
         best = sorted(
-            usable, key=lambda s: (not s.is_frontal, s.series_number or 0, s.series_instance_uid)
+            usable,
+            key=lambda s: (not s.is_frontal, -(s.series_number or 0), s.series_instance_uid),
         )[0]
         return (best.series_instance_uid,)
     return tuple(s.series_instance_uid for s in candidates)

@@ -199,8 +199,8 @@ def _ds(value: float) -> str:
 
 def _file_meta(sop_class_uid: str, sop_instance_uid: str) -> FileMetaDataset:
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class_uid
-    meta.MediaStorageSOPInstanceUID = sop_instance_uid
+    meta.MediaStorageSOPClassUID = UID(sop_class_uid)
+    meta.MediaStorageSOPInstanceUID = UID(sop_instance_uid)
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     meta.ImplementationVersionName = "DICOMAI_SYNTH"
@@ -383,8 +383,16 @@ def _draw_hand(limb: _Limb) -> None:
     limb.tissue_ellipse(0.0, 0.3, 0.28, 0.3)
     limb.long_bone((-0.1, 0.8), (-0.12, 1.4), 0.075)  # radius
     limb.long_bone((0.13, 0.82), (0.14, 1.4), 0.05)  # ulna
-    for cx, cy in ((-0.12, 0.68), (0.0, 0.66), (0.1, 0.68), (-0.16, 0.58), (-0.06, 0.57),
-                   (0.04, 0.57), (0.13, 0.59), (0.16, 0.73)):
+    for cx, cy in (
+        (-0.12, 0.68),
+        (0.0, 0.66),
+        (0.1, 0.68),
+        (-0.16, 0.58),
+        (-0.06, 0.57),
+        (0.04, 0.57),
+        (0.13, 0.59),
+        (0.16, 0.73),
+    ):
         limb.round_bone(cx, cy, 0.055, 0.045)
     fingers = (  # base x, angle (degrees from vertical), length scale
         (-0.2, -10.0, 1.0),
@@ -633,8 +641,13 @@ def make_head_ct(
     study_uid = study_uid or derive_uid(seed, "head-ct", "study")
     series_uid = series_uid or derive_uid(seed, study_uid, "head-ct", "series")
     when = _study_datetime(seed, study_uid)
-    study = _Study(patient, study_uid, when, f"CT{_stable_int(seed, study_uid) % 10**8}",
-                   "CT HEAD WITHOUT CONTRAST")
+    study = _Study(
+        patient,
+        study_uid,
+        when,
+        f"CT{_stable_int(seed, study_uid) % 10**8}",
+        "CT HEAD WITHOUT CONTRAST",
+    )
     frame_uid = derive_uid(seed, study_uid, "frame-of-reference")
     spacing = 250.0 / max(rows, cols)
     x0 = -(cols - 1) / 2.0 * spacing
@@ -688,8 +701,23 @@ def make_head_ct(
         out.append(ds)
 
     if projection is not None:
-        out.insert(0, _head_localizer(study, seed, frame_uid, projection, rows, cols,
-                                      y0, z0, slice_thickness, spacing, rng, when))
+        out.insert(
+            0,
+            _head_localizer(
+                study,
+                seed,
+                frame_uid,
+                projection,
+                rows,
+                cols,
+                y0,
+                z0,
+                slice_thickness,
+                spacing,
+                rng,
+                when,
+            ),
+        )
     return _finish(out, transfer_syntax)
 
 
@@ -847,8 +875,9 @@ def make_xray(
     series_uid = series_uid or derive_uid(seed, study_uid, "xray", kind, view, "series")
     when = _study_datetime(seed, study_uid)
     region = body_part or kind.upper()
-    study = _Study(patient, study_uid, when, f"XR{_stable_int(seed, study_uid) % 10**8}",
-                   f"XR {region} {view}")
+    study = _Study(
+        patient, study_uid, when, f"XR{_stable_int(seed, study_uid) % 10**8}", f"XR {region} {view}"
+    )
     rng = np.random.default_rng([seed, _stable_int(series_uid) & 0xFFFFFFFF])
 
     x, y = _grid(rows, cols)
@@ -865,8 +894,10 @@ def make_xray(
         att, rng, monochrome1=monochrome1, blur=max(1, max(rows, cols) // 400)
     )
 
-    sop_class = DigitalXRayImageStorageForPresentation if modality == "DX" else (
-        ComputedRadiographyImageStorage
+    sop_class = (
+        DigitalXRayImageStorageForPresentation
+        if modality == "DX"
+        else (ComputedRadiographyImageStorage)
     )
     ds = _new_instance(
         study,
@@ -915,7 +946,9 @@ def make_xray(
         if code is not None:
             item = Dataset()
             item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = (
-                code[0], "SCT", code[1]
+                code[0],
+                "SCT",
+                code[1],
             )
             ds.AnatomicRegionSequence = DicomSequence([item])
         else:
@@ -990,8 +1023,13 @@ def make_mr(
     study_uid = study_uid or derive_uid(seed, "mr", body_part, "study")
     series_uid = series_uid or derive_uid(seed, study_uid, "mr", "series")
     when = _study_datetime(seed, study_uid)
-    study = _Study(patient, study_uid, when, f"MR{_stable_int(seed, study_uid) % 10**8}",
-                   f"MR {body_part or 'UNKNOWN'} WO CONTRAST")
+    study = _Study(
+        patient,
+        study_uid,
+        when,
+        f"MR{_stable_int(seed, study_uid) % 10**8}",
+        f"MR {body_part or 'UNKNOWN'} WO CONTRAST",
+    )
     frame_uid = derive_uid(seed, study_uid, "mr", "frame-of-reference")
     rng = np.random.default_rng([seed, _stable_int(series_uid) & 0xFFFFFFFF])
     spacing = 160.0 / max(rows, cols)
@@ -1044,7 +1082,9 @@ def make_mr(
         ds.PositionReferenceIndicator = ""
         x_pos = x_start + i * slice_thickness
         ds.ImagePositionPatient = [
-            _ds(x_pos), _ds(-(cols - 1) / 2.0 * spacing), _ds((rows - 1) / 2.0 * spacing)
+            _ds(x_pos),
+            _ds(-(cols - 1) / 2.0 * spacing),
+            _ds((rows - 1) / 2.0 * spacing),
         ]
         ds.ImageOrientationPatient = ["0", "1", "0", "0", "0", "-1"]
         ds.SliceLocation = _ds(x_pos)
@@ -1138,4 +1178,3 @@ def recompress(ds: Dataset, transfer_syntax: str, **kwargs: Any) -> Dataset:
     if ts in {JPEG2000, JPEGLSNearLossless}:
         out.LossyImageCompression = "01"
     return out
-

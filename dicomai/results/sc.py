@@ -15,6 +15,7 @@ from dicomai.results.display import display_rgb, fit_size, overlay, resize_rgb
 from dicomai.results.sr import (
     air_contributing_equipment,
     check_findings,
+    clip_text,
     check_sources,
     content_when,
     model_line,
@@ -27,6 +28,18 @@ __all__ = ["SC_SERIES_DESCRIPTION", "build_sc", "build_sc_series", "caption_text
 
 SC_SERIES_DESCRIPTION = "AI OVERLAY - NOT FOR DIAGNOSTIC USE"
 _CAPTION_TITLE = "AI RESULT - NOT FOR DIAGNOSTIC USE"
+#: Body parts that dciodvfy treats as paired (PS3.16 Annex L): an SC of one without a known
+#: laterality gets an empty Laterality (Type 2C), not none.
+_PAIRED = frozenset(
+    {
+        "ACJOINT", "ADRENAL", "ANKLE", "ARM", "BREAST", "CALCANEUS", "CLAVICLE", "EAR", "ELBOW",
+        "EXTREMITY", "EYE", "FEMUR", "FIBULA", "FINGER", "FOOT", "FOREARM", "HAND", "HEEL", "HIP",
+        "HUMERUS", "KIDNEY", "KNEE", "LEG", "LOWERLIMB", "LOWLEG", "LUNG", "ORBIT", "OVARY",
+        "PATELLA", "RADIUS", "RIB", "SCAPULA", "SCJOINT", "SHOULDER", "SIJOINT", "TESTIS",
+        "THIGH", "THUMB", "TIBIA", "TMJ", "TOE", "ULNA", "UPPERARM", "UPPERLIMB", "UPRLIMB",
+        "WRIST",
+    }
+)  # fmt: skip
 #: BodyPartExamined when neither the source nor the model names one.
 _TASK_BODY_PART = {Task.CHEST_XRAY: "CHEST", Task.HEAD_CT_ICH: "HEAD", Task.BONE_XRAY: "EXTREMITY"}
 
@@ -154,6 +167,8 @@ def build_sc(
         sc.PatientOrientation = ""  # Type 2: empty when unknown
     body_part = src.get("BodyPartExamined") or model.body_part.upper() or _TASK_BODY_PART[model.task]
     sc.BodyPartExamined = str(body_part)[:16]
+    if "Laterality" not in sc and "".join(sc.BodyPartExamined.split()) in _PAIRED:
+        sc.Laterality = ""  # Type 2C: paired part, laterality actually unknown
     sc.BurnedInAnnotation = "YES"
     sc.ConversionType = "WSD"
     sc.ImageComments = (
@@ -161,7 +176,7 @@ def build_sc(
         f"{model.description}."
     )
     what = f"heat map of {findings.top_label} and caption" if heat is not None else "caption"
-    sc.DerivationDescription = _clip(
+    sc.DerivationDescription = clip_text(
         f"{model_line(model)}: {what} burned in; {model.description}. Not for diagnostic use.",
         1024,
     )
@@ -191,8 +206,8 @@ def caption_text(
     for label in positives:
         row = table[label]
         lines.append(
-            f"{row.title}: {row.values[0].meaning} {_pct(findings.study_scores[label])} "
-            f"(threshold {_pct(findings.thresholds[label])})"
+            f"{row.title}: {row.values[0].meaning} (score {_pct(findings.study_scores[label])}, "
+            f"threshold {_pct(findings.thresholds[label])})"
         )
     if not positives:
         top = max(findings.labels, key=lambda lab: findings.study_scores[lab])
@@ -215,10 +230,6 @@ def caption_text(
 
 def _pct(value: float) -> str:
     return f"{100.0 * float(value):.0f}%"
-
-
-def _clip(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _orientation(src: Dataset) -> tuple[tuple[str, str], bool]:

@@ -34,6 +34,8 @@ __all__ = [
     "build_sr",
     "check_findings",
     "check_sources",
+    "clip_text",
+    "comment_text",
     "content_when",
     "model_line",
     "no_name_warnings",
@@ -172,7 +174,7 @@ def air_contributing_equipment(model: ModelIdentity) -> Dataset:
     item.ManufacturerModelName = model.name
     item.SoftwareVersions = model.version
     item.DeviceUID = model.device_uid  # dciodvfy: "not present in standard DICOM IOD" (warning)
-    item.ContributionDescription = _clip(
+    item.ContributionDescription = clip_text(
         f"{model_line(model)}: {model.description}. Not for diagnostic use.", 1024
     )
     return item
@@ -306,7 +308,8 @@ def comment_text(model: ModelIdentity) -> str:
     return f"{DISCLAIMER} Model {model_line(model)}: {model.description}."
 
 
-def _clip(text: str, limit: int) -> str:
+def clip_text(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters (an ellipsis marks the cut)."""
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

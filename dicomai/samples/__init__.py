@@ -174,9 +174,7 @@ def demo_studies(
     ]
 
     ct_study_uid = synthetic.derive_uid("demo", uid_seed, "head-ct", "study")
-    head_ct = synthetic.make_head_ct(
-        _HEAD_CT_SLICES, study_uid=ct_study_uid, seed=seed, bleed=True
-    )
+    head_ct = synthetic.make_head_ct(_HEAD_CT_SLICES, study_uid=ct_study_uid, seed=seed, bleed=True)
     studies.append(
         DemoStudy(
             kind="head-ct",

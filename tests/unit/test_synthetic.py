@@ -254,9 +254,8 @@ def test_head_ct_compressed_series() -> None:
 @pytest.mark.parametrize("modality", ["DX", "CR"])
 def test_xray_round_trips(kind: str, modality: str) -> None:
     ds = round_trip(make_xray(kind, modality=modality, rows=96, cols=80))
-    expected_class = (
-        DigitalXRayImageStorageForPresentation if modality == "DX" else ComputedRadiographyImageStorage
-    )
+    dx_class, cr_class = DigitalXRayImageStorageForPresentation, ComputedRadiographyImageStorage
+    expected_class = dx_class if modality == "DX" else cr_class
     assert ds.SOPClassUID == expected_class
     assert ds.Modality == modality
     assert ds.BodyPartExamined == synthetic.XRAY_KINDS[kind]

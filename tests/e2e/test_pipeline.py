@@ -1,0 +1,305 @@
+"""The whole daemon in-process: real associations in, SR + SC out to a local PACS, status after."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import subprocess
+from datetime import UTC, datetime, timedelta
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import highdicom as hd
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+
+from dicomai import cli, synthetic
+from dicomai.logs import JsonFormatter
+from dicomai.scu import echo, send_files
+from dicomai.status import collect
+from tests.conftest import running_daemon, wait_for
+
+CHEST_LABELS = {"atelectasis", "cardiomegaly", "effusion", "infiltration", "mass", "nodule",
+                "pneumonia", "pneumothorax", "consolidation", "edema", "emphysema", "fibrosis",
+                "pleural_thickening", "hernia"}
+
+
+def _study_state(settings, study_uid, engine=None):
+    data = collect(settings, limit=500, engine=engine)
+    for s in data["studies"]:
+        if s["study_instance_uid"] == study_uid:
+            return s
+    return None
+
+
+def _wait_state(daemon, study_uid, state, timeout=120.0):
+    def check():
+        s = _study_state(daemon.settings, study_uid, daemon.engine)
+        if s and s["state"] in ("failed", "cancelled") and state not in ("failed",):
+            raise AssertionError(f"study ended {s['state']}: {s['last_error']}")
+        return s if s and s["state"] == state else None
+
+    return wait_for(check, timeout, what=f"study {state}")
+
+
+def _status_json(settings, config_path: Path) -> dict:
+    out = io.StringIO()
+    with redirect_stdout(out):
+        code = cli.main(["--config", str(config_path), "status", "--json", "--limit", "100"])
+    assert code == 0
+    return json.loads(out.getvalue())
+
+
+def _write_config(settings, path: Path) -> Path:
+    """A TOML file reproducing the test settings (for CLI calls)."""
+    models = "\n".join(
+        f'[models.{n}]\npath = "{settings.model_path(n)}"\nversion = "{m.version}"\n'
+        f'task = "{m.task}"\ndevice = "cpu"\n' for n, m in settings.models.items())
+    routes = "\n".join(
+        f'[[routes]]\nname = "{r.name}"\nmodel = "{r.model}"\nmodality = {json.dumps(r.modality)}\n'
+        f'body_part = {json.dumps(r.body_part)}\nseries_rule = "{r.series_rule}"\n'
+        for r in settings.routes)
+    dests = "\n".join(
+        f'[[destinations]]\nname = "{d.name}"\nae_title = "{d.ae_title}"\nhost = "{d.host}"\n'
+        f'port = {d.port}\n' for d in settings.destinations)
+    path.write_text(f'[general]\ndata_dir = "{settings.general.data_dir}"\n{dests}\n{routes}\n'
+                    f'{models}\n')
+    return path
+
+
+def test_chest_xray_round_trip_with_pynetdicom(make_settings, local_pacs, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    settings = make_settings(local_pacs.port)
+    ds = synthetic.make_xray("chest", modality="DX", view_position="PA", rows=600, cols=500,
+                             seed=1)
+    paths = synthetic.write_study([ds], tmp_path / "in")
+    with running_daemon(settings) as daemon:
+        assert echo("127.0.0.1", daemon.receiver.port, called_ae="DICOMAI") == 0
+        assert send_files(paths, "127.0.0.1", daemon.receiver.port, called_ae="DICOMAI").ok
+        status = _wait_state(daemon, ds.StudyInstanceUID, "done")
+    assert status["route"] == "chest-xray"
+    assert status["model"] == "chest-xray"
+    assert status["instances"] == 1
+    assert status["latency_seconds"] is not None and status["latency_seconds"] >= 0
+
+    objects = local_pacs.objects(ds.StudyInstanceUID)
+    assert sorted(o.modality for o in objects) == ["OT", "SR"]
+    assert all(o.study_instance_uid == ds.StudyInstanceUID for o in objects)
+    sr_ds = next(o.dataset for o in objects if o.modality == "SR")
+    sc_ds = next(o.dataset for o in objects if o.modality == "OT")
+    assert sr_ds.SOPClassUID == pydicom.uid.Comprehensive3DSRStorage
+    assert sr_ds.PatientID == ds.PatientID  # patient module copied from the source
+
+    # Findings: one measurement group per label, with the model's score as certainty.
+    sr = hd.sr.Comprehensive3DSR.from_dataset(sr_ds)
+    groups = sr.content.get_image_measurement_groups()
+    assert len(groups) == 14
+    seen = {}
+    for group in groups:
+        label = group.tracking_identifier.split(":")[-1]
+        (certainty,) = group.get_measurements()
+        seen[label] = certainty.value
+        refs = [str(item.referenced_sop_instance_uid) for item in group.source_images]
+        assert refs == [ds.SOPInstanceUID]
+    assert set(seen) == CHEST_LABELS
+    for label, score in status["scores"].items():
+        assert seen[label] == pytest.approx(round(100 * score, 1), abs=0.051)
+    evidence = sr_ds.CurrentRequestedProcedureEvidenceSequence[0]
+    assert evidence.ReferencedSeriesSequence[0].ReferencedSOPSequence[0] \
+        .ReferencedSOPInstanceUID == ds.SOPInstanceUID
+    # Honest model statement in the SR and the SC.
+    text = str(sr_ds)
+    assert "not for diagnostic use" in text.lower()
+    assert "untrained" in text.lower()
+    assert sc_ds.BurnedInAnnotation == "YES"
+    assert sc_ds.SourceImageSequence[0].ReferencedSOPInstanceUID == ds.SOPInstanceUID
+    assert sc_ds.SeriesDescription.endswith("NOT FOR DIAGNOSTIC USE")
+
+    # No patient data in the log records (sentinels from synthetic.PatientInfo).
+    fmt = JsonFormatter()
+    logs = "\n".join(fmt.format(r) for r in caplog.records)
+    assert "job.analysed" in logs
+    for sentinel in ("PHI^SENTINEL", "PHI-SENTINEL-ID", "19010101", "PHISENTINELACC"):
+        assert sentinel not in logs
+    for path in Path(settings.general.data_dir).rglob("*"):
+        assert "SENTINEL" not in path.name
+
+
+@pytest.mark.dcmtk
+def test_bone_xray_with_storescu_and_echoscu(make_settings, local_pacs, tmp_path):
+    settings = make_settings(local_pacs.port)
+    ds = synthetic.make_xray("hand", modality="CR", body_part="HAND", laterality="L",
+                             rows=400, cols=320, seed=2, monochrome1=True)
+    paths = synthetic.write_study([ds], tmp_path / "in")
+    with running_daemon(settings) as daemon:
+        port = str(daemon.receiver.port)
+        echo_run = subprocess.run(["echoscu", "-aec", "DICOMAI", "127.0.0.1", port],
+                                  capture_output=True, timeout=30)
+        assert echo_run.returncode == 0, echo_run.stderr
+        run = subprocess.run(["storescu", "-aec", "DICOMAI", "-aet", "MODALITY", "127.0.0.1",
+                              port, *map(str, paths)], capture_output=True, timeout=60)
+        assert run.returncode == 0, run.stderr
+        status = _wait_state(daemon, ds.StudyInstanceUID, "done")
+    assert status["route"] == "bone-xray"
+    objects = local_pacs.objects(ds.StudyInstanceUID)
+    assert sorted(o.modality for o in objects) == ["OT", "SR"]
+    sr = hd.sr.Comprehensive3DSR.from_dataset(next(o.dataset for o in objects
+                                                    if o.modality == "SR"))
+    (group,) = sr.content.get_image_measurement_groups()
+    (evaluation,) = [e for e in group.get_qualitative_evaluations()
+                     if e.name.value == "121402"]  # Normality
+    expected = "263654008" if status["scores"]["abnormal"] >= 0.5 else "17621005"
+    assert evaluation.value.value == expected
+
+
+@pytest.mark.dcmtk
+def test_ct_200_slices_end_to_end(make_settings, local_pacs, tmp_path):
+    settings = make_settings(local_pacs.port)
+    slices = synthetic.make_head_ct(200, rows=256, cols=256, slice_thickness=1.0, seed=3,
+                                    with_localizer=True, bleed=True)
+    paths = synthetic.write_study(slices, tmp_path / "ct")
+    axial = [s for s in slices if "LOCALIZER" not in s.ImageType]
+    assert len(axial) == 200
+    with running_daemon(settings) as daemon:
+        run = subprocess.run(["storescu", "-aec", "DICOMAI", "+sd", "127.0.0.1",
+                              str(daemon.receiver.port), str(tmp_path / "ct")],
+                             capture_output=True, timeout=300)
+        assert run.returncode == 0, run.stderr
+        status = _wait_state(daemon, slices[0].StudyInstanceUID, "done", timeout=300)
+    assert status["route"] == "brain-ct"
+    assert status["instances"] == len(slices)
+    objects = local_pacs.objects(slices[0].StudyInstanceUID)
+    sr_ds = next(o.dataset for o in objects if o.modality == "SR")
+    scs = [o.dataset for o in objects if o.modality == "OT"]
+    assert 1 <= len(scs) <= 5
+    # The SR's evidence is exactly the analysed axial series: the localizer is not in it.
+    (series_ref,) = sr_ds.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
+    assert series_ref.SeriesInstanceUID == axial[0].SeriesInstanceUID
+    assert len(series_ref.ReferencedSOPSequence) == 200
+    axial_uids = {s.SOPInstanceUID for s in axial}
+    for sc in scs:
+        assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID in axial_uids
+
+
+def test_resend_and_new_generation(make_settings, local_pacs, tmp_path):
+    settings = make_settings(local_pacs.port)
+    ds = synthetic.make_xray("chest", view_position="AP", rows=300, cols=300, seed=4)
+    paths = synthetic.write_study([ds], tmp_path / "a")
+    with running_daemon(settings) as daemon:
+        port = daemon.receiver.port
+        assert send_files(paths, "127.0.0.1", port, called_ae="DICOMAI").ok
+        _wait_state(daemon, ds.StudyInstanceUID, "done")
+        first = {o.sop_instance_uid for o in local_pacs.objects(ds.StudyInstanceUID)}
+        assert len(first) == 2
+
+        # The same instance again: stored once, no new job, no second set of results.
+        assert send_files(paths, "127.0.0.1", port, called_ae="DICOMAI").ok
+        far = datetime.now(UTC) + timedelta(days=1)
+        assert daemon.queue.receiving_jobs_quiet_since(far) == []  # duplicate opened no job
+        s = _study_state(settings, ds.StudyInstanceUID, daemon.engine)
+        assert s["generation"] == 1 and s["instances"] == 1
+        assert len(local_pacs.objects(ds.StudyInstanceUID)) == 2
+
+        # A new instance in the same study after it was processed: generation 2.
+        extra = synthetic.make_xray("chest", view_position="PA", rows=300, cols=300, seed=5,
+                                    study_uid=ds.StudyInstanceUID, series_uid=generate_uid())
+        extra.SeriesNumber = int(ds.SeriesNumber) + 1  # a later acquisition: analysed now
+        assert send_files(synthetic.write_study([extra], tmp_path / "b"), "127.0.0.1", port,
+                          called_ae="DICOMAI").ok
+        wait_for(lambda: (s := _study_state(settings, ds.StudyInstanceUID, daemon.engine))
+                 and s["generation"] == 2 and s["state"] == "done", 120, what="generation 2")
+    objects = local_pacs.objects(ds.StudyInstanceUID)
+    new = [o for o in objects if o.sop_instance_uid not in first]
+    assert sorted(o.modality for o in new) == ["OT", "SR"]
+    new_sr = next(o.dataset for o in new if o.modality == "SR")
+    old_sr_uid = next(o.sop_instance_uid for o in objects
+                      if o.modality == "SR" and o.sop_instance_uid in first)
+    pred = new_sr.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0] \
+        .ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+    assert pred == old_sr_uid
+    new_sc = next(o.dataset for o in new if o.modality == "OT")
+    assert new_sc.SourceImageSequence[0].ReferencedSOPInstanceUID == extra.SOPInstanceUID
+
+
+def test_unroutable_study_is_skipped_and_status_json(make_settings, local_pacs, tmp_path):
+    settings = make_settings(local_pacs.port)
+    mr = synthetic.make_mr(body_part="KNEE", n_slices=3)
+    chest = synthetic.make_xray("chest", rows=256, cols=256, seed=6)
+    with running_daemon(settings) as daemon:
+        port = daemon.receiver.port
+        assert send_files(synthetic.write_study(mr, tmp_path / "mr"), "127.0.0.1", port,
+                          called_ae="DICOMAI").ok
+        assert send_files(synthetic.write_study([chest], tmp_path / "cx"), "127.0.0.1", port,
+                          called_ae="DICOMAI").ok
+        _wait_state(daemon, mr[0].StudyInstanceUID, "skipped")
+        _wait_state(daemon, chest.StudyInstanceUID, "done")
+        data = _status_json(settings, _write_config(settings, tmp_path / "cfg.toml"))
+    by_uid = {s["study_instance_uid"]: s for s in data["studies"]}
+    assert by_uid[mr[0].StudyInstanceUID]["state"] == "skipped"
+    assert by_uid[mr[0].StudyInstanceUID]["route"] is None
+    assert by_uid[chest.StudyInstanceUID]["state"] == "done"
+    for key in ("study_instance_uid", "state", "route", "model", "instances",
+                "latency_seconds"):
+        assert key in by_uid[chest.StudyInstanceUID]
+    assert data["counts"]["skipped"] == 1 and data["counts"]["done"] == 1
+    assert local_pacs.objects(mr[0].StudyInstanceUID) == []
+
+
+def test_compressed_real_samples_stored_as_received(make_settings, local_pacs, tmp_path):
+    from dicomai.samples import real_sample
+
+    settings = make_settings(local_pacs.port, scheduler={"study_quiet_seconds": 3600})
+    files = [real_sample("chest_xray/RG1_J2KI.dcm"), real_sample("extremity_xray/RG3_J2KR.dcm")]
+    with running_daemon(settings) as daemon:
+        assert send_files(files, "127.0.0.1", daemon.receiver.port, called_ae="DICOMAI").ok
+        for f in files:
+            src = pydicom.dcmread(f, stop_before_pixels=True)
+            job_id = _study_state(settings, src.StudyInstanceUID, daemon.engine)["job_id"]
+            (row,) = daemon.queue.study_instances(daemon.queue.get_job(job_id).study_id)
+            assert row.transfer_syntax_uid == src.file_meta.TransferSyntaxUID
+            stored = pydicom.dcmread(row.path)
+            assert stored.file_meta.TransferSyntaxUID == src.file_meta.TransferSyntaxUID
+            assert stored.PixelData == pydicom.dcmread(f).PixelData
+
+
+def test_wrong_calling_ae_is_rejected(make_settings, tmp_path):
+    settings = make_settings(None, receiver={"allowed_calling_ae_titles": ["PACS"]})
+    ds = synthetic.make_xray("chest", rows=128, cols=128)
+    paths = synthetic.write_study([ds], tmp_path)
+    with running_daemon(settings) as daemon:
+        port = daemon.receiver.port
+        assert echo("127.0.0.1", port, called_ae="DICOMAI", calling_ae="INTRUDER") is None
+        assert not send_files(paths, "127.0.0.1", port, called_ae="DICOMAI",
+                              calling_ae="INTRUDER").ok
+        assert echo("127.0.0.1", port, called_ae="WRONGCALLED", calling_ae="PACS") is None
+        assert echo("127.0.0.1", port, called_ae="DICOMAI", calling_ae="PACS") == 0
+        assert _study_state(settings, ds.StudyInstanceUID, daemon.engine) is None
+
+
+def test_module_help_runs():
+    import sys
+
+    run = subprocess.run([sys.executable, "-m", "dicomai", "--help"], capture_output=True,
+                         text=True, timeout=60)
+    assert run.returncode == 0
+    for sub in ("serve", "status", "demo", "models", "check-config"):
+        assert sub in run.stdout
+
+
+def test_check_config_and_models_commands(make_settings, tmp_path, capsys):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text('[receiver]\nae_tilte = "X"\n')
+    assert cli.main(["--config", str(cfg), "check-config"]) == 3
+    assert "receiver.ae_tilte: unknown key" in capsys.readouterr().err
+    good = _write_config(make_settings(), tmp_path / "good.toml")
+    assert cli.main(["--config", str(good), "check-config"]) == 0
+    capsys.readouterr()
+    assert cli.main(["--config", str(good), "models", "verify", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert set(rows) == {"chest-xray", "head-ct-ich", "bone-xray"}
+    for row in rows.values():
+        assert row["verified"] is True
+        assert len(row["sha256"]) == 64
+        assert "not for diagnostic use" in row["description"].lower()

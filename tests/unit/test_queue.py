@@ -1,0 +1,421 @@
+"""Tests of dicomai.queue and dicomai.db on a fresh SQLite file, plus the scheduler's jobs."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select, update
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import StatementError
+
+from dicomai.config import load_settings
+from dicomai.db import Instance, Job, JobEvent, Study, create_all, make_engine, make_session_factory
+from dicomai.errors import StateConflict
+from dicomai.queue import (
+    ALLOWED_TRANSITIONS,
+    TERMINAL_STATES,
+    InstanceRecord,
+    JobState,
+    Queue,
+    RetryPolicy,
+)
+from dicomai.scheduler import close_quiet_studies, reap_stale
+
+REPO = Path(__file__).resolve().parents[2]
+ROUTES = load_settings(REPO / "config" / "dicomai.toml", environ={}).routes
+
+T0 = datetime(2024, 5, 6, 7, 8, 9, tzinfo=UTC)
+CT = "1.2.840.10008.5.1.4.1.1.2"
+DX = "1.2.840.10008.5.1.4.1.1.1.1"
+EVRLE = "1.2.840.10008.1.2.1"
+AXIAL = "1.0000\\0.0000\\0.0000\\0.0000\\1.0000\\0.0000"
+
+
+@pytest.fixture
+def engine(tmp_path: Path) -> Iterator[Engine]:
+    eng = make_engine(f"sqlite:///{tmp_path / 'dicomai.db'}")
+    create_all(eng)
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture
+def queue(engine: Engine) -> Queue:
+    return Queue(make_session_factory(engine))
+
+
+def rec(
+    study: str = "1.2.3",
+    series: str = "1.2.3.1",
+    sop: str = "1.2.3.1.1",
+    **kwargs: object,
+) -> InstanceRecord:
+    values: dict[str, object] = {
+        "sop_instance_uid": sop,
+        "study_instance_uid": study,
+        "series_instance_uid": series,
+        "sop_class_uid": DX,
+        "transfer_syntax_uid": EVRLE,
+        "modality": "DX",
+        "body_part": "CHEST",
+        "view_position": "PA",
+        "series_number": 1,
+        "instance_number": 1,
+    }
+    values.update(kwargs)
+    return InstanceRecord(**values)  # type: ignore[arg-type]
+
+
+def record(queue: Queue, r: InstanceRecord, now: datetime = T0) -> tuple[bool, int]:
+    return queue.record_instance(r, f"/spool/{r.sop_instance_uid}.dcm", 1234, "MODALITY", now)
+
+
+def events(queue: Queue, job_id: int) -> list[tuple[str | None, str, str]]:
+    with queue.session() as s:
+        rows = s.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id))
+        return [(e.src, e.dst, e.reason) for e in rows]
+
+
+def queued_job(queue: Queue, n: int, now: datetime = T0, **fields: object) -> int:
+    """A fresh study with one instance, moved to QUEUED."""
+    _, job_id = record(queue, rec(study=f"1.9.{n}", series=f"1.9.{n}.1", sop=f"1.9.{n}.1.1"), now)
+    queue.transition(job_id, JobState.RECEIVING, JobState.QUEUED, reason="test", now=now,
+                     closed_at=now, model="chest-xray", **fields)
+    return job_id
+
+
+# -- receiving --------------------------------------------------------------------------------
+
+
+def test_first_instance_creates_study_and_receiving_job(queue: Queue) -> None:
+    new, job_id = record(queue, rec())
+    assert new is True
+    job = queue.get_job(job_id)
+    assert job.state == JobState.RECEIVING
+    assert job.generation == 1
+    assert job.instance_count == 1
+    assert job.last_instance_at == T0
+    assert job.last_instance_at.tzinfo is not None
+    assert queue.study_uid(job) == "1.2.3"
+    assert queue.has_instance("1.2.3.1.1")
+    assert not queue.has_instance("1.2.3.1.2")
+    assert events(queue, job_id) == [(None, "receiving", "instance.first")]
+
+    (inst,) = queue.study_instances(job.study_id)
+    assert inst.sop_instance_uid == "1.2.3.1.1"
+    assert inst.job_id == job_id
+    assert inst.path == "/spool/1.2.3.1.1.dcm"
+    assert inst.size_bytes == 1234
+    assert inst.calling_ae_title == "MODALITY"
+    assert inst.modality == "DX"
+    assert inst.view_position == "PA"
+
+
+def test_more_instances_join_the_same_job(queue: Queue) -> None:
+    _, job1 = record(queue, rec(sop="1.2.3.1.1"), T0)
+    new, job2 = record(queue, rec(sop="1.2.3.1.2"), T0 + timedelta(seconds=5))
+    assert new is True
+    assert job2 == job1
+    job = queue.get_job(job1)
+    assert job.instance_count == 2
+    assert job.last_instance_at == T0 + timedelta(seconds=5)
+    assert len(events(queue, job1)) == 1
+
+
+def test_duplicate_sop_instance_uid_changes_nothing(queue: Queue) -> None:
+    _, job_id = record(queue, rec(), T0)
+    later = T0 + timedelta(seconds=20)
+    new, again = queue.record_instance(rec(), "/spool/other.dcm", 99, "OTHER", later)
+    assert (new, again) == (False, job_id)
+    job = queue.get_job(job_id)
+    assert job.instance_count == 1
+    assert job.last_instance_at == T0
+    with queue.session() as s:
+        assert s.scalar(select(Study.last_received_at)) == T0
+        paths = list(s.scalars(select(Instance.path)))
+    assert paths == ["/spool/1.2.3.1.1.dcm"]
+
+
+def test_instance_after_job_left_receiving_opens_generation_2(queue: Queue) -> None:
+    _, job1 = record(queue, rec(sop="1.2.3.1.1"), T0)
+    queue.transition(job1, JobState.RECEIVING, JobState.QUEUED, reason="test", now=T0)
+    later = T0 + timedelta(minutes=5)
+    new, job2 = record(queue, rec(sop="1.2.3.1.2"), later)
+    assert new is True
+    assert job2 != job1
+    first, second = queue.get_job(job1), queue.get_job(job2)
+    assert (first.state, first.generation, first.instance_count) == ("queued", 1, 1)
+    assert (second.state, second.generation, second.instance_count) == ("receiving", 2, 1)
+    assert second.study_id == first.study_id
+    assert len(queue.study_instances(first.study_id)) == 2
+    assert [i.sop_instance_uid for i in queue.study_instances(first.study_id, 1)] == ["1.2.3.1.1"]
+    # A third instance joins generation 2, not a new one.
+    _, job3 = record(queue, rec(sop="1.2.3.1.3"), later)
+    assert job3 == job2
+    with queue.session() as s:
+        assert s.scalar(select(Study.last_received_at)) == later
+
+
+def test_naive_datetime_is_refused(queue: Queue) -> None:
+    with pytest.raises(StatementError, match="naive datetime"):
+        record(queue, rec(), datetime(2024, 1, 1))  # noqa: DTZ001
+    assert not queue.has_instance("1.2.3.1.1")
+
+
+# -- transitions ------------------------------------------------------------------------------
+
+
+def test_transition_writes_state_fields_and_event(queue: Queue) -> None:
+    _, job_id = record(queue, rec())
+    later = T0 + timedelta(seconds=31)
+    queue.transition(job_id, "receiving", "queued", reason="route.matched", now=later,
+                     route="chest-xray", model="chest-xray", series_uids=["1.2.3.1"])
+    job = queue.get_job(job_id)
+    assert job.state == "queued"
+    assert job.updated_at == later
+    assert (job.route, job.model, job.series_uids) == ("chest-xray", "chest-xray", ["1.2.3.1"])
+    assert job.finished_at is None
+    assert events(queue, job_id)[-1] == ("receiving", "queued", "route.matched")
+
+
+def test_transition_to_terminal_state_sets_finished_at(queue: Queue) -> None:
+    _, job_id = record(queue, rec())
+    queue.transition(job_id, JobState.RECEIVING, JobState.SKIPPED, reason="route.none", now=T0)
+    assert queue.get_job(job_id).finished_at == T0
+
+
+@pytest.mark.parametrize(
+    ("src", "dst"),
+    [(s, d) for s in JobState for d in JobState if d not in ALLOWED_TRANSITIONS[s]],
+)
+def test_disallowed_transitions_raise_value_error(queue: Queue, src: JobState,
+                                                  dst: JobState) -> None:
+    _, job_id = record(queue, rec())
+    with queue.session() as s, s.begin():
+        s.execute(update(Job).where(Job.id == job_id).values(state=src.value))
+    with pytest.raises(ValueError, match="not allowed"):
+        queue.transition(job_id, src, dst, reason="test", now=T0)
+    assert queue.get_job(job_id).state == src.value
+    assert len(events(queue, job_id)) == 1
+
+
+def test_terminal_states_have_no_way_out_except_failed() -> None:
+    for state in TERMINAL_STATES - {JobState.FAILED}:
+        assert ALLOWED_TRANSITIONS[state] == frozenset()
+    assert JobState.RECEIVING not in set().union(*ALLOWED_TRANSITIONS.values())
+
+
+def test_transition_compare_and_set(queue: Queue) -> None:
+    _, job_id = record(queue, rec())
+    with pytest.raises(StateConflict):
+        queue.transition(job_id, JobState.QUEUED, JobState.RUNNING, reason="test", now=T0)
+    assert queue.get_job(job_id).state == "receiving"
+    queue.transition(job_id, JobState.RECEIVING, JobState.QUEUED, reason="first", now=T0)
+    with pytest.raises(StateConflict):  # a second mover loses
+        queue.transition(job_id, JobState.RECEIVING, JobState.QUEUED, reason="second", now=T0)
+    with pytest.raises(StateConflict):  # no such job
+        queue.transition(job_id + 100, JobState.QUEUED, JobState.RUNNING, reason="x", now=T0)
+    assert [e[2] for e in events(queue, job_id)] == ["instance.first", "first"]
+
+
+# -- claiming ---------------------------------------------------------------------------------
+
+
+def test_claim_next_moves_to_running_and_counts_attempts(queue: Queue) -> None:
+    job_id = queued_job(queue, 1)
+    claimed = queue.claim_next(JobState.QUEUED, JobState.RUNNING, "worker-1", T0)
+    assert claimed is not None
+    assert claimed.id == job_id
+    assert claimed.state == "running"
+    assert claimed.attempts == 1
+    assert claimed.claimed_by == "worker-1"
+    assert claimed.heartbeat_at == T0
+    assert events(queue, job_id)[-1] == ("queued", "running", "claim")
+    assert queue.claim_next(JobState.QUEUED, JobState.RUNNING, "worker-1", T0) is None
+
+    # back to QUEUED and claimed again: attempts 2
+    queue.transition(job_id, JobState.RUNNING, JobState.QUEUED, reason="retry", now=T0)
+    again = queue.claim_next(JobState.QUEUED, JobState.RUNNING, "worker-2", T0)
+    assert again is not None
+    assert (again.id, again.attempts, again.claimed_by) == (job_id, 2, "worker-2")
+
+
+def test_claim_for_sending_does_not_count_inference_attempts(queue: Queue) -> None:
+    job_id = queued_job(queue, 1)
+    queue.claim_next(JobState.QUEUED, JobState.RUNNING, "w", T0)
+    queue.transition(job_id, JobState.RUNNING, JobState.OUTBOX, reason="built", now=T0)
+    claimed = queue.claim_next(JobState.OUTBOX, JobState.SENDING, "s", T0)
+    assert claimed is not None
+    assert (claimed.state, claimed.attempts, claimed.claimed_by) == ("sending", 1, "s")
+
+
+def test_claim_next_respects_not_before(queue: Queue) -> None:
+    job_id = queued_job(queue, 1, not_before=T0 + timedelta(seconds=60))
+    assert queue.claim_next(JobState.QUEUED, JobState.RUNNING, "w", T0) is None
+    assert queue.claim_next(JobState.QUEUED, JobState.RUNNING, "w",
+                            T0 + timedelta(seconds=59)) is None
+    claimed = queue.claim_next(JobState.QUEUED, JobState.RUNNING, "w", T0 + timedelta(seconds=60))
+    assert claimed is not None
+    assert claimed.id == job_id
+
+
+def test_claim_next_order_priority_then_closed_at(queue: Queue) -> None:
+    early = queued_job(queue, 1, T0)
+    late = queued_job(queue, 2, T0 + timedelta(seconds=10))
+    urgent = queued_job(queue, 3, T0 + timedelta(seconds=20), priority=5)
+    deferred = queued_job(queue, 4, T0, priority=9, not_before=T0 + timedelta(hours=1))
+    now = T0 + timedelta(minutes=1)
+    order = []
+    while (job := queue.claim_next(JobState.QUEUED, JobState.RUNNING, "w", now)) is not None:
+        order.append(job.id)
+    assert order == [urgent, early, late]
+    assert queue.get_job(deferred).state == "queued"
+
+
+def test_claim_next_filters_by_model(queue: Queue) -> None:
+    chest = queued_job(queue, 1)
+    _, ct = record(queue, rec(study="1.8", series="1.8.1", sop="1.8.1.1"))
+    queue.transition(ct, JobState.RECEIVING, JobState.QUEUED, reason="t", now=T0,
+                     closed_at=T0, model="head-ct-ich")
+    assert queue.claim_next(JobState.QUEUED, JobState.RUNNING, "w", T0, models=["bone-xray"]) \
+        is None
+    got = queue.claim_next(JobState.QUEUED, JobState.RUNNING, "w", T0, models=["head-ct-ich"])
+    assert got is not None and got.id == ct
+    got = queue.claim_next(JobState.QUEUED, JobState.RUNNING, "w", T0)
+    assert got is not None and got.id == chest
+
+
+def test_concurrent_claimers_never_share_a_job(queue: Queue) -> None:
+    jobs = [queued_job(queue, n) for n in range(20)]
+    claims: dict[str, list[int]] = {}
+    errors: list[BaseException] = []
+    start = threading.Barrier(4)
+
+    def claimer(name: str) -> None:
+        got: list[int] = []
+        claims[name] = got
+        try:
+            start.wait()
+            while (job := queue.claim_next(JobState.QUEUED, JobState.RUNNING, name, T0)) \
+                    is not None:
+                got.append(job.id)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=claimer, args=(f"w{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads)
+    assert errors == []
+    counted = Counter(j for got in claims.values() for j in got)
+    assert sorted(counted) == sorted(jobs)
+    assert set(counted.values()) == {1}
+    for name, got in claims.items():
+        for job_id in got:
+            job = queue.get_job(job_id)
+            assert (job.state, job.claimed_by, job.attempts) == ("running", name, 1)
+            assert [e[1] for e in events(queue, job_id)].count("running") == 1
+
+
+# -- retry policy -----------------------------------------------------------------------------
+
+
+def test_retry_policy_doubles_and_caps() -> None:
+    policy = RetryPolicy(max_attempts=10, base_seconds=15, max_seconds=100)
+    assert [policy.delay(a).total_seconds() for a in range(1, 7)] == [15, 30, 60, 100, 100, 100]
+    with pytest.raises(ValueError, match="attempt"):
+        policy.delay(0)
+    assert RetryPolicy(3, 10).delay(3) == timedelta(seconds=40)
+    assert RetryPolicy(3, 10).delay(20) == timedelta(hours=1)
+
+
+# -- scheduler jobs ---------------------------------------------------------------------------
+
+
+def test_close_quiet_studies_routes_or_skips(queue: Queue) -> None:
+    # chest radiograph: PA and lateral series
+    _, chest = record(queue, rec(study="1.1", series="1.1.1", sop="1.1.1.1", series_number=1,
+                                 view_position="LL"), T0)
+    record(queue, rec(study="1.1", series="1.1.2", sop="1.1.2.1", series_number=2,
+                      view_position="PA"), T0)
+    # head CT: localizer and an axial series of 3 slices
+    _, head = record(queue, rec(study="1.2", series="1.2.1", sop="1.2.1.1", modality="CT",
+                                sop_class_uid=CT, body_part="HEAD",
+                                image_type="ORIGINAL\\PRIMARY\\LOCALIZER"), T0)
+    for i in range(3):
+        record(queue, rec(study="1.2", series="1.2.2", sop=f"1.2.2.{i}", modality="CT",
+                          sop_class_uid=CT, body_part="HEAD", orientation=AXIAL,
+                          image_type="ORIGINAL\\PRIMARY\\AXIAL"), T0)
+    # MR knee: no route
+    _, knee = record(queue, rec(study="1.3", series="1.3.1", sop="1.3.1.1", modality="MR",
+                                body_part="KNEE"), T0)
+    # still arriving: last instance 10 s before the check
+    _, busy = record(queue, rec(study="1.4", series="1.4.1", sop="1.4.1.1"),
+                     T0 + timedelta(seconds=25))
+
+    now = T0 + timedelta(seconds=35)
+    assert close_quiet_studies(queue, ROUTES, now, 30) == 3
+
+    job = queue.get_job(chest)
+    assert (job.state, job.route, job.model) == ("queued", "chest-xray", "chest-xray")
+    assert job.series_uids == ["1.1.2"]
+    assert job.destinations == ["pacs"]
+    assert job.closed_at == now
+
+    job = queue.get_job(head)
+    assert (job.state, job.route, job.model) == ("queued", "brain-ct", "head-ct-ich")
+    assert job.series_uids == ["1.2.2"]
+
+    job = queue.get_job(knee)
+    assert (job.state, job.route, job.model, job.series_uids) == ("skipped", None, None, [])
+    assert job.finished_at == now
+    assert events(queue, knee)[-1] == ("receiving", "skipped", "route.none")
+
+    assert queue.get_job(busy).state == "receiving"
+    assert close_quiet_studies(queue, ROUTES, now, 30) == 0  # idempotent
+    assert close_quiet_studies(queue, ROUTES, now + timedelta(seconds=30), 30) == 1
+    assert queue.get_job(busy).state == "queued"
+
+
+def test_close_quiet_generation_2_sees_earlier_instances(queue: Queue) -> None:
+    _, job1 = record(queue, rec(study="1.1", series="1.1.1", sop="1.1.1.1"), T0)
+    assert close_quiet_studies(queue, ROUTES, T0 + timedelta(seconds=31), 30) == 1
+    later = T0 + timedelta(minutes=5)
+    _, job2 = record(queue, rec(study="1.1", series="1.1.2", sop="1.1.2.1", view_position="LL",
+                                series_number=2), later)
+    assert close_quiet_studies(queue, ROUTES, later + timedelta(seconds=31), 30) == 1
+    job = queue.get_job(job2)
+    assert (job.generation, job.state, job.route) == (2, "queued", "chest-xray")
+    assert job.series_uids == ["1.1.1"]  # the frontal series from generation 1
+    assert queue.get_job(job1).state == "queued"
+
+
+def test_reap_stale_returns_claims(queue: Queue) -> None:
+    stale_run = queued_job(queue, 1)
+    fresh_run = queued_job(queue, 2)
+    stale_send = queued_job(queue, 3)
+    # claim all three as worker "w", then move one on to SENDING
+    while queue.claim_next(JobState.QUEUED, JobState.RUNNING, "w", T0) is not None:
+        pass
+    queue.transition(stale_send, JobState.RUNNING, JobState.OUTBOX, reason="built", now=T0)
+    assert queue.claim_next(JobState.OUTBOX, JobState.SENDING, "s", T0) is not None
+    now = T0 + timedelta(seconds=400)
+    queue.heartbeat_job(fresh_run, "w", now - timedelta(seconds=10))
+    queue.heartbeat_job(stale_run, "someone-else", now)  # not its claimer: ignored
+
+    assert reap_stale(queue, now, 300) == 2
+    job = queue.get_job(stale_run)
+    assert (job.state, job.claimed_by) == ("queued", None)
+    assert events(queue, stale_run)[-1] == ("running", "queued", "reap.stale_heartbeat")
+    job = queue.get_job(stale_send)
+    assert (job.state, job.claimed_by) == ("outbox", None)
+    job = queue.get_job(fresh_run)
+    assert (job.state, job.claimed_by) == ("running", "w")
+    assert reap_stale(queue, now, 300) == 0
