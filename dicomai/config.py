@@ -39,7 +39,7 @@ _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable, no backslash
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, coerce_numbers_to_str=True)
 
 
 def _check_ae(value: str, what: str) -> str:
@@ -199,7 +199,7 @@ class ModelSettings(_Section):
     device: str = "auto"
     task: Literal["chest_xray", "head_ct_ich", "bone_xray"]
     labels: list[str] = Field(default_factory=list)  # empty: from the model file's metadata
-    threshold: float = Field(default=0.5, ge=0, le=1)
+    threshold: float = Field(default=0.5, gt=0, le=1)
     thresholds: dict[str, float] = Field(default_factory=dict)
     preprocessing: PreprocessingSettings = Field(default_factory=PreprocessingSettings)
     body_part: str = ""
@@ -209,6 +209,14 @@ class ModelSettings(_Section):
     def _device(cls, value: str) -> str:
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
             raise ValueError("device must be auto, cpu, cuda or cuda:N")
+        return value
+
+    @field_validator("thresholds")
+    @classmethod
+    def _thresholds(cls, value: dict[str, float]) -> dict[str, float]:
+        for label, t in value.items():
+            if not 0 < t <= 1:
+                raise ValueError(f"threshold of {label!r} must be in (0, 1]")
         return value
 
     @field_validator("sha256")

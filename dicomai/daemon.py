@@ -18,7 +18,7 @@ from dicomai.db import create_all, make_engine, make_session_factory, utcnow
 from dicomai.logs import log_fields
 from dicomai.queue import Queue
 from dicomai.receiver import Receiver
-from dicomai.scheduler import Scheduler
+from dicomai.scheduler import Scheduler, reclaim_dead_local
 from dicomai.sender import Sender
 from dicomai.store import Spool
 from dicomai.worker import ModelPool, Worker
@@ -61,6 +61,7 @@ class Daemon:
         self.settings.general.data_dir.mkdir(parents=True, exist_ok=True)
         create_all(self.engine)
         self.spool.start()
+        reclaim_dead_local(self.queue, socket.gethostname(), self.clock())
         if "worker" in self.roles:
             needed = sorted({r.model for r in self.settings.routes})
             for name in needed:

@@ -75,6 +75,26 @@ def _normalise(channels: np.ndarray, pre: PreprocessingSettings) -> np.ndarray:
     return ((channels - mean) / std).astype(np.float32)
 
 
+def _display_range(arr: np.ndarray, ds: Dataset) -> tuple[float, float]:
+    """The (low, high) modality values that map to black and white.
+
+    The first window of WindowCenter/WindowWidth when present; else the 1st-99th percentile.
+    (A VOI LUT sequence is applied by the caller before this.)
+    """
+    if "WindowCenter" in ds and "WindowWidth" in ds:
+        try:
+            center = float(np.atleast_1d(ds.WindowCenter)[0])
+            width = float(np.atleast_1d(ds.WindowWidth)[0])
+            if width > 0:
+                return center - width / 2.0, center + width / 2.0
+        except (TypeError, ValueError):
+            pass
+    if arr.size == 0:
+        return 0.0, 1.0
+    low, high = np.percentile(arr, [1, 99])
+    return float(low), float(high)
+
+
 def preprocess_xray(ds: Dataset, pre: PreprocessingSettings) -> np.ndarray:
     """Radiograph → normalised [3, S, S] float32.
 
@@ -86,17 +106,17 @@ def preprocess_xray(ds: Dataset, pre: PreprocessingSettings) -> np.ndarray:
         arr = pydicom.pixels.apply_modality_lut(arr, ds).astype(np.float32)
     except Exception as exc:
         raise UnsupportedInput("modality LUT could not be applied") from exc
-    has_voi = "VOILUTSequence" in ds or ("WindowCenter" in ds and "WindowWidth" in ds)
-    if has_voi:
+    grey: np.ndarray | None = None
+    if "VOILUTSequence" in ds:
         try:
-            arr = pydicom.pixels.apply_voi_lut(arr, ds, index=0).astype(np.float32)
+            bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
+            out = pydicom.pixels.apply_voi_lut(arr, ds, index=0).astype(np.float32)
+            grey = np.clip(out / float(2**bits - 1), 0.0, 1.0)
         except Exception:
-            has_voi = False
-    low, high = np.percentile(arr, [1, 99]) if arr.size else (0.0, 1.0)
-    if has_voi:
-        low, high = float(arr.min()), float(arr.max())
-    scale = max(float(high) - float(low), 1e-6)
-    grey = np.clip((arr - low) / scale, 0.0, 1.0)
+            grey = None  # a broken VOI LUT: fall back to the window / percentiles
+    if grey is None:
+        low, high = _display_range(arr, ds)
+        grey = np.clip((arr - low) / max(high - low, 1e-6), 0.0, 1.0)
     if str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1":
         grey = 1.0 - grey
     small = resize(grey, pre.input_size)[0]

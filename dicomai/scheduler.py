@@ -18,7 +18,13 @@ from dicomai.queue import TERMINAL_STATES, JobState, Queue
 from dicomai.routing import StudyInfo, select_route, summarise_series
 from dicomai.store import Spool
 
-__all__ = ["Scheduler", "close_quiet_studies", "purge_finished", "reap_stale"]
+__all__ = [
+    "Scheduler",
+    "close_quiet_studies",
+    "purge_finished",
+    "reap_stale",
+    "reclaim_dead_local",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +111,41 @@ def purge_finished(queue: Queue, spool: Spool, now: datetime, retention_days: fl
     if purged:
         logger.info("retention purge", extra=log_fields("scheduler.purged", jobs=purged))
     return purged
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def reclaim_dead_local(queue: Queue, hostname: str, now: datetime) -> int:
+    """At start: return jobs claimed by a process of this host that no longer exists.
+
+    Claims are named ``role@host:pid``; such a job need not wait for its heartbeat to go stale.
+    """
+    reclaimed = 0
+    for state, back in ((JobState.RUNNING, JobState.QUEUED), (JobState.SENDING, JobState.OUTBOX)):
+        for job in queue.stale_claims(state, now + timedelta(days=3650)):
+            claimer = job.claimed_by or ""
+            _, _, where = claimer.partition("@")
+            host, _, pid = where.rpartition(":")
+            if host != hostname or not pid.isdigit() or _pid_alive(int(pid)):
+                continue
+            try:
+                queue.transition(job.id, state, back, reason="reap.dead_process", now=now,
+                                 claimed_by=None)
+                reclaimed += 1
+            except StateConflict:
+                continue
+    if reclaimed:
+        logger.warning("claims of dead processes reclaimed",
+                       extra=log_fields("scheduler.reclaimed", jobs=reclaimed))
+    return reclaimed
 
 
 class Scheduler:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -31,6 +32,9 @@ def collect(settings: Settings, *, limit: int = 20, engine: Engine | None = None
     ``disk``.
     """
     now = now or utcnow()
+    url = settings.database_url
+    if engine is None and url.startswith("sqlite:///") and not Path(url[10:]).exists():
+        return _empty(settings, now)  # fresh install: nothing to read, and create nothing
     own_engine = engine is None
     engine = engine or make_engine(settings.database_url)
     try:

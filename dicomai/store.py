@@ -50,13 +50,13 @@ class Spool:
 
     def result_path(self, job_id: int, name: str) -> Path:
         """Where a built result lives: ``results/<job_id>/<name>``."""
-        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name):
             raise ValueError('Argument "name" must be a plain file name.')
         return self.root / "results" / str(int(job_id)) / name
 
     def quarantine_path(self, reason: str) -> Path:
         """A fresh file name under ``quarantine/<reason>/`` (our own id, no dataset values)."""
-        if not re.fullmatch(r"[a-z0-9_.-]+", reason):
+        if not re.fullmatch(r"[a-z0-9_][a-z0-9_.-]*", reason):
             raise ValueError('Argument "reason" must be a short code.')
         return self.root / "quarantine" / reason / f"{uuid.uuid4().hex}.dcm"
 

@@ -41,4 +41,5 @@ __all__ = [
     "load_state_dict_compat",
     "read_metadata",
     "resnet18",
+    "resolve_device",
 ]

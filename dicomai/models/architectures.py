@@ -216,14 +216,17 @@ class _ResNetFeatures(nn.Module):
         self.bn1 = nn.BatchNorm2d(64)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-        inplanes = 64
-        for i, (planes, blocks) in enumerate(zip((64, 128, 256, 512), layers, strict=True)):
-            stride = 1 if i == 0 else 2
-            mods: list[nn.Module] = [_BasicBlock(inplanes, planes, stride)]
-            mods += [_BasicBlock(planes, planes) for _ in range(1, blocks)]
-            self.add_module(f"layer{i + 1}", nn.Sequential(*mods))
-            inplanes = planes
-        self.out_channels = inplanes
+        self.layer1 = self._make_layer(64, 64, layers[0], stride=1)
+        self.layer2 = self._make_layer(64, 128, layers[1], stride=2)
+        self.layer3 = self._make_layer(128, 256, layers[2], stride=2)
+        self.layer4 = self._make_layer(256, 512, layers[3], stride=2)
+        self.out_channels = 512
+
+    @staticmethod
+    def _make_layer(inplanes: int, planes: int, blocks: int, stride: int) -> nn.Sequential:
+        mods = [_BasicBlock(inplanes, planes, stride)]
+        mods += [_BasicBlock(planes, planes) for _ in range(1, blocks)]
+        return nn.Sequential(*mods)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
@@ -398,9 +401,11 @@ def load_state_dict_compat(model: CamClassifier, state_dict: Mapping[str, Tensor
             continue
         mapped[target] = value
     head = {k: v for k, v in mapped.items() if k.startswith("classifier.")}
-    classifier_replaced = bool(head) and all(
-        v.shape == own[k].shape for k, v in head.items()
-    ) and set(head) == {"classifier.weight", "classifier.bias"}
+    classifier_replaced = (
+        bool(head)
+        and all(v.shape == own[k].shape for k, v in head.items())
+        and set(head) == {"classifier.weight", "classifier.bias"}
+    )
     if not classifier_replaced:
         for k in head:
             del mapped[k]
@@ -425,5 +430,7 @@ def load_state_dict_compat(model: CamClassifier, state_dict: Mapping[str, Tensor
         )
     model.load_state_dict(mapped, strict=False)
     return CompatReport(
-        loaded=tuple(sorted(mapped)), classifier_replaced=classifier_replaced, skipped=tuple(skipped)
+        loaded=tuple(sorted(mapped)),
+        classifier_replaced=classifier_replaced,
+        skipped=tuple(skipped),
     )

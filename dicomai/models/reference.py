@@ -73,19 +73,31 @@ class ReferenceModel:
 
 
 REFERENCE_MODELS: dict[str, ReferenceModel] = {
-    "chest-xray": ReferenceModel(
-        "chest-xray", "densenet121", Task.CHEST_XRAY, CHEST_XRAY_LABELS,
-        "chest_xray_densenet121.pt",
-    ),
-    "head-ct-ich": ReferenceModel(
-        "head-ct-ich", "resnet18", Task.HEAD_CT_ICH, HEAD_CT_ICH_LABELS,
-        "head_ct_ich_resnet18.pt",
-    ),
-    "bone-xray": ReferenceModel(
-        "bone-xray", "densenet169", Task.BONE_XRAY, BONE_XRAY_LABELS,
-        "bone_xray_densenet169.pt",
-    ),
-}  # fmt: skip
+    ref.name: ref
+    for ref in (
+        ReferenceModel(
+            name="chest-xray",
+            architecture="densenet121",
+            task=Task.CHEST_XRAY,
+            labels=CHEST_XRAY_LABELS,
+            filename="chest_xray_densenet121.pt",
+        ),
+        ReferenceModel(
+            name="head-ct-ich",
+            architecture="resnet18",
+            task=Task.HEAD_CT_ICH,
+            labels=HEAD_CT_ICH_LABELS,
+            filename="head_ct_ich_resnet18.pt",
+        ),
+        ReferenceModel(
+            name="bone-xray",
+            architecture="densenet169",
+            task=Task.BONE_XRAY,
+            labels=BONE_XRAY_LABELS,
+            filename="bone_xray_densenet169.pt",
+        ),
+    )
+}
 
 
 def _metadata(
@@ -198,7 +210,11 @@ def build_reference(
     model.eval()
     with torch.inference_mode():
         logits, _ = model(noise)
-        bias = model.classifier.bias - logits.mean(0) + math.log(REFERENCE_PRIOR / (1 - REFERENCE_PRIOR))
+        bias = (
+            model.classifier.bias
+            - logits.mean(0)
+            + math.log(REFERENCE_PRIOR / (1 - REFERENCE_PRIOR))
+        )
         bias = torch.round(bias.double() * 1e4) / 1e4
     with torch.no_grad():
         model.classifier.bias.copy_(bias.float())
@@ -280,8 +296,7 @@ def export_state_dict(
     spec = ARCHITECTURES.get(architecture)
     if spec is None:
         raise ValueError(
-            f'Argument "architecture" must be one of {sorted(ARCHITECTURES)}, '
-            f"got {architecture!r}."
+            f'Argument "architecture" must be one of {sorted(ARCHITECTURES)}, got {architecture!r}.'
         )
     for arg, value in (("name", name), ("version", version), ("description", description)):
         if not isinstance(value, str) or not value.strip():

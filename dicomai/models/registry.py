@@ -22,7 +22,7 @@ class ModelRegistry:
     ----------
     loader
         Builds a backend from ``(path, name=, version=, expected_sha256=, device=, labels=,
-        task=, body_part=)``; default :meth:`TorchScriptBackend.load`.
+        task=, body_part=, warmup_size=)``; default :meth:`TorchScriptBackend.load`.
     """
 
     def __init__(self, loader: ModelLoader | None = None) -> None:
@@ -41,6 +41,7 @@ class ModelRegistry:
         labels: Sequence[str] | None = None,
         task: Task | str | None = None,
         body_part: str = "",
+        warmup_size: int | None = None,
     ) -> ModelBackend:
         """Load model ``name`` unless it is loaded already, and return its backend.
 
@@ -48,7 +49,7 @@ class ModelRegistry:
         ----------
         name
             Model name from the configuration.
-        path, version, sha256, device, labels, task, body_part
+        path, version, sha256, device, labels, task, body_part, warmup_size
             As for :meth:`TorchScriptBackend.load` (``sha256`` is ``expected_sha256``);
             ignored when ``name`` is loaded already.
 
@@ -75,6 +76,7 @@ class ModelRegistry:
                     labels=labels,
                     task=task,
                     body_part=body_part,
+                    warmup_size=warmup_size,
                 )
                 self._backends[name] = backend
             return backend

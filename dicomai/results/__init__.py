@@ -73,7 +73,7 @@ class ResultOptions:
 def build_results(
     sources: Sequence[Dataset],
     findings: Findings,
-    options: ResultOptions = ResultOptions(),  # noqa: B008 (frozen, so sharing it is safe)
+    options: ResultOptions = ResultOptions(),
     *,
     previous_sr_refs: Sequence[tuple[str, str, str, str]] = (),
 ) -> list[Dataset]:
@@ -136,7 +136,7 @@ def build_failure_notice(
     sources: Sequence[Dataset],
     model: ModelIdentity,
     reason_code: str,
-    options: ResultOptions = ResultOptions(),  # noqa: B008 (frozen, so sharing it is safe)
+    options: ResultOptions = ResultOptions(),
     *,
     started: datetime | None = None,
 ) -> Dataset:

@@ -109,14 +109,18 @@ CHEST_XRAY: Mapping[str, LabelCode] = MappingProxyType(
         "infiltration": LabelCode(codes.DCM.Infiltrate, codes.SCT.Lung, _D, "Infiltration"),
         "mass": LabelCode(codes.SCT.Mass, codes.SCT.Lung, _D, "Mass"),
         "nodule": LabelCode(codes.SCT.Nodule, codes.SCT.Lung, _D, "Nodule"),
-        "pneumonia": LabelCode(Code("233604007", "SCT", "Pneumonia"), codes.SCT.Lung, _S, "Pneumonia"),
+        "pneumonia": LabelCode(
+            Code("233604007", "SCT", "Pneumonia"), codes.SCT.Lung, _S, "Pneumonia"
+        ),
         "pneumothorax": LabelCode(codes.SCT.Pneumothorax, codes.SCT.Pleura, _D, "Pneumothorax"),
         "consolidation": LabelCode(
             Code("95436008", "SCT", "Lung consolidation"), codes.SCT.Lung, _S, "Consolidation"
         ),
         "edema": LabelCode(codes.SCT.PulmonaryEdema, codes.SCT.Lung, _D, "Edema"),
         # Only "Mediastinal emphysema" (16838000) is in pydicom's tables: a different concept.
-        "emphysema": LabelCode(_private("CXR-EMPHYSEMA", "Emphysema"), codes.SCT.Lung, _U, "Emphysema"),
+        "emphysema": LabelCode(
+            _private("CXR-EMPHYSEMA", "Emphysema"), codes.SCT.Lung, _U, "Emphysema"
+        ),
         "fibrosis": LabelCode(codes.SCT.Fibrosis, codes.SCT.Lung, _D, "Fibrosis"),
         "pleural_thickening": LabelCode(
             _private("CXR-PLEURALTHICK", "Pleural thickening"),

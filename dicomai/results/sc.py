@@ -13,10 +13,10 @@ from dicomai.findings import Findings, ModelIdentity, Task, result_uid
 from dicomai.results.codes import LabelCode
 from dicomai.results.display import display_rgb, fit_size, overlay, resize_rgb
 from dicomai.results.sr import (
-    air_contributing_equipment,
+    add_air_equipment,
     check_findings,
-    clip_text,
     check_sources,
+    clip_text,
     content_when,
     model_line,
     no_name_warnings,
@@ -81,12 +81,13 @@ def build_sc_series(
     by_uid = {str(ds.SOPInstanceUID): ds for ds in sources}
     base = uid_key(sources, findings.model)
     series_uid = result_uid("sc-series", **base)
+    thresholds = {label: float(findings.thresholds[label]) for label in findings.labels}
     return [
         build_sc(
             by_uid[uid],
             findings,
             table,
-            base=base,
+            base={**base, "thresholds": thresholds},
             series_uid=series_uid,
             series_number=series_number,
             index=index,
@@ -134,10 +135,11 @@ def build_sc(
     rgb = display_rgb(src)
     size = fit_size(int(rgb.shape[0]), int(rgb.shape[1]))
     heat = findings.heatmaps.get(uid)
-    pixels = overlay(resize_rgb(rgb, size), heat, caption=caption_text(findings, table, uid, heat is not None))
-    same_grid = size == tuple(rgb.shape[:2])
-    spacing = src.get("PixelSpacing")
-    keep_spacing = same_grid and spacing is not None and len(spacing) == 2 and min(spacing) > 0
+    pixels = overlay(
+        resize_rgb(rgb, size), heat, caption=caption_text(findings, table, uid, heat is not None)
+    )
+    # PixelSpacing only on the source's own pixel grid.
+    spacing = _pixel_spacing(src) if size == tuple(rgb.shape[:2]) else None
     patient_orientation, known = _orientation(src)
     laterality = str(src.get("ImageLaterality") or src.get("Laterality") or "")
     with no_name_warnings():
@@ -154,7 +156,7 @@ def build_sc(
             manufacturer=model.vendor,
             manufacturer_model_name=model.name,
             software_versions=model.version,
-            pixel_spacing=tuple(float(v) for v in spacing) if keep_spacing else None,
+            pixel_spacing=spacing,  # type: ignore[arg-type]  # annotated tuple[int, int]
             patient_orientation=patient_orientation,
             laterality=laterality if laterality in ("L", "R") else None,
             series_description=SC_SERIES_DESCRIPTION,
@@ -164,8 +166,10 @@ def build_sc(
         )
         sc.copy_patient_and_study_information(src)
     if not known:
-        sc.PatientOrientation = ""  # Type 2: empty when unknown
-    body_part = src.get("BodyPartExamined") or model.body_part.upper() or _TASK_BODY_PART[model.task]
+        sc["PatientOrientation"].value = ""  # Type 2: empty when unknown
+    body_part = (
+        src.get("BodyPartExamined") or model.body_part.upper() or _TASK_BODY_PART[model.task]
+    )
     sc.BodyPartExamined = str(body_part)[:16]
     if "Laterality" not in sc and "".join(sc.BodyPartExamined.split()) in _PAIRED:
         sc.Laterality = ""  # Type 2C: paired part, laterality actually unknown
@@ -189,9 +193,7 @@ def build_sc(
         hd.sr.CodedConcept.from_code(codes.DCM.SourceImageForImageProcessingOperation)
     ]
     sc.SourceImageSequence = [ref]
-    if "ContributingEquipmentSequence" not in sc:
-        sc.ContributingEquipmentSequence = []
-    sc.ContributingEquipmentSequence.append(air_contributing_equipment(model))
+    add_air_equipment(sc, model)
     return sc
 
 
@@ -230,6 +232,20 @@ def caption_text(
 
 def _pct(value: float) -> str:
     return f"{100.0 * float(value):.0f}%"
+
+
+def _pixel_spacing(src: Dataset) -> tuple[float, float] | None:
+    """The source's PixelSpacing if it is two positive numbers (RG1 has 0\\0)."""
+    value = src.get("PixelSpacing")
+    if value is None or isinstance(value, str | float | int):
+        return None
+    try:
+        pair = [float(v) for v in value]
+    except (TypeError, ValueError):
+        return None
+    if len(pair) != 2 or min(pair) <= 0:
+        return None
+    return pair[0], pair[1]
 
 
 def _orientation(src: Dataset) -> tuple[tuple[str, str], bool]:

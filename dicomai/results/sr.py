@@ -6,7 +6,7 @@ import math
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import highdicom as hd
@@ -30,6 +30,7 @@ from dicomai.results.codes import (
 __all__ = [
     "SR_CLASSES",
     "SR_SERIES_DESCRIPTION",
+    "add_air_equipment",
     "air_contributing_equipment",
     "build_sr",
     "check_findings",
@@ -157,10 +158,11 @@ def model_line(model: ModelIdentity) -> str:
 
 
 def content_when(started: datetime | None) -> dict[str, Any]:
-    """``content_date``/``content_time`` keyword arguments pinned to ``started`` (UTC)."""
+    """``content_date``/``content_time`` keyword arguments pinned to ``started``, in UTC."""
     if started is None:
         return {}
-    return {"content_date": started.date(), "content_time": started.time()}
+    utc = started.astimezone(UTC)
+    return {"content_date": utc.date(), "content_time": utc.time()}
 
 
 def air_contributing_equipment(model: ModelIdentity) -> Dataset:
@@ -178,6 +180,13 @@ def air_contributing_equipment(model: ModelIdentity) -> Dataset:
         f"{model_line(model)}: {model.description}. Not for diagnostic use.", 1024
     )
     return item
+
+
+def add_air_equipment(ds: Dataset, model: ModelIdentity) -> None:
+    """Append the AIR item to the Contributing Equipment Sequence of ``ds``."""
+    if "ContributingEquipmentSequence" not in ds:
+        ds.ContributingEquipmentSequence = []
+    ds.ContributingEquipmentSequence.append(air_contributing_equipment(model))
 
 
 def build_sr(
@@ -263,7 +272,9 @@ def build_sr(
             *(
                 hd.sr.CodeContentItem(
                     name=table[label].finding,
-                    value=_evaluation(table[label], findings.study_scores[label], thresholds[label]),
+                    value=_evaluation(
+                        table[label], findings.study_scores[label], thresholds[label]
+                    ),
                     relationship_type="CONTAINS",
                 )
                 for label in findings.labels
@@ -275,10 +286,17 @@ def build_sr(
     )
     report[0].ContentSequence.append(qualitative)
 
-    uses_private = any(table[label].finding.scheme_designator == PRIVATE_SCHEME for label in findings.labels)
+    uses_private = any(
+        table[label].finding.scheme_designator == PRIVATE_SCHEME for label in findings.labels
+    )
     sop_class = SR_CLASSES[sr_class]
-    sop_key = {**base, "sop_class": sr_class, "thresholds": thresholds,
-               "predecessors": sorted(previous_sr_refs)}  # fmt: skip
+    sop_key = {
+        **base,
+        "sop_class": sr_class,
+        "thresholds": thresholds,
+        "max_slice_groups": max_slice_groups,
+        "predecessors": sorted(tuple(ref) for ref in previous_sr_refs),
+    }
     with no_name_warnings():
         sr = sop_class(
             evidence=evidence,
@@ -299,7 +317,7 @@ def build_sr(
             previous_versions=predecessors or None,
             **content_when(findings.started),
         )
-    sr.ContributingEquipmentSequence.append(air_contributing_equipment(model))
+    add_air_equipment(sr, model)
     return sr
 
 
@@ -492,4 +510,3 @@ def _image_groups(
                 )
             )
     return groups
-

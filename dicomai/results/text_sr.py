@@ -14,7 +14,7 @@ from pydicom.sr.codedict import codes
 from dicomai.findings import DISCLAIMER, Findings, ModelIdentity, Task, result_uid
 from dicomai.results.codes import LabelCode
 from dicomai.results.sr import (
-    air_contributing_equipment,
+    add_air_equipment,
     check_findings,
     check_sources,
     content_when,
@@ -215,5 +215,5 @@ def _text_sr(
             **content_when(started),
         )
     sr.SOPClassUID = sr.file_meta.MediaStorageSOPClassUID = pydicom.uid.BasicTextSRStorage
-    sr.ContributingEquipmentSequence.append(air_contributing_equipment(model))
+    add_air_equipment(sr, model)
     return sr

@@ -191,7 +191,9 @@ def test_good_sha256(tmp_path: Path) -> None:
 
 
 def test_invalid_route_regex(tmp_path: Path) -> None:
-    text = MINIMAL.replace('model = "chest-xray"', 'model = "chest-xray"\nstudy_description = ["("]')
+    text = MINIMAL.replace(
+        'model = "chest-xray"', 'model = "chest-xray"\nstudy_description = ["("]'
+    )
     with pytest.raises(ConfigError, match="invalid regular expression"):
         load_text(tmp_path, text)
 

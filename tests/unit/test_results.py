@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import re
 import shutil
@@ -16,6 +17,7 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
+from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sr._concepts_dict import concepts
 from pydicom.sr.codedict import codes
@@ -176,7 +178,9 @@ def _headers(sources: Sequence[Dataset], keep: Sequence[str] = ()) -> list[Datas
             out.append(ds)
             continue
         head = Dataset()
-        head.update({elem.tag: elem for elem in ds if elem.keyword != "PixelData"})
+        for elem in ds:
+            if elem.keyword != "PixelData":
+                head.add(copy.deepcopy(elem))  # own elements: callers change some
         out.append(head)
     return out
 
@@ -198,10 +202,19 @@ def _summary(ds: Dataset) -> list[Dataset]:
     (container,) = [
         item
         for item in ds.ContentSequence
-        if item.ValueType == "CONTAINER"
-        and item.ConceptNameCodeSequence[0].CodeValue == "C0034375"
+        if item.ValueType == "CONTAINER" and item.ConceptNameCodeSequence[0].CodeValue == "C0034375"
     ]
     return list(container.ContentSequence)
+
+
+def _texts(item: Dataset, code_value: str) -> list[str]:
+    """TextValue of every TEXT item named ``code_value`` below ``item``, depth first."""
+    found = []
+    for child in item.get("ContentSequence", []):
+        if child.ValueType == "TEXT" and child.ConceptNameCodeSequence[0].CodeValue == code_value:
+            found.append(str(child.TextValue))
+        found += _texts(child, code_value)
+    return found
 
 
 def _all_uids(objs: Sequence[Dataset]) -> list[tuple[str, str]]:
@@ -213,9 +226,7 @@ def _all_uids(objs: Sequence[Dataset]) -> list[tuple[str, str]]:
 
 @pytest.fixture(autouse=True)
 def results_raise_on_write(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(
-        pydicom.config.settings, "writing_validation_mode", pydicom.config.RAISE
-    )
+    monkeypatch.setattr(pydicom.config.settings, "writing_validation_mode", pydicom.config.RAISE)
 
 
 @pytest.fixture(scope="module")
@@ -275,11 +286,9 @@ def test_chest_sr_codes_values_and_references(
             results_chest_source.SOPInstanceUID
         ]
         assert group.tracking_identifier == f"chest-xray:{label}"
-        params = [
-            item.TextValue
-            for item in group.ContentSequence
-            if item.ConceptNameCodeSequence[0].CodeValue == "111002"
-        ]
+        params = _texts(group[0], "111002")  # TID 4019 Algorithm Parameters
+        assert _texts(group[0], "111001") == ["chest-xray"]
+        assert _texts(group[0], "111003") == ["0.1.0"]
         assert params == ["threshold=0.5", f"sha256={SHA}"]
     summary = _summary(ds)
     assert [item.ConceptCodeSequence[0].CodeValue for item in summary[:-1]] == [
@@ -350,11 +359,7 @@ def test_chest_sc(
     assert (caption == 255).all(axis=-1).any(), "caption text is drawn in white"
     assert (caption == 0).all(axis=-1).any(), "on a black box"
     background = display_rgb(src)
-    small = np.asarray(
-        __import__("PIL.Image", fromlist=["Image"]).fromarray(background).resize(
-            (sc.Columns, sc.Rows)
-        )
-    )
+    small = np.asarray(Image.fromarray(background).resize((sc.Columns, sc.Rows)))
     assert not np.array_equal(caption, small[: sc.Rows // 10, : sc.Columns // 3])
     centre = pixels[sc.Rows // 3 : 2 * sc.Rows // 3, sc.Columns // 3 : 2 * sc.Columns // 3]
     assert (centre[..., 0] != centre[..., 2]).any(), "heat map colours the grey image"
@@ -370,8 +375,10 @@ def test_chest_monochrome1_is_not_inverted(results_chest_source: Dataset) -> Non
     assert lung < spine
 
 
-def test_text_sr(results_chest: tuple[Findings, list[Dataset]]) -> None:
-    findings, (_, text, _) = results_chest
+def test_text_sr(
+    results_chest: tuple[Findings, list[Dataset]], results_chest_source: Dataset
+) -> None:
+    _, (_, text, _) = results_chest
     assert text.SOPClassUID == BasicTextSRStorage
     assert text.ConceptNameCodeSequence[0].CodeValue == "18748-4"
     (container,) = [i for i in text.ContentSequence if i.ValueType == "CONTAINER"]
@@ -381,13 +388,8 @@ def test_text_sr(results_chest: tuple[Findings, list[Dataset]]) -> None:
     assert "Atelectasis: PRESENT (score 90%, threshold 50%)." in lines
     assert "Cardiomegaly: ABSENT (score 20%, threshold 50%)." in lines
     assert any("untrained reference model" in line for line in lines)
-    assert text.StudyInstanceUID == findings_study(findings, text)
-
-
-def findings_study(findings: Findings, ds: Dataset) -> str:
-    """The study UID the evidence of ``ds`` names."""
-    del findings
-    return str(ds.CurrentRequestedProcedureEvidenceSequence[0].StudyInstanceUID)
+    assert text.StudyInstanceUID == results_chest_source.StudyInstanceUID
+    assert (text.ContentDate, text.ContentTime) == ("20250304", "050607")
 
 
 # --------------------------------------------------------------------------- UIDs
@@ -495,7 +497,9 @@ def test_head_ct_study_and_slice_groups(results_ct_series: list[Dataset]) -> Non
     )
     assert len(_groups(_sr(capped[0]))) == 7
     assert len(capped) == 3
-    assert [o.Modality for o in build_results(sources, findings, ResultOptions(emit_sc=False))] == ["SR"]
+    assert [o.Modality for o in build_results(sources, findings, ResultOptions(emit_sc=False))] == [
+        "SR"
+    ]
 
 
 def test_head_ct_real_slice_keeps_pixel_spacing() -> None:
@@ -597,15 +601,14 @@ def test_code_tables_cover_the_labels_and_status_is_honest() -> None:
     ("sr_sop_class", "uid"),
     [("comprehensive", ComprehensiveSRStorage), ("enhanced", EnhancedSRStorage)],
 )
-def test_sr_sop_class_option(
-    results_ct_series: list[Dataset], sr_sop_class: str, uid: str
-) -> None:
+def test_sr_sop_class_option(results_ct_series: list[Dataset], sr_sop_class: str, uid: str) -> None:
     sources = _headers(results_ct_series)
     findings = _findings(sources, Task.HEAD_CT_ICH, key_uids=())
     (ds,) = build_results(sources, findings, ResultOptions(sr_sop_class=sr_sop_class))
     ds = _roundtrip(ds)
     assert ds.SOPClassUID == uid
-    assert len(_groups(_sr(ds))) == 6 + 3
+    # 6 study-level groups + 2 subtypes (intraparenchymal, subarachnoid) on each of 6 slices.
+    assert len(_groups(_sr(ds))) == 6 + 12
 
 
 def test_sr_none_and_sc_only(results_ct_series: list[Dataset]) -> None:
@@ -730,8 +733,15 @@ public class BatchSRValidator {
     }
 }
 """
-# Known pixelmed 20220618 messages on valid files (ai-result-objects.md section 10.4).
-_PIXELMED_KNOWN = (re.compile(r"^Warning: .*Content Item not in template"),)
+# Known pixelmed 20220618 message on valid files (ai-result-objects.md section 10.4): a
+# qualitative evaluation (CODE) inside a TID 1501 measurement group is "not in template".
+_PIXELMED_KNOWN = (
+    re.compile(
+        r'^Warning: [\d.]+: /CONTAINER \(126000,DCM,"Imaging Measurement Report"\)'
+        r'/CONTAINER \(126010,DCM,"Imaging Measurements"\)'
+        r'/CONTAINER \(125007,DCM,"Measurement Group"\)/CODE \(.*\): Content Item not in template$'
+    ),
+)
 # Real samples: CR, DX and CT images, with the task that would run on them.
 _REAL_TASKS = {
     "chest_xray/RG1_J2KI.dcm": Task.CHEST_XRAY,
@@ -760,7 +770,9 @@ _PIXELMED_REAL = {
 
 def _dciodvfy_errors(path: Path) -> list[str]:
     assert _DCIODVFY is not None
-    run = subprocess.run([_DCIODVFY, "-new", str(path)], capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [_DCIODVFY, "-new", str(path)], capture_output=True, text=True, timeout=120
+    )
     return [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("Error")]
 
 
@@ -819,6 +831,14 @@ def _validation_cases(tmp: Path) -> tuple[list[tuple[Path, Path | None]], list[P
         objs = build_results(sources, findings, ResultOptions(emit_text_sr=True))
         notice = build_failure_notice(sources, findings.model, "inference_failed")
         emit(name, [*objs, notice], source_path, pixelmed=True)
+        if task == Task.BONE_XRAY:  # an amending SR: Predecessor Documents Sequence
+            first = objs[0]
+            ref = (first.StudyInstanceUID, first.SeriesInstanceUID, first.SOPClassUID,
+                   first.SOPInstanceUID)  # fmt: skip
+            amended = build_results(
+                sources, findings, ResultOptions(emit_sc=False), previous_sr_refs=[ref]
+            )
+            emit("bone-amended", amended, source_path, pixelmed=True)
     for sr_class in ("comprehensive", "enhanced"):
         findings = _findings(series, Task.HEAD_CT_ICH, key_uids=())
         objs = build_results(series, findings, ResultOptions(sr_sop_class=sr_class))

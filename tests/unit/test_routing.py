@@ -119,11 +119,38 @@ def test_head_ct_with_only_localizer_and_reformat_is_skipped() -> None:
 
 @pytest.mark.parametrize("lateral", ["LAT", "LL", "RL"])
 def test_xray_prefers_frontal_view_over_lateral(lateral: str) -> None:
+    # The lateral is the latest acquisition, but any frontal view wins over it; among the
+    # frontal views the latest (highest SeriesNumber) is chosen.
     decision = select_route(
         study(
-            series("1.1", "DX", "CHEST", series_number=1, view_positions=frozenset({lateral})),
-            series("1.2", "DX", "CHEST", series_number=2, view_positions=frozenset({"PA"})),
-            series("1.3", "DX", "CHEST", series_number=3, view_positions=frozenset({"AP"})),
+            series("1.1", "DX", "CHEST", series_number=1, view_positions=frozenset({"PA"})),
+            series("1.2", "DX", "CHEST", series_number=2, view_positions=frozenset({"AP"})),
+            series("1.3", "DX", "CHEST", series_number=3, view_positions=frozenset({lateral})),
+        ),
+        ROUTES,
+    )
+    assert decision is not None
+    assert decision.series_instance_uids == ("1.2",)
+
+
+def test_xray_series_with_a_lateral_image_is_not_frontal() -> None:
+    decision = select_route(
+        study(
+            series("1.1", "CR", "CHEST", 2, series_number=5,
+                   view_positions=frozenset({"PA", "LL"})),
+            series("1.2", "CR", "CHEST", 1, series_number=4, view_positions=frozenset({"PA"})),
+        ),
+        ROUTES,
+    )
+    assert decision is not None
+    assert decision.series_instance_uids == ("1.2",)
+
+
+def test_xray_localizer_is_not_chosen() -> None:
+    decision = select_route(
+        study(
+            series("1.1", "DX", "HAND", series_number=9, image_types=frozenset({"LOCALIZER"})),
+            series("1.2", "DX", "HAND", series_number=1, view_positions=frozenset({"PA"})),
         ),
         ROUTES,
     )

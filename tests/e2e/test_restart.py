@@ -1,0 +1,106 @@
+"""`dicomai serve` as a real process: kill -9 and restart lose nothing acknowledged."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dicomai import synthetic
+from dicomai.config import load_settings
+from dicomai.scu import echo, send_files
+from dicomai.status import collect
+from tests.conftest import free_port, wait_for
+
+
+def _config(tmp_path: Path, model_dir: Path, port: int, pacs_port: int,
+            quiet: float) -> tuple[Path, dict[str, str]]:
+    from dicomai.models.reference import REFERENCE_MODELS
+
+    text = (Path(__file__).resolve().parents[2] / "config" / "dicomai.toml").read_text()
+    cfg = tmp_path / "dicomai.toml"
+    # The shipped file with test overrides through the environment (as an operator would).
+    env = {
+        "DICOMAI_GENERAL__DATA_DIR": str(tmp_path / "data"),
+        "DICOMAI_RECEIVER__PORT": str(port),
+        "DICOMAI_RECEIVER__MIN_FREE_DISK_MB": "0",
+        "DICOMAI_SCHEDULER__STUDY_QUIET_SECONDS": str(quiet),
+        "DICOMAI_SCHEDULER__POLL_SECONDS": "0.2",
+        "DICOMAI_WORKER__POLL_SECONDS": "0.1",
+        "DICOMAI_SENDER__POLL_SECONDS": "0.1",
+    }
+    for name, ref in REFERENCE_MODELS.items():
+        link = tmp_path / "data" / "models" / ref.filename
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if not link.exists():
+            os.symlink(model_dir / ref.filename, link)
+    cfg.write_text(text.replace("port = 4242", f"port = {pacs_port}"))
+    return cfg, env
+
+
+def _listening(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def _serve(cfg: Path, env: dict[str, str], log: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "dicomai", "--config", str(cfg), "serve"],
+        env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=open(log, "ab"),
+        start_new_session=True,
+    )
+
+
+@pytest.mark.slow
+def test_kill_9_then_restart_loses_nothing(tmp_path, model_dir, local_pacs):
+    port = free_port()
+    cfg, env = _config(tmp_path, model_dir, port, local_pacs.port, quiet=4.0)
+    settings = load_settings(cfg, environ=env)
+    log = tmp_path / "daemon.log"
+    chest = synthetic.make_xray("chest", rows=300, cols=300, seed=11)
+    ct = synthetic.make_head_ct(30, rows=128, cols=128, seed=12)
+    proc = _serve(cfg, env, log)
+    try:
+        wait_for(lambda: _listening(port), 120, interval=0.5, what="daemon listening")
+        assert echo("127.0.0.1", port, called_ae="DICOMAI") == 0
+        assert send_files(synthetic.write_study([chest], tmp_path / "cx"), "127.0.0.1", port,
+                          called_ae="DICOMAI").ok
+        assert send_files(synthetic.write_study(ct, tmp_path / "ct"), "127.0.0.1", port,
+                          called_ae="DICOMAI").ok
+        # Every instance was acknowledged; kill before the quiet period can close the studies.
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+        data = collect(settings)
+        states = {s["study_instance_uid"]: s for s in data["studies"]}
+        assert states[chest.StudyInstanceUID]["instances"] == 1
+        assert states[ct[0].StudyInstanceUID]["instances"] == 30
+        assert not data["daemon"]["up"] or data["daemon"]["heartbeat_age_seconds"] is not None
+
+        proc = _serve(cfg, env, log)
+
+        def all_done():
+            d = collect(settings)
+            st = {s["study_instance_uid"]: s["state"] for s in d["studies"]}
+            return (st.get(chest.StudyInstanceUID) == "done"
+                    and st.get(ct[0].StudyInstanceUID) == "done")
+
+        wait_for(all_done, 180, interval=0.5, what="both studies done after restart")
+        # Nothing was processed twice: one SR per study reached the PACS.
+        for uid in (chest.StudyInstanceUID, ct[0].StudyInstanceUID):
+            srs = {o.sop_instance_uid for o in local_pacs.objects(uid) if o.modality == "SR"}
+            assert len(srs) == 1
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)
+    assert "PHI^SENTINEL" not in log.read_text()
