@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(dcmtk dicom3tools libpixelmed-java default-jre-headless orthanc)
+APT_PACKAGES=(dcmtk dicom3tools libpixelmed-java default-jdk-headless orthanc)
 PYTHON=${PYTHON:-python3}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 

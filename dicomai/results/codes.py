@@ -173,7 +173,7 @@ HEAD_CT_ICH: Mapping[str, LabelCode] = MappingProxyType(
 #: Abnormal-vs-normal extremity classifier: Normality (121402, DCM) = Abnormal / Normal (CID
 #: 222). The site here is the fallback; :func:`bone_site` refines it from BodyPartExamined.
 BONE_XRAY: Mapping[str, LabelCode] = MappingProxyType(
-    {"abnormal": LabelCode(NORMALITY, codes.SCT.Bone, _D, "Abnormal", (ABNORMAL, NORMAL))}
+    {"abnormal": LabelCode(NORMALITY, codes.SCT.Bone, _D, "Bone radiograph", (ABNORMAL, NORMAL))}
 )
 
 _TABLES: Mapping[Task, Mapping[str, LabelCode]] = MappingProxyType(

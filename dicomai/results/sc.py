@@ -10,7 +10,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from dicomai.findings import Findings, ModelIdentity, Task, result_uid
-from dicomai.results.codes import LabelCode
+from dicomai.results.codes import PRESENT, LabelCode
 from dicomai.results.display import display_rgb, fit_size, overlay, resize_rgb
 from dicomai.results.sr import (
     add_air_equipment,
@@ -205,13 +205,17 @@ def caption_text(
     lines = [_CAPTION_TITLE, f"{model.name} {model.version} sha256 {model.short_hash}"]
     lines.append(model.description)
     positives = findings.positive_labels
-    for label in positives:
+    # Positive labels, and the verdict of abnormal-vs-normal rows either way.
+    verdicts = [lab for lab in findings.labels if table[lab].values[0] != PRESENT]
+    shown = [*positives, *(lab for lab in verdicts if lab not in positives)]
+    for label in shown:
         row = table[label]
+        value = row.values[0] if label in positives else row.values[1]
         lines.append(
-            f"{row.title}: {row.values[0].meaning} (score {_pct(findings.study_scores[label])}, "
+            f"{row.title}: {value.meaning} (score {_pct(findings.study_scores[label])}, "
             f"threshold {_pct(findings.thresholds[label])})"
         )
-    if not positives:
+    if not shown:
         top = max(findings.labels, key=lambda lab: findings.study_scores[lab])
         lines.append(
             f"No finding at or above threshold (highest: {table[top].title} "

@@ -303,3 +303,26 @@ def test_check_config_and_models_commands(make_settings, tmp_path, capsys):
         assert row["verified"] is True
         assert len(row["sha256"]) == 64
         assert "not for diagnostic use" in row["description"].lower()
+
+
+def test_destination_down_then_back(make_settings, tmp_path):
+    from dicomai.local_pacs import LocalPacs
+    from tests.conftest import free_port
+
+    pacs_port = free_port()  # nothing listens there yet: the PACS is down
+    settings = make_settings(pacs_port, sender={"retry_base_seconds": 1.0})
+    ds = synthetic.make_xray("chest", rows=256, cols=256, seed=21)
+    with running_daemon(settings) as daemon:
+        assert send_files(synthetic.write_study([ds], tmp_path), "127.0.0.1",
+                          daemon.receiver.port, called_ae="DICOMAI").ok
+        waiting = wait_for(
+            lambda: (s := _study_state(settings, ds.StudyInstanceUID, daemon.engine))
+            and s["send_attempts"] >= 1 and s["state"] in ("outbox", "sending") and s,
+            120, what="a failed send")
+        assert waiting["last_error"]
+        data = collect(settings, engine=daemon.engine)
+        (dest,) = data["destinations"]
+        assert dest["pending"] == 2 and dest["sent"] == 0 and dest["last_error"]
+        with LocalPacs(ae_title="PACS", port=pacs_port) as pacs:
+            _wait_state(daemon, ds.StudyInstanceUID, "done", timeout=120)
+            assert sorted(o.modality for o in pacs.objects(ds.StudyInstanceUID)) == ["OT", "SR"]

@@ -52,11 +52,12 @@ def _listening(port: int) -> bool:
 
 
 def _serve(cfg: Path, env: dict[str, str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "dicomai", "--config", str(cfg), "serve"],
-        env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=open(log, "ab"),
-        start_new_session=True,
-    )
+    with open(log, "ab") as err:  # the child keeps its own descriptor
+        return subprocess.Popen(
+            [sys.executable, "-m", "dicomai", "--config", str(cfg), "serve"],
+            env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=err,
+            start_new_session=True,
+        )
 
 
 @pytest.mark.slow

@@ -408,6 +408,7 @@ def test_ensure_model_file_concurrent(tmp_path: Path) -> None:
     assert not ensure_model_file("my-model", tmp_path / "missing.pt")
     assert not (tmp_path / "missing.pt").exists()
     assert not [p for p in target.parent.iterdir() if p.suffix == ".tmp"]
+    assert target.stat().st_mode & 0o777 == 0o644
 
 
 class _FakeBackend:

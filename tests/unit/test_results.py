@@ -45,6 +45,7 @@ from dicomai.results.codes import (
     table_for,
 )
 from dicomai.results.display import MAX_SIDE, display_rgb, fit_size
+from dicomai.results.sc import caption_text
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "real"
 STARTED = datetime(2025, 3, 4, 5, 6, 7, tzinfo=UTC)
@@ -680,6 +681,28 @@ def test_multiframe_source() -> None:
     _, sc = build_results([ds], findings)
     assert sc.SourceImageSequence[0].ReferencedFrameNumber == 1
     assert display_rgb(ds, frame=2).shape == (48, 48, 3)
+
+
+def test_caption_text(results_ct_series: list[Dataset]) -> None:
+    uid = str(results_ct_series[0].SOPInstanceUID)
+    bone = _findings(results_ct_series[:1], Task.BONE_XRAY)
+    normal = replace(bone, study_scores={"abnormal": 0.1})
+    text = caption_text(normal, table_for(Task.BONE_XRAY), uid, True)
+    assert text.splitlines()[:3] == [
+        "AI RESULT - NOT FOR DIAGNOSTIC USE",
+        f"bone-xray 0.1.0 sha256 {SHA[:12]}",
+        "untrained reference model",
+    ]
+    assert "Bone radiograph: Normal (score 10%, threshold 50%)" in text
+    chest = _findings(results_ct_series[:1], Task.CHEST_XRAY)
+    negative = replace(chest, study_scores=dict.fromkeys(chest.labels, 0.2))
+    text = caption_text(negative, table_for(Task.CHEST_XRAY), uid, False)
+    assert "No finding at or above threshold (highest: Atelectasis 20%)" in text
+    assert "Heat map" not in text
+    ct = _findings(results_ct_series, Task.HEAD_CT_ICH)
+    text = caption_text(ct, table_for(Task.HEAD_CT_ICH), uid, True)
+    assert "Intracranial hemorrhage: Present (score 90%, threshold 50%)" in text
+    assert "This slice: " in text and "Heat map: Intracranial hemorrhage" in text
 
 
 def test_fit_size() -> None:
