@@ -141,6 +141,7 @@ class DestinationSettings(_Section):
     )
     emit_sc: bool = True
     emit_text_sr: bool = False
+    emit_failure_notice: bool = False  # Basic Text SR when a routed study fails for good
 
     @field_validator("ae_title")
     @classmethod

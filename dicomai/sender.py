@@ -211,6 +211,10 @@ class Sender:
         elif refused:
             self.queue.transition(job_id, JobState.SENDING, JobState.FAILED,
                                   reason="send.refused", now=now, last_error=message)
+        elif (self.queue.get_job(job_id).findings or {}).get("failure_notice"):
+            # The analysis failed for good; the notice saying so has been delivered.
+            self.queue.transition(job_id, JobState.SENDING, JobState.FAILED,
+                                  reason="failed.notice_sent", now=now, claimed_by=None)
         else:
             self.queue.transition(job_id, JobState.SENDING, JobState.DONE, reason="send.done",
                                   now=now, claimed_by=None, last_error=None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -17,13 +18,14 @@ from pydicom.dataset import Dataset
 from dicomai.config import DestinationSettings, Settings
 from dicomai.db import ResultObject
 from dicomai.errors import PermanentError, StateConflict
-from dicomai.findings import Task
+from dicomai.findings import ModelIdentity, Task
 from dicomai.inference import analyse
 from dicomai.logs import log_fields, uid_ref
-from dicomai.models.backend import TorchScriptBackend
+from dicomai.models.backend import ModelBackend
 from dicomai.models.reference import ensure_model_file
+from dicomai.models.registry import ModelRegistry
 from dicomai.queue import JobState, Queue, RetryPolicy
-from dicomai.results import ResultOptions, build_results
+from dicomai.results import ResultOptions, build_failure_notice, build_results
 from dicomai.store import Spool
 
 __all__ = ["ModelPool", "Worker", "options_for"]
@@ -39,14 +41,15 @@ def options_for(dest: DestinationSettings) -> ResultOptions:
 
 
 class ModelPool:
-    """Loads each configured model once (building missing reference models) and keeps it warm."""
+    """The configured models: builds missing reference models, then loads each once and keeps
+    it warm (a :class:`ModelRegistry` underneath)."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self._loaded: dict[str, TorchScriptBackend] = {}
+        self._registry = ModelRegistry()
         self._lock = threading.Lock()
 
-    def get(self, name: str) -> TorchScriptBackend:
+    def get(self, name: str) -> ModelBackend:
         """The loaded backend of model ``name``.
 
         Raises
@@ -54,30 +57,28 @@ class ModelPool:
         ModelLoadError
             The file is missing (and not a reference model), unreadable or fails its checksum.
         """
+        if name in self._registry:
+            return self._registry.get(name)
         with self._lock:
-            backend = self._loaded.get(name)
-            if backend is None:
-                spec = self.settings.models[name]
-                path = self.settings.model_path(name)
-                if ensure_model_file(name, path):
-                    logger.info("reference model built", extra=log_fields(
-                        "model.built", model=name, path=str(path)))
-                backend = TorchScriptBackend.load(
-                    path, name=name, version=spec.version,
-                    expected_sha256=spec.sha256 or None, device=spec.device,
-                    labels=tuple(spec.labels) or None, task=spec.task, body_part=spec.body_part,
-                )
-                self._loaded[name] = backend
-                ident = backend.identity
-                logger.info("model loaded", extra=log_fields(
-                    "model.loaded", model=name, version=ident.version, sha256=ident.sha256,
-                    device=backend.device))
+            spec = self.settings.models[name]
+            path = self.settings.model_path(name)
+            if ensure_model_file(name, path):
+                logger.info("reference model built", extra=log_fields(
+                    "model.built", model=name, path=str(path)))
+            backend = self._registry.load(
+                name, path=path, version=spec.version, sha256=spec.sha256 or None,
+                device=spec.device, labels=tuple(spec.labels) or None, task=spec.task,
+                body_part=spec.body_part, warmup_size=spec.preprocessing.input_size,
+            )
+            ident = backend.identity
+            logger.info("model loaded", extra=log_fields(
+                "model.loaded", model=name, version=ident.version, sha256=ident.sha256,
+                device=backend.device))
             return backend
 
-    def loaded(self) -> dict[str, TorchScriptBackend]:
+    def loaded(self) -> dict[str, ModelBackend]:
         """Snapshot of the loaded models."""
-        with self._lock:
-            return dict(self._loaded)
+        return {name: self._registry.get(name) for name in self._registry.loaded()}
 
 
 class Worker:
@@ -182,13 +183,64 @@ class Worker:
                                                                       job_id=job_id))
 
     def _fail(self, job_id: int, code: str, message: str) -> None:
+        """RUNNING → FAILED; or → OUTBOX with a failure notice when a destination wants one."""
         logger.error("job failed for good", extra=log_fields("job.failed", job_id=job_id,
                                                               reason=code))
+        now = self.clock()
         try:
-            self.queue.transition(job_id, JobState.RUNNING, JobState.FAILED, reason=code,
-                                  now=self.clock(), last_error=message[:500])
+            rows = self._failure_notices(job_id, code)
+        except Exception:
+            logger.exception("could not build failure notice",
+                             extra=log_fields("job.notice_failed", job_id=job_id))
+            rows = []
+        try:
+            if not rows:
+                self.queue.transition(job_id, JobState.RUNNING, JobState.FAILED, reason=code,
+                                      now=now, last_error=message[:500])
+                return
+            with self.queue.session() as s, s.begin():
+                self.queue.add_results(job_id, rows, session=s)
+                self.queue.transition(
+                    job_id, JobState.RUNNING, JobState.OUTBOX, reason=f"{code}.notice",
+                    now=now, session=s, last_error=message[:500], claimed_by=None,
+                    not_before=None, findings={"failure_notice": True, "reason": code})
         except StateConflict:
             pass
+
+    def _failure_notices(self, job_id: int, code: str) -> list[ResultObject]:
+        job = self.queue.get_job(job_id)
+        wanted = [d for d in job.destinations
+                  if self.settings.destination(d).emit_failure_notice]
+        if not wanted or not job.model:
+            return []
+        rows = self.queue.study_instances(job.study_id, up_to_generation=job.generation)
+        uids = set(job.series_uids)
+        sources = [pydicom.dcmread(r.path, stop_before_pixels=True) for r in rows
+                   if r.series_instance_uid in uids]
+        if not sources:
+            return []
+        spec = self.settings.models[job.model]
+        loaded = self.models.loaded().get(job.model)
+        identity = loaded.identity if loaded is not None else ModelIdentity(
+            name=job.model, version=spec.version, sha256=spec.sha256 or "unknown",
+            task=Task(spec.task), architecture="unknown",
+            description="model could not be loaded", body_part=spec.body_part)
+        reason = re.sub(r"[^a-z0-9_]+", "_", code.lower()).strip("_") or "failed"
+        out = []
+        for dest in wanted:
+            notice = build_failure_notice(sources, identity, reason,
+                                          options_for(self.settings.destination(dest)))
+            path = self.spool.result_path(job_id, f"notice-{notice.SOPInstanceUID}.dcm")
+            buf = BytesIO()
+            notice.save_as(buf, enforce_file_format=True)
+            self.spool.write_atomic(path, buf.getvalue())
+            out.append(ResultObject(
+                job_id=job_id, destination=dest, kind="notice",
+                sop_class_uid=str(notice.SOPClassUID),
+                sop_instance_uid=str(notice.SOPInstanceUID),
+                series_instance_uid=str(notice.SeriesInstanceUID), path=str(path),
+                state="pending"))
+        return out
 
     def _load_sources(self, job_id: int) -> tuple[list[Dataset], int]:
         job = self.queue.get_job(job_id)

@@ -15,6 +15,9 @@ from dicomai.findings import Task
 
 __all__ = [
     "ARCHITECTURES",
+    "BONE_XRAY_LABELS",
+    "CHEST_XRAY_LABELS",
+    "HEAD_CT_ICH_LABELS",
     "ArchitectureSpec",
     "CamClassifier",
     "CompatReport",

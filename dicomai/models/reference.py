@@ -33,6 +33,7 @@ from dicomai.models.architectures import (
 
 __all__ = [
     "METADATA_FILE",
+    "MIN_INPUT_SIZE",
     "REFERENCE_DESCRIPTION",
     "REFERENCE_MODELS",
     "REFERENCE_PRIOR",

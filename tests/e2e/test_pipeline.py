@@ -110,7 +110,7 @@ def test_chest_xray_round_trip_with_pynetdicom(make_settings, local_pacs, tmp_pa
     assert evidence.ReferencedSeriesSequence[0].ReferencedSOPSequence[0] \
         .ReferencedSOPInstanceUID == ds.SOPInstanceUID
     # Honest model statement in the SR and the SC.
-    text = str(sr_ds)
+    text = " ".join(str(e.value) for e in sr_ds.iterall() if e.VR in ("UT", "LO", "ST", "LT"))
     assert "not for diagnostic use" in text.lower()
     assert "untrained" in text.lower()
     assert sc_ds.BurnedInAnnotation == "YES"
@@ -326,3 +326,29 @@ def test_destination_down_then_back(make_settings, tmp_path):
         with LocalPacs(ae_title="PACS", port=pacs_port) as pacs:
             _wait_state(daemon, ds.StudyInstanceUID, "done", timeout=120)
             assert sorted(o.modality for o in pacs.objects(ds.StudyInstanceUID)) == ["OT", "SR"]
+
+
+@pytest.mark.parametrize("notice", [False, True])
+def test_undecodable_study_fails_with_optional_notice(make_settings, local_pacs, tmp_path,
+                                                      notice):
+    settings = make_settings(local_pacs.port)
+    settings = settings.model_copy(update={"destinations": [
+        d.model_copy(update={"emit_failure_notice": notice}) for d in settings.destinations]})
+    ds = synthetic.make_xray("chest", rows=256, cols=256, seed=31)
+    ds.PixelData = ds.PixelData[: len(ds.PixelData) // 3]  # truncated: cannot be decoded
+    with running_daemon(settings) as daemon:
+        assert send_files(synthetic.write_study([ds], tmp_path), "127.0.0.1",
+                          daemon.receiver.port, called_ae="DICOMAI").ok
+        status = _wait_state(daemon, ds.StudyInstanceUID, "failed")
+        if notice:  # the notice is sent before the job settles in FAILED
+            wait_for(lambda: local_pacs.objects(ds.StudyInstanceUID), 30, what="notice")
+    assert "UnsupportedInput" in status["last_error"] or "decod" in status["last_error"]
+    objects = local_pacs.objects(ds.StudyInstanceUID)
+    if not notice:
+        assert objects == []
+        return
+    (obj,) = objects
+    assert obj.sop_class_uid == pydicom.uid.BasicTextSRStorage
+    assert obj.study_instance_uid == ds.StudyInstanceUID
+    texts = " ".join(str(e.value) for e in obj.dataset.iterall() if e.keyword == "TextValue")
+    assert "could not be completed" in texts.lower()
