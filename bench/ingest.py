@@ -148,10 +148,28 @@ def generate_data(root: Path) -> dict[str, DataSet]:
 # ------------------------------------------------------------------------------------------
 # receivers
 # ------------------------------------------------------------------------------------------
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def proc_cpu(pid: int | None) -> float:
+    """user+sys CPU seconds of a process, its threads and its reaped children."""
+    if pid is None:
+        return float("nan")
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return sum(int(x) for x in fields[11:15]) / _TICK
+
+
 class ReceiverBase:
     label = "?"
     ae = "?"
     port = 0
+    proc: Any = None
+
+    def cpu(self) -> float:
+        return proc_cpu(self.proc.pid if self.proc else None)
 
     def start(self) -> None: ...
     def reset(self) -> None: ...
@@ -259,9 +277,11 @@ class Dicomai(ReceiverBase):
 
     ae = "DICOMAI"
 
-    def __init__(self, work: Path, label: str = "dicomai", source: Path = REPO) -> None:
+    def __init__(self, work: Path, label: str = "dicomai", source: Path = REPO,
+                 env: dict[str, str] | None = None) -> None:
         self.label = label
         self.source = source
+        self.env = env or {}
         self.dir = work / label
         self.dir.mkdir(parents=True)
         self.proc: subprocess.Popen[str] | None = None
@@ -280,6 +300,7 @@ class Dicomai(ReceiverBase):
     def start(self) -> None:
         env = dict(os.environ, PYTHONPATH=f"{self.source}{os.pathsep}{REPO}")
         env.pop("TCP_NODELAY", None)
+        env.update(self.env)
         self.log = open(self.dir / "child.log", "w")
         self.proc = subprocess.Popen(
             [sys.executable, str(Path(__file__).resolve()), "--dicomai-child"],
@@ -416,6 +437,7 @@ class Result:
     scenario: str
     receiver: str
     seconds: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)  # receiver CPU seconds per run
 
 
 # ------------------------------------------------------------------------------------------
@@ -429,8 +451,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated subset of: " + ", ".join(s.name for s in SCENARIOS))
     ap.add_argument("--receivers", default="storescp,orthanc,dicomai",
                     help="comma-separated subset of storescp, orthanc, dicomai")
-    ap.add_argument("--extra-dicomai", action="append", default=[], metavar="LABEL=PATH",
-                    help="also bench a dicomai receiver imported from PATH (a prototype copy)")
+    ap.add_argument("--extra-dicomai", action="append", default=[], metavar="LABEL=PATH[@K=V,...]",
+                    help="also bench a dicomai receiver imported from PATH (a prototype copy),"
+                         " with extra environment variables K=V for its process")
     ap.add_argument("--workdir", help="keep temp files here (default: a removed temp dir)")
     ap.add_argument("--dicomai-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -461,8 +484,10 @@ def main(argv: list[str] | None = None) -> int:
         if "dicomai" in wanted:
             receivers.append(Dicomai(work))
         for spec in args.extra_dicomai:
-            label, _, path = spec.partition("=")
-            receivers.append(Dicomai(work, label=label, source=Path(path).resolve()))
+            label, _, rest = spec.partition("=")
+            path, _, envspec = rest.partition("@")
+            env = dict(kv.split("=", 1) for kv in envspec.split(",") if kv)
+            receivers.append(Dicomai(work, label=label, source=Path(path).resolve(), env=env))
         for r in receivers:
             r.start()
             print(f"# {r.label} listening on {HOST}:{r.port} AE {r.ae}", file=sys.stderr)
@@ -480,13 +505,18 @@ def main(argv: list[str] | None = None) -> int:
                 for r in receivers[k:] + receivers[:k]:
                     r.reset()
                     os.sync()
+                    c0 = r.cpu()
                     dt = send(r, ds.files, s.associations, s.nodelay)
+                    time.sleep(0.05)  # let the receiver finish its bookkeeping
+                    cpu = r.cpu() - c0
                     n = r.count()
                     if n != len(ds.files):
                         raise RuntimeError(f"{r.label} stored {n}/{len(ds.files)} in {s.name}")
                     results[(s.name, r.label)].seconds.append(dt)
+                    results[(s.name, r.label)].cpu.append(cpu)
                     print(f"# rep {rep + 1} {s.name:24s} {r.label:10s} {dt:7.3f}s "
-                          f"{len(ds.files) / dt:7.1f} img/s", file=sys.stderr)
+                          f"{len(ds.files) / dt:7.1f} img/s  receiver CPU "
+                          f"{1000 * cpu / len(ds.files):6.2f} ms/img", file=sys.stderr)
         info["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
     finally:
         for r in receivers:
@@ -507,11 +537,14 @@ def main(argv: list[str] | None = None) -> int:
                                "receivers": {}}
         for r in receivers:
             secs = results[(s.name, r.label)].seconds
+            cpus = results[(s.name, r.label)].cpu
             med = statistics.median(secs)
             row["receivers"][r.label] = {
                 "seconds": [round(x, 4) for x in secs], "median_s": round(med, 4),
                 "images_per_s": round(len(ds.files) / med, 1),
-                "mb_per_s": round(ds.nbytes / 1e6 / med, 1)}
+                "mb_per_s": round(ds.nbytes / 1e6 / med, 1),
+                "receiver_cpu_ms_per_image": round(1000 * statistics.median(cpus)
+                                                   / len(ds.files), 3)}
         rec = row["receivers"]
         for label in [r.label for r in receivers if isinstance(r, Dicomai)]:
             if "orthanc" in rec:
@@ -525,7 +558,7 @@ def main(argv: list[str] | None = None) -> int:
 
     labels = [r.label for r in receivers]
     dlabels = [r.label for r in receivers if isinstance(r, Dicomai)]
-    head = ["scenario"] + [f"{lb} img/s (MB/s)" for lb in labels]
+    head = ["scenario"] + [f"{lb} img/s (MB/s) [cpu ms/img]" for lb in labels]
     for d in dlabels:
         head += [f"{d}/orthanc", f"{d}/storescp"]
     head.append("target")
@@ -534,7 +567,8 @@ def main(argv: list[str] | None = None) -> int:
         cells = [row["scenario"]]
         for lb in labels:
             c = row["receivers"][lb]
-            cells.append(f"{c['images_per_s']:.1f} ({c['mb_per_s']:.1f})")
+            cells.append(f"{c['images_per_s']:.1f} ({c['mb_per_s']:.1f}) "
+                         f"[{c['receiver_cpu_ms_per_image']:.2f}]")
         for d in dlabels:
             v = row.get(f"{d}_vs_orthanc")
             cells.append("-" if v is None else f"{v:.2f}x")
@@ -548,7 +582,8 @@ def main(argv: list[str] | None = None) -> int:
           f"load {' '.join(info['loadavg_start'])} -> {' '.join(info['loadavg_end'])}")
     print(f"versions: Python {info['python']}, pydicom {info['pydicom']}, pynetdicom "
           f"{info['pynetdicom']}, {info['dcmtk']}, {info['orthanc']}")
-    print(f"median of {args.repeats} runs; storescu wall time (incl. its start-up and file scan)")
+    print(f"median of {args.repeats} runs; storescu wall time (incl. its start-up and file scan);"
+          " [receiver CPU ms per image, user+sys]")
     print(" | ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)))
     print("-+-".join("-" * w for w in widths))
     for cells in table:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -67,11 +68,34 @@ class ReceiverSettings(_Section):
     dimse_timeout_seconds: float = Field(default=60.0, gt=0)
     network_timeout_seconds: float = Field(default=60.0, gt=0)
     min_free_disk_mb: int = Field(default=512, ge=0)
+    allowed_peer_addresses: list[str] = Field(default_factory=list)  # IPs/CIDRs; empty = any
+    tls_cert_file: Path | None = None  # set with tls_key_file: the port speaks DICOM TLS only
+    tls_key_file: Path | None = None
+    tls_ca_file: Path | None = None  # CA bundle to verify client certificates
+    tls_require_client_cert: bool = False
 
     @field_validator("ae_title")
     @classmethod
     def _ae(cls, value: str) -> str:
         return _check_ae(value, "receiver.ae_title")
+
+    @field_validator("allowed_peer_addresses")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for item in value:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"not an IP address or network: {item!r}") from exc
+        return value
+
+    @model_validator(mode="after")
+    def _tls(self) -> ReceiverSettings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file must be set together")
+        if self.tls_require_client_cert and self.tls_ca_file is None:
+            raise ValueError("tls_require_client_cert needs tls_ca_file")
+        return self
 
     @field_validator("allowed_calling_ae_titles")
     @classmethod
@@ -83,6 +107,7 @@ class DatabaseSettings(_Section):
     """Where job state lives: SQLite for one host, PostgreSQL for several."""
 
     url: str = ""  # empty: sqlite file dicomai.db under general.data_dir
+    busy_timeout_seconds: float = Field(default=10.0, gt=0)  # wait for a locked database
     echo: bool = False
 
 

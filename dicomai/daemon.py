@@ -43,7 +43,8 @@ class Daemon:
         self.settings = settings
         self.roles = tuple(r for r in ROLES if r in set(roles))
         self.clock = clock
-        self.engine = make_engine(settings.database_url, echo=settings.database.echo)
+        self.engine = make_engine(settings.database_url, echo=settings.database.echo,
+                                  busy_timeout=settings.database.busy_timeout_seconds)
         self.queue = Queue(make_session_factory(self.engine))
         self.spool = Spool(settings.spool_path)
         self.models = ModelPool(settings)

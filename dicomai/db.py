@@ -29,6 +29,7 @@ __all__ = [
     "Instance",
     "Job",
     "JobEvent",
+    "QuarantineEntry",
     "ResultObject",
     "Study",
     "create_all",
@@ -176,6 +177,22 @@ class JobEvent(Base):
     reason: Mapped[str] = mapped_column(String(128), default="")
 
 
+class QuarantineEntry(Base):
+    """A received object we refused, kept for inspection; ``reason`` is a short code."""
+
+    __tablename__ = "quarantine"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    reason: Mapped[str] = mapped_column(String(64))
+    status_code: Mapped[int] = mapped_column(Integer)
+    calling_ae_title: Mapped[str] = mapped_column(String(16), default="")
+    peer_address: Mapped[str] = mapped_column(String(64), default="")
+    sop_class_uid: Mapped[str] = mapped_column(String(64), default="")
+    path: Mapped[str | None] = mapped_column(Text)
+    size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
 class ComponentHeartbeat(Base):
     """Liveness of each running component (receiver, worker, sender, scheduler)."""
 
@@ -188,22 +205,22 @@ class ComponentHeartbeat(Base):
     info: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
 
 
-def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
-    cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA synchronous=FULL")
-    cur.execute("PRAGMA busy_timeout=10000")
-    cur.execute("PRAGMA foreign_keys=ON")
-    cur.close()
-
-
-def make_engine(url: str, *, echo: bool = False) -> Engine:
+def make_engine(url: str, *, echo: bool = False, busy_timeout: float = 10.0) -> Engine:
     """An engine for ``url``; SQLite gets WAL, a busy timeout and foreign keys."""
     if url.startswith("sqlite"):
         engine = create_engine(
-            url, echo=echo, connect_args={"check_same_thread": False, "timeout": 10}
+            url, echo=echo, connect_args={"check_same_thread": False, "timeout": busy_timeout}
         )
-        event.listen(engine, "connect", _sqlite_pragmas)
+
+        def pragmas(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=FULL")
+            cur.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+        event.listen(engine, "connect", pragmas)
         return engine
     return create_engine(url, echo=echo, pool_pre_ping=True, pool_size=10, max_overflow=20)
 

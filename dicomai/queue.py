@@ -13,7 +13,16 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicomai.db import ComponentHeartbeat, Instance, Job, JobEvent, ResultObject, Study, utcnow
+from dicomai.db import (
+    ComponentHeartbeat,
+    Instance,
+    Job,
+    JobEvent,
+    QuarantineEntry,
+    ResultObject,
+    Study,
+    utcnow,
+)
 from dicomai.errors import StateConflict
 from dicomai.logs import log_fields
 
@@ -204,6 +213,16 @@ class Queue:
                 )
             )
             return True, job.id
+
+    def quarantine(self, *, reason: str, status_code: int, calling_ae: str, peer: str,
+                   sop_class_uid: str, path: str | None, size_bytes: int,
+                   now: datetime) -> None:
+        """Record a refused object."""
+        with self._sessions.begin() as s:
+            s.add(QuarantineEntry(reason=reason, status_code=status_code,
+                                  calling_ae_title=calling_ae, peer_address=peer,
+                                  sop_class_uid=sop_class_uid, path=path,
+                                  size_bytes=size_bytes, received_at=now))
 
     # -- transitions -------------------------------------------------------------------
     def transition(

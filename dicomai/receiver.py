@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import socket
+import ssl
 import threading
 from collections.abc import Callable
 from datetime import datetime
@@ -45,6 +47,7 @@ __all__ = [
     "STATUS_OUT_OF_RESOURCES",
     "STATUS_SUCCESS",
     "TRANSFER_SYNTAXES",
+    "check_instance",
     "handle_store",
 ]
 
@@ -130,32 +133,109 @@ def extract_record(ds: Dataset, transfer_syntax: str, sop_class_uid: str) -> Ins
     )
 
 
+_MAX_PIXELS = 1 << 31  # rows * columns * frames * samples beyond this is refused as absurd
+_ITEM_TAG = b"\xfe\xff\x00\xe0"
+
+
+def check_instance(ds: Dataset, transfer_syntax: UID) -> str | None:
+    """A short reason code when the dataset cannot be a valid image instance, else ``None``.
+
+    Cheap structural checks only (no decoding): image attributes present and sane, native
+    pixel data long enough, encapsulated pixel data starting with an item.
+    """
+    if "PixelData" not in ds:
+        return None  # not an image (e.g. an SR or a presentation state): nothing to check
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        bits = int(ds.BitsAllocated)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except (AttributeError, TypeError, ValueError):
+        return "image_attributes"
+    if min(rows, cols, bits, samples, frames) < 1 or bits > 64:
+        return "image_attributes"
+    if rows * cols * frames * samples > _MAX_PIXELS:
+        return "absurd_size"
+    data = ds.PixelData
+    if transfer_syntax.is_encapsulated:
+        return None if bytes(data[:4]) == _ITEM_TAG else "encapsulation"
+    expected = (rows * cols * frames * samples * bits + 7) // 8
+    return None if len(data) >= expected else "pixel_data_length"
+
+
+def _peer(event: evt.Event) -> tuple[str, str]:
+    req = event.assoc.requestor
+    return req.ae_title.strip(), str(req.address)
+
+
+def _quarantine(event: evt.Event, spool: Spool, queue: Queue, reason: str, status: int,
+                clock: Callable[[], datetime], min_free_bytes: int) -> int:
+    """Keep the refused bytes under quarantine/<reason>/ and record them; returns ``status``."""
+    calling, peer = _peer(event)
+    path: str | None = None
+    size = 0
+    try:
+        raw = event.request.DataSet.getvalue() if event.request.DataSet else b""
+        size = len(raw)
+        if spool.free_bytes() >= min_free_bytes:
+            target = spool.quarantine_path(reason)
+            spool.write_atomic(target, raw)
+            path = str(target)
+    except Exception:
+        logger.exception("could not quarantine", extra=log_fields("instance.quarantine_failed"))
+    try:
+        queue.quarantine(reason=reason, status_code=status, calling_ae=calling, peer=peer,
+                         sop_class_uid=str(event.request.AffectedSOPClassUID or ""), path=path,
+                         size_bytes=size, now=clock())
+    except Exception:
+        logger.exception("could not record quarantine",
+                         extra=log_fields("instance.quarantine_failed"))
+    logger.warning("instance refused", extra=log_fields(
+        "instance.rejected", reason=reason, status=f"0x{status:04X}", calling_ae=calling,
+        peer=peer, bytes=size))
+    return status
+
+
 def handle_store(
     event: evt.Event,
     spool: Spool,
     queue: Queue,
-    min_free_bytes: int,
+    floor: Callable[[], int],
     clock: Callable[[], datetime],
 ) -> int:
     """EVT_C_STORE handler: returns a DIMSE status and never raises.
 
-    Success is answered only after the file is fsynced and its row committed.
+    Success is answered only after the file is fsynced and its row committed. Refused objects
+    are quarantined with a reason code; resource problems answer 0xA700 so the sender retries.
     """
     try:
-        calling = event.assoc.requestor.ae_title.strip()
+        min_free_bytes = floor()
+        calling, _ = _peer(event)
         context = event.context
         try:
             ds = event.dataset
-            rec = extract_record(ds, context.transfer_syntax, event.request.AffectedSOPClassUID)
+            ds.get("SOPInstanceUID")  # force parsing up to the UIDs
         except Exception:  # any decoding problem of peer-supplied bytes
-            logger.warning(
-                "instance rejected",
-                extra=log_fields("instance.rejected", reason="undecodable_or_missing_uid",
-                                 calling_ae=calling),
-            )
-            return STATUS_CANNOT_UNDERSTAND
+            return _quarantine(event, spool, queue, "undecodable", STATUS_CANNOT_UNDERSTAND,
+                               clock, min_free_bytes)
+        try:
+            rec = extract_record(ds, context.transfer_syntax, event.request.AffectedSOPClassUID)
+        except (AttributeError, KeyError, ValueError):
+            return _quarantine(event, spool, queue, "missing_uid", STATUS_DATASET_MISMATCH,
+                               clock, min_free_bytes)
+        except Exception:
+            return _quarantine(event, spool, queue, "undecodable", STATUS_CANNOT_UNDERSTAND,
+                               clock, min_free_bytes)
         if rec.sop_instance_uid != str(event.request.AffectedSOPInstanceUID):
-            return STATUS_DATASET_MISMATCH
+            return _quarantine(event, spool, queue, "uid_mismatch", STATUS_DATASET_MISMATCH,
+                               clock, min_free_bytes)
+        try:
+            problem = check_instance(ds, UID(str(context.transfer_syntax)))
+        except Exception:
+            problem = "undecodable"
+        if problem:
+            return _quarantine(event, spool, queue, problem, STATUS_DATASET_MISMATCH, clock,
+                               min_free_bytes)
         if queue.has_instance(rec.sop_instance_uid):
             logger.debug("duplicate instance", extra=log_fields(
                 "instance.duplicate", sop=uid_ref(rec.sop_instance_uid)))
@@ -236,6 +316,8 @@ class Receiver:
         self.queue = queue
         self.clock = clock
         self.ssl_context = ssl_context
+        #: Free-space floor of the spool in bytes; below it C-STORE answers 0xA700.
+        self.min_free_bytes = settings.min_free_disk_mb * 1024 * 1024
         self.ae: AE | None = None
         self.server: ThreadedAssociationServer | None = None
         self._lock = threading.Lock()
@@ -264,13 +346,37 @@ class Receiver:
             ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
         return ae
 
+    def _tls_context(self) -> ssl.SSLContext | None:
+        s = self.settings
+        if self.ssl_context is not None or s.tls_cert_file is None:
+            return self.ssl_context
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(str(s.tls_cert_file), str(s.tls_key_file))
+        if s.tls_ca_file is not None:
+            ctx.load_verify_locations(str(s.tls_ca_file))
+            ctx.verify_mode = ssl.CERT_REQUIRED if s.tls_require_client_cert \
+                else ssl.CERT_OPTIONAL
+        return ctx
+
+    def _peer_allowed(self, address: str) -> bool:
+        nets = [ipaddress.ip_network(n, strict=False)
+                for n in self.settings.allowed_peer_addresses]
+        if not nets:
+            return True
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in net for net in nets)
+
     def start(self) -> None:
         """Bind and serve in background threads."""
         ae = self._make_ae()
         handlers = [
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_C_STORE, handle_store,
-             [self.spool, self.queue, self.settings.min_free_disk_mb * 1024 * 1024, self.clock]),
+             [self.spool, self.queue, lambda: self.min_free_bytes, self.clock]),
             (evt.EVT_CONN_OPEN, _on_conn_open),
             (evt.EVT_ACCEPTED, _on_accepted),
             (evt.EVT_REJECTED, _on_rejected),
@@ -280,8 +386,17 @@ class Receiver:
             (self.settings.host, self.settings.port),
             block=False,
             evt_handlers=handlers,
-            ssl_context=self.ssl_context,
+            ssl_context=self._tls_context(),
         )
+
+        def verify_request(request: Any, client_address: tuple[str, int]) -> bool:
+            allowed = self._peer_allowed(client_address[0])
+            if not allowed:
+                logger.warning("connection refused", extra=log_fields(
+                    "association.rejected", reason="peer_address", peer=client_address[0]))
+            return allowed
+
+        server.verify_request = verify_request  # type: ignore[method-assign]
         with self._lock:
             self.ae, self.server = ae, server
         logger.info("receiver listening", extra=log_fields(

@@ -11,7 +11,15 @@ from sqlalchemy import func, inspect, select
 from sqlalchemy.engine import Engine
 
 from dicomai.config import Settings
-from dicomai.db import ComponentHeartbeat, Job, ResultObject, Study, make_engine, utcnow
+from dicomai.db import (
+    ComponentHeartbeat,
+    Job,
+    QuarantineEntry,
+    ResultObject,
+    Study,
+    make_engine,
+    utcnow,
+)
 from dicomai.queue import JobState
 
 __all__ = ["HEARTBEAT_STALE_SECONDS", "collect", "render_text"]
@@ -55,6 +63,7 @@ def _empty(settings: Settings, now: datetime) -> dict[str, Any]:
         "destinations": [_dest(d, {}) for d in settings.destinations],
         "models": _models(settings, []),
         "disk": _disk(settings),
+        "quarantine": {"count": 0, "recent": []},
     }
 
 
@@ -168,7 +177,25 @@ def _collect(settings: Settings, engine: Engine, limit: int, now: datetime) -> d
         "destinations": [_dest(d, stats.get(d.name, {})) for d in settings.destinations],
         "models": _models(settings, fresh),
         "disk": _disk(settings),
+        "quarantine": _quarantine(engine),
     }
+
+
+def _quarantine(engine: Engine) -> dict[str, Any]:
+    with engine.connect() as conn:
+        if not inspect(conn).has_table("quarantine"):
+            return {"count": 0, "recent": []}
+        count = conn.scalar(select(func.count()).select_from(QuarantineEntry)) or 0
+        recent = conn.execute(
+            select(QuarantineEntry.reason, QuarantineEntry.status_code,
+                   QuarantineEntry.calling_ae_title, QuarantineEntry.peer_address,
+                   QuarantineEntry.received_at, QuarantineEntry.path)
+            .order_by(QuarantineEntry.id.desc()).limit(10)
+        ).all()
+    return {"count": count, "recent": [
+        {"reason": r.reason, "status": f"0x{r.status_code:04X}", "calling_ae": r.calling_ae_title,
+         "peer": r.peer_address, "received_at": _iso(_aware(r.received_at)), "path": r.path}
+        for r in recent]}
 
 
 def _aware(value: datetime | None) -> datetime:
@@ -217,4 +244,10 @@ def render_text(data: dict[str, Any]) -> str:
     disk = data["disk"]
     lines.append(f"spool: {disk['spool']} free={disk['free_mb']} MB "
                  f"(floor {disk['min_free_mb']} MB)")
+    q = data.get("quarantine") or {}
+    if q.get("count"):
+        lines.append(f"quarantine: {q['count']} refused object(s); latest:")
+        for item in q["recent"][:5]:
+            lines.append(f"  {item['received_at']} {item['reason']} {item['status']} "
+                         f"from {item['calling_ae']}@{item['peer']}")
     return "\n".join(lines)
