@@ -70,7 +70,8 @@ class Orthanc:
         self.wait(lambda: self._up(), 30, "Orthanc HTTP /system")
         system = self.get("/system")
         assert system["DicomAet"] == "ORTHANC" and system["DicomPort"] == self.dicom_port
-        assert self.get("/plugins") == []  # the template loads none (unlike Debian's default)
+        # No plugins (unlike Debian's default config); "explorer.js" is Orthanc's own web UI.
+        assert set(self.get("/plugins")) <= {"explorer.js"}
         return self
 
     def _up(self) -> bool:
@@ -317,7 +318,11 @@ def test_orthanc_forwards_studies_and_stores_results_without_loop(orthanc_and_di
 
 
 
-@pytest.mark.xfail(strict=True, reason=(
+class KnownDicomaiBug(AssertionError):
+    """Raised only where the xfail below is expected; any other failure is a real one."""
+
+
+@pytest.mark.xfail(strict=True, raises=KnownDicomaiBug, reason=(
     "dicomai bug: its own SR/SC sent back open a new generation; routing looks at the whole "
     "study, so the same image is analysed again and a second SR (new UID) is sent"))
 def test_whole_study_sent_back_with_results_yields_no_second_sr(orthanc_and_dicomai, tmp_path):
@@ -335,4 +340,8 @@ def test_whole_study_sent_back_with_results_yields_no_second_sr(orthanc_and_dico
     time.sleep(daemon.settings.scheduler.study_quiet_seconds + 1.0)  # let a new job close
     idle = ("done", "skipped", "failed", "cancelled")
     orthanc.wait(lambda: _status(daemon, uid)["state"] in idle, 60, "dicomai idle")
-    assert _results(orthanc, study_id) == before
+    after = _results(orthanc, study_id)
+    if after != before:
+        status = _status(daemon, uid)
+        raise KnownDicomaiBug(f"Orthanc results {before} became {after}; dicomai generation "
+                              f"{status['generation']} {status['state']}")
