@@ -95,8 +95,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         ok = not m.sha256 or m.sha256 == digest
         if not ok:
             problems.append(f"model {name}: sha256 mismatch")
-        print(f"  model {name}: {path} sha256={digest} "
-              f"{'(pinned, matches)' if m.sha256 and ok else '(MISMATCH)' if not ok else '(not pinned)'}")
+        note = "(MISMATCH)" if not ok else "(pinned, matches)" if m.sha256 else "(not pinned)"
+        print(f"  model {name}: {path} sha256={digest} {note}")
     for p in problems:
         print(f"error: {p}", file=sys.stderr)
     return EXIT_STARTUP if problems else EXIT_OK
@@ -189,6 +189,71 @@ def cmd_models(args: argparse.Namespace) -> int:
     return EXIT_RUNTIME if failures else EXIT_OK
 
 
+# -- retry / cancel ----------------------------------------------------------------------
+def _operator_jobs(args: argparse.Namespace, settings: Settings, failed_only: bool):
+    from dicomai.db import create_all, make_engine, make_session_factory
+    from dicomai.queue import JobState, Queue
+
+    engine = make_engine(settings.database_url)
+    create_all(engine)
+    queue = Queue(make_session_factory(engine))
+    states = [JobState.FAILED] if getattr(args, "all_failed", False) else []
+    jobs = queue.jobs_for(job_ids=args.job or [], study_uids=args.study or [], states=states)
+    return engine, queue, jobs
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    """Send failed jobs round again (re-send results, or re-run the analysis)."""
+    from dicomai.db import utcnow
+    from dicomai.errors import StateConflict
+
+    if not (args.job or args.study or args.all_failed):
+        print("dicomai retry: give --job, --study or --all-failed", file=sys.stderr)
+        return EXIT_USAGE
+    engine, queue, jobs = _operator_jobs(args, _settings(args), True)
+    problems = 0
+    try:
+        for job in jobs:
+            try:
+                dst = queue.retry(job.id, utcnow())
+                print(f"job {job.id}: failed -> {dst.value}")
+            except StateConflict:
+                print(f"job {job.id}: is {job.state}, not failed; left alone", file=sys.stderr)
+                problems += 1
+        if not jobs:
+            print("no matching job", file=sys.stderr)
+            return EXIT_RUNTIME
+    finally:
+        engine.dispose()
+    return EXIT_RUNTIME if problems else EXIT_OK
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    """Cancel queued, outbox or failed jobs."""
+    from dicomai.db import utcnow
+    from dicomai.errors import StateConflict
+
+    if not (args.job or args.study):
+        print("dicomai cancel: give --job or --study", file=sys.stderr)
+        return EXIT_USAGE
+    engine, queue, jobs = _operator_jobs(args, _settings(args), False)
+    problems = 0
+    try:
+        for job in jobs:
+            try:
+                queue.cancel(job.id, utcnow())
+                print(f"job {job.id}: {job.state} -> cancelled")
+            except StateConflict as exc:
+                print(f"{exc}", file=sys.stderr)
+                problems += 1
+        if not jobs:
+            print("no matching job", file=sys.stderr)
+            return EXIT_RUNTIME
+    finally:
+        engine.dispose()
+    return EXIT_RUNTIME if problems else EXIT_OK
+
+
 # -- demo --------------------------------------------------------------------------------
 def cmd_demo(args: argparse.Namespace) -> int:
     """Run the whole loop on local sample studies and print the results."""
@@ -216,6 +281,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--limit", type=int, default=20, help="recent studies to list")
     s.add_argument("--check", action="store_true", help="exit 1 when the daemon is not up")
     s.set_defaults(func=cmd_status)
+
+    s = sub.add_parser("retry", help="retry failed jobs (re-send results or re-analyse)")
+    s.add_argument("--job", type=int, action="append", help="job id (repeatable)")
+    s.add_argument("--study", action="append", help="StudyInstanceUID (its latest generation)")
+    s.add_argument("--all-failed", action="store_true", help="every failed job")
+    s.set_defaults(func=cmd_retry)
+
+    s = sub.add_parser("cancel", help="cancel queued, outbox or failed jobs")
+    s.add_argument("--job", type=int, action="append", help="job id (repeatable)")
+    s.add_argument("--study", action="append", help="StudyInstanceUID (its latest generation)")
+    s.set_defaults(func=cmd_cancel)
 
     s = sub.add_parser("check-config", help="validate the configuration and model files")
     s.set_defaults(func=cmd_check_config)

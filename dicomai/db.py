@@ -1,4 +1,4 @@
-"""Database engine, session factory and ORM tables (SQLite by default, PostgreSQL for several hosts)."""
+"""Database engine, session factory and ORM tables (SQLite here, PostgreSQL for several hosts)."""
 
 from __future__ import annotations
 

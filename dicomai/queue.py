@@ -419,6 +419,61 @@ class Queue:
             if state == "sent":
                 row.sent_at = now
 
+    # -- operator actions --------------------------------------------------------------
+    def jobs_for(self, *, job_ids: Sequence[int] = (), study_uids: Sequence[str] = (),
+                 states: Sequence[JobState] = ()) -> list[Job]:
+        """Jobs by id, by study (its latest generation) or by state."""
+        with self._sessions() as s:
+            out: dict[int, Job] = {}
+            if job_ids:
+                for job in s.scalars(select(Job).where(Job.id.in_(list(job_ids)))):
+                    out[job.id] = job
+            for uid in study_uids:
+                job = s.scalar(
+                    select(Job).join(Study, Study.id == Job.study_id)
+                    .where(Study.study_instance_uid == uid)
+                    .order_by(Job.generation.desc()).limit(1))
+                if job is not None:
+                    out[job.id] = job
+            if states:
+                for job in s.scalars(select(Job).where(Job.state.in_([x.value for x in states]))):
+                    out[job.id] = job
+            return [out[k] for k in sorted(out)]
+
+    def retry(self, job_id: int, now: datetime) -> JobState:
+        """FAILED → OUTBOX (results exist and were not all refused) or QUEUED; resets counters.
+
+        Raises
+        ------
+        StateConflict
+            The job is not FAILED.
+        """
+        with self._sessions.begin() as s:
+            job = s.get(Job, job_id)
+            if job is None or job.state != S.FAILED.value:
+                raise StateConflict(f"job {job_id} is not failed")
+            results = list(s.scalars(select(ResultObject).where(ResultObject.job_id == job_id)))
+            notice = bool((job.findings or {}).get("failure_notice"))
+            unsent = [r for r in results if r.state != "sent"]
+            dst = S.OUTBOX if results and unsent and not notice else S.QUEUED
+            for r in unsent:
+                r.state, r.last_error = "pending", None
+            fields: dict[str, Any] = {"not_before": None, "claimed_by": None, "finished_at": None,
+                                      "last_error": None, "send_attempts": 0}
+            if dst is S.QUEUED:
+                fields.update(attempts=0, findings=None)
+            self.transition(job_id, S.FAILED, dst, reason="operator.retry", now=now, session=s,
+                            **fields)
+            return dst
+
+    def cancel(self, job_id: int, now: datetime) -> None:
+        """QUEUED, OUTBOX or FAILED → CANCELLED (raises StateConflict otherwise)."""
+        job = self.get_job(job_id)
+        src = JobState(job.state)
+        if S.CANCELLED not in ALLOWED_TRANSITIONS[src]:
+            raise StateConflict(f"job {job_id} is {src.value} and cannot be cancelled")
+        self.transition(job_id, src, S.CANCELLED, reason="operator.cancel", now=now)
+
     # -- components --------------------------------------------------------------------
     def beat(self, component: str, role: str, now: datetime, info: dict[str, Any]) -> None:
         """Record that a component is alive."""

@@ -13,11 +13,12 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.uid import (
+    JPEG2000,
+    UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    JPEG2000,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
@@ -25,7 +26,6 @@ from pydicom.uid import (
     JPEGLSLossless,
     JPEGLSNearLossless,
     RLELossless,
-    UID,
 )
 from pydicom.uid import JPEGLossless as JPEGLosslessP14
 from pynetdicom import AE, evt
@@ -41,12 +41,12 @@ from dicomai.store import Spool, safe_uid
 
 __all__ = [
     "IMPLEMENTATION_CLASS_UID",
-    "Receiver",
     "STATUS_CANNOT_UNDERSTAND",
     "STATUS_DATASET_MISMATCH",
     "STATUS_OUT_OF_RESOURCES",
     "STATUS_SUCCESS",
     "TRANSFER_SYNTAXES",
+    "Receiver",
     "check_instance",
     "handle_store",
 ]

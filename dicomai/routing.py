@@ -1,4 +1,4 @@
-"""Pure routing: a study's series and the configured routes in, the route and series to analyse out."""
+"""Pure routing: a study's series and the routes in; the route and the series to analyse out."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Sender: C-STORE SCU returning result objects to destinations, with retries kept in the database."""
+"""Sender: C-STORE SCU returning results to destinations, with retries kept in the database."""
 
 from __future__ import annotations
 

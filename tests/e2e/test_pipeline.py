@@ -6,8 +6,8 @@ import io
 import json
 import logging
 import subprocess
-from datetime import UTC, datetime, timedelta
 from contextlib import redirect_stdout
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import highdicom as hd
@@ -159,7 +159,7 @@ def test_ct_200_slices_end_to_end(make_settings, local_pacs, tmp_path):
     settings = make_settings(local_pacs.port)
     slices = synthetic.make_head_ct(200, rows=256, cols=256, slice_thickness=1.0, seed=3,
                                     with_localizer=True, bleed=True)
-    paths = synthetic.write_study(slices, tmp_path / "ct")
+    synthetic.write_study(slices, tmp_path / "ct")
     axial = [s for s in slices if "LOCALIZER" not in s.ImageType]
     assert len(axial) == 200
     with running_daemon(settings) as daemon:
@@ -352,3 +352,32 @@ def test_undecodable_study_fails_with_optional_notice(make_settings, local_pacs,
     assert obj.study_instance_uid == ds.StudyInstanceUID
     texts = " ".join(str(e.value) for e in obj.dataset.iterall() if e.keyword == "TextValue")
     assert "could not be completed" in texts.lower()
+
+
+def test_give_up_then_operator_retry_and_cancel(make_settings, tmp_path, capsys):
+    from dicomai.local_pacs import LocalPacs
+    from tests.conftest import free_port
+
+    pacs_port = free_port()
+    settings = make_settings(pacs_port, sender={"retry_base_seconds": 0.2, "max_attempts": 2})
+    cfg = _write_config(settings, tmp_path / "cfg.toml")
+    cx1 = synthetic.make_xray("chest", rows=128, cols=128, seed=51)
+    cx2 = synthetic.make_xray("chest", rows=128, cols=128, seed=52)
+    with running_daemon(settings) as daemon:
+        for ds in (cx1, cx2):
+            assert send_files(synthetic.write_study([ds], tmp_path / ds.SOPInstanceUID),
+                              "127.0.0.1", daemon.receiver.port, called_ae="DICOMAI").ok
+        for ds in (cx1, cx2):
+            s = _wait_state(daemon, ds.StudyInstanceUID, "failed", timeout=120)
+            assert s["send_attempts"] == 2 and "association" in s["last_error"]
+        assert cli.main(["--config", str(cfg), "cancel", "--study", cx2.StudyInstanceUID]) == 0
+        assert _study_state(settings, cx2.StudyInstanceUID, daemon.engine)["state"] \
+            == "cancelled"
+        assert cli.main(["--config", str(cfg), "retry", "--study", cx2.StudyInstanceUID]) == 1
+        with LocalPacs(ae_title="PACS", port=pacs_port) as pacs:
+            assert cli.main(["--config", str(cfg), "retry", "--all-failed"]) == 0
+            assert "failed -> outbox" in capsys.readouterr().out
+            _wait_state(daemon, cx1.StudyInstanceUID, "done", timeout=60)
+            assert sorted(o.modality for o in pacs.objects(cx1.StudyInstanceUID)) == ["OT", "SR"]
+            assert pacs.objects(cx2.StudyInstanceUID) == []
+    assert cli.main(["--config", str(cfg), "retry"]) == 2

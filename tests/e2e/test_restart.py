@@ -34,7 +34,7 @@ def _config(tmp_path: Path, model_dir: Path, port: int, pacs_port: int,
         "DICOMAI_WORKER__POLL_SECONDS": "0.1",
         "DICOMAI_SENDER__POLL_SECONDS": "0.1",
     }
-    for name, ref in REFERENCE_MODELS.items():
+    for ref in REFERENCE_MODELS.values():
         link = tmp_path / "data" / "models" / ref.filename
         link.parent.mkdir(parents=True, exist_ok=True)
         if not link.exists():

@@ -5,7 +5,6 @@ from __future__ import annotations
 import sqlite3
 import ssl
 import subprocess
-from io import BytesIO
 from pathlib import Path
 
 import pydicom

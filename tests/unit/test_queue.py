@@ -163,7 +163,7 @@ def test_instance_after_job_left_receiving_opens_generation_2(queue: Queue) -> N
 
 def test_naive_datetime_is_refused(queue: Queue) -> None:
     with pytest.raises(StatementError, match="naive datetime"):
-        record(queue, rec(), datetime(2024, 1, 1))  # noqa: DTZ001
+        record(queue, rec(), datetime(2024, 1, 1))
     assert not queue.has_instance("1.2.3.1.1")
 
 
