@@ -16,6 +16,7 @@ from dicomai.errors import ConfigError
 
 __all__ = [
     "DEFAULT_CONFIG",
+    "AuditSettings",
     "DatabaseSettings",
     "DestinationSettings",
     "GeneralSettings",
@@ -265,6 +266,14 @@ class LoggingSettings(_Section):
     file: Path | None = None
 
 
+class AuditSettings(_Section):
+    """Audit trail (DICOM PS3.15 / IHE ATNA style JSON lines)."""
+
+    file: Path | None = Path("audit.log")  # relative to data_dir; empty string disables
+    syslog: bool = False
+    syslog_address: str = "/dev/log"
+
+
 class Settings(_Section):
     """The whole configuration tree."""
 
@@ -276,6 +285,7 @@ class Settings(_Section):
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     sender: SenderSettings = Field(default_factory=SenderSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    audit: AuditSettings = Field(default_factory=AuditSettings)
     destinations: list[DestinationSettings] = Field(default_factory=list)
     routes: list[RouteSettings] = Field(default_factory=list)
     models: dict[str, ModelSettings] = Field(default_factory=dict)

@@ -13,6 +13,7 @@ from datetime import datetime
 from types import FrameType
 from typing import Any
 
+from dicomai import audit
 from dicomai.config import Settings
 from dicomai.db import create_all, make_engine, make_session_factory, utcnow
 from dicomai.logs import log_fields
@@ -62,6 +63,10 @@ class Daemon:
         self.settings.general.data_dir.mkdir(parents=True, exist_ok=True)
         create_all(self.engine)
         self.spool.start()
+        a = self.settings.audit
+        audit.configure(self.settings.resolve(a.file) if a.file and str(a.file) else None,
+                        syslog=a.syslog, syslog_address=a.syslog_address,
+                        site=self.settings.general.site_name)
         reclaim_dead_local(self.queue, socket.gethostname(), self.clock())
         if "worker" in self.roles:
             needed = sorted({r.model for r in self.settings.routes})

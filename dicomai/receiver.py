@@ -33,7 +33,7 @@ from pynetdicom.presentation import StoragePresentationContexts
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
-from dicomai import __version__
+from dicomai import __version__, audit
 from dicomai.config import ReceiverSettings
 from dicomai.logs import log_fields, uid_ref
 from dicomai.queue import InstanceRecord, Queue
@@ -193,6 +193,7 @@ def _quarantine(event: evt.Event, spool: Spool, queue: Queue, reason: str, statu
     logger.warning("instance refused", extra=log_fields(
         "instance.rejected", reason=reason, status=f"0x{status:04X}", calling_ae=calling,
         peer=peer, bytes=size))
+    audit.security_alert(reason=f"instance refused: {reason}", peer=peer, calling_ae=calling)
     return status
 
 
@@ -202,6 +203,7 @@ def handle_store(
     queue: Queue,
     floor: Callable[[], int],
     clock: Callable[[], datetime],
+    tally: Callable[[evt.Event, str], None] | None = None,
 ) -> int:
     """EVT_C_STORE handler: returns a DIMSE status and never raises.
 
@@ -239,6 +241,8 @@ def handle_store(
         if queue.has_instance(rec.sop_instance_uid):
             logger.debug("duplicate instance", extra=log_fields(
                 "instance.duplicate", sop=uid_ref(rec.sop_instance_uid)))
+            if tally is not None:
+                tally(event, rec.study_instance_uid)
             return STATUS_SUCCESS
         if spool.free_bytes() < min_free_bytes:
             logger.error("spool below free-space floor",
@@ -263,6 +267,8 @@ def handle_store(
             extra=log_fields("instance.stored", job_id=job_id, new=new,
                              study=uid_ref(rec.study_instance_uid), bytes=size),
         )
+        if tally is not None:
+            tally(event, rec.study_instance_uid)
         return STATUS_SUCCESS
     except Exception:  # the handler must never raise: pynetdicom would answer 0xC211
         logger.exception("store handler failed", extra=log_fields("instance.handler_failed"))
@@ -283,21 +289,25 @@ def _on_conn_open(event: evt.Event) -> None:
         pass
 
 
+def _audit_association(event: evt.Event, accepted: bool) -> None:
+    req, acc = event.assoc.requestor, event.assoc.acceptor
+    audit.association(accepted=accepted, calling_ae=req.ae_title.strip(),
+                      called_ae=acc.ae_title.strip(), peer=str(req.address),
+                      local=str(acc.address), reason=None if accepted else "rejected")
+
+
 def _on_accepted(event: evt.Event) -> None:
     req = event.assoc.requestor
     logger.info("association accepted", extra=log_fields(
         "association.accepted", calling_ae=req.ae_title.strip(), peer=req.address))
+    _audit_association(event, True)
 
 
 def _on_rejected(event: evt.Event) -> None:
     req = event.assoc.requestor
     logger.warning("association rejected", extra=log_fields(
         "association.rejected", calling_ae=req.ae_title.strip(), peer=req.address))
-
-
-def _on_released(event: evt.Event) -> None:
-    logger.info("association released", extra=log_fields(
-        "association.released", calling_ae=event.assoc.requestor.ae_title.strip()))
+    _audit_association(event, False)
 
 
 class Receiver:
@@ -321,6 +331,7 @@ class Receiver:
         self.ae: AE | None = None
         self.server: ThreadedAssociationServer | None = None
         self._lock = threading.Lock()
+        self._transfers: dict[int, dict[str, int]] = {}
 
     @property
     def port(self) -> int:
@@ -345,6 +356,26 @@ class Receiver:
         for cx in StoragePresentationContexts:
             ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
         return ae
+
+    def _tally(self, event: evt.Event, study_uid: str) -> None:
+        with self._lock:
+            per_study = self._transfers.setdefault(id(event.assoc), {})
+            per_study[study_uid] = per_study.get(study_uid, 0) + 1
+
+    def _on_ended(self, event: evt.Event) -> None:
+        """At the end of an association: one audit event per study it delivered."""
+        with self._lock:
+            per_study = self._transfers.pop(id(event.assoc), {})
+        req, acc = event.assoc.requestor, event.assoc.acceptor
+        if per_study or event.event is evt.EVT_RELEASED:
+            logger.info("association ended", extra=log_fields(
+                "association.released", calling_ae=req.ae_title.strip(),
+                studies=len(per_study), instances=sum(per_study.values())))
+        for study_uid, count in per_study.items():
+            audit.instances_transferred(
+                received=True, study_uid=study_uid, count=count,
+                source_ae=req.ae_title.strip(), source_address=str(req.address),
+                destination_ae=acc.ae_title.strip(), destination_address=str(acc.address))
 
     def _tls_context(self) -> ssl.SSLContext | None:
         s = self.settings
@@ -376,11 +407,13 @@ class Receiver:
         handlers = [
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_C_STORE, handle_store,
-             [self.spool, self.queue, lambda: self.min_free_bytes, self.clock]),
+             [self.spool, self.queue, lambda: self.min_free_bytes, self.clock, self._tally]),
             (evt.EVT_CONN_OPEN, _on_conn_open),
             (evt.EVT_ACCEPTED, _on_accepted),
             (evt.EVT_REJECTED, _on_rejected),
-            (evt.EVT_RELEASED, _on_released),
+            (evt.EVT_RELEASED, self._on_ended),
+            (evt.EVT_ABORTED, self._on_ended),
+            (evt.EVT_CONN_CLOSE, self._on_ended),
         ]
         server = ae.start_server(
             (self.settings.host, self.settings.port),
@@ -394,6 +427,8 @@ class Receiver:
             if not allowed:
                 logger.warning("connection refused", extra=log_fields(
                     "association.rejected", reason="peer_address", peer=client_address[0]))
+                audit.security_alert(reason="connection refused: peer address not allowed",
+                                     peer=client_address[0])
             return allowed
 
         server.verify_request = verify_request  # type: ignore[method-assign]

@@ -15,6 +15,7 @@ import pydicom
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
+from dicomai import audit
 from dicomai.config import DestinationSettings, Settings
 from dicomai.errors import StateConflict
 from dicomai.logs import log_fields
@@ -177,6 +178,7 @@ class Sender:
         for r in rows:
             by_dest.setdefault(r.destination, []).append(SendItem(r.id, r.path, r.sop_class_uid))
         retry, refused, errors = False, False, []
+        study_uid = self.queue.study_uid(self.queue.get_job(job_id))
         for dest_name, items in by_dest.items():
             dest = self.settings.destination(dest_name)
             report = send_objects(dest, items, calling_ae=self.settings.sender.ae_title,
@@ -190,6 +192,13 @@ class Sender:
                 refused |= outcome is Outcome.REFUSED
                 if error:
                     errors.append(f"{dest_name}: {error}")
+            sent = sum(1 for o in report.outcomes.values() if o[0] is Outcome.SENT)
+            audit.instances_transferred(
+                received=False, study_uid=study_uid, count=sent if report.all_sent else
+                len(items), source_ae=self.settings.sender.ae_title, source_address="",
+                destination_ae=dest.ae_title, destination_address=f"{dest.host}:{dest.port}",
+                outcome=audit.OUTCOME_SUCCESS if report.all_sent else
+                audit.OUTCOME_SERIOUS_FAILURE, reason=report.error)
             event = "send.completed" if report.all_sent else "send.failed"
             logger.log(logging.INFO if report.all_sent else logging.WARNING, "results sent",
                        extra=log_fields(event, job_id=job_id, destination=dest_name,

@@ -126,6 +126,20 @@ def test_chest_xray_round_trip_with_pynetdicom(make_settings, local_pacs, tmp_pa
     for path in Path(settings.general.data_dir).rglob("*"):
         assert "SENTINEL" not in path.name
 
+    # Audit trail: association, study received, results sent; no patient data either.
+    audit_text = (Path(settings.general.data_dir) / "audit.log").read_text()
+    events = [json.loads(line) for line in audit_text.splitlines()]
+    kinds = {(e["EventIdentification"]["EventID"]["code"],
+              e["EventIdentification"]["EventActionCode"]) for e in events}
+    assert {("110114", "E"), ("110104", "C"), ("110104", "R")} <= kinds
+    received = next(e for e in events if e["EventIdentification"]["EventActionCode"] == "C")
+    obj = received["ParticipantObjectIdentification"][0]
+    assert obj["ParticipantObjectID"] == ds.StudyInstanceUID
+    assert obj["ParticipantObjectDetail"]["NumberOfInstances"] == 1
+    assert received["ActiveParticipant"][0]["UserID"] == "AE=DICOMAI-SCU"
+    for sentinel in ("PHI^SENTINEL", "PHI-SENTINEL-ID", "19010101", "PHISENTINELACC"):
+        assert sentinel not in audit_text
+
 
 @pytest.mark.dcmtk
 def test_bone_xray_with_storescu_and_echoscu(make_settings, local_pacs, tmp_path):
