@@ -124,6 +124,19 @@ class Queue:
             )
             return found is not None
 
+    def known_instance(self, sop_instance_uid: str) -> str | None:
+        """``"stored"`` (already received), ``"own_result"`` (an object dicomai made and a
+        PACS sent back), or ``None``."""
+        with self._sessions() as s:
+            if s.scalar(select(Instance.id).where(Instance.sop_instance_uid == sop_instance_uid)
+                        .limit(1)) is not None:
+                return "stored"
+            if s.scalar(select(ResultObject.id)
+                        .where(ResultObject.sop_instance_uid == sop_instance_uid)
+                        .limit(1)) is not None:
+                return "own_result"
+            return None
+
     def record_instance(
         self, rec: InstanceRecord, path: str, size_bytes: int, calling_ae: str, now: datetime
     ) -> tuple[bool, int]:
@@ -351,6 +364,12 @@ class Queue:
                     Job.generation <= up_to_generation
                 )
             return list(s.scalars(q.order_by(Instance.id)))
+
+    def jobs_of_study(self, study_id: int) -> list[Job]:
+        """Every job (generation) of a study, oldest first."""
+        with self._sessions() as s:
+            return list(s.scalars(select(Job).where(Job.study_id == study_id)
+                                  .order_by(Job.generation)))
 
     def receiving_jobs_quiet_since(self, cutoff: datetime) -> list[Job]:
         """RECEIVING jobs whose last instance arrived before ``cutoff``."""

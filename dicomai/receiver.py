@@ -238,9 +238,12 @@ def handle_store(
         if problem:
             return _quarantine(event, spool, queue, problem, STATUS_DATASET_MISMATCH, clock,
                                min_free_bytes)
-        if queue.has_instance(rec.sop_instance_uid):
+        known = queue.known_instance(rec.sop_instance_uid)
+        if known is not None:
+            # Already stored, or one of our own results sent back by the PACS: never analysed
+            # again (that would loop), but answered Success so the sender is satisfied.
             logger.debug("duplicate instance", extra=log_fields(
-                "instance.duplicate", sop=uid_ref(rec.sop_instance_uid)))
+                "instance.duplicate", sop=uid_ref(rec.sop_instance_uid), kind=known))
             if tally is not None:
                 tally(event, rec.study_instance_uid)
             return STATUS_SUCCESS

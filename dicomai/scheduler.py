@@ -15,7 +15,7 @@ from dicomai.db import Instance, Job
 from dicomai.errors import StateConflict
 from dicomai.logs import log_fields
 from dicomai.queue import TERMINAL_STATES, JobState, Queue
-from dicomai.routing import StudyInfo, select_route, summarise_series
+from dicomai.routing import RouteDecision, StudyInfo, select_route, summarise_series
 from dicomai.store import Spool
 
 __all__ = [
@@ -53,6 +53,15 @@ def close_quiet_studies(
                 {c: getattr(r, c) for c in _ROUTING_COLUMNS} for r in rows)),
         )
         decision = select_route(study, routes)
+        if decision is not None and job.generation > 1 and _unchanged(queue, job, rows, decision):
+            try:
+                queue.transition(job.id, JobState.RECEIVING, JobState.SKIPPED,
+                                 reason="route.inputs_unchanged", now=now, closed_at=now,
+                                 route=decision.route, model=decision.model)
+                closed += 1
+            except StateConflict:
+                pass
+            continue
         try:
             if decision is None:
                 queue.transition(job.id, JobState.RECEIVING, JobState.SKIPPED,
@@ -70,6 +79,26 @@ def close_quiet_studies(
     if closed:
         logger.info("quiet studies closed", extra=log_fields("scheduler.closed", jobs=closed))
     return closed
+
+
+def _unchanged(queue: Queue, job: Job, rows: Sequence[Instance], decision: RouteDecision
+               ) -> bool:
+    """True when a later generation would analyse exactly what an earlier one did.
+
+    New instances that land outside the chosen series (a report, a key-object note, another
+    view) do not change the model's input, so the study is not analysed again.
+    """
+    chosen = set(decision.series_instance_uids)
+    generation_of = {j.id: j.generation for j in queue.jobs_of_study(job.study_id)}
+    now_inputs = {r.sop_instance_uid for r in rows if r.series_instance_uid in chosen}
+    before = {r.sop_instance_uid for r in rows if r.series_instance_uid in chosen
+              and generation_of.get(r.job_id, job.generation) < job.generation}
+    if now_inputs != before:
+        return False
+    previous = [j for j in queue.jobs_of_study(job.study_id)
+                if j.generation < job.generation and j.route is not None]
+    return bool(previous) and previous[-1].route == decision.route \
+        and set(previous[-1].series_uids) == chosen
 
 
 def reap_stale(queue: Queue, now: datetime, stale_seconds: float) -> int:
