@@ -142,6 +142,7 @@ class WorkerSettings(_Section):
 class SenderSettings(_Section):
     """The C-STORE SCU returning results to destinations."""
 
+    threads: int = Field(default=4, ge=1, le=64)
     poll_seconds: float = Field(default=0.5, gt=0)
     max_attempts: int = Field(default=10, ge=1)
     retry_base_seconds: float = Field(default=15.0, gt=0)

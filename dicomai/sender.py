@@ -7,6 +7,7 @@ import os
 import socket
 import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -137,18 +138,21 @@ class Sender:
         s = settings.sender
         self.policy = RetryPolicy(s.max_attempts, s.retry_base_seconds, s.retry_max_seconds)
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
-        """Start the claim loop in a background thread."""
-        self._thread = threading.Thread(target=self._loop, name="sender", daemon=True)
-        self._thread.start()
+        """Start the claim loops in background threads."""
+        for i in range(self.settings.sender.threads):
+            t = threading.Thread(target=self._loop, name=f"sender-{i}", daemon=True)
+            t.start()
+            self._threads.append(t)
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Stop claiming and wait (bounded) for the job being sent."""
+        """Stop claiming and wait (bounded) for the jobs being sent."""
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        for t in self._threads:
+            t.join(timeout)
+        self._threads.clear()
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -171,38 +175,53 @@ class Sender:
             logger.warning("send claim lost", extra=log_fields("send.lost_claim", job_id=job.id))
         return True
 
+    def _record(self, job_id: int, study_uid: str, dest: DestinationSettings,
+                items: Sequence[SendItem], report: SendReport) -> None:
+        now = self.clock()
+        for result_id, (outcome, status, error) in report.outcomes.items():
+            state = {"sent": "sent", "retry": "pending", "refused": "failed"}[outcome.value]
+            self.queue.mark_result(result_id, state=state, status_code=status, error=error,
+                                   now=now)
+        sent = sum(1 for o in report.outcomes.values() if o[0] is Outcome.SENT)
+        audit.instances_transferred(
+            received=False, study_uid=study_uid, count=sent if report.all_sent else len(items),
+            source_ae=self.settings.sender.ae_title, source_address="",
+            destination_ae=dest.ae_title, destination_address=f"{dest.host}:{dest.port}",
+            outcome=audit.OUTCOME_SUCCESS if report.all_sent else audit.OUTCOME_SERIOUS_FAILURE,
+            reason=report.error)
+        event = "send.completed" if report.all_sent else "send.failed"
+        logger.log(logging.INFO if report.all_sent else logging.WARNING, "results sent",
+                   extra=log_fields(event, job_id=job_id, destination=dest.name,
+                                    objects=len(items), sent=sent, error=report.error))
+
     def deliver(self, job_id: int, send_attempts: int) -> None:
         """Send every pending object of a SENDING job and choose its next state."""
         rows = [r for r in self.queue.results_for(job_id) if r.state == "pending"]
         by_dest: dict[str, list[SendItem]] = {}
         for r in rows:
             by_dest.setdefault(r.destination, []).append(SendItem(r.id, r.path, r.sop_class_uid))
-        retry, refused, errors = False, False, []
         study_uid = self.queue.study_uid(self.queue.get_job(job_id))
-        for dest_name, items in by_dest.items():
-            dest = self.settings.destination(dest_name)
-            report = send_objects(dest, items, calling_ae=self.settings.sender.ae_title,
-                                  timeout=self.settings.sender.timeout_seconds)
-            now = self.clock()
-            for result_id, (outcome, status, error) in report.outcomes.items():
-                state = {"sent": "sent", "retry": "pending", "refused": "failed"}[outcome.value]
-                self.queue.mark_result(result_id, state=state, status_code=status, error=error,
-                                       now=now)
-                retry |= outcome is Outcome.RETRY
-                refused |= outcome is Outcome.REFUSED
-                if error:
-                    errors.append(f"{dest_name}: {error}")
-            sent = sum(1 for o in report.outcomes.values() if o[0] is Outcome.SENT)
-            audit.instances_transferred(
-                received=False, study_uid=study_uid, count=sent if report.all_sent else
-                len(items), source_ae=self.settings.sender.ae_title, source_address="",
-                destination_ae=dest.ae_title, destination_address=f"{dest.host}:{dest.port}",
-                outcome=audit.OUTCOME_SUCCESS if report.all_sent else
-                audit.OUTCOME_SERIOUS_FAILURE, reason=report.error)
-            event = "send.completed" if report.all_sent else "send.failed"
-            logger.log(logging.INFO if report.all_sent else logging.WARNING, "results sent",
-                       extra=log_fields(event, job_id=job_id, destination=dest_name,
-                                        objects=len(items), error=report.error))
+        outcomes: list[Outcome] = []
+        errors: list[str] = []
+        # Destinations are served in parallel and recorded as each finishes: a dead one
+        # (timing out) delays no other.
+        with ThreadPoolExecutor(max_workers=max(1, len(by_dest)),
+                                thread_name_prefix="send") as pool:
+            futures = {
+                pool.submit(send_objects, self.settings.destination(name), items,
+                            calling_ae=self.settings.sender.ae_title,
+                            timeout=self.settings.sender.timeout_seconds): name
+                for name, items in by_dest.items()
+            }
+            for future in as_completed(futures):
+                name = futures[future]
+                report = future.result()
+                self._record(job_id, study_uid, self.settings.destination(name),
+                             by_dest[name], report)
+                outcomes.extend(o[0] for o in report.outcomes.values())
+                errors.extend(f"{name}: {o[2]}" for o in report.outcomes.values() if o[2])
+        retry = Outcome.RETRY in outcomes
+        refused = Outcome.REFUSED in outcomes
         now = self.clock()
         message = "; ".join(dict.fromkeys(errors))[:500] or None
         if retry:

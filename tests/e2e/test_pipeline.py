@@ -401,3 +401,38 @@ def test_give_up_then_operator_retry_and_cancel(make_settings, tmp_path, capsys)
             assert sorted(o.modality for o in pacs.objects(cx1.StudyInstanceUID)) == ["OT", "SR"]
             assert pacs.objects(cx2.StudyInstanceUID) == []
     assert cli.main(["--config", str(cfg), "retry"]) == 2
+
+
+def test_dead_destination_does_not_block_another(make_settings, local_pacs, tmp_path):
+    import socket
+    import time
+
+    from dicomai.config import DestinationSettings
+
+    # A "hung" node: accepts TCP connections but never answers a DICOM association request.
+    hung = socket.socket()
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(8)
+    try:
+        settings = make_settings(local_pacs.port, sender={"timeout_seconds": 30})
+        archive = DestinationSettings(name="archive", ae_title="ARCHIVE", host="127.0.0.1",
+                                      port=hung.getsockname()[1])
+        settings = settings.model_copy(update={
+            "destinations": [*settings.destinations, archive],
+            "routes": [r.model_copy(update={"destinations": ["pacs", "archive"]})
+                       for r in settings.routes]})
+        ds = synthetic.make_xray("chest", rows=128, cols=128, seed=61)
+        with running_daemon(settings) as daemon:
+            t0 = time.monotonic()
+            assert send_files(synthetic.write_study([ds], tmp_path), "127.0.0.1",
+                              daemon.receiver.port, called_ae="DICOMAI").ok
+            wait_for(lambda: len(local_pacs.objects(ds.StudyInstanceUID)) == 2, 25,
+                     what="results at the live destination")
+            assert time.monotonic() - t0 < 25  # well before the hung node's 30 s timeout
+            status = _study_state(settings, ds.StudyInstanceUID, daemon.engine)
+            assert status["state"] == "sending"  # still waiting on the archive
+            dests = {d["name"]: d for d in collect(settings, engine=daemon.engine)
+                     ["destinations"]}
+            assert dests["pacs"]["sent"] == 2 and dests["archive"]["sent"] == 0
+    finally:
+        hung.close()
