@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import time
 import uuid
 from pathlib import Path
 
@@ -36,10 +37,24 @@ class Spool:
         self.root = Path(root)
         self._made: set[Path] = set()
 
-    def start(self) -> None:
-        """Create the directory tree."""
+    def start(self) -> int:
+        """Create the directory tree and remove temporary files left by a crash.
+
+        Only ``.tmp`` files older than an hour are removed, since another process sharing the
+        spool may be writing one right now. Returns the number removed.
+        """
         for sub in ("incoming", "results", "quarantine"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
+        cutoff = time.time() - 3600
+        removed = 0
+        for tmp in self.root.rglob(".*.tmp"):
+            try:
+                if tmp.stat().st_mtime < cutoff:
+                    tmp.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                continue
+        return removed
 
     def instance_path(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
         """Where a received instance lives: ``incoming/<study>/<series>/<sop>.dcm``."""
