@@ -354,8 +354,11 @@ def dicomai_child() -> int:
                 "receiver": {"port": 0, "min_free_disk_mb": 0, "host": HOST},
                 "logging": {"level": "INFO", "format": "json"},
             }
-            settings = load_settings(REPO / "config" / "dicomai.toml", environ={},
-                                     overrides=overrides)
+            # a prototype copy may carry its own config (its config.py may differ)
+            cfg = Path(dicomai.__file__).parents[1] / "config" / "dicomai.toml"
+            if not cfg.exists():
+                cfg = REPO / "config" / "dicomai.toml"
+            settings = load_settings(cfg, environ={}, overrides=overrides)
             daemon = Daemon(settings, roles=["receiver"])
             daemon.start()
             assert daemon.receiver is not None

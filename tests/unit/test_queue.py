@@ -388,13 +388,21 @@ def test_close_quiet_generation_2_sees_earlier_instances(queue: Queue) -> None:
     _, job1 = record(queue, rec(study="1.1", series="1.1.1", sop="1.1.1.1"), T0)
     assert close_quiet_studies(queue, ROUTES, T0 + timedelta(seconds=31), 30) == 1
     later = T0 + timedelta(minutes=5)
+    # A lateral view arrives later: the frontal series (the model's input) is unchanged.
     _, job2 = record(queue, rec(study="1.1", series="1.1.2", sop="1.1.2.1", view_position="LL",
                                 series_number=2), later)
     assert close_quiet_studies(queue, ROUTES, later + timedelta(seconds=31), 30) == 1
     job = queue.get_job(job2)
-    assert (job.generation, job.state, job.route) == (2, "queued", "chest-xray")
-    assert job.series_uids == ["1.1.1"]  # the frontal series from generation 1
+    assert (job.generation, job.state, job.route) == (2, "skipped", "chest-xray")
+    assert events(queue, job2)[-1] == ("receiving", "skipped", "route.inputs_unchanged")
     assert queue.get_job(job1).state == "queued"
+    # Another image in the analysed series changes the input: generation 3 is analysed.
+    even_later = later + timedelta(minutes=5)
+    _, job3 = record(queue, rec(study="1.1", series="1.1.1", sop="1.1.1.2"), even_later)
+    assert close_quiet_studies(queue, ROUTES, even_later + timedelta(seconds=31), 30) == 1
+    job = queue.get_job(job3)
+    assert (job.generation, job.state, job.route) == (3, "queued", "chest-xray")
+    assert job.series_uids == ["1.1.1"]  # the frontal series, generations 1 and 3
 
 
 def test_reap_stale_returns_claims(queue: Queue) -> None:
