@@ -169,6 +169,7 @@ class DestinationSettings(_Section):
     emit_sc: bool = True
     emit_text_sr: bool = False
     emit_failure_notice: bool = False  # Basic Text SR when a routed study fails for good
+    emit_ko: bool = False  # Key Object Selection flagging the images the SR refers to
 
     @field_validator("ae_title")
     @classmethod

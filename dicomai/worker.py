@@ -36,7 +36,8 @@ logger = logging.getLogger(__name__)
 def options_for(dest: DestinationSettings) -> ResultOptions:
     """Result flavour a destination asked for."""
     return ResultOptions(
-        sr_sop_class=dest.sr_sop_class, emit_sc=dest.emit_sc, emit_text_sr=dest.emit_text_sr
+        sr_sop_class=dest.sr_sop_class, emit_sc=dest.emit_sc, emit_text_sr=dest.emit_text_sr,
+        emit_ko=dest.emit_ko,
     )
 
 

@@ -14,6 +14,7 @@ from pydicom.dataset import Dataset
 
 from dicomai.findings import Findings, ModelIdentity, Task
 from dicomai.results.codes import CodeStatus, LabelCode, table_for
+from dicomai.results.ko import build_ko
 from dicomai.results.sc import build_sc_series
 from dicomai.results.sr import SR_CLASSES, build_sr, check_findings, check_sources
 from dicomai.results.text_sr import build_failure_text_sr, build_text_sr
@@ -49,7 +50,9 @@ class ResultOptions:
     max_slice_groups
         Most per-slice groups in a CT SR.
     series_number_base
-        SR series is base + 1, SC base + 2, text SR and failure notice base + 3.
+        SR series is base + 1, SC base + 2, text SR and failure notice base + 3, KOS base + 4.
+    emit_ko
+        Also emit a Key Object Selection flagging the key and positive images.
     """
 
     sr_sop_class: str = "comprehensive3d"
@@ -58,6 +61,7 @@ class ResultOptions:
     sc_max_images: int | None = None
     max_slice_groups: int = 50
     series_number_base: int = 9100
+    emit_ko: bool = False
 
     def __post_init__(self) -> None:
         if self.sr_sop_class not in _SR_SOP_CLASSES:
@@ -66,8 +70,8 @@ class ResultOptions:
             raise ValueError('Argument "sc_max_images" must not be negative.')
         if self.max_slice_groups < 0:
             raise ValueError('Argument "max_slice_groups" must not be negative.')
-        if not 0 <= self.series_number_base <= _MAX_IS - 3:
-            raise ValueError('Argument "series_number_base" must be in [0, 2147483644].')
+        if not 0 <= self.series_number_base <= _MAX_IS - 4:
+            raise ValueError('Argument "series_number_base" must be in [0, 2147483643].')
 
 
 def build_results(
@@ -129,6 +133,8 @@ def build_results(
         if limit is None:
             limit = _DEFAULT_SC_IMAGES[findings.model.task]
         out.extend(build_sc_series(sources, findings, series_number=base + 2, max_images=limit))
+    if options.emit_ko:
+        out.append(build_ko(sources, findings, series_number=base + 4))
     return out
 
 

@@ -851,7 +851,8 @@ def _validation_cases(tmp: Path) -> tuple[list[tuple[Path, Path | None]], list[P
     ]
     for name, sources, source_path, task in task_cases:
         findings = _findings(sources, task, key_uids=[str(ds.SOPInstanceUID) for ds in sources[:3]])
-        objs = build_results(sources, findings, ResultOptions(emit_text_sr=True))
+        objs = build_results(sources, findings, ResultOptions(emit_text_sr=True, emit_ko=True))
+        assert objs[-1].Modality == "KO"
         notice = build_failure_notice(sources, findings.model, "inference_failed")
         emit(name, [*objs, notice], source_path, pixelmed=True)
         if task == Task.BONE_XRAY:  # an amending SR: Predecessor Documents Sequence
@@ -927,3 +928,24 @@ def test_validators(tmp_path: Path) -> None:
         ]
         problems += [f"pixelmed {Path(path).name}: {line}" for line in bad]
     assert not problems, "\n".join(problems)
+
+
+def test_key_object_selection_flags_key_and_positive_slices(results_ct_series) -> None:
+    series = results_ct_series
+    uids = [str(ds.SOPInstanceUID) for ds in series]
+    low = {"any": 0.1, "subdural": 0.1}
+    image_scores = {uid: dict(low) for uid in uids}
+    image_scores[uids[3]] = {"any": 0.95, "subdural": 0.9}  # positive, also the key image
+    image_scores[uids[1]] = {"any": 0.7, "subdural": 0.2}  # positive
+    findings = _findings(series, Task.HEAD_CT_ICH, key_uids=[uids[3]],
+                         image_scores=image_scores)
+    objs = build_results(series, findings, ResultOptions(emit_sc=False, emit_ko=True))
+    ko = _roundtrip(objs[-1])
+    assert ko.Modality == "KO"
+    assert ko.StudyInstanceUID == series[0].StudyInstanceUID
+    assert ko.SeriesDescription.endswith("NOT FOR DIAGNOSTIC USE")
+    flagged = [item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+               for item in ko.ContentSequence if item.ValueType == "IMAGE"]
+    assert flagged == [uids[3], uids[1]]  # key image first, then the other positive slice
+    again = build_results(series, findings, ResultOptions(emit_sc=False, emit_ko=True))[-1]
+    assert again.SOPInstanceUID == ko.SOPInstanceUID
