@@ -8,6 +8,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from dicomai import __version__
 from dicomai.config import Settings, default_config_path, load_settings
@@ -48,18 +49,99 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 # -- status ------------------------------------------------------------------------------
+def _console(stderr: bool = False) -> Any:
+    """A rich console on the current stdout/stderr; wide enough for logs when not a tty."""
+    from rich.console import Console
+
+    stream = sys.stderr if stderr else sys.stdout
+    tty = hasattr(stream, "isatty") and stream.isatty()
+    return Console(file=stream, width=None if tty else 160, soft_wrap=False,
+                   highlight=False)
+
+
+def _status_frame(args: argparse.Namespace, settings: Settings) -> tuple[dict, dict]:
+    from dicomai.status import check_health, collect
+
+    data = collect(settings, limit=args.limit)
+    health = check_health(data, settings, probe=True, echo=bool(args.check),
+                          timeout=args.probe_timeout)
+    return data, health
+
+
 def cmd_status(args: argparse.Namespace) -> int:
-    """Show daemon health, queue and recent studies (works without the daemon)."""
-    from dicomai.status import collect, render_text
+    """Show daemon health, queue, throughput and recent studies (works without the daemon)."""
+    from dicomai.status import render_rich, render_text
 
     settings = _settings(args)
-    data = collect(settings, limit=args.limit)
+    if args.watch is not None:
+        if args.check:
+            print("dicomai status: --watch and --check cannot be combined", file=sys.stderr)
+            return EXIT_USAGE
+        if args.watch <= 0:
+            print("dicomai status: --watch needs a positive number of seconds",
+                  file=sys.stderr)
+            return EXIT_USAGE
+        return _status_watch(args, settings)
+    data, health = _status_frame(args, settings)
     if args.json:
-        print(json.dumps(data, indent=2))
+        print(json.dumps({**data, "health": health}, indent=2))
+    elif args.plain:
+        print(render_text(data, health))
     else:
-        print(render_text(data))
-    if args.check and not data["daemon"]["up"]:
+        _console().print(render_rich(data, health))
+    if args.check and not health["healthy"]:
+        failed = [c for c in health["checks"] if c["critical"] and not c["ok"]]
+        for c in failed:
+            print(f"dicomai status: unhealthy: {c['name']}: {c['detail']}", file=sys.stderr)
         return EXIT_RUNTIME
+    return EXIT_OK
+
+
+def _status_watch(args: argparse.Namespace, settings: Settings) -> int:
+    """Redraw the status every ``args.watch`` seconds until Ctrl-C (or ``--iterations``)."""
+    from rich.console import Group
+    from rich.text import Text
+
+    from dicomai.status import render_rich, render_text
+
+    console = _console()
+    frames = 0
+
+    def frame() -> Any:
+        data, health = _status_frame(args, settings)
+        if args.json:
+            return json.dumps({**data, "health": health})
+        head = Text(f"{data['generated_at']}  refreshing every {args.watch:g}s; Ctrl-C stops",
+                    style="dim")
+        if args.plain:
+            return f"{head.plain}\n{render_text(data, health)}\n"
+        return Group(head, render_rich(data, health))
+
+    try:
+        if console.is_terminal and not args.json and not args.plain:
+            from rich.live import Live
+
+            with Live(console=console, auto_refresh=False, screen=False,
+                      vertical_overflow="visible") as live:
+                while True:
+                    live.update(frame(), refresh=True)
+                    frames += 1
+                    if args.iterations and frames >= args.iterations:
+                        break
+                    time.sleep(args.watch)
+        else:
+            while True:
+                out = frame()
+                if isinstance(out, str):
+                    print(out, flush=True)
+                else:
+                    console.print(out)
+                frames += 1
+                if args.iterations and frames >= args.iterations:
+                    break
+                time.sleep(args.watch)
+    except KeyboardInterrupt:
+        pass
     return EXIT_OK
 
 
@@ -276,10 +358,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--only", help="comma-separated roles: receiver,worker,sender,scheduler")
     s.set_defaults(func=cmd_serve)
 
-    s = sub.add_parser("status", help="daemon health, queue and recent studies")
+    s = sub.add_parser("status", help="daemon health, queue, throughput and recent studies")
     s.add_argument("--json", action="store_true", help="one JSON object for scripts")
+    s.add_argument("--plain", action="store_true", help="plain text instead of tables")
     s.add_argument("--limit", type=int, default=20, help="recent studies to list")
-    s.add_argument("--check", action="store_true", help="exit 1 when the daemon is not up")
+    s.add_argument("--check", action="store_true",
+                   help="exit 1 when unhealthy: heartbeat stale, receiver not answering "
+                        "C-ECHO, database unreachable or free disk below the floor")
+    s.add_argument("--watch", nargs="?", type=float, const=2.0, default=None,
+                   metavar="SECONDS", help="redraw every SECONDS (default 2) until Ctrl-C")
+    s.add_argument("--iterations", type=int, default=0, metavar="N",
+                   help="with --watch: stop after N refreshes (0 = until Ctrl-C)")
+    s.add_argument("--probe-timeout", type=float, default=3.0, metavar="SECONDS",
+                   help="timeout of the receiver probe")
     s.set_defaults(func=cmd_status)
 
     s = sub.add_parser("retry", help="retry failed jobs (re-send results or re-analyse)")

@@ -137,6 +137,16 @@ class WorkerSettings(_Section):
     retry_base_seconds: float = Field(default=10.0, gt=0)
     heartbeat_seconds: float = Field(default=10.0, gt=0)
     torch_threads: int = Field(default=0, ge=0)  # 0: torch's default
+    models: list[str] = Field(default_factory=list)  # models this worker serves; empty = all
+    device: str = ""  # overrides every model's device on this worker, e.g. "cuda:1"
+    batch_size: int = Field(default=0, ge=0)  # overrides the models' batch size; 0 = theirs
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if value and not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+            raise ValueError("device must be auto, cpu, cuda or cuda:N")
+        return value
 
 
 class SenderSettings(_Section):
@@ -300,6 +310,9 @@ class Settings(_Section):
         route_names = [r.name for r in self.routes]
         if len(set(route_names)) != len(route_names):
             raise ValueError("route names must be unique")
+        for name in self.worker.models:
+            if name not in self.models:
+                raise ValueError(f"worker.models names unknown model {name!r}")
         for route in self.routes:
             if route.model not in self.models:
                 raise ValueError(f"route {route.name!r} names unknown model {route.model!r}")
@@ -324,6 +337,22 @@ class Settings(_Section):
         if self.database.url:
             return self.database.url
         return f"sqlite:///{self.general.data_dir / 'dicomai.db'}"
+
+    def served_models(self) -> list[str]:
+        """Models this process's worker loads and claims jobs for."""
+        routed = sorted({r.model for r in self.routes})
+        return [m for m in routed if m in self.worker.models] if self.worker.models else routed
+
+    def model_settings(self, name: str) -> ModelSettings:
+        """Model ``name``'s settings with this worker's device and batch-size overrides."""
+        spec = self.models[name]
+        update: dict[str, Any] = {}
+        if self.worker.device:
+            update["device"] = self.worker.device
+        if self.worker.batch_size:
+            update["preprocessing"] = spec.preprocessing.model_copy(
+                update={"batch_size": self.worker.batch_size})
+        return spec.model_copy(update=update) if update else spec
 
     def model_path(self, name: str) -> Path:
         """Absolute path of model ``name``'s file."""

@@ -15,10 +15,12 @@ from typing import Any
 
 from dicomai import audit
 from dicomai.config import Settings
-from dicomai.db import create_all, make_engine, make_session_factory, utcnow
+from dicomai.db import make_engine, make_session_factory, utcnow
+from dicomai.migrations import upgrade
 from dicomai.logs import log_fields
 from dicomai.queue import Queue
 from dicomai.receiver import Receiver
+from dicomai.leadership import leadership_for
 from dicomai.scheduler import Scheduler, reclaim_dead_local
 from dicomai.sender import Sender
 from dicomai.store import Spool
@@ -61,7 +63,7 @@ class Daemon:
     def start(self) -> None:
         """Create storage, load models, then start the components in data-flow order."""
         self.settings.general.data_dir.mkdir(parents=True, exist_ok=True)
-        create_all(self.engine)
+        upgrade(self.engine)
         self.spool.start()
         a = self.settings.audit
         audit.configure(self.settings.resolve(a.file) if a.file and str(a.file) else None,
@@ -69,8 +71,7 @@ class Daemon:
                         site=self.settings.general.site_name)
         reclaim_dead_local(self.queue, socket.gethostname(), self.clock())
         if "worker" in self.roles:
-            needed = sorted({r.model for r in self.settings.routes})
-            for name in needed:
+            for name in self.settings.served_models():
                 self.models.get(name)  # load once, warm; failure = start-up error
             self.worker = Worker(self.settings, self.queue, self.spool, self.models, self.clock)
         if "receiver" in self.roles:
@@ -83,6 +84,7 @@ class Daemon:
             self.sender.start()
         if "scheduler" in self.roles:
             self.scheduler = Scheduler(self.settings, self.queue, self.spool, self.clock)
+            self.scheduler.leadership = leadership_for(self.engine, self.settings.general.data_dir)
             self.scheduler.start()
         self._beat()
         self._beat_thread = threading.Thread(target=self._beat_loop, name="heartbeat",
@@ -95,6 +97,8 @@ class Daemon:
         if self.receiver is not None and self.receiver.server is not None:
             info["receiver"] = {"ae_title": self.settings.receiver.ae_title,
                                 "host": self.settings.receiver.host, "port": self.receiver.port}
+        if self.scheduler is not None:
+            info["scheduler"] = "active" if self.scheduler.active else "standby"
         info["models"] = {
             name: {"version": b.identity.version, "sha256": b.identity.sha256,
                    "device": b.device, "description": b.identity.description}

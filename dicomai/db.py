@@ -154,7 +154,7 @@ class ResultObject(Base):
     destination: Mapped[str] = mapped_column(String(64))
     kind: Mapped[str] = mapped_column(String(16))
     sop_class_uid: Mapped[str] = mapped_column(String(64))
-    sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
     series_instance_uid: Mapped[str] = mapped_column(String(64))
     path: Mapped[str] = mapped_column(Text)
     state: Mapped[str] = mapped_column(String(16), default="pending")  # pending|sent|failed

@@ -148,13 +148,14 @@ class Queue:
             ``(new, job_id)``; ``new`` is False when the SOP Instance UID was already stored
             (then nothing changes).
         """
-        for _ in range(3):
+        for _ in range(5):
             try:
                 return self._record_instance(rec, path, size_bytes, calling_ae, now)
-            except IntegrityError:
-                # A concurrent association created the same study/job/instance: re-read.
+            except (IntegrityError, StateConflict):
+                # A concurrent association created the same study/job/instance, or the
+                # scheduler closed the job meanwhile: read again.
                 continue
-        raise StateConflict("could not record instance after 3 attempts")
+        raise StateConflict("could not record instance after 5 attempts")
 
     def _record_instance(
         self, rec: InstanceRecord, path: str, size_bytes: int, calling_ae: str, now: datetime
@@ -180,6 +181,7 @@ class Queue:
             study.last_received_at = now
             job = s.scalar(
                 select(Job).where(Job.study_id == study.id, Job.state == S.RECEIVING.value)
+                .with_for_update()
             )
             if job is None:
                 generation = (
@@ -197,8 +199,17 @@ class Queue:
                 s.flush()
                 s.add(JobEvent(job_id=job.id, src=None, dst=S.RECEIVING.value, at=now,
                                reason="instance.first"))
-            job.last_instance_at = now
-            job.instance_count = (job.instance_count or 0) + 1
+                job.instance_count = 0
+                s.flush()
+            # Only while the job is still RECEIVING: if the scheduler closed it meanwhile, this
+            # instance belongs to the next generation (StateConflict → the caller retries).
+            touched = s.execute(
+                update(Job).where(Job.id == job.id, Job.state == S.RECEIVING.value)
+                .values(last_instance_at=now, instance_count=Job.instance_count + 1)
+                .execution_options(synchronize_session=False)
+            )
+            if touched.rowcount != 1:  # type: ignore[attr-defined]
+                raise StateConflict(f"job {job.id} closed while receiving")
             s.add(
                 Instance(
                     sop_instance_uid=rec.sop_instance_uid,
@@ -247,9 +258,13 @@ class Queue:
         reason: str,
         now: datetime | None = None,
         session: Session | None = None,
+        guard: dict[str, Any] | None = None,
         **fields: Any,
     ) -> None:
         """Compare-and-set a job from ``src`` to ``dst``, recording a job event.
+
+        ``guard`` adds column values that must still hold (e.g. the ``last_instance_at`` the
+        caller routed on, so an instance that arrived meanwhile makes the close fail).
 
         Raises
         ------
@@ -267,9 +282,9 @@ class Queue:
             values["finished_at"] = now
         if session is None:
             with self._sessions.begin() as s:
-                self._cas(s, job_id, src, dst, values, reason, now)
+                self._cas(s, job_id, src, dst, values, reason, now, guard)
         else:
-            self._cas(session, job_id, src, dst, values, reason, now)
+            self._cas(session, job_id, src, dst, values, reason, now, guard)
         logger.info(
             "job state changed",
             extra=log_fields("job.transition", job_id=job_id, src=src.value, dst=dst.value,
@@ -285,10 +300,12 @@ class Queue:
         values: dict[str, Any],
         reason: str,
         now: datetime,
+        guard: dict[str, Any] | None = None,
     ) -> None:
-        result = s.execute(
-            update(Job).where(Job.id == job_id, Job.state == src.value).values(**values)
-        )
+        query = update(Job).where(Job.id == job_id, Job.state == src.value)
+        for column, expected in (guard or {}).items():
+            query = query.where(getattr(Job, column) == expected)
+        result = s.execute(query.values(**values))
         if result.rowcount != 1:  # type: ignore[attr-defined]
             raise StateConflict(f"job {job_id} is not {src.value}")
         s.add(JobEvent(job_id=job_id, src=src.value, dst=dst.value, at=now, reason=reason))

@@ -13,6 +13,7 @@ from sqlalchemy import select
 from dicomai.config import RouteSettings, Settings
 from dicomai.db import Instance, Job
 from dicomai.errors import StateConflict
+from dicomai.leadership import Leadership
 from dicomai.logs import log_fields
 from dicomai.queue import TERMINAL_STATES, JobState, Queue
 from dicomai.routing import RouteDecision, StudyInfo, select_route, summarise_series
@@ -46,6 +47,9 @@ def close_quiet_studies(
     """
     closed = 0
     for job in queue.receiving_jobs_quiet_since(now - timedelta(seconds=quiet_seconds)):
+        # Route on what was there at job.last_instance_at; an instance arriving meanwhile
+        # changes last_instance_at, the close below fails and the next tick tries again.
+        guard = {"last_instance_at": job.last_instance_at}
         rows = queue.study_instances(job.study_id, up_to_generation=job.generation)
         study = StudyInfo(
             study_instance_uid=queue.study_uid(job),
@@ -57,7 +61,7 @@ def close_quiet_studies(
             try:
                 queue.transition(job.id, JobState.RECEIVING, JobState.SKIPPED,
                                  reason="route.inputs_unchanged", now=now, closed_at=now,
-                                 route=decision.route, model=decision.model)
+                                 route=decision.route, model=decision.model, guard=guard)
                 closed += 1
             except StateConflict:
                 pass
@@ -65,13 +69,13 @@ def close_quiet_studies(
         try:
             if decision is None:
                 queue.transition(job.id, JobState.RECEIVING, JobState.SKIPPED,
-                                 reason="route.none", now=now, closed_at=now)
+                                 reason="route.none", now=now, closed_at=now, guard=guard)
             else:
                 queue.transition(
                     job.id, JobState.RECEIVING, JobState.QUEUED, reason="route.matched",
                     now=now, closed_at=now, route=decision.route, model=decision.model,
                     destinations=list(decision.destinations),
-                    series_uids=list(decision.series_instance_uids),
+                    series_uids=list(decision.series_instance_uids), guard=guard,
                 )
             closed += 1
         except StateConflict:
@@ -188,9 +192,17 @@ class Scheduler:
         self.spool = spool
         self.clock = clock
         self._sched: BackgroundScheduler | None = None
+        self.leadership: Leadership | None = None
+
+    @property
+    def active(self) -> bool:
+        """Whether this scheduler holds the leadership (others stand by)."""
+        return self.leadership is None or self.leadership.acquire()
 
     def tick(self) -> None:
         """One pass of every periodic job except purge (also used by tests)."""
+        if not self.active:
+            return
         s = self.settings.scheduler
         now = self.clock()
         close_quiet_studies(self.queue, self.settings.routes, now, s.study_quiet_seconds)
@@ -212,8 +224,8 @@ class Scheduler:
                                     job_defaults={"coalesce": True, "max_instances": 1})
         sched.add_job(self._safe(self.tick), "interval", seconds=s.poll_seconds, id="tick")
         sched.add_job(
-            self._safe(lambda: purge_finished(self.queue, self.spool, self.clock(),
-                                              self.settings.spool.retention_days)),
+            self._safe(lambda: self.active and purge_finished(
+                self.queue, self.spool, self.clock(), self.settings.spool.retention_days)),
             "interval", seconds=s.purge_interval_seconds, id="purge")
         sched.start()
         self._sched = sched
@@ -223,3 +235,5 @@ class Scheduler:
         if self._sched is not None:
             self._sched.shutdown(wait=False)
             self._sched = None
+        if self.leadership is not None:
+            self.leadership.release()

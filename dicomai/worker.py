@@ -61,7 +61,7 @@ class ModelPool:
         if name in self._registry:
             return self._registry.get(name)
         with self._lock:
-            spec = self.settings.models[name]
+            spec = self.settings.model_settings(name)
             path = self.settings.model_path(name)
             if ensure_model_file(name, path):
                 logger.info("reference model built", extra=log_fields(
@@ -101,7 +101,8 @@ class Worker:
         self.models = models
         self.clock = clock
         self.name = name or f"worker@{socket.gethostname()}:{os.getpid()}"
-        self.model_names = list(model_names) if model_names is not None else None
+        self.model_names = list(model_names) if model_names is not None \
+            else settings.served_models()
         w = settings.worker
         self.policy = RetryPolicy(w.max_attempts, w.retry_base_seconds)
         self._stop = threading.Event()
@@ -254,7 +255,7 @@ class Worker:
         job = self.queue.get_job(job_id)
         if not job.model:
             raise PermanentError(f"job {job_id} has no model")
-        spec = self.settings.models[job.model]
+        spec = self.settings.model_settings(job.model)
         started = self.clock()
         t0 = time.perf_counter()
         backend = self.models.get(job.model)
