@@ -16,11 +16,11 @@ from typing import Any
 from dicomai import audit
 from dicomai.config import Settings
 from dicomai.db import make_engine, make_session_factory, utcnow
-from dicomai.migrations import upgrade
+from dicomai.leadership import leadership_for
 from dicomai.logs import log_fields
+from dicomai.migrations import upgrade
 from dicomai.queue import Queue
 from dicomai.receiver import Receiver
-from dicomai.leadership import leadership_for
 from dicomai.scheduler import Scheduler, reclaim_dead_local
 from dicomai.sender import Sender
 from dicomai.store import Spool

@@ -107,7 +107,7 @@ class FileLeadership:
             if self._fh is not None:
                 return True
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fh = open(self.path, "a")  # noqa: SIM115 - held open while leader
+            fh = open(self.path, "a")
             try:
                 fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
