@@ -66,7 +66,7 @@ class Cluster:
         self.settings = load_settings(self.config, environ=self.env)
 
     def start(self, name: str, roles: str, **env: str) -> subprocess.Popen:
-        log = open(self.tmp / f"{name}.log", "ab")  # noqa: SIM115 - closed in stop()
+        log = open(self.tmp / f"{name}.log", "ab")
         proc = subprocess.Popen(
             [sys.executable, "-m", "dicomai", "--config", str(self.config), "serve",
              "--only", roles],
@@ -84,7 +84,7 @@ class Cluster:
 
     def stop(self) -> dict[str, int | None]:
         codes = {}
-        for name, proc in self.procs.items():
+        for proc in self.procs.values():
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
         for name, proc in self.procs.items():
