@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import time
@@ -71,13 +72,28 @@ def local_pacs(tmp_path: Path) -> Iterator[LocalPacs]:
     pacs.stop()
 
 
+#: ``DICOMAI_TEST_DATABASE=postgres`` runs the whole suite on a fresh PostgreSQL database per
+#: test instead of SQLite (the `postgres` tests always use PostgreSQL).
+TEST_DATABASE = os.environ.get("DICOMAI_TEST_DATABASE", "sqlite")
+
+
 @pytest.fixture
-def make_settings(tmp_path: Path, model_dir: Path) -> Callable[..., Settings]:
+def default_database_url(request: pytest.FixtureRequest) -> str:
+    """Empty (SQLite under the data dir), or a fresh PostgreSQL database."""
+    if TEST_DATABASE == "postgres":
+        return str(request.getfixturevalue("pg_url"))
+    return ""
+
+
+@pytest.fixture
+def make_settings(tmp_path: Path, model_dir: Path,
+                  default_database_url: str) -> Callable[..., Settings]:
     """Settings from the shipped config on ``tmp_path``, with section overrides."""
 
     def make(pacs_port: int | None = None, **sections: dict[str, Any]) -> Settings:
         overrides: dict[str, Any] = {
             "general": {"data_dir": str(tmp_path / "data")},
+            "database": {"url": default_database_url},
             "receiver": {"port": 0, "min_free_disk_mb": 0},
             "scheduler": {"study_quiet_seconds": 1.0, "poll_seconds": 0.2},
             "worker": {"poll_seconds": 0.1, "heartbeat_seconds": 1.0},
@@ -112,3 +128,6 @@ def running_daemon(settings: Settings, **kwargs: Any) -> Iterator[Daemon]:
         yield daemon
     finally:
         daemon.stop(10)
+
+
+from tests.pg_fixtures import pg_url  # noqa: E402,F401  (fixture, shared by every folder)

@@ -64,7 +64,8 @@ def _write_config(settings, path: Path) -> Path:
     dests = "\n".join(
         f'[[destinations]]\nname = "{d.name}"\nae_title = "{d.ae_title}"\nhost = "{d.host}"\n'
         f'port = {d.port}\n' for d in settings.destinations)
-    path.write_text(f'[general]\ndata_dir = "{settings.general.data_dir}"\n{dests}\n{routes}\n'
+    path.write_text(f'[general]\ndata_dir = "{settings.general.data_dir}"\n'
+                    f'[database]\nurl = "{settings.database.url}"\n{dests}\n{routes}\n'
                     f'{models}\n')
     return path
 

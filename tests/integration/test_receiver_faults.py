@@ -139,7 +139,7 @@ def test_free_space_floor_answers_out_of_resources_and_recovers(make_settings, t
 
 def test_locked_database_answers_out_of_resources_never_success(make_settings, tmp_path):
     settings = make_settings(None, scheduler={"study_quiet_seconds": 3600},
-                             database={"busy_timeout_seconds": 0.5})
+                             database={"busy_timeout_seconds": 0.5, "url": ""})
     ds = synthetic.make_xray("chest", rows=64, cols=64, seed=46)
     paths = synthetic.write_study([ds], tmp_path)
     with running_daemon(settings, roles=["receiver"]) as daemon:

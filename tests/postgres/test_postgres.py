@@ -88,8 +88,9 @@ def test_pipeline_on_postgres(make_settings, local_pacs, pg_url, tmp_path):
 
 
 def test_advisory_lock_has_one_holder_and_is_freed_with_its_connection(pg_url):
-    upgrade(make_engine(pg_url))
-    a, b = PostgresLeadership(make_engine(pg_url)), PostgresLeadership(make_engine(pg_url))
+    engines = [make_engine(pg_url) for _ in range(3)]
+    upgrade(engines[2])
+    a, b = PostgresLeadership(engines[0]), PostgresLeadership(engines[1])
     assert a.acquire() is True
     assert a.acquire() is True  # idempotent while held
     assert b.acquire() is False
@@ -100,8 +101,8 @@ def test_advisory_lock_has_one_holder_and_is_freed_with_its_connection(pg_url):
     b.release()
     assert a.acquire() is True
     a.release()
-    engine = make_engine(pg_url)
-    with engine.connect() as conn:
+    with engines[2].connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'")
                             ).scalar() == 0
-    engine.dispose()
+    for engine in engines:
+        engine.dispose()
