@@ -42,3 +42,14 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/pip install -q -e '.[test]'
   touch "$stamp"
 fi
+
+# The PostgreSQL tests (marker `postgres`) use the server on 127.0.0.1:5432 when there is one;
+# start a locally installed cluster that is down. Without PostgreSQL those tests are skipped.
+if command -v pg_isready >/dev/null 2>&1 && ! pg_isready -q -h 127.0.0.1 -p 5432; then
+  if command -v pg_ctlcluster >/dev/null 2>&1 && [ -d /etc/postgresql ]; then
+    for version in /etc/postgresql/*; do
+      "${sudo_cmd[@]}" pg_ctlcluster --skip-systemctl-redirect "$(basename "$version")" main start \
+        >/dev/null 2>&1 || true
+    done
+  fi
+fi
