@@ -21,6 +21,7 @@ __all__ = [
     "DestinationSettings",
     "GeneralSettings",
     "LoggingSettings",
+    "MetricsSettings",
     "ModelSettings",
     "PreprocessingSettings",
     "ReceiverSettings",
@@ -278,6 +279,14 @@ class LoggingSettings(_Section):
     file: Path | None = None
 
 
+class MetricsSettings(_Section):
+    """Prometheus endpoint."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = Field(default=9464, ge=0, le=65535)
+
+
 class AuditSettings(_Section):
     """Audit trail (DICOM PS3.15 / IHE ATNA style JSON lines)."""
 
@@ -298,6 +307,7 @@ class Settings(_Section):
     sender: SenderSettings = Field(default_factory=SenderSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     audit: AuditSettings = Field(default_factory=AuditSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     destinations: list[DestinationSettings] = Field(default_factory=list)
     routes: list[RouteSettings] = Field(default_factory=list)
     models: dict[str, ModelSettings] = Field(default_factory=dict)

@@ -18,6 +18,7 @@ from dicomai.config import Settings
 from dicomai.db import make_engine, make_session_factory, utcnow
 from dicomai.leadership import leadership_for
 from dicomai.logs import log_fields
+from dicomai.metrics import MetricsServer, start_metrics_server
 from dicomai.migrations import upgrade
 from dicomai.queue import Queue
 from dicomai.receiver import Receiver
@@ -56,6 +57,7 @@ class Daemon:
         self.worker: Worker | None = None
         self.sender: Sender | None = None
         self.scheduler: Scheduler | None = None
+        self.metrics_server: MetricsServer | None = None
         self._beat_stop = threading.Event()
         self._beat_thread: threading.Thread | None = None
 
@@ -86,6 +88,9 @@ class Daemon:
             self.scheduler = Scheduler(self.settings, self.queue, self.spool, self.clock)
             self.scheduler.leadership = leadership_for(self.engine, self.settings.general.data_dir)
             self.scheduler.start()
+        if self.settings.metrics.enabled:
+            m = self.settings.metrics
+            self.metrics_server = start_metrics_server(m.host, m.port, self.settings, self.engine)
         self._beat()
         self._beat_thread = threading.Thread(target=self._beat_loop, name="heartbeat",
                                              daemon=True)
@@ -131,6 +136,8 @@ class Daemon:
                 "daemon.component_stopped", component=name,
                 seconds=round(time.perf_counter() - t0, 3)))
         self._beat_stop.set()
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
         try:
             self.queue.forget_component(f"daemon@{self.instance_name}")
         except Exception:

@@ -33,7 +33,7 @@ from pynetdicom.presentation import StoragePresentationContexts
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
-from dicomai import __version__, audit
+from dicomai import __version__, audit, metrics
 from dicomai.config import ReceiverSettings
 from dicomai.logs import log_fields, uid_ref
 from dicomai.queue import InstanceRecord, Queue
@@ -171,6 +171,7 @@ def _peer(event: evt.Event) -> tuple[str, str]:
 def _quarantine(event: evt.Event, spool: Spool, queue: Queue, reason: str, status: int,
                 clock: Callable[[], datetime], min_free_bytes: int) -> int:
     """Keep the refused bytes under quarantine/<reason>/ and record them; returns ``status``."""
+    metrics.observe_refused(reason)
     calling, peer = _peer(event)
     path: str | None = None
     size = 0
@@ -250,6 +251,7 @@ def handle_store(
         if spool.free_bytes() < min_free_bytes:
             logger.error("spool below free-space floor",
                          extra=log_fields("instance.out_of_space", calling_ae=calling))
+            metrics.observe_refused("out_of_space")
             return STATUS_OUT_OF_RESOURCES
         path = spool.instance_path(rec.study_instance_uid, rec.series_instance_uid,
                                    rec.sop_instance_uid)
@@ -264,7 +266,10 @@ def handle_store(
         except Exception:
             logger.exception("could not record instance",
                              extra=log_fields("instance.db_failed", calling_ae=calling))
+            metrics.observe_refused("database")
             return STATUS_OUT_OF_RESOURCES
+        if new:
+            metrics.observe_instance(size)
         logger.debug(
             "instance stored",
             extra=log_fields("instance.stored", job_id=job_id, new=new,

@@ -5,10 +5,12 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Sequence
-from datetime import datetime, timedelta
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 from apscheduler.schedulers.background import BackgroundScheduler
-from sqlalchemy import select
+from sqlalchemy import case, delete, func, select
 
 from dicomai.config import RouteSettings, Settings
 from dicomai.db import Instance, Job
@@ -20,6 +22,7 @@ from dicomai.routing import RouteDecision, StudyInfo, select_route, summarise_se
 from dicomai.store import Spool
 
 __all__ = [
+    "PurgeItem",
     "Scheduler",
     "close_quiet_studies",
     "purge_finished",
@@ -122,28 +125,68 @@ def reap_stale(queue: Queue, now: datetime, stale_seconds: float) -> int:
     return reaped
 
 
-def purge_finished(queue: Queue, spool: Spool, now: datetime, retention_days: float) -> int:
-    """Delete spool files of jobs finished more than ``retention_days`` ago (rows are kept)."""
+@dataclass(frozen=True, slots=True)
+class PurgeItem:
+    """What retention removes (or would remove) for one study."""
+
+    study_id: int
+    job_ids: tuple[int, ...]
+    finished_at: datetime
+    instance_files: int
+    result_folders: int
+    size_bytes: int
+
+
+def purge_finished(queue: Queue, spool: Spool, now: datetime, retention_days: float, *,
+                   dry_run: bool = False) -> list[PurgeItem]:
+    """Delete the spool files of studies finished more than ``retention_days`` ago.
+
+    A study qualifies when every generation is terminal and the latest finished before the
+    cutoff. Its instance files, its result folders and its instance rows go (so a study sent
+    again later is stored and analysed afresh); jobs, events and result rows stay as history.
+    """
     cutoff = now - timedelta(days=retention_days)
-    purged = 0
-    terminal = [s.value for s in TERMINAL_STATES]
+    terminal = [x.value for x in TERMINAL_STATES]
+    items: list[PurgeItem] = []
     with queue.session() as s:
-        jobs = list(s.scalars(select(Job).where(Job.state.in_(terminal),
-                                                Job.finished_at < cutoff)))
-        for job in jobs:
-            results_dir = spool.root / "results" / str(job.id)
-            if results_dir.exists():
-                spool.remove_tree(results_dir)
-                purged += 1
-            paths = s.scalars(select(Instance.path).where(Instance.job_id == job.id))
-            for path in paths:
-                try:
-                    os.unlink(path)
-                except FileNotFoundError:
-                    pass
-    if purged:
-        logger.info("retention purge", extra=log_fields("scheduler.purged", jobs=purged))
-    return purged
+        per_study = s.execute(
+            select(Job.study_id, func.max(Job.finished_at),
+                   func.sum(case((Job.state.in_(terminal), 0), else_=1)))
+            .group_by(Job.study_id)
+        ).all()
+        due = [(sid, done) for sid, done, open_jobs in per_study
+               if not open_jobs and done is not None and _aware(done) < cutoff]
+        for study_id, finished in due:
+            job_ids = tuple(s.scalars(select(Job.id).where(Job.study_id == study_id)))
+            paths = [Path(p) for p in s.scalars(
+                select(Instance.path).where(Instance.study_id == study_id))]
+            folders = [d for d in (spool.root / "results" / str(j) for j in job_ids)
+                       if d.exists()]
+            present = [p for p in paths if p.exists()]
+            size = sum(p.stat().st_size for p in present) + sum(
+                f.stat().st_size for d in folders for f in d.rglob("*") if f.is_file())
+            if not paths and not folders:
+                continue
+            items.append(PurgeItem(study_id, job_ids, _aware(finished), len(present),
+                                   len(folders), size))
+            if dry_run:
+                continue
+            for path in present:
+                path.unlink(missing_ok=True)
+            for folder in folders:
+                spool.remove_tree(folder)
+            s.execute(delete(Instance).where(Instance.study_id == study_id))
+            s.commit()
+    if items and not dry_run:
+        logger.info("retention purge", extra=log_fields(
+            "scheduler.purged", studies=len(items),
+            files=sum(i.instance_files for i in items),
+            bytes=sum(i.size_bytes for i in items)))
+    return items
+
+
+def _aware(value: datetime) -> datetime:
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
 
 
 def _pid_alive(pid: int) -> bool:

@@ -6,6 +6,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ import pydicom
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
-from dicomai import audit
+from dicomai import audit, metrics
 from dicomai.config import DestinationSettings, Settings
 from dicomai.errors import StateConflict
 from dicomai.logs import log_fields
@@ -182,6 +183,7 @@ class Sender:
             state = {"sent": "sent", "retry": "pending", "refused": "failed"}[outcome.value]
             self.queue.mark_result(result_id, state=state, status_code=status, error=error,
                                    now=now)
+            metrics.observe_send(dest.name, outcome.value)
         sent = sum(1 for o in report.outcomes.values() if o[0] is Outcome.SENT)
         audit.instances_transferred(
             received=False, study_uid=study_uid, count=sent if report.all_sent else len(items),
@@ -200,7 +202,9 @@ class Sender:
         by_dest: dict[str, list[SendItem]] = {}
         for r in rows:
             by_dest.setdefault(r.destination, []).append(SendItem(r.id, r.path, r.sop_class_uid))
-        study_uid = self.queue.study_uid(self.queue.get_job(job_id))
+        job = self.queue.get_job(job_id)
+        study_uid = self.queue.study_uid(job)
+        started = time.perf_counter()
         outcomes: list[Outcome] = []
         errors: list[str] = []
         # Destinations are served in parallel and recorded as each finishes: a dead one
@@ -220,6 +224,7 @@ class Sender:
                              by_dest[name], report)
                 outcomes.extend(o[0] for o in report.outcomes.values())
                 errors.extend(f"{name}: {o[2]}" for o in report.outcomes.values() if o[2])
+        metrics.observe_job("send", job.model or "", time.perf_counter() - started)
         retry = Outcome.RETRY in outcomes
         refused = Outcome.REFUSED in outcomes
         now = self.clock()
@@ -246,3 +251,5 @@ class Sender:
         else:
             self.queue.transition(job_id, JobState.SENDING, JobState.DONE, reason="send.done",
                                   now=now, claimed_by=None, last_error=None)
+            metrics.observe_job("end_to_end", job.model or "",
+                                (now - job.last_instance_at).total_seconds())

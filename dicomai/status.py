@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import shutil
 import socket
+import ssl
+import time
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -74,7 +76,7 @@ def collect(settings: Settings, *, limit: int = 20, engine: Engine | None = None
         return _empty(settings, now, database={"reachable": False,
                                                "error": "database not created yet"})
     own_engine = engine is None
-    engine = engine or make_engine(settings.database_url, busy_timeout=5.0)
+    engine = engine or make_engine(settings.database_url)
     try:
         if not inspect(engine).has_table("jobs"):
             return _empty(settings, now, database={"reachable": True, "error": None})
@@ -324,60 +326,79 @@ def _connect_host(host: str) -> str:
     return host
 
 
-def probe_receiver(host: str, port: int, ae_title: str, *, echo: bool = True,
+def probe_receiver(host: str, port: int, ae_title: str, *,
                    calling_ae: str = "DICOMAI-CHECK", tls: bool = False,
-                   timeout: float = 3.0) -> tuple[bool, str]:
+                   peer_filter: bool = False, timeout: float = 3.0) -> tuple[bool, str]:
     """Is a DICOM receiver listening at ``host:port``? ``(ok, detail)``.
 
-    A TCP connect first; then, when ``echo`` (and not ``tls``), a C-ECHO association. A
-    rejected association (a calling AE title or address the receiver does not accept) still
-    proves that it listens and answers DICOM.
+    A C-ECHO association, released at once. A rejected association (a calling AE title the
+    receiver does not accept) still proves that it listens and answers DICOM. Without a DICOM
+    answer, a plain TCP connect tells "nothing listens" from "listens but does not answer";
+    the latter counts as listening only when it may be our own address or certificate that is
+    refused (``peer_filter``: the receiver restricts peer addresses; ``tls``).
+
+    A bare TCP connect is not used as the probe itself: pynetdicom keeps such a connection as
+    an association (holding one of its slots) until its network timeout.
     """
-    target = _connect_host(host)
-    try:
-        with socket.create_connection((target, port), timeout=timeout):
-            pass
-    except OSError as exc:
-        return False, f"{target}:{port} TCP connect failed ({exc.strerror or type(exc).__name__})"
-    if not echo:
-        return True, f"{ae_title}@{target}:{port} accepts TCP connections"
-    if tls:
-        return True, f"{ae_title}@{target}:{port} accepts TCP connections (TLS: C-ECHO not tried)"
     from pynetdicom import AE
 
+    target = _connect_host(host)
+    where = f"{ae_title}@{target}:{port}"
+    tls_args = None
+    if tls:
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        tls_args = (ctx, None)
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.add_requested_context("1.2.840.10008.1.1")
     try:
-        assoc = ae.associate(target, port, ae_title=ae_title)
+        assoc = ae.associate(target, port, ae_title=ae_title, tls_args=tls_args)
         if assoc.is_established:
             rsp = assoc.send_c_echo()
             assoc.release()
             status = int(rsp.Status) if rsp and "Status" in rsp else None
             if status == 0:
-                return True, f"{ae_title}@{target}:{port} answers C-ECHO"
-            return False, f"{ae_title}@{target}:{port} C-ECHO status " + (
+                return True, f"{where} answers C-ECHO"
+            return False, f"{where} C-ECHO status " + (
                 f"0x{status:04X}" if status is not None else "missing")
         if assoc.is_rejected:
-            return True, f"{ae_title}@{target}:{port} answers (association rejected for " \
-                         f"{calling_ae}; it listens)"
-        return False, f"{ae_title}@{target}:{port} accepts TCP but gave no DICOM answer"
-    except Exception as exc:  # pynetdicom raises several types on broken peers
-        return False, f"{ae_title}@{target}:{port} C-ECHO failed ({type(exc).__name__})"
+            return True, f"{where} answers (association rejected for {calling_ae}; it listens)"
+    except Exception:  # pynetdicom raises several types on broken peers; see TCP below
+        pass
     finally:
         ae.shutdown()
+    try:
+        with socket.create_connection((target, port), timeout=timeout):
+            pass
+    except OSError as exc:
+        return False, f"{where}: TCP connect failed ({exc.strerror or type(exc).__name__})"
+    if tls:
+        return True, f"{where} accepts TCP; TLS association refused (client certificate?)"
+    if peer_filter:
+        return True, f"{where} accepts TCP; this address may not be in allowed_peer_addresses"
+    return False, f"{where} accepts TCP but gives no DICOM answer"
 
 
 def check_health(data: dict[str, Any], settings: Settings | None = None, *,
-                 probe: bool = True, echo: bool = False, timeout: float = 3.0
+                 probe: bool = True, timeout: float = 3.0, calling_ae: str | None = None,
+                 cache: dict[Any, Any] | None = None, cache_seconds: float = 30.0
                  ) -> dict[str, Any]:
-    """Health checks over :func:`collect`'s output, probing the receiver when ``probe``.
+    """Health checks over :func:`collect`'s output; C-ECHO to the receiver when ``probe``.
 
     Returns ``{"healthy": bool, "checks": [{"name", "ok", "critical", "detail"}]}``.
     ``healthy`` is False when a critical check fails: daemon heartbeat stale, database
-    unreachable, no receiver listening (TCP connect, and C-ECHO when ``echo``), or free disk
-    below ``[receiver] min_free_disk_mb``. A component role that no live process reports is a
-    warning only (roles may run on another host).
+    unreachable, no receiver answering (see :func:`probe_receiver`), or free disk below
+    ``[receiver] min_free_disk_mb``. A component role that no live process reports is a
+    warning only (roles may run in other processes or on another host).
+
+    The probe calls with ``calling_ae`` (default ``[sender] ae_title``). A receiver that
+    restricts calling AE titles rejects it, which still counts as listening but is audited as
+    a rejected association: add that title to ``allowed_calling_ae_titles`` to avoid it.
+
+    ``cache`` (a dict kept by the caller, as ``--watch`` does) reuses a probe result for
+    ``cache_seconds``, so that a refreshing display does not open an association each time.
     """
     checks: list[dict[str, Any]] = []
 
@@ -413,10 +434,20 @@ def check_health(data: dict[str, Any], settings: Settings | None = None, *,
             add("receiver", None, f"{rec['ae_title']}@{rec['host']}:{rec['port']} on host "
                                   f"{comp_host}; not probed from here", critical=False)
             continue
-        tls = bool(settings and settings.receiver.tls_cert_file)
-        calling = settings.sender.ae_title if settings else "DICOMAI-CHECK"
-        ok, detail = probe_receiver(str(rec["host"]), int(rec["port"]), str(rec["ae_title"]),
-                                    echo=echo, tls=tls, calling_ae=calling, timeout=timeout)
+        key = (str(rec["host"]), int(rec["port"]), str(rec["ae_title"]))
+        hit = cache.get(key) if cache is not None else None
+        if hit is not None and time.monotonic() - hit[0] < cache_seconds:
+            ok, detail = hit[1], hit[2]
+        else:
+            r = settings.receiver if settings else None
+            ok, detail = probe_receiver(
+                key[0], key[1], key[2], timeout=timeout,
+                calling_ae=calling_ae or (settings.sender.ae_title if settings
+                                          else "DICOMAI-CHECK"),
+                tls=bool(r and r.tls_cert_file), peer_filter=bool(r and
+                                                                  r.allowed_peer_addresses))
+            if cache is not None:
+                cache[key] = (time.monotonic(), ok, detail)
         add("receiver", ok, detail)
     for role in ROLES[1:]:
         running = [c for c in fresh if role in c.get("roles", [])]
@@ -465,7 +496,7 @@ def render_rich(data: dict[str, Any], health: dict[str, Any] | None = None) -> A
             mark = ("[green]ok[/]" if c["ok"] else "[yellow]n/a[/]" if c["ok"] is None
                     else "[red]FAIL[/]" if c["critical"] else "[yellow]warn[/]")
             t.add_row(c["name"], mark, c["detail"])
-        parts.append(Panel(t, title="health", title_align="left"))
+        parts.append(Panel(t, title="health", title_align="left", expand=False))
     comps = Table(box=box.SIMPLE, title="components", title_justify="left")
     for col in ("process", "roles", "listening", "heartbeat"):
         comps.add_column(col)

@@ -15,6 +15,7 @@ from io import BytesIO
 import pydicom
 from pydicom.dataset import Dataset
 
+from dicomai import metrics
 from dicomai.config import DestinationSettings, Settings
 from dicomai.db import ResultObject
 from dicomai.errors import PermanentError, StateConflict
@@ -296,6 +297,7 @@ class Worker:
                 now=self.clock(), session=s, findings=findings.summary(),
                 inference_seconds=round(elapsed, 3), claimed_by=None, not_before=None,
             )
+        metrics.observe_job("inference", job.model, elapsed)
         logger.info("job analysed", extra=log_fields(
             "job.analysed", job_id=job_id, model=job.model, images=len(datasets),
             objects=len(rows), seconds=round(elapsed, 3), positive=len(findings.positive_labels),

@@ -106,3 +106,17 @@ def test_advisory_lock_has_one_holder_and_is_freed_with_its_connection(pg_url):
                             ).scalar() == 0
     for engine in engines:
         engine.dispose()
+
+
+def test_db_upgrade_command(tmp_path, pg_url, capsys):
+    from dicomai import cli
+
+    _old_schema_with_data(pg_url)
+    cfg = tmp_path / "cfg.toml"
+    cfg.write_text(f'[general]\ndata_dir = "{tmp_path}"\n[database]\nurl = "{pg_url}"\n')
+    assert cli.main(["--config", str(cfg), "db", "current"]) == 1
+    assert cli.main(["--config", str(cfg), "db", "upgrade"]) == 0
+    assert f"upgraded 0001 -> {head_revision()}" in capsys.readouterr().out
+    assert cli.main(["--config", str(cfg), "db", "current"]) == 0
+    assert cli.main(["--config", str(cfg), "db", "upgrade"]) == 0
+    assert "already at" in capsys.readouterr().out
