@@ -35,7 +35,8 @@ def _configure_logs(settings: Settings, fmt: str | None = None) -> None:
     from dicomai.logs import configure
 
     log = settings.logging
-    configure(log.level, fmt or log.format, str(log.file) if log.file else None)
+    configure(log.level, fmt or log.format, str(log.file) if log.file else None,
+              levels=dict(log.levels))
 
 
 # -- serve -------------------------------------------------------------------------------
@@ -53,7 +54,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(f"dicomai serve: unknown role(s): {', '.join(sorted(unknown))}", file=sys.stderr)
             return EXIT_USAGE
     daemon = Daemon(settings, roles=roles)
-    return daemon.run()
+    return daemon.run(reload_settings=lambda: _settings(args))
 
 
 # -- status ------------------------------------------------------------------------------

@@ -275,8 +275,10 @@ class LoggingSettings(_Section):
     """Log format and level."""
 
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    format: Literal["json", "text"] = "json"
+    format: Literal["auto", "json", "text"] = "auto"  # auto: JSON under systemd, text on a tty
     file: Path | None = None
+    levels: dict[str, Literal["DEBUG", "INFO", "WARNING", "ERROR"]] = Field(
+        default_factory=dict)  # per component, e.g. {"dicomai.receiver" = "DEBUG"}
 
 
 class MetricsSettings(_Section):

@@ -118,6 +118,30 @@ class Daemon:
             except Exception:
                 logger.warning("heartbeat failed", extra=log_fields("daemon.heartbeat_failed"))
 
+    def reload(self, new: Settings) -> list[str]:
+        """Apply a new configuration without dropping associations (SIGHUP).
+
+        Routes, destinations, models (thresholds, files: the new model is loaded before the old
+        is released), worker, sender, scheduler, audit and logging levels take effect at once.
+        ``[general]``, ``[receiver]``, ``[database]`` and ``[spool]`` need a restart: their old
+        values stay, and a warning names them. Returns those sections.
+        """
+        fixed = ("general", "receiver", "database", "spool")
+        needs_restart = [k for k in fixed if getattr(new, k) != getattr(self.settings, k)]
+        merged = new.model_copy(update={k: getattr(self.settings, k) for k in fixed})
+        self.models.reload(merged)
+        self.settings = merged
+        for component in (self.worker, self.sender, self.scheduler):
+            if component is not None:
+                component.settings = merged
+        logger.info("configuration reloaded", extra=log_fields(
+            "daemon.reloaded", restart_needed=needs_restart, routes=len(merged.routes),
+            destinations=len(merged.destinations)))
+        if needs_restart:
+            logger.warning("some changes need a restart", extra=log_fields(
+                "daemon.reload_partial", sections=needs_restart))
+        return needs_restart
+
     def stop(self, timeout: float = 30.0) -> None:
         """Stop in reverse data-flow order, each step bounded and logged with its duration."""
         steps: list[tuple[str, Callable[[], None]]] = []
@@ -145,9 +169,14 @@ class Daemon:
         self.engine.dispose()
         logger.info("daemon stopped", extra=log_fields("daemon.stopped"))
 
-    def run(self, stop_event: threading.Event | None = None) -> int:
-        """Start, wait for ``stop_event`` (or SIGTERM/SIGINT), stop; returns the exit code."""
+    def run(self, stop_event: threading.Event | None = None,
+            reload_settings: Callable[[], Settings] | None = None) -> int:
+        """Start, wait for ``stop_event`` (or SIGTERM/SIGINT), stop; returns the exit code.
+
+        SIGHUP calls ``reload_settings`` (re-reading the config file) and :meth:`reload`.
+        """
         stop_event = stop_event or threading.Event()
+        reload_requested = threading.Event()
         previous: dict[int, Any] = {}
 
         def handle(signum: int, _frame: FrameType | None) -> None:
@@ -156,12 +185,24 @@ class Daemon:
             logger.info("signal received", extra=log_fields("daemon.signal", signal=signum))
             stop_event.set()
 
+        def hangup(_signum: int, _frame: FrameType | None) -> None:
+            reload_requested.set()
+
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 previous[sig] = signal.signal(sig, handle)
+            if reload_settings is not None:
+                previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, hangup)
         try:
             self.start()
-            stop_event.wait()
+            while not stop_event.wait(0.5):
+                if reload_requested.is_set() and reload_settings is not None:
+                    reload_requested.clear()
+                    try:
+                        self.reload(reload_settings())
+                    except Exception:  # a bad file must not take the daemon down
+                        logger.exception("configuration reload failed; keeping the old one",
+                                         extra=log_fields("daemon.reload_failed"))
         finally:
             self.stop(self.settings.worker.heartbeat_seconds * 3)
             for sig, old in previous.items():

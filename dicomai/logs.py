@@ -89,9 +89,23 @@ class TextFormatter(logging.Formatter):
         return line
 
 
-def configure(level: str = "INFO", fmt: str = "json", file: str | None = None) -> None:
-    """Apply the logging configuration once per process (idempotent)."""
-    formatter = "json" if fmt == "json" else "text"
+def resolve_format(fmt: str) -> str:
+    """``auto``: JSON lines under systemd/journald or when stderr is not a terminal, readable
+    text in a terminal."""
+    if fmt != "auto":
+        return fmt
+    if os.environ.get("JOURNAL_STREAM") or not sys.stderr.isatty():
+        return "json"
+    return "text"
+
+
+def configure(level: str = "INFO", fmt: str = "auto", file: str | None = None,
+              levels: dict[str, str] | None = None) -> None:
+    """Apply the logging configuration once per process (idempotent).
+
+    ``levels`` sets per-component levels, e.g. ``{"dicomai.receiver": "DEBUG"}``.
+    """
+    formatter = resolve_format(fmt)
     handlers: dict[str, Any] = {
         "stderr": {
             "class": "logging.StreamHandler",
@@ -119,6 +133,7 @@ def configure(level: str = "INFO", fmt: str = "json", file: str | None = None) -
                 "pynetdicom": {"level": "WARNING"},
                 "highdicom": {"level": "ERROR"},
                 "apscheduler": {"level": "WARNING"},
+                **{name: {"level": lvl} for name, lvl in (levels or {}).items()},
             },
         }
     )

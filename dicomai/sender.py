@@ -200,13 +200,21 @@ class Sender:
         """Send every pending object of a SENDING job and choose its next state."""
         rows = [r for r in self.queue.results_for(job_id) if r.state == "pending"]
         by_dest: dict[str, list[SendItem]] = {}
+        configured = {d.name for d in self.settings.destinations}
+        outcomes: list[Outcome] = []
+        errors: list[str] = []
         for r in rows:
+            if r.destination not in configured:  # removed from the configuration (reload)
+                self.queue.mark_result(r.id, state="failed", status_code=None,
+                                       error="destination no longer configured",
+                                       now=self.clock())
+                outcomes.append(Outcome.REFUSED)
+                errors.append(f"{r.destination}: no longer configured")
+                continue
             by_dest.setdefault(r.destination, []).append(SendItem(r.id, r.path, r.sop_class_uid))
         job = self.queue.get_job(job_id)
         study_uid = self.queue.study_uid(job)
         started = time.perf_counter()
-        outcomes: list[Outcome] = []
-        errors: list[str] = []
         # Destinations are served in parallel and recorded as each finishes: a dead one
         # (timing out) delays no other.
         with ThreadPoolExecutor(max_workers=max(1, len(by_dest)),

@@ -22,7 +22,7 @@ from dicomai.errors import PermanentError, StateConflict
 from dicomai.findings import ModelIdentity, Task
 from dicomai.inference import analyse
 from dicomai.logs import log_fields, uid_ref
-from dicomai.models.backend import ModelBackend
+from dicomai.models.backend import ModelBackend, TorchScriptBackend
 from dicomai.models.reference import ensure_model_file
 from dicomai.models.registry import ModelRegistry
 from dicomai.queue import JobState, Queue, RetryPolicy
@@ -78,9 +78,39 @@ class ModelPool:
                 device=backend.device))
             return backend
 
+    def reload(self, settings: Settings) -> list[str]:
+        """Adopt new settings; models whose file or options changed are loaded anew *before*
+        the old backend is released. Returns the names of the models swapped."""
+        old, self.settings = self.settings, settings
+        swapped = []
+        for name in self._registry.loaded():
+            if name not in settings.models:
+                continue
+            if _load_key(old, name) == _load_key(settings, name):
+                continue  # thresholds and preprocessing apply per job without a reload
+            spec, path = settings.model_settings(name), settings.model_path(name)
+            ensure_model_file(name, path)
+            backend = TorchScriptBackend.load(
+                path, name=name, version=spec.version, expected_sha256=spec.sha256 or None,
+                device=spec.device, labels=tuple(spec.labels) or None, task=spec.task,
+                body_part=spec.body_part, warmup_size=spec.preprocessing.input_size)
+            self._registry.replace(name, backend)
+            swapped.append(name)
+            logger.info("model swapped", extra=log_fields(
+                "model.swapped", model=name, version=spec.version,
+                sha256=backend.identity.sha256))
+        return swapped
+
     def loaded(self) -> dict[str, ModelBackend]:
         """Snapshot of the loaded models."""
         return {name: self._registry.get(name) for name in self._registry.loaded()}
+
+
+def _load_key(settings: Settings, name: str) -> tuple[object, ...]:
+    """What a loaded model depends on (thresholds and the like apply per job)."""
+    m = settings.model_settings(name)
+    return (settings.model_path(name), m.version, m.sha256, m.device, tuple(m.labels), m.task,
+            m.preprocessing.input_size)
 
 
 class Worker:
@@ -271,7 +301,12 @@ class Worker:
         previous = list(dict.fromkeys(previous))
         rows: list[ResultObject] = []
         built: dict[ResultOptions, list[tuple[str, Dataset, str]]] = {}
+        configured = {d.name for d in self.settings.destinations}
         for dest_name in job.destinations:
+            if dest_name not in configured:  # removed by a configuration reload
+                logger.warning("destination no longer configured", extra=log_fields(
+                    "job.destination_missing", job_id=job_id, destination=dest_name))
+                continue
             options = options_for(self.settings.destination(dest_name))
             if options not in built:
                 objects = build_results(datasets, findings, options, previous_sr_refs=previous)

@@ -94,6 +94,16 @@ class ModelRegistry:
                 raise ValueError(f'Argument "name": model {name} is loaded already.')
             self._backends[name] = backend
 
+    def replace(self, name: str, backend: ModelBackend) -> ModelBackend | None:
+        """Swap in ``backend`` for ``name`` (already loaded by the caller); returns the old one.
+
+        Jobs that already hold the old backend finish with it; new ``get`` calls see the new.
+        """
+        with self._lock:
+            old = self._backends.get(name)
+            self._backends[name] = backend
+            return old
+
     def get(self, name: str) -> ModelBackend:
         """The backend of loaded model ``name``.
 

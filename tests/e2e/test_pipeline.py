@@ -437,3 +437,33 @@ def test_dead_destination_does_not_block_another(make_settings, local_pacs, tmp_
             assert dests["pacs"]["sent"] == 2 and dests["archive"]["sent"] == 0
     finally:
         hung.close()
+
+
+def test_reload_changes_a_route_while_a_study_is_being_received(make_settings, local_pacs):
+    from pynetdicom import AE
+
+    settings = make_settings(local_pacs.port, scheduler={"study_quiet_seconds": 2.0})
+    ct = synthetic.make_head_ct(10, rows=64, cols=64, seed=81)
+    # The new configuration analyses head CT no more (the brain-ct route is removed).
+    changed = settings.model_copy(update={
+        "routes": [r for r in settings.routes if r.name != "brain-ct"]})
+    with running_daemon(settings) as daemon:
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(ct[0].SOPClassUID, ct[0].file_meta.TransferSyntaxUID)
+        assoc = ae.associate("127.0.0.1", daemon.receiver.port, ae_title="DICOMAI")
+        assert assoc.is_established
+        statuses = [int(assoc.send_c_store(ds).Status) for ds in ct[:5]]
+        assert daemon.reload(changed) == []  # nothing needed a restart
+        assert assoc.is_established  # the association was not dropped
+        statuses += [int(assoc.send_c_store(ds).Status) for ds in ct[5:]]
+        assoc.release()
+        ae.shutdown()
+        assert statuses == [0] * 10
+        status = _wait_state(daemon, ct[0].StudyInstanceUID, "skipped")
+        assert status["instances"] == 10
+        # A change to [receiver] is reported as needing a restart, and not applied.
+        moved = changed.model_copy(update={"receiver": changed.receiver.model_copy(
+            update={"ae_title": "OTHER"})})
+        assert daemon.reload(moved) == ["receiver"]
+        assert daemon.settings.receiver.ae_title == "DICOMAI"
+    assert local_pacs.objects(ct[0].StudyInstanceUID) == []

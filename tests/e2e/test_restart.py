@@ -105,3 +105,32 @@ def test_kill_9_then_restart_loses_nothing(tmp_path, model_dir, local_pacs):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(30)
     assert "PHI^SENTINEL" not in log.read_text()
+
+
+def test_sighup_reloads_the_configuration(tmp_path, model_dir, local_pacs):
+    port = free_port()
+    cfg, env = _config(tmp_path, model_dir, port, local_pacs.port, quiet=1.0)
+    log = tmp_path / "daemon.log"
+    proc = _serve(cfg, env, log)
+    try:
+        wait_for(lambda: _listening(port), 120, interval=0.5, what="daemon listening")
+        cfg.write_text(cfg.read_text().replace('name = "brain-ct"', 'name = "brain-ct-v2"'))
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "daemon.reloaded" in log.read_text(), 30, what="reload logged")
+        settings = load_settings(cfg, environ=env)
+        ct = synthetic.make_head_ct(4, rows=64, cols=64, seed=13)
+        assert send_files(synthetic.write_study(ct, tmp_path / "ct"), "127.0.0.1", port,
+                          called_ae="DICOMAI").ok
+        state = wait_for(lambda: next((s for s in collect(settings)["studies"]
+                                       if s["state"] == "done"), None), 120, what="done")
+        assert state["route"] == "brain-ct-v2"  # the reloaded route name
+        cfg.write_text("this is [not toml")  # a broken file is refused; the daemon carries on
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "daemon.reload_failed" in log.read_text(), 30, what="refused")
+        assert echo("127.0.0.1", port, called_ae="DICOMAI") == 0
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)
