@@ -467,3 +467,22 @@ def test_reload_changes_a_route_while_a_study_is_being_received(make_settings, l
         assert daemon.reload(moved) == ["receiver"]
         assert daemon.settings.receiver.ae_title == "DICOMAI"
     assert local_pacs.objects(ct[0].StudyInstanceUID) == []
+
+
+def test_reload_swaps_a_model_after_loading_the_new_one(make_settings, local_pacs, tmp_path):
+    settings = make_settings(local_pacs.port)
+    models = dict(settings.models)
+    models["chest-xray"] = models["chest-xray"].model_copy(update={"version": "0.2.0-test"})
+    changed = settings.model_copy(update={"models": models})
+    ds = synthetic.make_xray("chest", rows=128, cols=128, seed=91)
+    with running_daemon(settings) as daemon:
+        old = daemon.models.get("chest-xray")
+        daemon.reload(changed)
+        new = daemon.models.get("chest-xray")
+        assert new is not old and new.identity.version == "0.2.0-test"
+        assert old.identity.version != "0.2.0-test"  # jobs holding the old one finish with it
+        assert send_files(synthetic.write_study([ds], tmp_path), "127.0.0.1",
+                          daemon.receiver.port, called_ae="DICOMAI").ok
+        _wait_state(daemon, ds.StudyInstanceUID, "done")
+    sr = next(o.dataset for o in local_pacs.objects(ds.StudyInstanceUID) if o.modality == "SR")
+    assert sr.SoftwareVersions == "0.2.0-test"
