@@ -7,6 +7,7 @@ import logging
 import socket
 import ssl
 import threading
+import types
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
@@ -288,11 +289,47 @@ def handle_echo(event: evt.Event) -> int:
     return STATUS_SUCCESS
 
 
-def _on_conn_open(event: evt.Event) -> None:
+_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
+
+
+def _recv_quickack(self: Any, nr_bytes: int) -> bytearray:
+    """AssociationSocket.recv replacement: whole reads into one buffer, and TCP_QUICKACK
+    re-armed after each read.
+
+    A sender that leaves Nagle's algorithm on waits for our ACK before sending the rest of a
+    small PDU; Linux delays that ACK by up to 40 ms unless QUICKACK is set again after every
+    read (it is not sticky). Measured in bench/ingest.py: small images from a Nagle sender
+    went from about 18 to about 140 per second.
+    """
+    sock = self.socket
+    buf = bytearray(nr_bytes)
+    view = memoryview(buf)
+    got = 0
     try:
-        sock = event.assoc.dul.socket.socket
+        while got < nr_bytes:
+            n = sock.recv_into(view[got:], nr_bytes - got)
+            if _QUICKACK is not None:
+                try:
+                    sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
+                except OSError:
+                    pass
+            if not n:  # connection closed: return what we have (as pynetdicom does)
+                return buf[:got]
+            got += n
+    finally:
+        view.release()
+    return buf
+
+
+def _on_conn_open(event: evt.Event) -> None:
+    """Per accepted connection: TCP_NODELAY, and the quick-ACK reader (instance-level only;
+    pynetdicom itself is not modified)."""
+    try:
+        asock = event.assoc.dul.socket
+        sock = asock.socket
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            asock.recv = types.MethodType(_recv_quickack, asock)
     except (AttributeError, OSError):
         pass
 
