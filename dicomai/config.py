@@ -51,6 +51,12 @@ def _check_ae(value: str, what: str) -> str:
     return value.strip()
 
 
+def _check_device(value: str) -> str:
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+        raise ValueError("device must be auto, cpu, cuda or cuda:N")
+    return value
+
+
 class GeneralSettings(_Section):
     """Where dicomai keeps its state; relative paths elsewhere resolve against ``data_dir``."""
 
@@ -145,9 +151,7 @@ class WorkerSettings(_Section):
     @field_validator("device")
     @classmethod
     def _device(cls, value: str) -> str:
-        if value and not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
-            raise ValueError("device must be auto, cpu, cuda or cuda:N")
-        return value
+        return _check_device(value) if value else value
 
 
 class SenderSettings(_Section):
@@ -247,9 +251,7 @@ class ModelSettings(_Section):
     @field_validator("device")
     @classmethod
     def _device(cls, value: str) -> str:
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
-            raise ValueError("device must be auto, cpu, cuda or cuda:N")
-        return value
+        return _check_device(value)
 
     @field_validator("thresholds")
     @classmethod

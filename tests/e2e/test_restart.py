@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ from dicomai import synthetic
 from dicomai.config import load_settings
 from dicomai.scu import echo, send_files
 from dicomai.status import collect
-from tests.conftest import free_port, wait_for
+from tests.conftest import free_port, listening, wait_for
 
 
 def _config(tmp_path: Path, model_dir: Path, port: int, pacs_port: int,
@@ -43,14 +42,6 @@ def _config(tmp_path: Path, model_dir: Path, port: int, pacs_port: int,
     return cfg, env
 
 
-def _listening(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
-            return True
-    except OSError:
-        return False
-
-
 def _serve(cfg: Path, env: dict[str, str], log: Path) -> subprocess.Popen:
     with open(log, "ab") as err:  # the child keeps its own descriptor
         return subprocess.Popen(
@@ -70,7 +61,7 @@ def test_kill_9_then_restart_loses_nothing(tmp_path, model_dir, local_pacs):
     ct = synthetic.make_head_ct(30, rows=128, cols=128, seed=12)
     proc = _serve(cfg, env, log)
     try:
-        wait_for(lambda: _listening(port), 120, interval=0.5, what="daemon listening")
+        wait_for(lambda: listening(port), 120, interval=0.5, what="daemon listening")
         assert echo("127.0.0.1", port, called_ae="DICOMAI") == 0
         assert send_files(synthetic.write_study([chest], tmp_path / "cx"), "127.0.0.1", port,
                           called_ae="DICOMAI").ok
@@ -113,7 +104,7 @@ def test_sighup_reloads_the_configuration(tmp_path, model_dir, local_pacs):
     log = tmp_path / "daemon.log"
     proc = _serve(cfg, env, log)
     try:
-        wait_for(lambda: _listening(port), 120, interval=0.5, what="daemon listening")
+        wait_for(lambda: listening(port), 120, interval=0.5, what="daemon listening")
         cfg.write_text(cfg.read_text().replace('name = "brain-ct"', 'name = "brain-ct-v2"'))
         proc.send_signal(signal.SIGHUP)
         wait_for(lambda: "daemon.reloaded" in log.read_text(), 30, what="reload logged")

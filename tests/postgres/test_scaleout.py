@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,19 +20,11 @@ from dicomai.db import Instance, Job, make_engine, make_session_factory
 from dicomai.models.reference import REFERENCE_MODELS
 from dicomai.scu import send_files
 from dicomai.status import collect
-from tests.conftest import DEFAULT_CONFIG, free_port, wait_for
+from tests.conftest import DEFAULT_CONFIG, free_port, listening, wait_for
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
 N_STUDIES = 200
-
-
-def _listening(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
-            return True
-    except OSError:
-        return False
 
 
 class Cluster:
@@ -122,7 +113,7 @@ def test_two_receivers_three_workers_one_sender(tmp_path, pg_url, model_dir, loc
         cluster.start("scheduler-a", "scheduler")
         cluster.start("scheduler-b", "scheduler")
         for port in ports:
-            wait_for(lambda p=port: _listening(p), 120, interval=0.5, what="receiver up")
+            wait_for(lambda p=port: listening(p), 120, interval=0.5, what="receiver up")
         wait_for(lambda: len(collect(cluster.settings)["daemon"]["components"]) == 8, 120,
                  interval=0.5, what="all 8 processes beating")
         active = wait_for(lambda: _active_scheduler_pid(cluster.settings), 30,
