@@ -22,7 +22,7 @@ from dicomai.metrics import MetricsServer, start_metrics_server
 from dicomai.migrations import upgrade
 from dicomai.queue import Queue
 from dicomai.receiver import Receiver
-from dicomai.scheduler import Scheduler, reclaim_dead_local
+from dicomai.scheduler import PROCESS_TOKEN, Scheduler, reclaim_dead_local
 from dicomai.sender import Sender
 from dicomai.store import Spool
 from dicomai.worker import ModelPool, Worker
@@ -71,7 +71,10 @@ class Daemon:
         audit.configure(self.settings.resolve(a.file) if a.file and str(a.file) else None,
                         syslog=a.syslog, syslog_address=a.syslog_address,
                         site=self.settings.general.site_name)
-        reclaim_dead_local(self.queue, socket.gethostname(), self.clock())
+        reclaim_dead_local(self.queue, socket.gethostname(), self.clock(),
+                           own_token=PROCESS_TOKEN)
+        if "scheduler" in self.roles:
+            self.queue.restart_quiet_clocks(self.clock())
         if "worker" in self.roles:
             for name in self.settings.served_models():
                 self.models.get(name)  # load once, warm; failure = start-up error
@@ -144,6 +147,10 @@ class Daemon:
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop in reverse data-flow order, each step bounded and logged with its duration."""
+        # Nothing new is claimed while the receiver drains its associations.
+        for component in (self.worker, self.sender):
+            if component is not None:
+                component.request_stop()
         steps: list[tuple[str, Callable[[], None]]] = []
         if self.receiver is not None:
             steps.append(("receiver", lambda: self.receiver.stop(min(timeout, 10.0))))  # type: ignore[union-attr]
@@ -204,7 +211,15 @@ class Daemon:
                         logger.exception("configuration reload failed; keeping the old one",
                                          extra=log_fields("daemon.reload_failed"))
         finally:
-            self.stop(self.settings.worker.heartbeat_seconds * 3)
+            self.stop(max(10.0, self.settings.worker.heartbeat_seconds * 3))
             for sig, old in previous.items():
                 signal.signal(sig, old)
+        if self.worker is not None and self.worker.busy():
+            # A model call that does not return in time: leave now rather than let the
+            # interpreter tear torch down under it. The job stays RUNNING and is reclaimed
+            # at the next start (same host) or after stale_claim_seconds.
+            logger.warning("exiting with a model run still in progress",
+                           extra=log_fields("daemon.forced_exit"))
+            logging.shutdown()
+            os._exit(0)
         return 0

@@ -6,6 +6,7 @@ __all__ = [
     "ConfigError",
     "DicomAIError",
     "InferenceError",
+    "Interrupted",
     "ModelLoadError",
     "PermanentError",
     "RetryableError",
@@ -26,6 +27,10 @@ class ConfigError(DicomAIError):
 
 class StateConflict(DicomAIError):
     """A compare-and-set on a job's state matched no row: somebody else moved it first."""
+
+
+class Interrupted(DicomAIError):
+    """Work stopped because the process is shutting down; it is put back, not failed."""
 
 
 class RetryableError(DicomAIError):

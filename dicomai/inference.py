@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Protocol
 
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 from pydicom.dataset import Dataset
 
 from dicomai.config import ModelSettings, PreprocessingSettings
-from dicomai.errors import UnsupportedInput
+from dicomai.errors import Interrupted, UnsupportedInput
 from dicomai.findings import Findings, ModelIdentity, Task
 
 __all__ = [
@@ -75,6 +76,21 @@ def _normalise(channels: np.ndarray, pre: PreprocessingSettings) -> np.ndarray:
     return ((channels - mean) / std).astype(np.float32)
 
 
+def _modality(arr: np.ndarray, ds: Dataset) -> np.ndarray:
+    """Modality LUT (rescale) in float64, refused unless every value is finite in float32."""
+    try:
+        with np.errstate(all="ignore"):
+            out = pydicom.pixels.apply_modality_lut(arr.astype(np.float64), ds)
+            out = np.asarray(out, dtype=np.float64)
+            finite = bool(np.isfinite(out).all()) and (
+                out.size == 0 or float(np.abs(out).max()) < np.finfo(np.float32).max)
+    except Exception as exc:
+        raise UnsupportedInput("modality LUT could not be applied") from exc
+    if not finite:
+        raise UnsupportedInput("rescale gives non-finite values")
+    return out.astype(np.float32)
+
+
 def _display_range(arr: np.ndarray, ds: Dataset) -> tuple[float, float]:
     """The (low, high) modality values that map to black and white.
 
@@ -85,8 +101,10 @@ def _display_range(arr: np.ndarray, ds: Dataset) -> tuple[float, float]:
         try:
             center = float(np.atleast_1d(ds.WindowCenter)[0])
             width = float(np.atleast_1d(ds.WindowWidth)[0])
-            if width > 0:
-                return center - width / 2.0, center + width / 2.0
+            if math.isfinite(center) and math.isfinite(width) and width > 0:
+                low, high = center - width / 2.0, center + width / 2.0
+                if math.isfinite(low) and math.isfinite(high) and high > low:
+                    return low, high
         except (TypeError, ValueError):
             pass
     if arr.size == 0:
@@ -101,11 +119,7 @@ def preprocess_xray(ds: Dataset, pre: PreprocessingSettings) -> np.ndarray:
     Applies the modality LUT, the first VOI LUT or window (else a 1-99 percentile window),
     inverts MONOCHROME1, scales to [0, 1], resizes and normalises.
     """
-    arr = _first_frame(ds).astype(np.float32)
-    try:
-        arr = pydicom.pixels.apply_modality_lut(arr, ds).astype(np.float32)
-    except Exception as exc:
-        raise UnsupportedInput("modality LUT could not be applied") from exc
+    arr = _modality(_first_frame(ds), ds)
     grey: np.ndarray | None = None
     if "VOILUTSequence" in ds:
         try:
@@ -134,11 +148,7 @@ def ct_windows(hu: np.ndarray, windows: Sequence[tuple[float, float]]) -> np.nda
 
 def preprocess_ct_slice(ds: Dataset, pre: PreprocessingSettings) -> np.ndarray:
     """CT slice → normalised [3, S, S] float32 of brain, subdural and bone windows."""
-    arr = _first_frame(ds)
-    try:
-        hu = pydicom.pixels.apply_modality_lut(arr, ds).astype(np.float32)
-    except Exception as exc:
-        raise UnsupportedInput("modality LUT could not be applied") from exc
+    hu = _modality(_first_frame(ds), ds)
     channels = ct_windows(hu, pre.windows)
     return _normalise(resize(channels, pre.input_size), pre)
 
@@ -158,10 +168,13 @@ def order_slices(datasets: Sequence[Dataset]) -> list[Dataset]:
 
 
 def _run_batches(
-    predictor: Predictor, inputs: list[np.ndarray], batch_size: int
+    predictor: Predictor, inputs: list[np.ndarray], batch_size: int,
+    should_stop: Callable[[], bool] | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     probs, cams = [], []
     for start in range(0, len(inputs), batch_size):
+        if should_stop is not None and should_stop():
+            raise Interrupted("stopping between batches")
         batch = np.stack(inputs[start : start + batch_size])
         p, c = predictor.predict(batch)
         probs.append(p)
@@ -177,6 +190,7 @@ def analyse(
     predictor: Predictor,
     settings: ModelSettings,
     started: datetime,
+    should_stop: Callable[[], bool] | None = None,
 ) -> Findings:
     """Run a model over a study's selected instances and threshold the scores.
 
@@ -192,6 +206,8 @@ def analyse(
         The model's configuration (preprocessing, thresholds).
     started
         Inference start time (aware UTC).
+    should_stop
+        Checked between batches; when it returns True, :class:`Interrupted` is raised.
 
     Returns
     -------
@@ -223,7 +239,7 @@ def analyse(
                 raise
     if not inputs:
         raise UnsupportedInput("no slice could be analysed")
-    probs, cams = _run_batches(predictor, inputs, pre.batch_size)
+    probs, cams = _run_batches(predictor, inputs, pre.batch_size, should_stop)
     labels = tuple(settings.labels) or predictor.labels
     if probs.shape[1] != len(labels):
         raise UnsupportedInput("model output does not match its labels")

@@ -382,6 +382,16 @@ class Queue:
                 )
             return list(s.scalars(q.order_by(Instance.id)))
 
+    def restart_quiet_clocks(self, now: datetime) -> int:
+        """Restart the quiet period of every RECEIVING job (at start: our downtime is not the
+        modality's silence, and its sender may still be about to resume)."""
+        with self._sessions.begin() as s:
+            result = s.execute(
+                update(Job).where(Job.state == S.RECEIVING.value, Job.last_instance_at < now)
+                .values(last_instance_at=now)
+            )
+            return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
     def jobs_of_study(self, study_id: int) -> list[Job]:
         """Every job (generation) of a study, oldest first."""
         with self._sessions() as s:

@@ -218,7 +218,8 @@ def handle_store(
         context = event.context
         try:
             ds = event.dataset
-            ds.get("SOPInstanceUID")  # force parsing up to the UIDs
+            for _elem in ds:  # decode every top-level element now, not in the worker later
+                pass
         except Exception:  # any decoding problem of peer-supplied bytes
             return _quarantine(event, spool, queue, "undecodable", STATUS_CANNOT_UNDERSTAND,
                                clock, min_free_bytes)

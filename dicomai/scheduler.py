@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -199,18 +201,37 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def reclaim_dead_local(queue: Queue, hostname: str, now: datetime) -> int:
+#: Random per process: tells this process's claims from those of a dead one with the same PID
+#: (containers restart as PID 1).
+PROCESS_TOKEN = uuid.uuid4().hex[:8]
+
+
+def claimer_name(role: str) -> str:
+    """``role@host:pid:token``, the name a worker or sender claims jobs under."""
+    return f"{role}@{socket.gethostname()}:{os.getpid()}:{PROCESS_TOKEN}"
+
+
+def reclaim_dead_local(queue: Queue, hostname: str, now: datetime,
+                       own_token: str = "") -> int:
     """At start: return jobs claimed by a process of this host that no longer exists.
 
-    Claims are named ``role@host:pid``; such a job need not wait for its heartbeat to go stale.
+    Claims are named ``role@host:pid:token``; a claim from this host whose process is gone, or
+    whose PID is ours but whose token is not (a restart under the same PID), need not wait for
+    its heartbeat to go stale.
     """
     reclaimed = 0
     for state, back in ((JobState.RUNNING, JobState.QUEUED), (JobState.SENDING, JobState.OUTBOX)):
         for job in queue.stale_claims(state, now + timedelta(days=3650)):
             claimer = job.claimed_by or ""
             _, _, where = claimer.partition("@")
-            host, _, pid = where.rpartition(":")
-            if host != hostname or not pid.isdigit() or _pid_alive(int(pid)):
+            parts = where.split(":")
+            if len(parts) < 2 or parts[0] != hostname or not parts[1].isdigit():
+                continue
+            pid, token = int(parts[1]), parts[2] if len(parts) > 2 else ""
+            if pid == os.getpid():
+                if token == own_token:
+                    continue  # our own live claim
+            elif _pid_alive(pid):
                 continue
             try:
                 queue.transition(job.id, state, back, reason="reap.dead_process", now=now,

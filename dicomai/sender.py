@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -22,6 +20,7 @@ from dicomai.config import DestinationSettings, Settings
 from dicomai.errors import StateConflict
 from dicomai.logs import log_fields
 from dicomai.queue import JobState, Queue, RetryPolicy
+from dicomai.scheduler import claimer_name
 
 __all__ = ["Outcome", "SendItem", "SendReport", "Sender", "classify_status", "send_objects"]
 
@@ -135,7 +134,7 @@ class Sender:
         self.settings = settings
         self.queue = queue
         self.clock = clock
-        self.name = name or f"sender@{socket.gethostname()}:{os.getpid()}"
+        self.name = name or claimer_name("sender")
         s = settings.sender
         self.policy = RetryPolicy(s.max_attempts, s.retry_base_seconds, s.retry_max_seconds)
         self._stop = threading.Event()
@@ -147,6 +146,10 @@ class Sender:
             t = threading.Thread(target=self._loop, name=f"sender-{i}", daemon=True)
             t.start()
             self._threads.append(t)
+
+    def request_stop(self) -> None:
+        """Stop claiming new jobs."""
+        self._stop.set()
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop claiming and wait (bounded) for the jobs being sent."""

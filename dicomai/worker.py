@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import logging
-import os
 import re
-import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -18,7 +16,7 @@ from pydicom.dataset import Dataset
 from dicomai import metrics
 from dicomai.config import DestinationSettings, Settings
 from dicomai.db import ResultObject
-from dicomai.errors import PermanentError, StateConflict
+from dicomai.errors import Interrupted, PermanentError, StateConflict
 from dicomai.findings import ModelIdentity, Task
 from dicomai.inference import analyse
 from dicomai.logs import log_fields, uid_ref
@@ -27,6 +25,7 @@ from dicomai.models.reference import ensure_model_file
 from dicomai.models.registry import ModelRegistry
 from dicomai.queue import JobState, Queue, RetryPolicy
 from dicomai.results import ResultOptions, build_failure_notice, build_results
+from dicomai.scheduler import claimer_name
 from dicomai.store import Spool
 
 __all__ = ["ModelPool", "Worker", "options_for"]
@@ -131,7 +130,7 @@ class Worker:
         self.spool = spool
         self.models = models
         self.clock = clock
-        self.name = name or f"worker@{socket.gethostname()}:{os.getpid()}"
+        self.name = name or claimer_name("worker")
         self.model_names = list(model_names) if model_names is not None \
             else settings.served_models()
         w = settings.worker
@@ -151,12 +150,19 @@ class Worker:
             t.start()
             self._threads.append(t)
 
+    def request_stop(self) -> None:
+        """Stop claiming; a running model stops at its next batch and puts its job back."""
+        self._stop.set()
+
     def stop(self, timeout: float = 30.0) -> None:
         """Stop claiming and wait (bounded) for the running job; the reaper handles the rest."""
         self._stop.set()
         for t in self._threads:
             t.join(timeout)
-        self._threads.clear()
+
+    def busy(self) -> bool:
+        """Whether a worker thread is still running after :meth:`stop`."""
+        return any(t.is_alive() for t in self._threads)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -188,6 +194,14 @@ class Worker:
             self._run(job_id)
         except StateConflict:
             logger.warning("job taken away", extra=log_fields("job.lost_claim", job_id=job_id))
+        except Interrupted:
+            # Shutting down mid-run: put the job back without counting the attempt.
+            try:
+                self.queue.transition(job_id, JobState.RUNNING, JobState.QUEUED,
+                                      reason="worker.stopping", now=self.clock(),
+                                      attempts=max(0, job.attempts - 1), claimed_by=None)
+            except StateConflict:
+                pass
         except PermanentError as exc:
             self._fail(job_id, f"permanent.{type(exc).__name__}", str(exc))
         except Exception as exc:
@@ -291,7 +305,8 @@ class Worker:
         t0 = time.perf_counter()
         backend = self.models.get(job.model)
         datasets, _ = self._load_sources(job_id)
-        findings = analyse(Task(spec.task), datasets, backend, spec, started)
+        findings = analyse(Task(spec.task), datasets, backend, spec, started,
+                           should_stop=self._stop.is_set)
         previous = [
             (self.queue.study_uid(job), r.series_instance_uid, r.sop_class_uid,
              r.sop_instance_uid)
