@@ -427,3 +427,26 @@ def test_reap_stale_returns_claims(queue: Queue) -> None:
     job = queue.get_job(fresh_run)
     assert (job.state, job.claimed_by) == ("running", "w")
     assert reap_stale(queue, now, 300) == 0
+
+
+def test_claim_only_jobs_for_the_models_a_worker_serves(queue: Queue) -> None:
+    chest = queued_job(queue, 1)
+    ct = queued_job(queue, 2)
+    queue.transition(ct, JobState.QUEUED, JobState.CANCELLED, reason="test", now=T0)
+    ct = queued_job(queue, 3)
+    with queue.session() as s, s.begin():
+        s.execute(update(Job).where(Job.id == ct).values(model="head-ct-ich"))
+    assert queue.claim_next(JobState.QUEUED, JobState.RUNNING, "ct-worker", T0,
+                            models=["head-ct-ich"]).id == ct
+    assert queue.claim_next(JobState.QUEUED, JobState.RUNNING, "ct-worker", T0,
+                            models=["head-ct-ich"]) is None  # the chest job is not its own
+    assert queue.claim_next(JobState.QUEUED, JobState.RUNNING, "any-worker", T0).id == chest
+
+
+def test_restart_quiet_clocks_only_touches_receiving_jobs(queue: Queue) -> None:
+    _, receiving = record(queue, rec(study="1.7", series="1.7.1", sop="1.7.1.1"), T0)
+    queued = queued_job(queue, 4)
+    later = T0 + timedelta(minutes=10)
+    assert queue.restart_quiet_clocks(later) == 1
+    assert queue.get_job(receiving).last_instance_at == later
+    assert queue.get_job(queued).last_instance_at == T0
