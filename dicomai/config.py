@@ -203,6 +203,7 @@ class RouteSettings(_Section):
     series_description: list[str] = Field(default_factory=list)
     destinations: list[str] = Field(default_factory=lambda: ["pacs"])
     series_rule: Literal["xray_frontal", "ct_axial_most_slices", "all"] = "all"
+    priority: int = Field(default=0, ge=0, le=100)  # higher is claimed first (urgent routes)
 
     @field_validator("modality", "body_part")
     @classmethod

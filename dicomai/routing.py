@@ -73,6 +73,7 @@ class RouteDecision:
     model: str
     destinations: tuple[str, ...]
     series_instance_uids: tuple[str, ...]
+    priority: int = 0
 
 
 def summarise_series(rows: Iterable[dict[str, object]]) -> list[SeriesInfo]:
@@ -165,5 +166,6 @@ def select_route(study: StudyInfo, routes: Sequence[RouteSettings]) -> RouteDeci
                 model=route.model,
                 destinations=tuple(route.destinations),
                 series_instance_uids=chosen,
+                priority=route.priority,
             )
     return None

@@ -81,6 +81,7 @@ def close_quiet_studies(
                     now=now, closed_at=now, route=decision.route, model=decision.model,
                     destinations=list(decision.destinations),
                     series_uids=list(decision.series_instance_uids), guard=guard,
+                    priority=decision.priority,
                 )
             closed += 1
         except StateConflict:

@@ -450,3 +450,18 @@ def test_restart_quiet_clocks_only_touches_receiving_jobs(queue: Queue) -> None:
     assert queue.restart_quiet_clocks(later) == 1
     assert queue.get_job(receiving).last_instance_at == later
     assert queue.get_job(queued).last_instance_at == T0
+
+
+def test_urgent_route_is_claimed_before_older_routine_jobs(queue: Queue) -> None:
+    from dicomai.config import load_settings
+
+    routes = load_settings(Path(__file__).resolve().parents[2] / "config" / "dicomai.toml",
+                           environ={}).routes
+    for n in range(3):  # a backlog of chest X-rays
+        record(queue, rec(study=f"1.5.{n}", series=f"1.5.{n}.1", sop=f"1.5.{n}.1.1"), T0)
+    _, ct = record(queue, rec(study="1.6", series="1.6.1", sop="1.6.1.1", modality="CT",
+                              body_part="HEAD", image_type="ORIGINAL\\PRIMARY\\AXIAL"),
+                   T0 + timedelta(seconds=5))
+    assert close_quiet_studies(queue, routes, T0 + timedelta(minutes=5), 30) == 4
+    first = queue.claim_next(JobState.QUEUED, JobState.RUNNING, "w", T0 + timedelta(minutes=5))
+    assert (first.id, first.route, first.priority) == (ct, "brain-ct", 10)
