@@ -1,0 +1,117 @@
+"""End-to-end latency benchmark: last instance acknowledged → last result acknowledged.
+
+Runs the real daemon in-process (SQLite, reference models, CPU) and a local Storage SCP as the
+destination, sends studies one at a time with pynetdicom, and prints p50/p95 of
+
+* total latency (what a radiologist waits for after the modality finished), and
+* the same without the quiet period (the part dicomai's processing controls),
+
+for single-image chest X-rays and a 200-slice head CT. Not a test: it prints figures.
+
+    .venv/bin/python bench/latency.py [--chest 50] [--ct 3] [--quiet 1.0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from dicomai import synthetic  # noqa: E402
+from dicomai.config import load_settings  # noqa: E402
+from dicomai.daemon import Daemon  # noqa: E402
+from dicomai.local_pacs import LocalPacs  # noqa: E402
+from dicomai.scu import send_files  # noqa: E402
+
+
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def _run(daemon: Daemon, pacs: LocalPacs, files: list[Path], study_uid: str,
+         expected: int, timeout: float = 600.0) -> float:
+    before = len(pacs.objects(study_uid))
+    assert send_files(files, "127.0.0.1", daemon.receiver.port, called_ae="DICOMAI").ok
+    acked = time.monotonic()
+    deadline = acked + timeout
+    while len(pacs.objects(study_uid)) < before + expected:
+        if time.monotonic() > deadline:
+            raise TimeoutError(study_uid)
+        time.sleep(0.005)
+    return time.monotonic() - acked
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--chest", type=int, default=50, help="chest X-ray studies")
+    parser.add_argument("--ct", type=int, default=3, help="200-slice head CT studies")
+    parser.add_argument("--quiet", type=float, default=1.0, help="study_quiet_seconds")
+    parser.add_argument("--json", help="also write the figures here")
+    args = parser.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="dicomai-latency-"))
+    settings = load_settings(REPO / "config" / "dicomai.toml", environ={}, overrides={
+        "general": {"data_dir": str(tmp)},
+        "receiver": {"port": 0, "min_free_disk_mb": 0},
+        "scheduler": {"study_quiet_seconds": args.quiet, "poll_seconds": 0.05},
+        "worker": {"poll_seconds": 0.02},
+        "sender": {"poll_seconds": 0.02},
+        "logging": {"level": "WARNING"},
+    })
+    base = load_settings(REPO / "config" / "dicomai.toml", environ={})
+    models = {n: m.model_copy(update={"path": base.model_path(n)})
+              for n, m in settings.models.items()}
+    pacs = LocalPacs(ae_title="PACS").start()
+    settings = settings.model_copy(update={
+        "models": models,
+        "destinations": [d.model_copy(update={"port": pacs.port}) for d in settings.destinations],
+    })
+    daemon = Daemon(settings)
+    daemon.start()
+    figures: dict[str, dict[str, float]] = {}
+    try:
+        cases = {
+            "chest_xray": [([synthetic.make_xray("chest", rows=2000, cols=2500, seed=i)], 2)
+                           for i in range(args.chest)],
+            "head_ct_200": [(synthetic.make_head_ct(200, rows=512, cols=512, seed=100 + i), 6)
+                            for i in range(args.ct)],
+        }
+        for name, studies in cases.items():
+            totals = []
+            for datasets, expected in studies:
+                files = synthetic.write_study(datasets, tmp / "in" / datasets[0].StudyInstanceUID)
+                totals.append(_run(daemon, pacs, files, datasets[0].StudyInstanceUID, expected))
+            processing = [t - args.quiet for t in totals]
+            figures[name] = {
+                "studies": len(totals),
+                "p50_total_s": round(statistics.median(totals), 3),
+                "p95_total_s": round(_pct(totals, 0.95), 3),
+                "p50_without_quiet_s": round(statistics.median(processing), 3),
+                "p95_without_quiet_s": round(_pct(processing, 0.95), 3),
+                "quiet_period_s": args.quiet,
+            }
+    finally:
+        daemon.stop(10)
+        pacs.stop()
+    print(f"machine: {os.cpu_count()} CPUs; quiet period {args.quiet}s (reported separately)")
+    print(f"{'case':<12} {'n':>3} {'p50 total':>10} {'p95 total':>10} "
+          f"{'p50 w/o quiet':>14} {'p95 w/o quiet':>14}")
+    for name, f in figures.items():
+        print(f"{name:<12} {f['studies']:>3} {f['p50_total_s']:>9.2f}s {f['p95_total_s']:>9.2f}s "
+              f"{f['p50_without_quiet_s']:>13.2f}s {f['p95_without_quiet_s']:>13.2f}s")
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
