@@ -16,7 +16,7 @@ from pydicom.dataset import Dataset
 from dicomai import metrics
 from dicomai.config import DestinationSettings, Settings
 from dicomai.db import ResultObject
-from dicomai.errors import Interrupted, PermanentError, StateConflict
+from dicomai.errors import DicomAIError, Interrupted, PermanentError, StateConflict
 from dicomai.findings import ModelIdentity, Task
 from dicomai.inference import analyse
 from dicomai.logs import log_fields, uid_ref
@@ -206,7 +206,9 @@ class Worker:
             self._fail(job_id, f"permanent.{type(exc).__name__}", str(exc))
         except Exception as exc:
             logger.exception("job failed", extra=log_fields("job.error", job_id=job_id))
-            reason = f"{type(exc).__name__}: {exc}"[:500]
+            # Library exception texts may quote dataset values: keep only their type name.
+            reason = (f"{type(exc).__name__}: {exc}" if isinstance(exc, DicomAIError)
+                      else type(exc).__name__)[:500]
             if job.attempts >= self.policy.max_attempts:
                 self._fail(job_id, "attempts_exhausted", reason)
             else:
