@@ -22,7 +22,7 @@ from dicomai.metrics import MetricsServer, start_metrics_server
 from dicomai.migrations import upgrade
 from dicomai.queue import Queue
 from dicomai.receiver import Receiver
-from dicomai.scheduler import PROCESS_TOKEN, Scheduler, reclaim_dead_local
+from dicomai.scheduler import PROCESS_TOKEN, Scheduler, reclaim_dead_local, sweep_orphans
 from dicomai.sender import Sender
 from dicomai.store import Spool
 from dicomai.worker import ModelPool, Worker
@@ -75,6 +75,7 @@ class Daemon:
                            own_token=PROCESS_TOKEN)
         if "scheduler" in self.roles:
             self.queue.restart_quiet_clocks(self.clock())
+            sweep_orphans(self.queue, self.spool)
         if "worker" in self.roles:
             for name in self.settings.served_models():
                 self.models.get(name)  # load once, warm; failure = start-up error

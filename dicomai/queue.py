@@ -124,6 +124,15 @@ class Queue:
             )
             return found is not None
 
+    def indexed_paths(self, paths: Sequence[str]) -> set[str]:
+        """Which of ``paths`` have an instance row."""
+        found: set[str] = set()
+        with self._sessions() as s:
+            for start in range(0, len(paths), 500):
+                chunk = list(paths[start:start + 500])
+                found.update(s.scalars(select(Instance.path).where(Instance.path.in_(chunk))))
+        return found
+
     def known_instance(self, sop_instance_uid: str) -> str | None:
         """``"stored"`` (already received), ``"own_result"`` (an object dicomai made and a
         PACS sent back), or ``None``."""

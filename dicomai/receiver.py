@@ -493,7 +493,10 @@ class Receiver:
             return
         server.shutdown()
         deadline = self.clock().timestamp() + timeout
-        while ae.active_associations and self.clock().timestamp() < deadline:
+        # Wait for established associations only: a bare TCP connection (a port probe) that
+        # never sent an association request would otherwise hold shutdown for acse_timeout.
+        while (any(a.is_established for a in ae.active_associations)
+               and self.clock().timestamp() < deadline):
             threading.Event().wait(0.05)
         ae.shutdown()
         logger.info("receiver stopped", extra=log_fields("receiver.stopped"))

@@ -30,6 +30,7 @@ __all__ = [
     "purge_finished",
     "reap_stale",
     "reclaim_dead_local",
+    "sweep_orphans",
 ]
 
 logger = logging.getLogger(__name__)
@@ -190,6 +191,25 @@ def purge_finished(queue: Queue, spool: Spool, now: datetime, retention_days: fl
 
 def _aware(value: datetime) -> datetime:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value
+
+
+def sweep_orphans(queue: Queue, spool: Spool, older_than_seconds: float = 3600.0) -> int:
+    """Delete received files that no row indexes (a crash between rename and commit).
+
+    Such a file was never acknowledged, so the sender will send it again. Only files older than
+    an hour are considered, since another receiver sharing the spool may be about to commit.
+    """
+    candidates = [str(p) for p in spool.incoming_files(older_than_seconds)]
+    indexed = queue.indexed_paths(candidates)
+    removed = 0
+    for path in candidates:
+        if path not in indexed:
+            Path(path).unlink(missing_ok=True)
+            removed += 1
+    if removed:
+        logger.warning("unindexed received files removed",
+                       extra=log_fields("spool.orphans_removed", files=removed))
+    return removed
 
 
 def _pid_alive(pid: int) -> bool:

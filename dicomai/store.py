@@ -109,6 +109,18 @@ class Spool:
             raise
         return size
 
+    def incoming_files(self, older_than_seconds: float) -> list[Path]:
+        """Received files last modified more than ``older_than_seconds`` ago."""
+        cutoff = time.time() - older_than_seconds
+        out = []
+        for path in (self.root / "incoming").rglob("*.dcm"):
+            try:
+                if path.stat().st_mtime < cutoff:
+                    out.append(path)
+            except FileNotFoundError:
+                continue
+        return out
+
     def free_bytes(self) -> int:
         """Free space on the spool's file system."""
         return shutil.disk_usage(self.root).free

@@ -465,3 +465,25 @@ def test_urgent_route_is_claimed_before_older_routine_jobs(queue: Queue) -> None
     assert close_quiet_studies(queue, routes, T0 + timedelta(minutes=5), 30) == 4
     first = queue.claim_next(JobState.QUEUED, JobState.RUNNING, "w", T0 + timedelta(minutes=5))
     assert (first.id, first.route, first.priority) == (ct, "brain-ct", 10)
+
+
+def test_sweep_orphans_removes_only_old_unindexed_files(queue: Queue, tmp_path: Path) -> None:
+    import os
+
+    from dicomai.scheduler import sweep_orphans
+    from dicomai.store import Spool
+
+    spool = Spool(tmp_path / "spool")
+    spool.start()
+    indexed = spool.instance_path("1.2", "1.2.3", "1.2.3.4")
+    orphan = spool.instance_path("1.2", "1.2.3", "1.2.3.5")
+    young = spool.instance_path("1.2", "1.2.3", "1.2.3.6")
+    for path in (indexed, orphan, young):
+        spool.write_atomic(path, b"DICM")
+    old = T0.timestamp()
+    for path in (indexed, orphan):
+        os.utime(path, (old, old))
+    queue.record_instance(rec(study="1.2", series="1.2.3", sop="1.2.3.4"), str(indexed), 4,
+                          "MODALITY", T0)
+    assert sweep_orphans(queue, spool) == 1
+    assert indexed.exists() and young.exists() and not orphan.exists()
