@@ -7,7 +7,7 @@ import json
 import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -359,69 +359,56 @@ def _models_evaluate(args: argparse.Namespace) -> int:
 
 
 # -- retry / cancel ----------------------------------------------------------------------
-def _operator_jobs(args: argparse.Namespace, settings: Settings, failed_only: bool):
-    from dicomai.db import make_engine, make_session_factory
+def _on_jobs(args: argparse.Namespace, action: Callable[..., str]) -> int:
+    """Apply ``action(queue, job, now) -> message`` to the jobs named by --job/--study/
+    --all-failed; a StateConflict is reported and makes the exit code 1."""
+    from dicomai.db import make_engine, make_session_factory, utcnow
+    from dicomai.errors import StateConflict
     from dicomai.migrations import upgrade
     from dicomai.queue import JobState, Queue
 
-    engine = make_engine(settings.database_url)
-    upgrade(engine)
-    queue = Queue(make_session_factory(engine))
-    states = [JobState.FAILED] if getattr(args, "all_failed", False) else []
-    jobs = queue.jobs_for(job_ids=args.job or [], study_uids=args.study or [], states=states)
-    return engine, queue, jobs
+    engine = make_engine(_settings(args).database_url)
+    problems = 0
+    try:
+        upgrade(engine)
+        queue = Queue(make_session_factory(engine))
+        states = [JobState.FAILED] if getattr(args, "all_failed", False) else []
+        jobs = queue.jobs_for(job_ids=args.job or [], study_uids=args.study or [],
+                              states=states)
+        if not jobs:
+            print("no matching job", file=sys.stderr)
+            return EXIT_RUNTIME
+        for job in jobs:
+            try:
+                print(action(queue, job, utcnow()))
+            except StateConflict as exc:
+                print(f"job {job.id}: {exc}; left alone", file=sys.stderr)
+                problems += 1
+    finally:
+        engine.dispose()
+    return EXIT_RUNTIME if problems else EXIT_OK
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
     """Send failed jobs round again (re-send results, or re-run the analysis)."""
-    from dicomai.db import utcnow
-    from dicomai.errors import StateConflict
-
     if not (args.job or args.study or args.all_failed):
         print("dicomai retry: give --job, --study or --all-failed", file=sys.stderr)
         return EXIT_USAGE
-    engine, queue, jobs = _operator_jobs(args, _settings(args), True)
-    problems = 0
-    try:
-        for job in jobs:
-            try:
-                dst = queue.retry(job.id, utcnow())
-                print(f"job {job.id}: failed -> {dst.value}")
-            except StateConflict:
-                print(f"job {job.id}: is {job.state}, not failed; left alone", file=sys.stderr)
-                problems += 1
-        if not jobs:
-            print("no matching job", file=sys.stderr)
-            return EXIT_RUNTIME
-    finally:
-        engine.dispose()
-    return EXIT_RUNTIME if problems else EXIT_OK
+    return _on_jobs(args, lambda queue, job, now:
+                    f"job {job.id}: failed -> {queue.retry(job.id, now).value}")
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
     """Cancel queued, outbox or failed jobs."""
-    from dicomai.db import utcnow
-    from dicomai.errors import StateConflict
-
     if not (args.job or args.study):
         print("dicomai cancel: give --job or --study", file=sys.stderr)
         return EXIT_USAGE
-    engine, queue, jobs = _operator_jobs(args, _settings(args), False)
-    problems = 0
-    try:
-        for job in jobs:
-            try:
-                queue.cancel(job.id, utcnow())
-                print(f"job {job.id}: {job.state} -> cancelled")
-            except StateConflict as exc:
-                print(f"{exc}", file=sys.stderr)
-                problems += 1
-        if not jobs:
-            print("no matching job", file=sys.stderr)
-            return EXIT_RUNTIME
-    finally:
-        engine.dispose()
-    return EXIT_RUNTIME if problems else EXIT_OK
+
+    def cancel(queue: Any, job: Any, now: Any) -> str:
+        queue.cancel(job.id, now)
+        return f"job {job.id}: {job.state} -> cancelled"
+
+    return _on_jobs(args, cancel)
 
 
 # -- studies -----------------------------------------------------------------------------
