@@ -24,6 +24,7 @@ __all__ = [
     "order_slices",
     "preprocess_ct_slice",
     "preprocess_xray",
+    "preprocessor_for",
     "resize",
 ]
 
@@ -167,6 +168,12 @@ def order_slices(datasets: Sequence[Dataset]) -> list[Dataset]:
     return sorted(datasets, key=key)
 
 
+def preprocessor_for(task: Task) -> Callable[[Dataset, PreprocessingSettings], np.ndarray]:
+    """The function that turns one instance into a model input for ``task`` (the worker's
+    decode processes call the same one)."""
+    return preprocess_ct_slice if task is Task.HEAD_CT_ICH else preprocess_xray
+
+
 def _run_batches(
     predictor: Predictor, inputs: list[np.ndarray], batch_size: int,
     should_stop: Callable[[], bool] | None = None,
@@ -191,6 +198,7 @@ def analyse(
     settings: ModelSettings,
     started: datetime,
     should_stop: Callable[[], bool] | None = None,
+    preprocess: Callable[[Dataset, PreprocessingSettings], np.ndarray] | None = None,
 ) -> Findings:
     """Run a model over a study's selected instances and threshold the scores.
 
@@ -208,6 +216,10 @@ def analyse(
         Inference start time (aware UTC).
     should_stop
         Checked between batches; when it returns True, :class:`Interrupted` is raised.
+    preprocess
+        Gives an instance's model input instead of :func:`preprocessor_for` ``(task)`` (the
+        worker passes results computed in its decode processes); it must give the same
+        array, and raise :class:`UnsupportedInput` where that would.
 
     Returns
     -------
@@ -223,12 +235,8 @@ def analyse(
     if not datasets:
         raise UnsupportedInput("no instances to analyse")
     pre = settings.preprocessing
-    if task is Task.HEAD_CT_ICH:
-        ordered = order_slices(datasets)
-        prep = preprocess_ct_slice
-    else:
-        ordered = list(datasets)
-        prep = preprocess_xray
+    ordered = order_slices(datasets) if task is Task.HEAD_CT_ICH else list(datasets)
+    prep = preprocess or preprocessor_for(task)
     inputs, used = [], []
     for ds in ordered:
         try:
