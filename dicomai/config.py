@@ -130,6 +130,14 @@ class SchedulerSettings(_Section):
     """Periodic jobs: closing quiet studies, reaping stale claims, retention."""
 
     study_quiet_seconds: float = Field(default=30.0, ge=0)
+    #: Close a study before its quiet period when the sender released its association
+    #: (after ``release_grace_seconds``) or when every announced image is there (after
+    #: ``complete_quiet_seconds``). Late instances still open a new generation.
+    early_close: bool = True
+    release_grace_seconds: float = Field(default=2.0, ge=0)
+    complete_quiet_seconds: float = Field(default=1.0, ge=0)
+    #: A study of a single image of these modalities counts as complete (one-view X-ray).
+    single_image_modalities: list[str] = Field(default_factory=lambda: ["CR", "DX"])
     poll_seconds: float = Field(default=1.0, gt=0)
     stale_claim_seconds: float = Field(default=300.0, gt=0)
     purge_interval_seconds: float = Field(default=3600.0, gt=0)
@@ -147,6 +155,14 @@ class WorkerSettings(_Section):
     models: list[str] = Field(default_factory=list)  # models this worker serves; empty = all
     device: str = ""  # overrides every model's device on this worker, e.g. "cuda:1"
     batch_size: int = Field(default=0, ge=0)  # overrides the models' batch size; 0 = theirs
+    #: Cross-study batching: concurrent jobs (``threads`` > 1) of one model share model calls
+    #: of up to this many images; 0 = off (each job runs its own batches).
+    max_batch: int = Field(default=0, ge=0, le=1024)
+    #: How long a request may wait for other jobs' requests to join it (only while another
+    #: job of the same model is running).
+    batch_wait_ms: float = Field(default=5.0, ge=0, le=1000)
+    #: Processes that read, decode and preprocess a job's images; 0 = in the worker thread.
+    decode_processes: int = Field(default=0, ge=0, le=64)
 
     @field_validator("device")
     @classmethod
@@ -248,6 +264,8 @@ class ModelSettings(_Section):
     thresholds: dict[str, float] = Field(default_factory=dict)
     preprocessing: PreprocessingSettings = Field(default_factory=PreprocessingSettings)
     body_part: str = ""
+    #: Autocast precision on CUDA (on CPU the model always runs in float32).
+    precision: Literal["fp32", "fp16", "bf16"] = "fp16"
 
     @field_validator("device")
     @classmethod

@@ -92,6 +92,8 @@ class Daemon:
             self.scheduler = Scheduler(self.settings, self.queue, self.spool, self.clock)
             self.scheduler.leadership = leadership_for(self.engine, self.settings.general.data_dir)
             self.scheduler.start()
+            if self.receiver is not None:
+                self.receiver.on_release = self.scheduler.wake
         if self.settings.metrics.enabled:
             m = self.settings.metrics
             self.metrics_server = start_metrics_server(m.host, m.port, self.settings, self.engine)

@@ -106,6 +106,9 @@ class Job(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     last_instance_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     closed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    #: When the sender released the association that delivered the latest instances; the
+    #: study may close early once this is at or after ``last_instance_at`` (scheduler).
+    released_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     instance_count: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str | None] = mapped_column(Text)
@@ -137,6 +140,8 @@ class Instance(Base):
     slice_position: Mapped[float | None] = mapped_column(Float)
     rows: Mapped[int | None] = mapped_column(Integer)
     columns: Mapped[int | None] = mapped_column(Integer)
+    acquisition_number: Mapped[int | None] = mapped_column(Integer)
+    images_in_acquisition: Mapped[int | None] = mapped_column(Integer)
     path: Mapped[str] = mapped_column(Text)
     size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     calling_ae_title: Mapped[str] = mapped_column(String(16), default="")

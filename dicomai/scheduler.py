@@ -14,7 +14,7 @@ from pathlib import Path
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import case, delete, func, select
 
-from dicomai.config import RouteSettings, Settings
+from dicomai.config import RouteSettings, SchedulerSettings, Settings
 from dicomai.db import Instance, Job
 from dicomai.errors import StateConflict
 from dicomai.leadership import Leadership
@@ -26,6 +26,7 @@ from dicomai.store import Spool
 __all__ = [
     "PurgeItem",
     "Scheduler",
+    "close_early_studies",
     "close_quiet_studies",
     "purge_finished",
     "reap_stale",
@@ -51,45 +52,87 @@ def close_quiet_studies(
     int
         Number of jobs closed.
     """
-    closed = 0
-    for job in queue.receiving_jobs_quiet_since(now - timedelta(seconds=quiet_seconds)):
-        # Route on what was there at job.last_instance_at; an instance arriving meanwhile
-        # changes last_instance_at, the close below fails and the next tick tries again.
-        guard = {"last_instance_at": job.last_instance_at}
-        rows = queue.study_instances(job.study_id, up_to_generation=job.generation)
-        study = StudyInfo(
-            study_instance_uid=queue.study_uid(job),
-            series=tuple(summarise_series(
-                {c: getattr(r, c) for c in _ROUTING_COLUMNS} for r in rows)),
-        )
-        decision = select_route(study, routes)
-        if decision is not None and job.generation > 1 and _unchanged(queue, job, rows, decision):
-            try:
-                queue.transition(job.id, JobState.RECEIVING, JobState.SKIPPED,
-                                 reason="route.inputs_unchanged", now=now, closed_at=now,
-                                 route=decision.route, model=decision.model, guard=guard)
-                closed += 1
-            except StateConflict:
-                pass
-            continue
-        try:
-            if decision is None:
-                queue.transition(job.id, JobState.RECEIVING, JobState.SKIPPED,
-                                 reason="route.none", now=now, closed_at=now, guard=guard)
-            else:
-                queue.transition(
-                    job.id, JobState.RECEIVING, JobState.QUEUED, reason="route.matched",
-                    now=now, closed_at=now, route=decision.route, model=decision.model,
-                    destinations=list(decision.destinations),
-                    series_uids=list(decision.series_instance_uids), guard=guard,
-                    priority=decision.priority,
-                )
-            closed += 1
-        except StateConflict:
-            continue
+    jobs = queue.receiving_jobs_quiet_since(now - timedelta(seconds=quiet_seconds))
+    closed = sum(_close(queue, job, routes, now) for job in jobs)
     if closed:
-        logger.info("quiet studies closed", extra=log_fields("scheduler.closed", jobs=closed))
+        logger.info("quiet studies closed", extra=log_fields(
+            "scheduler.closed", jobs=closed, cause="quiet"))
     return closed
+
+
+def close_early_studies(queue: Queue, routes: Sequence[RouteSettings], now: datetime,
+                        settings: SchedulerSettings) -> int:
+    """Close RECEIVING jobs before their quiet period where that is safe.
+
+    * released: the sender released the association that delivered the study's latest
+      instance, ``release_grace_seconds`` ago, and sent nothing since;
+    * complete: every image the headers announce (ImagesInAcquisition per series and
+      acquisition, or a single image of ``single_image_modalities``) is there and nothing
+      arrived for ``complete_quiet_seconds`` — at once if the association was also released.
+
+    An instance arriving later opens a new generation, as after the quiet period.
+
+    Returns
+    -------
+    int
+        Number of jobs closed.
+    """
+    if not settings.early_close:
+        return 0
+    released_cutoff = now - timedelta(seconds=settings.release_grace_seconds)
+    complete_cutoff = now - timedelta(seconds=settings.complete_quiet_seconds)
+    closed = {"released": 0, "complete": 0}
+    seen: set[int] = set()
+    for job in queue.receiving_jobs_released_since(released_cutoff):
+        seen.add(job.id)
+        closed["released"] += _close(queue, job, routes, now, cause="released")
+    for job in queue.receiving_jobs_complete(settings.single_image_modalities):
+        if job.id in seen:
+            continue
+        released = job.released_at is not None and job.released_at >= job.last_instance_at
+        if released or job.last_instance_at <= complete_cutoff:
+            closed["complete"] += _close(queue, job, routes, now, cause="complete")
+    total = sum(closed.values())
+    if total:
+        logger.info("studies closed early", extra=log_fields("scheduler.closed", jobs=total,
+                                                             **closed))
+    return total
+
+
+def _close(queue: Queue, job: Job, routes: Sequence[RouteSettings], now: datetime,
+           cause: str = "quiet") -> int:
+    """Route one RECEIVING job (QUEUED, or SKIPPED); 1 if this call closed it, else 0."""
+    # Route on what was there at job.last_instance_at; an instance arriving meanwhile
+    # changes last_instance_at, the close below fails and a later tick tries again.
+    guard = {"last_instance_at": job.last_instance_at}
+    rows = queue.study_instances(job.study_id, up_to_generation=job.generation)
+    study = StudyInfo(
+        study_instance_uid=queue.study_uid(job),
+        series=tuple(summarise_series(
+            {c: getattr(r, c) for c in _ROUTING_COLUMNS} for r in rows)),
+    )
+    decision = select_route(study, routes)
+    try:
+        if decision is not None and job.generation > 1 and _unchanged(queue, job, rows, decision):
+            queue.transition(job.id, JobState.RECEIVING, JobState.SKIPPED,
+                             reason="route.inputs_unchanged", now=now, closed_at=now,
+                             route=decision.route, model=decision.model, guard=guard)
+        elif decision is None:
+            queue.transition(job.id, JobState.RECEIVING, JobState.SKIPPED,
+                             reason="route.none", now=now, closed_at=now, guard=guard)
+        else:
+            queue.transition(
+                job.id, JobState.RECEIVING, JobState.QUEUED, reason="route.matched",
+                now=now, closed_at=now, route=decision.route, model=decision.model,
+                destinations=list(decision.destinations),
+                series_uids=list(decision.series_instance_uids), guard=guard,
+                priority=decision.priority,
+            )
+    except StateConflict:
+        return 0
+    logger.debug("study closed", extra=log_fields("scheduler.close", job_id=job.id,
+                                                  cause=cause))
+    return 1
 
 
 def _unchanged(queue: Queue, job: Job, rows: Sequence[Instance], decision: RouteDecision
@@ -290,8 +333,30 @@ class Scheduler:
             return
         s = self.settings.scheduler
         now = self.clock()
+        close_early_studies(self.queue, self.settings.routes, now, s)
         close_quiet_studies(self.queue, self.settings.routes, now, s.study_quiet_seconds)
         reap_stale(self.queue, now, s.stale_claim_seconds)
+
+    def tick_early(self) -> None:
+        """Only the early close (run when a sender released an association)."""
+        if not self.active:
+            return
+        close_early_studies(self.queue, self.settings.routes, self.clock(),
+                            self.settings.scheduler)
+
+    def wake(self) -> None:
+        """Run the early close now, and again once the release grace has passed."""
+        sched = self._sched
+        s = self.settings.scheduler
+        if sched is None or not s.early_close:
+            return
+        now = datetime.now(UTC)
+        sched.add_job(self._safe(self.tick_early), "date", run_date=now, id="wake",
+                      replace_existing=True)
+        if s.release_grace_seconds > 0:
+            sched.add_job(self._safe(self.tick_early), "date",
+                          run_date=now + timedelta(seconds=s.release_grace_seconds + 0.05),
+                          id="wake-grace", replace_existing=True)
 
     def _safe(self, fn: Callable[[], object]) -> Callable[[], None]:
         def run() -> None:

@@ -683,6 +683,7 @@ def make_head_ct(
             series_time=series_time,
         )
         _ct_acquisition(ds, ["ORIGINAL", "PRIMARY", "AXIAL"], frame_uid)
+        ds.ImagesInAcquisition = n_slices
         ds.SliceThickness = _ds(slice_thickness)
         ds.SpacingBetweenSlices = _ds(slice_thickness)
         ds.ReconstructionDiameter = _ds(spacing * max(rows, cols))
@@ -774,6 +775,8 @@ def _head_localizer(
         series_time=when + timedelta(minutes=1),
     )
     _ct_acquisition(ds, ["ORIGINAL", "PRIMARY", "LOCALIZER"], frame_uid)
+    ds.AcquisitionNumber = 2  # the scout is its own acquisition
+    ds.ImagesInAcquisition = 1
     z_extent = n_slices * slice_thickness
     z_top = z0 + (n_slices - 0.5) * slice_thickness
     ds.SliceThickness = _ds(slice_thickness)

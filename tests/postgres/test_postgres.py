@@ -27,14 +27,15 @@ def _old_schema_with_data(url: str) -> None:
                       calling_ae_title="PACS")
         s.add(study)
         s.flush()
-        job = Job(study_id=study.id, generation=1, state="queued", route="chest-xray",
-                  model="chest-xray", series_uids=["1.2.3.4"], destinations=["pacs"],
-                  priority=0, attempts=0, send_attempts=0, created_at=now, updated_at=now,
-                  last_instance_at=now, instance_count=1)
-        s.add(job)
-        s.flush()
+        # Core inserts naming only the columns of revision 0001 (the ORM maps later ones).
+        s.execute(Job.__table__.insert().values(
+            study_id=study.id, generation=1, state="queued", route="chest-xray",
+            model="chest-xray", series_uids=["1.2.3.4"], destinations=["pacs"], priority=0,
+            attempts=0, send_attempts=0, created_at=now, updated_at=now, last_instance_at=now,
+            instance_count=1))
+        job_id = s.scalar(text("SELECT id FROM jobs"))
         s.execute(Instance.__table__.insert().values(
-            sop_instance_uid="1.2.3.4.5", study_id=study.id, job_id=job.id,
+            sop_instance_uid="1.2.3.4.5", study_id=study.id, job_id=job_id,
             series_instance_uid="1.2.3.4", sop_class_uid="1.2.840.10008.5.1.4.1.1.1",
             transfer_syntax_uid="1.2.840.10008.1.2.1", modality="CR", body_part="CHEST",
             image_type="", view_position="PA", study_description="", series_description="",
@@ -53,6 +54,7 @@ def test_upgrade_old_schema_keeps_data(backend, tmp_path, request):
     before, after = upgrade(engine)
     assert (before, after) == ("0001", head_revision())
     assert inspect(engine).has_table("quarantine")
+    assert "released_at" in {c["name"] for c in inspect(engine).get_columns("jobs")}
     with make_session_factory(engine)() as s:
         job = s.scalar(select(Job))
         assert (job.state, job.route, job.series_uids) == ("queued", "chest-xray", ["1.2.3.4"])

@@ -24,7 +24,7 @@ from dicomai.queue import (
     Queue,
     RetryPolicy,
 )
-from dicomai.scheduler import close_quiet_studies, reap_stale
+from dicomai.scheduler import close_early_studies, close_quiet_studies, reap_stale
 
 REPO = Path(__file__).resolve().parents[2]
 ROUTES = load_settings(REPO / "config" / "dicomai.toml", environ={}).routes
@@ -487,3 +487,96 @@ def test_sweep_orphans_removes_only_old_unindexed_files(queue: Queue, tmp_path: 
                           "MODALITY", T0)
     assert sweep_orphans(queue, spool) == 1
     assert indexed.exists() and young.exists() and not orphan.exists()
+
+
+# -- early close ------------------------------------------------------------------------------
+EARLY = load_settings(REPO / "config" / "dicomai.toml", environ={}).scheduler
+
+
+def _ct(study: str, series: str, i: int, **kwargs: object) -> InstanceRecord:
+    values: dict[str, object] = {
+        "modality": "CT", "sop_class_uid": CT, "body_part": "HEAD", "orientation": AXIAL,
+        "image_type": "ORIGINAL\\PRIMARY\\AXIAL", "acquisition_number": 1,
+    }
+    values.update(kwargs)
+    return rec(study=study, series=series, sop=f"{series}.{i}", **values)
+
+
+def test_early_close_after_release_and_grace(queue: Queue) -> None:
+    assert (EARLY.early_close, EARLY.release_grace_seconds) == (True, 2.0)
+    for i in range(3):  # no ImagesInAcquisition: only the release can close it early
+        _, job_id = record(queue, _ct("2.1", "2.1.1", i), T0)
+    assert queue.mark_released(["2.1"], T0 + timedelta(seconds=1)) == 1
+    assert close_early_studies(queue, ROUTES, T0 + timedelta(seconds=2), EARLY) == 0  # grace
+    assert queue.get_job(job_id).state == "receiving"
+    assert close_early_studies(queue, ROUTES, T0 + timedelta(seconds=3), EARLY) == 1
+    job = queue.get_job(job_id)
+    assert (job.state, job.route) == ("queued", "brain-ct")
+    assert events(queue, job_id)[-1] == ("receiving", "queued", "route.matched")
+
+
+def test_instance_after_release_cancels_early_close(queue: Queue) -> None:
+    _, job_id = record(queue, _ct("2.2", "2.2.1", 0), T0)
+    queue.mark_released(["2.2"], T0 + timedelta(seconds=1))
+    # The sender opens a new association and goes on: the old release no longer counts.
+    record(queue, _ct("2.2", "2.2.1", 1), T0 + timedelta(seconds=2))
+    assert close_early_studies(queue, ROUTES, T0 + timedelta(seconds=10), EARLY) == 0
+    assert queue.get_job(job_id).state == "receiving"
+    # ... until that association is released too.
+    queue.mark_released(["2.2"], T0 + timedelta(seconds=11))
+    assert close_early_studies(queue, ROUTES, T0 + timedelta(seconds=13.5), EARLY) == 1
+    assert queue.get_job(job_id).state == "queued"
+
+
+def test_early_close_when_images_in_acquisition_are_all_there(queue: Queue) -> None:
+    for i in range(2):
+        _, job_id = record(queue, _ct("2.3", "2.3.1", i, images_in_acquisition=3), T0)
+    # 2 of 3 announced slices: not complete, association still open, quiet period not over.
+    assert close_early_studies(queue, ROUTES, T0 + timedelta(seconds=10), EARLY) == 0
+    record(queue, _ct("2.3", "2.3.1", 2, images_in_acquisition=3), T0 + timedelta(seconds=10))
+    # complete, but give back-to-back images complete_quiet_seconds (1 s) to settle
+    assert close_early_studies(queue, ROUTES, T0 + timedelta(seconds=10.5), EARLY) == 0
+    assert close_early_studies(queue, ROUTES, T0 + timedelta(seconds=11), EARLY) == 1
+    assert queue.get_job(job_id).state == "queued"
+
+
+def test_complete_and_released_closes_at_once(queue: Queue) -> None:
+    _, job_id = record(queue, rec(study="2.4", series="2.4.1", sop="2.4.1.1"), T0)  # one DX
+    queue.mark_released(["2.4"], T0)
+    assert close_early_studies(queue, ROUTES, T0, EARLY) == 1
+    assert queue.get_job(job_id).state == "queued"
+
+
+def test_single_xray_image_counts_as_complete_but_two_do_not(queue: Queue) -> None:
+    _, one = record(queue, rec(study="2.5", series="2.5.1", sop="2.5.1.1"), T0)
+    _, two = record(queue, rec(study="2.6", series="2.6.1", sop="2.6.1.1"), T0)
+    record(queue, rec(study="2.6", series="2.6.2", sop="2.6.2.1", view_position="LL"), T0)
+    # a CT series whose headers announce nothing
+    _, ct = record(queue, _ct("2.7", "2.7.1", 0), T0)
+    assert close_early_studies(queue, ROUTES, T0 + timedelta(seconds=1), EARLY) == 1
+    assert [queue.get_job(j).state for j in (one, two, ct)] == \
+        ["queued", "receiving", "receiving"]
+    # with the rule switched off the one-view study waits for its quiet period
+    off = EARLY.model_copy(update={"single_image_modalities": []})
+    _, three = record(queue, rec(study="2.8", series="2.8.1", sop="2.8.1.1"), T0)
+    assert close_early_studies(queue, ROUTES, T0 + timedelta(seconds=5), off) == 0
+    disabled = EARLY.model_copy(update={"early_close": False})
+    queue.mark_released(["2.8"], T0)
+    assert close_early_studies(queue, ROUTES, T0 + timedelta(seconds=5), disabled) == 0
+    assert queue.get_job(three).state == "receiving"
+
+
+def test_late_instance_after_early_close_opens_generation_2(queue: Queue) -> None:
+    for i in range(2):
+        _, job1 = record(queue, _ct("2.9", "2.9.1", i, images_in_acquisition=2), T0)
+    queue.mark_released(["2.9"], T0)
+    assert close_early_studies(queue, ROUTES, T0, EARLY) == 1
+    # A slice the headers did not announce arrives later: a new generation, analysed again
+    # with every slice of the series (nothing lost), once it is complete or quiet.
+    _, job2 = record(queue, _ct("2.9", "2.9.1", 2, images_in_acquisition=2),
+                     T0 + timedelta(seconds=5))
+    assert job2 != job1
+    assert close_early_studies(queue, ROUTES, T0 + timedelta(seconds=30), EARLY) == 1
+    job = queue.get_job(job2)
+    assert (job.generation, job.state, job.route) == (2, "queued", "brain-ct")
+    assert len(queue.study_instances(job.study_id, up_to_generation=2)) == 3

@@ -1,0 +1,93 @@
+"""Early close through the real daemon: a released association or a complete acquisition
+closes the study long before its quiet period; an open association does not."""
+
+from __future__ import annotations
+
+import time
+
+from pynetdicom import AE
+
+from dicomai import synthetic
+from dicomai.status import collect
+from tests.conftest import running_daemon, wait_for
+
+CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
+QUIET = {"study_quiet_seconds": 600.0, "poll_seconds": 0.2, "release_grace_seconds": 0.3,
+         "complete_quiet_seconds": 0.3}
+
+
+def _state(daemon, study_uid):
+    for s in collect(daemon.settings, limit=50, engine=daemon.engine)["studies"]:
+        if s["study_instance_uid"] == study_uid:
+            return s["state"]
+    return None
+
+
+def _open(port):
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(CT_IMAGE, "1.2.840.10008.1.2.1")
+    assoc = ae.associate("127.0.0.1", port, ae_title="DICOMAI")
+    assert assoc.is_established
+    return ae, assoc
+
+
+def _send(assoc, datasets):
+    for ds in datasets:
+        rsp = assoc.send_c_store(ds)
+        assert rsp.Status == 0x0000
+
+
+def test_release_closes_early_but_not_while_the_association_is_open(make_settings, local_pacs):
+    settings = make_settings(local_pacs.port, scheduler=QUIET)
+    slices = synthetic.make_head_ct(6, rows=64, cols=64, seed=81)
+    for ds in slices:  # nothing announces the count: only the release can close it early
+        del ds.ImagesInAcquisition
+    study = slices[0].StudyInstanceUID
+    with running_daemon(settings) as daemon:
+        ae, assoc = _open(daemon.receiver.port)
+        try:
+            _send(assoc, slices[:3])
+            time.sleep(1.5)  # five ticks, five grace periods: the sender is still connected
+            assert _state(daemon, study) == "receiving"
+            _send(assoc, slices[3:])
+            assoc.release()
+        finally:
+            ae.shutdown()
+        released = time.monotonic()
+        wait_for(lambda: _state(daemon, study) not in (None, "receiving"), 30,
+                 what="closed after release")
+        closed_after = time.monotonic() - released
+        wait_for(lambda: _state(daemon, study) == "done", 120, what="done")
+    assert closed_after < 5.0  # grace 0.3 s, against a 600 s quiet period
+    assert len(local_pacs.objects(study)) >= 2  # SR + SC
+
+
+def test_complete_acquisition_closes_while_the_association_stays_open(make_settings,
+                                                                      local_pacs):
+    settings = make_settings(local_pacs.port, scheduler=QUIET)
+    slices = synthetic.make_head_ct(5, rows=64, cols=64, seed=82)
+    assert {int(ds.ImagesInAcquisition) for ds in slices} == {5}
+    study = slices[0].StudyInstanceUID
+    with running_daemon(settings) as daemon:
+        ae, assoc = _open(daemon.receiver.port)
+        try:
+            _send(assoc, slices[:4])
+            time.sleep(1.0)
+            assert _state(daemon, study) == "receiving"  # 4 of 5 announced slices
+            _send(assoc, slices[4:])
+            wait_for(lambda: _state(daemon, study) == "done", 120, what="done, still connected")
+            assert assoc.is_established
+            # A slice nobody announced, on the same association: a second generation.
+            extra = synthetic.make_head_ct(6, rows=64, cols=64, seed=82)[5]
+            _send(assoc, [extra])
+            assoc.release()
+        finally:
+            ae.shutdown()
+
+        def latest():
+            data = collect(daemon.settings, limit=50, engine=daemon.engine)
+            return [(s["generation"], s["state"]) for s in data["studies"]
+                    if s["study_instance_uid"] == study]
+
+        assert extra.StudyInstanceUID == study
+        wait_for(lambda: latest() == [(2, "done")], 120, what="generation 2 analysed")
