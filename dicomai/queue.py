@@ -103,6 +103,8 @@ class InstanceRecord:
     slice_position: float | None = None
     rows: int | None = None
     columns: int | None = None
+    acquisition_number: int | None = None
+    images_in_acquisition: int | None = None
 
 
 class Queue:
@@ -239,6 +241,8 @@ class Queue:
                     slice_position=rec.slice_position,
                     rows=rec.rows,
                     columns=rec.columns,
+                    acquisition_number=rec.acquisition_number,
+                    images_in_acquisition=rec.images_in_acquisition,
                     path=path,
                     size_bytes=size_bytes,
                     calling_ae_title=calling_ae,
@@ -417,6 +421,67 @@ class Queue:
                     .order_by(Job.id)
                 )
             )
+
+    def mark_released(self, study_uids: Sequence[str], now: datetime) -> int:
+        """Note that the sender released the association that delivered these studies.
+
+        Only RECEIVING jobs are touched; an instance arriving later moves ``last_instance_at``
+        past ``released_at``, which cancels the early close until the next release.
+        """
+        if not study_uids:
+            return 0
+        with self._sessions.begin() as s:
+            studies = select(Study.id).where(Study.study_instance_uid.in_(list(study_uids)))
+            result = s.execute(
+                update(Job).where(Job.state == S.RECEIVING.value, Job.study_id.in_(studies))
+                .values(released_at=now).execution_options(synchronize_session=False)
+            )
+            return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+    def receiving_jobs_released_since(self, cutoff: datetime) -> list[Job]:
+        """RECEIVING jobs whose sender released its association at or before ``cutoff`` and
+        sent nothing after that release."""
+        with self._sessions() as s:
+            return list(s.scalars(
+                select(Job).where(Job.state == S.RECEIVING.value,
+                                  Job.released_at.is_not(None),
+                                  Job.released_at >= Job.last_instance_at,
+                                  Job.released_at <= cutoff)
+                .order_by(Job.id)))
+
+    def receiving_jobs_complete(self, single_image_modalities: Sequence[str]) -> list[Job]:
+        """RECEIVING jobs whose study holds every image its headers announce.
+
+        Complete means: every instance of the study carries ImagesInAcquisition and each
+        (series, acquisition) holds at least that many instances; or the study is a single
+        image of one of ``single_image_modalities`` (e.g. a one-view X-ray).
+        """
+        groups: dict[int, list[tuple[int, int, int | None, str]]] = {}
+        with self._sessions() as s:
+            receiving = select(Job.study_id).where(Job.state == S.RECEIVING.value)
+            rows = s.execute(
+                select(Instance.study_id, func.count(), func.count(Instance.images_in_acquisition),
+                       func.max(Instance.images_in_acquisition), func.min(Instance.modality))
+                .where(Instance.study_id.in_(receiving))
+                .group_by(Instance.study_id, Instance.series_instance_uid,
+                          Instance.acquisition_number)
+            ).all()
+            for study_id, n, known, expected, modality in rows:
+                groups.setdefault(int(study_id), []).append(
+                    (int(n), int(known), None if expected is None else int(expected),
+                     str(modality or "")))
+            single = {m.upper() for m in single_image_modalities}
+            complete = [
+                study_id for study_id, parts in groups.items()
+                if all(known == n and expected is not None and n >= expected > 0
+                       for n, known, expected, _ in parts)
+                or (len(parts) == 1 and parts[0][0] == 1 and parts[0][3].upper() in single)
+            ]
+            if not complete:
+                return []
+            return list(s.scalars(
+                select(Job).where(Job.state == S.RECEIVING.value, Job.study_id.in_(complete))
+                .order_by(Job.id)))
 
     def stale_claims(self, state: JobState, cutoff: datetime) -> list[Job]:
         """Jobs in ``state`` whose heartbeat is older than ``cutoff``."""

@@ -131,6 +131,8 @@ def extract_record(ds: Dataset, transfer_syntax: str, sop_class_uid: str) -> Ins
         slice_position=slice_position,
         rows=_int(ds, "Rows"),
         columns=_int(ds, "Columns"),
+        acquisition_number=_int(ds, "AcquisitionNumber"),
+        images_in_acquisition=_int(ds, "ImagesInAcquisition"),
     )
 
 
@@ -378,6 +380,9 @@ class Receiver:
         self.server: ThreadedAssociationServer | None = None
         self._lock = threading.Lock()
         self._transfers: dict[int, dict[str, int]] = {}
+        #: Called after an association released and its studies were marked (the daemon
+        #: wakes the scheduler with it so an early close need not wait for the next tick).
+        self.on_release: Callable[[], None] | None = None
 
     @property
     def port(self) -> int:
@@ -409,9 +414,14 @@ class Receiver:
             per_study[study_uid] = per_study.get(study_uid, 0) + 1
 
     def _on_ended(self, event: evt.Event) -> None:
-        """At the end of an association: one audit event per study it delivered."""
+        """At the end of an association: one audit event per study it delivered, and, on a
+        release, the early-close mark of those studies."""
         with self._lock:
             per_study = self._transfers.pop(id(event.assoc), {})
+            # A study another open association is still delivering is not released yet.
+            still_open = {uid for other in self._transfers.values() for uid in other}
+        if per_study and event.event is evt.EVT_RELEASED:
+            self._released([uid for uid in per_study if uid not in still_open])
         req, acc = event.assoc.requestor, event.assoc.acceptor
         if per_study or event.event is evt.EVT_RELEASED:
             logger.info("association ended", extra=log_fields(
@@ -422,6 +432,22 @@ class Receiver:
                 received=True, study_uid=study_uid, count=count,
                 source_ae=req.ae_title.strip(), source_address=str(req.address),
                 destination_ae=acc.ae_title.strip(), destination_address=str(acc.address))
+
+    def _released(self, study_uids: list[str]) -> None:
+        if not study_uids:
+            return
+        try:
+            self.queue.mark_released(study_uids, self.clock())
+        except Exception:  # the studies then close after their quiet period instead
+            logger.exception("could not mark studies released",
+                             extra=log_fields("association.release_mark_failed"))
+            return
+        if self.on_release is not None:
+            try:
+                self.on_release()
+            except Exception:
+                logger.exception("release callback failed",
+                                 extra=log_fields("association.release_mark_failed"))
 
     def _tls_context(self) -> ssl.SSLContext | None:
         s = self.settings
