@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from pydicom.dataset import Dataset
 
 from dicomai.config import ModelSettings, PreprocessingSettings
+from dicomai.decode import align, decode_reduced
 from dicomai.errors import Interrupted, UnsupportedInput
 from dicomai.findings import Findings, ModelIdentity, Task
 
@@ -29,6 +30,13 @@ __all__ = [
 ]
 
 _CT_MAX_KEY_SLICES = 5
+#: Radiographs are decoded at reduced resolution down to this many times the model input on the
+#: short side. Measured on 2500×2000 synthetic chest images in JPEG 2000, model input against
+#: full decode + resize, mean (max) |difference| in grey levels of [0, 1]: 2× 0.06-0.11%
+#: (1-2%), 1× 0.4-0.5% (15%). Without a stored window the 1-99 percentile window comes from the
+#: less noisy reduced image: ≈ 1% contrast difference either way. 2× costs ≈ 40 ms of decoding
+#: instead of ≈ 10 ms (full: ≈ 700 ms).
+_REDUCED_OVERSAMPLE = 2
 
 
 class Predictor(Protocol):
@@ -43,22 +51,37 @@ class Predictor(Protocol):
     def predict(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]: ...
 
 
-def _first_frame(ds: Dataset) -> np.ndarray:
+def _check_greyscale(ds: Dataset) -> int:
+    """Refuse what preprocessing cannot use; returns the frame to analyse (the middle one)."""
     if "PixelData" not in ds and "FloatPixelData" not in ds:
         raise UnsupportedInput("instance has no pixel data")
+    if int(ds.get("SamplesPerPixel", 1)) != 1:
+        raise UnsupportedInput("only greyscale images are analysed")
+    return int(ds.get("NumberOfFrames", 1) or 1) // 2
+
+
+def _first_frame(ds: Dataset) -> np.ndarray:
+    frame = _check_greyscale(ds)
     try:
         arr = ds.pixel_array
     except Exception as exc:  # decoder errors come in many types
         raise UnsupportedInput("pixel data could not be decoded") from exc
-    samples = int(ds.get("SamplesPerPixel", 1))
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    if samples != 1:
-        raise UnsupportedInput("only greyscale images are analysed")
-    if frames > 1:
-        arr = arr[frames // 2]
+    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+        arr = arr[frame]
     if arr.ndim != 2 or min(arr.shape) < 8:
         raise UnsupportedInput("image has an unsupported shape")
     return arr
+
+
+def _frame_for_size(ds: Dataset, min_side: int) -> tuple[np.ndarray, float]:
+    """The analysed frame's stored values, decoded at reduced resolution when the transfer
+    syntax allows it (JPEG 2000, JPEG baseline) and both sides stay ≥ ``min_side``, else in
+    full; with the sampling phase that :func:`dicomai.decode.align` removes (0 in full)."""
+    frame = _check_greyscale(ds)
+    reduced = decode_reduced(ds, min_side, frame=frame)
+    if reduced is None:
+        return _first_frame(ds), 0.0
+    return reduced.pixels, reduced.phase
 
 
 def resize(image: np.ndarray, size: int) -> np.ndarray:
@@ -118,9 +141,11 @@ def preprocess_xray(ds: Dataset, pre: PreprocessingSettings) -> np.ndarray:
     """Radiograph → normalised [3, S, S] float32.
 
     Applies the modality LUT, the first VOI LUT or window (else a 1-99 percentile window),
-    inverts MONOCHROME1, scales to [0, 1], resizes and normalises.
+    inverts MONOCHROME1, scales to [0, 1], resizes and normalises. JPEG 2000 and JPEG baseline
+    images are decoded only at the resolution the input needs (:mod:`dicomai.decode`).
     """
-    arr = _modality(_first_frame(ds), ds)
+    stored, phase = _frame_for_size(ds, _REDUCED_OVERSAMPLE * pre.input_size)
+    arr = _modality(stored, ds)
     grey: np.ndarray | None = None
     if "VOILUTSequence" in ds:
         try:
@@ -134,7 +159,7 @@ def preprocess_xray(ds: Dataset, pre: PreprocessingSettings) -> np.ndarray:
         grey = np.clip((arr - low) / max(high - low, 1e-6), 0.0, 1.0)
     if str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1":
         grey = 1.0 - grey
-    small = resize(grey, pre.input_size)[0]
+    small = resize(align(grey, phase), pre.input_size)[0]
     return _normalise(np.repeat(small[None], 3, axis=0), pre)
 
 
