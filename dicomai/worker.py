@@ -6,7 +6,8 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import datetime
 from io import BytesIO
 
@@ -14,15 +15,17 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from dicomai import metrics
+from dicomai.batching import BatchingPredictor
 from dicomai.config import DestinationSettings, Settings
 from dicomai.db import ResultObject
 from dicomai.errors import DicomAIError, Interrupted, PermanentError, StateConflict
 from dicomai.findings import ModelIdentity, Task
-from dicomai.inference import analyse
+from dicomai.inference import Predictor, analyse
 from dicomai.logs import log_fields, uid_ref
 from dicomai.models.backend import ModelBackend, TorchScriptBackend
 from dicomai.models.reference import ensure_model_file
 from dicomai.models.registry import ModelRegistry
+from dicomai.prepare import DecodePool, PreparedInputs
 from dicomai.queue import JobState, Queue, RetryPolicy
 from dicomai.results import ResultOptions, build_failure_notice, build_results
 from dicomai.scheduler import claimer_name
@@ -70,6 +73,7 @@ class ModelPool:
                 name, path=path, version=spec.version, sha256=spec.sha256 or None,
                 device=spec.device, labels=tuple(spec.labels) or None, task=spec.task,
                 body_part=spec.body_part, warmup_size=spec.preprocessing.input_size,
+                precision=spec.precision,
             )
             ident = backend.identity
             logger.info("model loaded", extra=log_fields(
@@ -92,7 +96,8 @@ class ModelPool:
             backend = TorchScriptBackend.load(
                 path, name=name, version=spec.version, expected_sha256=spec.sha256 or None,
                 device=spec.device, labels=tuple(spec.labels) or None, task=spec.task,
-                body_part=spec.body_part, warmup_size=spec.preprocessing.input_size)
+                body_part=spec.body_part, warmup_size=spec.preprocessing.input_size,
+                precision=spec.precision)
             self._registry.replace(name, backend)
             swapped.append(name)
             logger.info("model swapped", extra=log_fields(
@@ -109,11 +114,16 @@ def _load_key(settings: Settings, name: str) -> tuple[object, ...]:
     """What a loaded model depends on (thresholds and the like apply per job)."""
     m = settings.model_settings(name)
     return (settings.model_path(name), m.version, m.sha256, m.device, tuple(m.labels), m.task,
-            m.preprocessing.input_size)
+            m.preprocessing.input_size, m.precision)
 
 
 class Worker:
-    """Runs jobs: QUEUED → RUNNING → OUTBOX (or back to QUEUED / FAILED)."""
+    """Runs jobs: QUEUED → RUNNING → OUTBOX (or back to QUEUED / FAILED).
+
+    With ``[worker] max_batch`` > 0, concurrent jobs of one model share model calls through a
+    :class:`~dicomai.batching.BatchingPredictor` per model; with ``decode_processes`` > 0,
+    a job's images are read, decoded and preprocessed in a :class:`~dicomai.prepare.DecodePool`.
+    """
 
     def __init__(
         self,
@@ -137,6 +147,9 @@ class Worker:
         self.policy = RetryPolicy(w.max_attempts, w.retry_base_seconds)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._batchers: dict[str, BatchingPredictor] = {}
+        self._batchers_lock = threading.Lock()
+        self.decode_pool: DecodePool | None = None
 
     # -- loop --------------------------------------------------------------------------
     def start(self) -> None:
@@ -145,6 +158,8 @@ class Worker:
             import torch
 
             torch.set_num_threads(self.settings.worker.torch_threads)
+        if self.settings.worker.decode_processes and self.decode_pool is None:
+            self.decode_pool = DecodePool(self.settings.worker.decode_processes)
         for i in range(self.settings.worker.threads):
             t = threading.Thread(target=self._loop, name=f"worker-{i}", daemon=True)
             t.start()
@@ -157,8 +172,16 @@ class Worker:
     def stop(self, timeout: float = 30.0) -> None:
         """Stop claiming and wait (bounded) for the running job; the reaper handles the rest."""
         self._stop.set()
+        deadline = time.monotonic() + timeout
         for t in self._threads:
-            t.join(timeout)
+            t.join(max(0.0, deadline - time.monotonic()))
+        with self._batchers_lock:
+            batchers, self._batchers = list(self._batchers.values()), {}
+        for batcher in batchers:  # runs what is pending; later calls go to the model directly
+            batcher.close(max(0.0, deadline - time.monotonic()))
+        if self.decode_pool is not None and not self.busy():
+            self.decode_pool.shutdown()
+            self.decode_pool = None
 
     def busy(self) -> bool:
         """Whether a worker thread is still running after :meth:`stop`."""
@@ -291,12 +314,37 @@ class Worker:
                 state="pending"))
         return out
 
-    def _load_sources(self, job_id: int) -> tuple[list[Dataset], int]:
+    def _source_paths(self, job_id: int) -> list[str]:
         job = self.queue.get_job(job_id)
         rows = self.queue.study_instances(job.study_id, up_to_generation=job.generation)
         wanted = set(job.series_uids)
-        paths = [r.path for r in rows if r.series_instance_uid in wanted]
-        return [pydicom.dcmread(p) for p in paths], len(rows)
+        return [r.path for r in rows if r.series_instance_uid in wanted]
+
+    @contextmanager
+    def _predictor(self, name: str, backend: ModelBackend) -> Iterator[Predictor]:
+        """The backend itself, or with ``max_batch`` set, this job's view of the model's
+        shared batcher (a new one when the model was swapped by a reload)."""
+        w = self.settings.worker
+        if not w.max_batch:
+            yield backend
+            return
+        retired: BatchingPredictor | None = None
+        with self._batchers_lock:
+            batcher = self._batchers.get(name)
+            if batcher is None or batcher.backend is not backend or batcher.closed:
+                retired = batcher
+                batcher = BatchingPredictor(backend, max_batch=w.max_batch,
+                                            max_wait_ms=w.batch_wait_ms, name=name)
+                self._batchers[name] = batcher
+                logger.info("batcher started", extra=log_fields(
+                    "batching.started", model=name, max_batch=w.max_batch,
+                    wait_ms=w.batch_wait_ms))
+            else:
+                batcher.configure(max_batch=w.max_batch, max_wait_ms=w.batch_wait_ms)
+        if retired is not None:
+            retired.close(timeout=0)  # drains in its own thread; holders fall back to direct
+        with batcher.session(self._stop.is_set) as bound:
+            yield bound
 
     def _run(self, job_id: int) -> None:
         job = self.queue.get_job(job_id)
@@ -306,9 +354,20 @@ class Worker:
         started = self.clock()
         t0 = time.perf_counter()
         backend = self.models.get(job.model)
-        datasets, _ = self._load_sources(job_id)
-        findings = analyse(Task(spec.task), datasets, backend, spec, started,
-                           should_stop=self._stop.is_set)
+        paths = self._source_paths(job_id)
+        pool = self.decode_pool
+        futures = pool.submit(paths, spec.task, spec.preprocessing) if pool else None
+        prepared: PreparedInputs | None = None
+        try:
+            datasets = [pydicom.dcmread(p) for p in paths]
+            if futures is not None:
+                prepared = PreparedInputs(datasets, futures, self._stop.is_set)
+            with self._predictor(job.model, backend) as predictor:
+                findings = analyse(Task(spec.task), datasets, predictor, spec, started,
+                                   should_stop=self._stop.is_set, preprocess=prepared)
+        finally:
+            for fut in futures or ():
+                fut.cancel()  # only what has not started: after an error or interruption
         previous = [
             (self.queue.study_uid(job), r.series_instance_uid, r.sop_class_uid,
              r.sop_instance_uid)

@@ -23,11 +23,15 @@ from dicomai.findings import ModelIdentity, Task
 from dicomai.logs import log_fields
 from dicomai.models.reference import METADATA_FILE, MIN_INPUT_SIZE
 
-__all__ = ["ModelBackend", "TorchScriptBackend", "resolve_device"]
+__all__ = ["PRECISIONS", "ModelBackend", "TorchScriptBackend", "resolve_device"]
 
 logger = logging.getLogger(__name__)
 
 _cpu_fallback_logged = False
+
+#: Autocast precisions on CUDA (``"fp32"`` turns autocast off). CPU always runs float32.
+PRECISIONS: dict[str, torch.dtype | None] = {
+    "fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 _DEFAULT_DESCRIPTION = "TorchScript model without dicomai metadata."
 
 
@@ -152,6 +156,14 @@ class TorchScriptBackend:
         Let the TorchScript executor profile and optimise the graph (default: on CUDA only).
         On CPU it costs seconds on the first calls, again for each new input shape, and gains
         nothing measurable for these convolutional models.
+    precision
+        ``"fp16"`` (default), ``"bf16"`` or ``"fp32"``: the autocast dtype on CUDA. Ignored on
+        CPU, which always runs float32 (so CPU results do not depend on it). Outputs are
+        float32 either way, and a batch whose logits overflow is run again in float32.
+    channels_last
+        Run the module and its inputs in channels-last memory layout (on CUDA, half-precision
+        convolutions are usually faster so); default off. The module is converted by
+        :meth:`load`.
     """
 
     def __init__(
@@ -163,13 +175,20 @@ class TorchScriptBackend:
         device: torch.device,
         input_channels: int | None = 3,
         jit_optimize: bool | None = None,
+        precision: str = "fp16",
+        channels_last: bool = False,
     ) -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(f'Argument "precision" must be one of {sorted(PRECISIONS)}.')
         self._module = module
         self._identity = identity
         self._labels = tuple(labels)
         self._device = device
         self._input_channels = input_channels
         self._jit_optimize = device.type == "cuda" if jit_optimize is None else jit_optimize
+        self._precision = precision if device.type == "cuda" else "fp32"
+        self._autocast_dtype = PRECISIONS[self._precision]
+        self._channels_last = channels_last
         self._lock = threading.Lock()
 
     @property
@@ -187,6 +206,11 @@ class TorchScriptBackend:
         """Where the model runs, e.g. ``"cpu"`` or ``"cuda:0"``."""
         return str(self._device)
 
+    @property
+    def precision(self) -> str:
+        """The precision the model actually runs in: ``"fp32"`` on CPU, else as configured."""
+        return self._precision
+
     @classmethod
     def load(
         cls,
@@ -200,6 +224,9 @@ class TorchScriptBackend:
         task: Task | str | None = None,
         body_part: str = "",
         warmup_size: int | None = None,
+        precision: str = "fp16",
+        channels_last: bool = False,
+        jit_optimize: bool | None = None,
     ) -> TorchScriptBackend:
         """Load, verify and warm up a TorchScript model file.
 
@@ -229,6 +256,11 @@ class TorchScriptBackend:
         warmup_size
             Height and width of the warm-up image; default: the file's ``min_input_size``
             (64). Pass the preprocessing size so that the first real batch is not slower.
+        precision
+            Autocast precision on CUDA: ``"fp16"``, ``"bf16"`` (fp16 where the GPU lacks
+            bfloat16) or ``"fp32"``; CPU always runs float32.
+        channels_last, jit_optimize
+            As for the constructor.
 
         Returns
         -------
@@ -242,6 +274,8 @@ class TorchScriptBackend:
         """
         if not isinstance(name, str) or not name:
             raise ValueError('Argument "name" must be a non-empty string.')
+        if precision not in PRECISIONS:
+            raise ValueError(f'Argument "precision" must be one of {sorted(PRECISIONS)}.')
         started = time.monotonic()
         file_path = Path(path)
         try:
@@ -266,6 +300,13 @@ class TorchScriptBackend:
         except Exception as exc:  # torch raises RuntimeError and others for bad archives
             raise ModelLoadError(f"model {name}: not a loadable TorchScript model") from exc
         module.eval()
+        if channels_last:
+            module = module.to(memory_format=torch.channels_last)
+        if (precision == "bf16" and torch_device.type == "cuda"
+                and not torch.cuda.is_bf16_supported()):
+            logger.warning("GPU has no bfloat16, using fp16", extra=log_fields(
+                "model.precision_fallback", model=name, precision=precision))
+            precision = "fp16"
 
         label_tuple = tuple(labels) if labels else tuple(meta.get("labels") or ())
         if not label_tuple:
@@ -307,6 +348,9 @@ class TorchScriptBackend:
             labels=label_tuple,
             device=torch_device,
             input_channels=int(channels) if channels else None,
+            jit_optimize=jit_optimize,
+            precision=precision,
+            channels_last=channels_last,
         )
         size = warmup_size or int(meta.get("min_input_size", MIN_INPUT_SIZE))
         warmup = np.zeros((1, int(channels) if channels else 3, size, size), dtype=np.float32)
@@ -325,6 +369,7 @@ class TorchScriptBackend:
                 version=version,
                 sha256=identity.short_hash,
                 device=str(torch_device),
+                precision=backend.precision,
                 seconds=round(time.monotonic() - started, 2),
             ),
         )
@@ -333,7 +378,8 @@ class TorchScriptBackend:
     def predict(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """Run the model on a preprocessed batch.
 
-        On CUDA this runs under fp16 autocast; on a CUDA out-of-memory error the batch is run
+        On CUDA this runs under autocast in the configured precision (fp16 by default); the
+        outputs are float32. On a CUDA out-of-memory error the batch is run
         again in halves, and a second out-of-memory error raises :class:`InferenceError`.
 
         Parameters
@@ -404,9 +450,12 @@ class TorchScriptBackend:
     def _forward(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         on_cuda = self._device.type == "cuda"
         tensor = torch.from_numpy(x).to(self._device, non_blocking=on_cuda)
-        logits, cams = self._call(tensor, autocast=on_cuda)
-        if on_cuda and not bool(torch.isfinite(logits).all()):
-            logits, cams = self._call(tensor, autocast=False)  # fp16 overflow: redo in fp32
+        if self._channels_last:
+            tensor = tensor.contiguous(memory_format=torch.channels_last)
+        autocast = self._autocast_dtype is not None
+        logits, cams = self._call(tensor, autocast=autocast)
+        if autocast and not bool(torch.isfinite(logits).all()):
+            logits, cams = self._call(tensor, autocast=False)  # overflow: redo in fp32
         n, n_labels = len(x), len(self._labels)
         if logits.shape != (n, n_labels):
             raise InferenceError(
@@ -429,7 +478,8 @@ class TorchScriptBackend:
         with (
             torch.inference_mode(),
             torch.jit.optimized_execution(self._jit_optimize),
-            torch.autocast(device_type=self._device.type, dtype=torch.float16, enabled=autocast),
+            torch.autocast(device_type=self._device.type,
+                           dtype=self._autocast_dtype or torch.float16, enabled=autocast),
         ):
             out = self._module(tensor)
         if isinstance(out, Tensor):

@@ -22,7 +22,7 @@ class ModelRegistry:
     ----------
     loader
         Builds a backend from ``(path, name=, version=, expected_sha256=, device=, labels=,
-        task=, body_part=, warmup_size=)``; default :meth:`TorchScriptBackend.load`.
+        task=, body_part=, warmup_size=, precision=)``; default :meth:`TorchScriptBackend.load`.
     """
 
     def __init__(self, loader: ModelLoader | None = None) -> None:
@@ -42,6 +42,7 @@ class ModelRegistry:
         task: Task | str | None = None,
         body_part: str = "",
         warmup_size: int | None = None,
+        precision: str = "fp16",
     ) -> ModelBackend:
         """Load model ``name`` unless it is loaded already, and return its backend.
 
@@ -49,7 +50,7 @@ class ModelRegistry:
         ----------
         name
             Model name from the configuration.
-        path, version, sha256, device, labels, task, body_part, warmup_size
+        path, version, sha256, device, labels, task, body_part, warmup_size, precision
             As for :meth:`TorchScriptBackend.load` (``sha256`` is ``expected_sha256``);
             ignored when ``name`` is loaded already.
 
@@ -77,6 +78,7 @@ class ModelRegistry:
                     task=task,
                     body_part=body_part,
                     warmup_size=warmup_size,
+                    precision=precision,
                 )
                 self._backends[name] = backend
             return backend
