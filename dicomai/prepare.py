@@ -13,7 +13,9 @@ import logging
 import multiprocessing
 import time
 from collections.abc import Callable, Sequence
+import threading
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 import pydicom
@@ -125,6 +127,10 @@ class DecodePool:
     """A pool of ``processes`` processes preparing model inputs (spawned, not forked: the
     worker process has threads and torch state a fork would copy half-way).
 
+    A process that dies (a decoder crashing on a malformed file) breaks the pool: the jobs
+    waiting on it fail and are retried, and the next :meth:`submit` starts a new pool. The
+    worker process itself survives, as it would not with that decoder in-thread.
+
     Parameters
     ----------
     processes
@@ -135,23 +141,39 @@ class DecodePool:
         if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
             raise ValueError('Argument "processes" must be an int >= 1.')
         self.processes = processes
+        self.restarts = 0  #: pools started again after a process died
+        self._lock = threading.Lock()
+        self._pool = self._start()
+
+    def _start(self) -> ProcessPoolExecutor:
         started = time.monotonic()
-        self._pool = ProcessPoolExecutor(
-            max_workers=processes, mp_context=multiprocessing.get_context("spawn"),
+        pool = ProcessPoolExecutor(
+            max_workers=self.processes, mp_context=multiprocessing.get_context("spawn"),
             initializer=_init_process)
         # Start every process now (imports take seconds), not on the first job.
-        for fut in [self._pool.submit(_ready) for _ in range(processes)]:
+        for fut in [pool.submit(_ready) for _ in range(self.processes)]:
             fut.result()
         logger.info("decode processes started", extra=log_fields(
-            "decode_pool.started", processes=processes,
+            "decode_pool.started", processes=self.processes,
             seconds=round(time.monotonic() - started, 2)))
+        return pool
 
     def submit(self, paths: Sequence[str], task: Task | str,
                pre: PreprocessingSettings) -> list[Future[Prepared]]:
         """Start preparing every file of ``paths``; one future per path, in order."""
-        return [self._pool.submit(prepare_file, str(p), str(task), pre) for p in paths]
+        with self._lock:
+            try:
+                return [self._pool.submit(prepare_file, str(p), str(task), pre) for p in paths]
+            except BrokenProcessPool:
+                logger.warning("a decode process died; starting new ones", extra=log_fields(
+                    "decode_pool.broken", processes=self.processes))
+                self._pool.shutdown(wait=False, cancel_futures=True)
+                self._pool = self._start()
+                self.restarts += 1
+                return [self._pool.submit(prepare_file, str(p), str(task), pre) for p in paths]
 
     def shutdown(self) -> None:
         """Cancel queued work and stop the processes (waits for running files only)."""
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        with self._lock:
+            self._pool.shutdown(wait=True, cancel_futures=True)
         logger.info("decode processes stopped", extra=log_fields("decode_pool.stopped"))

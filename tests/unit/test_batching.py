@@ -3,8 +3,10 @@ worker/model keys, and CUDA precision options of the backend that can be checked
 
 from __future__ import annotations
 
+import os
 import threading
 import time
+from concurrent.futures.process import BrokenProcessPool
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -303,5 +305,13 @@ def test_decode_pool_gives_the_in_thread_inputs(tmp_path: Path) -> None:
                                   should_stop=lambda: True)
         with pytest.raises(Interrupted):
             stopping(ct_datasets[0], pre)
+
+        # A process that dies fails the waiting job; the next submit starts a new pool.
+        crash = pool._pool.submit(os._exit, 1)
+        with pytest.raises(BrokenProcessPool):
+            crash.result(timeout=30)
+        again = PreparedInputs(datasets, pool.submit(paths, Task.CHEST_XRAY, pre))
+        np.testing.assert_array_equal(again(xray_ds, pre), preprocess_xray(xray_ds, pre))
+        assert pool.restarts == 1
     finally:
         pool.shutdown()
