@@ -97,11 +97,12 @@ def main() -> int:
     pevents.Event.encoded_dataset = timed("  event.encoded_dataset()",
                                           pevents.Event.encoded_dataset)
     Queue.has_instance = timed("  queue.has_instance", Queue.has_instance)
-    Queue.record_instance = timed("  queue.record_instance (ORM + commit)",
+    Queue.known_instance = timed("  queue.known_instance (Core)", Queue.known_instance)
+    Queue.record_instance = timed("  queue.record_instance (Core + commit)",
                                   Queue.record_instance)
-    if hasattr(Queue, "record_instance_fast"):  # prototype copies
-        Queue.record_instance_fast = timed("  queue.record_instance_fast (Core + commit)",
-                                           Queue.record_instance_fast)
+    if hasattr(recv_mod, "_write_instance"):
+        recv_mod._write_instance = timed("  _write_instance (meta + write_atomic)",
+                                         recv_mod._write_instance)
     Spool.free_bytes = timed("  spool.free_bytes", Spool.free_bytes)
     Spool.write_atomic = timed("  spool.write_atomic", Spool.write_atomic)
     store_mod._fsync_dir = timed("    fsync(dir)", store_mod._fsync_dir)
@@ -124,9 +125,6 @@ def main() -> int:
     store_mod._fsync_dir = fsync_dir
     store_mod.os.fsync = fsync  # store.py uses `os.fsync` via the os module
 
-    # SQLite commit (the WAL fsync with synchronous=FULL) inside record_instance
-    from sqlalchemy.orm.session import SessionTransaction
-    SessionTransaction.commit = timed("    session.commit", SessionTransaction.commit)
     import sqlite3  # the real COMMIT (WAL append + fsync with synchronous=FULL)
     from sqlalchemy.engine import default as sa_default
     sa_default.DefaultDialect.do_commit = timed("    sqlite COMMIT (WAL fsync)",
@@ -176,9 +174,10 @@ def main() -> int:
         print(f"{'step':48s} {'calls':>6s} {'mean ms':>8s} {'p50 ms':>8s} {'ms/img':>8s}")
         order = ["between handlers (pynetdicom+net+sender)", "handle_store total",
                  "  event.dataset decode", "  extract_record", "  queue.has_instance",
-                 "  spool.free_bytes", "  event.encoded_dataset()", "  spool.write_atomic",
-                 "    fsync(file)", "    fsync(dir)", "  queue.record_instance (ORM + commit)",
-                 "    session.commit", "    sqlite COMMIT (WAL fsync)", "  queue.record_instance_fast (Core + commit)"]
+                 "  queue.known_instance (Core)", "  spool.free_bytes",
+                 "  event.encoded_dataset()", "  _write_instance (meta + write_atomic)",
+                 "  spool.write_atomic", "    fsync(file)", "    fsync(dir)",
+                 "  queue.record_instance (Core + commit)", "    sqlite COMMIT (WAL fsync)"]
         for k in order:
             v = acc.get(k)
             if not v:

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import enum
+import functools
 import logging
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import Connection, bindparam, exists, func, insert, select, update
+from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -21,6 +27,7 @@ from dicomai.db import (
     QuarantineEntry,
     ResultObject,
     Study,
+    UTCDateTime,
     utcnow,
 )
 from dicomai.errors import StateConflict
@@ -107,11 +114,119 @@ class InstanceRecord:
     images_in_acquisition: int | None = None
 
 
+# -- the receiver's record path: SQLAlchemy Core, statements built once ------------------------
+_KNOWN = select(
+    exists().where(Instance.sop_instance_uid == bindparam("b_sop")),
+    exists().where(ResultObject.sop_instance_uid == bindparam("b_sop")),
+)
+_INSTANCE_JOB = select(Instance.job_id).where(Instance.sop_instance_uid == bindparam("b_sop"))
+_TOUCH_STUDY = (
+    update(Study).where(Study.study_instance_uid == bindparam("b_uid"))
+    .values(last_received_at=bindparam("b_now", type_=UTCDateTime)).returning(Study.id)
+)
+_TOUCH_JOB = (
+    update(Job).where(Job.study_id == bindparam("b_study"), Job.state == "receiving")
+    .values(last_instance_at=bindparam("b_now", type_=UTCDateTime),
+            instance_count=Job.instance_count + 1)
+    .returning(Job.id)
+)
+_MAX_GENERATION = select(func.max(Job.generation)).where(Job.study_id == bindparam("b_study"))
+
+
+@functools.cache
+def _record_columns() -> tuple[str, ...]:
+    """InstanceRecord fields that are also ``instances`` columns (a new pair just works)."""
+    columns = Instance.__table__.c
+    return tuple(f.name for f in dataclasses.fields(InstanceRecord) if f.name in columns)
+
+
+def _instance_fields(rec: InstanceRecord) -> dict[str, Any]:
+    return {name: getattr(rec, name) for name in _record_columns()}
+
+
+def _open_generation(conn: Connection, study_id: int, now: datetime) -> int:
+    """A new RECEIVING job (the study's next generation) holding one instance; its
+    ``instance.first`` job event."""
+    generation = (conn.execute(_MAX_GENERATION, {"b_study": study_id}).scalar() or 0) + 1
+    job_id = conn.execute(insert(Job), {
+        "study_id": study_id, "generation": generation, "state": "receiving",
+        "created_at": now, "updated_at": now, "last_instance_at": now, "instance_count": 1,
+    }).inserted_primary_key[0]
+    conn.execute(insert(JobEvent), {"job_id": job_id, "src": None, "dst": "receiving",
+                                    "at": now, "reason": "instance.first"})
+    return int(job_id)
+
+
+@contextlib.contextmanager
+def _session_connection(sessions: sessionmaker[Session], *, begin: bool) -> Iterator[Connection]:
+    """The connection of a new session (a session factory without an engine bound)."""
+    with sessions.begin() if begin else sessions() as s:
+        yield s.connection(bind_arguments={"mapper": Instance})
+
+
+@dataclass(slots=True)
+class _PendingRecord:
+    """One ``record_instance`` call waiting for its (group) commit."""
+
+    args: tuple[InstanceRecord, str, int, str, datetime]
+    result: tuple[bool, int] | None = None
+    error: Exception | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.result is not None or self.error is not None
+
+    def outcome(self) -> tuple[bool, int]:
+        if self.error is not None:
+            raise self.error
+        assert self.result is not None
+        return self.result
+
+
+class _GroupCommit:
+    """Leader/follower group commit without a thread of its own.
+
+    A caller that finds no leader becomes one: it takes every pending call (its own among
+    them), runs them as one batch, then hands leadership on. Callers arriving meanwhile wait;
+    the next leader takes all of them at once, so concurrent associations share a transaction
+    and its commit (one WAL fsync instead of one each, no SQLite busy-wait between them).
+    """
+
+    def __init__(self, run: Callable[[list[_PendingRecord]], None]) -> None:
+        self._run = run
+        self._cond = threading.Condition()
+        self._pending: list[_PendingRecord] = []
+        self._leading = False
+
+    def submit(self, item: _PendingRecord) -> None:
+        """Return once ``item`` is done (its result or error set)."""
+        with self._cond:
+            self._pending.append(item)
+            while self._leading and not item.done:
+                self._cond.wait()
+            if item.done:
+                return
+            self._leading = True
+            batch, self._pending = self._pending, []
+        try:
+            self._run(batch)
+        finally:
+            with self._cond:
+                for pending in batch:  # only after an interrupt: nobody waits forever
+                    if not pending.done:
+                        pending.error = RuntimeError("group commit interrupted")
+                self._leading = False
+                self._cond.notify_all()
+
+
 class Queue:
     """All reads and writes of job state. The only place a job's state changes."""
 
     def __init__(self, session_factory: sessionmaker[Session]) -> None:
         self._sessions = session_factory
+        #: The bound engine, for the Core paths of the receiver (``None``: via a session).
+        self._engine: Engine | None = session_factory.kw.get("bind")
+        self._group = _GroupCommit(self._record_batch)
 
     def session(self) -> Session:
         """A new session (use as a context manager)."""
@@ -137,21 +252,23 @@ class Queue:
 
     def known_instance(self, sop_instance_uid: str) -> str | None:
         """``"stored"`` (already received), ``"own_result"`` (an object dicomai made and a
-        PACS sent back), or ``None``."""
-        with self._sessions() as s:
-            if s.scalar(select(Instance.id).where(Instance.sop_instance_uid == sop_instance_uid)
-                        .limit(1)) is not None:
-                return "stored"
-            if s.scalar(select(ResultObject.id)
-                        .where(ResultObject.sop_instance_uid == sop_instance_uid)
-                        .limit(1)) is not None:
-                return "own_result"
-            return None
+        PACS sent back), or ``None``. One Core query on one connection."""
+        with self._connect() as conn:
+            stored, own = conn.execute(_KNOWN, {"b_sop": sop_instance_uid}).one()
+        if stored:
+            return "stored"
+        return "own_result" if own else None
 
     def record_instance(
         self, rec: InstanceRecord, path: str, size_bytes: int, calling_ae: str, now: datetime
     ) -> tuple[bool, int]:
         """Index a stored instance and attach it to its study's RECEIVING job.
+
+        One transaction on one connection (SQLAlchemy Core, statements built once): touch or
+        create the study, touch the RECEIVING job (``WHERE state = 'receiving'``, so a job the
+        scheduler closed meanwhile is not touched) or open the next generation, insert the
+        instance. Concurrent calls (several associations) share one transaction and one
+        commit (group commit); each call returns only after that commit.
 
         Returns
         -------
@@ -159,97 +276,81 @@ class Queue:
             ``(new, job_id)``; ``new`` is False when the SOP Instance UID was already stored
             (then nothing changes).
         """
-        for _ in range(5):
+        item = _PendingRecord((rec, path, size_bytes, calling_ae, now))
+        self._group.submit(item)
+        return item.outcome()
+
+    def _record_batch(self, batch: list[_PendingRecord]) -> None:
+        """Record a batch in one transaction; on any error, each on its own (never raises)."""
+        if len(batch) > 1:
             try:
-                return self._record_instance(rec, path, size_bytes, calling_ae, now)
+                with self._begin() as conn:
+                    results = [self._record_instance(conn, *item.args, look_first=False)
+                               for item in batch]
+            except Exception:  # a race or a duplicate in the batch: each on its own below
+                logger.debug("group commit fell back", extra=log_fields(
+                    "instance.group_commit_fallback", size=len(batch)))
+            else:
+                for item, result in zip(batch, results, strict=True):
+                    item.result = result
+                return
+        for item in batch:
+            try:
+                item.result = self._record_one(*item.args)
+            except Exception as exc:  # re-raised in the caller's thread
+                item.error = exc
+
+    def _record_one(self, rec: InstanceRecord, path: str, size_bytes: int, calling_ae: str,
+                    now: datetime) -> tuple[bool, int]:
+        """One instance in its own transaction; the first attempt does not look for a
+        duplicate first: the unique SOP Instance UID makes it fail and the retry looks."""
+        for attempt in range(5):
+            try:
+                with self._begin() as conn:
+                    return self._record_instance(conn, rec, path, size_bytes, calling_ae, now,
+                                                 look_first=attempt > 0)
             except (IntegrityError, StateConflict):
                 # A concurrent association created the same study/job/instance, or the
-                # scheduler closed the job meanwhile: read again.
+                # instance is a duplicate: read again.
                 continue
         raise StateConflict("could not record instance after 5 attempts")
 
-    def _record_instance(
-        self, rec: InstanceRecord, path: str, size_bytes: int, calling_ae: str, now: datetime
-    ) -> tuple[bool, int]:
-        with self._sessions.begin() as s:
-            existing = s.scalar(
-                select(Instance.job_id).where(Instance.sop_instance_uid == rec.sop_instance_uid)
-            )
+    def _connect(self) -> AbstractContextManager[Connection]:
+        """A connection outside any ORM session (for reads)."""
+        if self._engine is not None:
+            return self._engine.connect()
+        return _session_connection(self._sessions, begin=False)
+
+    def _begin(self) -> AbstractContextManager[Connection]:
+        """A connection in a transaction, committed at the end of the block."""
+        if self._engine is not None:
+            return self._engine.begin()
+        return _session_connection(self._sessions, begin=True)
+
+    @staticmethod
+    def _record_instance(conn: Connection, rec: InstanceRecord, path: str, size_bytes: int,
+                         calling_ae: str, now: datetime, *, look_first: bool) -> tuple[bool, int]:
+        if look_first:
+            existing = conn.execute(_INSTANCE_JOB, {"b_sop": rec.sop_instance_uid}).scalar()
             if existing is not None:
-                return False, existing
-            study = s.scalar(
-                select(Study).where(Study.study_instance_uid == rec.study_instance_uid)
-            )
-            if study is None:
-                study = Study(
-                    study_instance_uid=rec.study_instance_uid,
-                    first_received_at=now,
-                    last_received_at=now,
-                    calling_ae_title=calling_ae,
-                )
-                s.add(study)
-                s.flush()
-            study.last_received_at = now
-            job = s.scalar(
-                select(Job).where(Job.study_id == study.id, Job.state == S.RECEIVING.value)
-                .with_for_update()
-            )
-            if job is None:
-                generation = (
-                    s.scalar(select(func.max(Job.generation)).where(Job.study_id == study.id)) or 0
-                ) + 1
-                job = Job(
-                    study_id=study.id,
-                    generation=generation,
-                    state=S.RECEIVING.value,
-                    created_at=now,
-                    updated_at=now,
-                    last_instance_at=now,
-                )
-                s.add(job)
-                s.flush()
-                s.add(JobEvent(job_id=job.id, src=None, dst=S.RECEIVING.value, at=now,
-                               reason="instance.first"))
-                job.instance_count = 0
-                s.flush()
-            # Only while the job is still RECEIVING: if the scheduler closed it meanwhile, this
-            # instance belongs to the next generation (StateConflict → the caller retries).
-            touched = s.execute(
-                update(Job).where(Job.id == job.id, Job.state == S.RECEIVING.value)
-                .values(last_instance_at=now, instance_count=Job.instance_count + 1)
-                .execution_options(synchronize_session=False)
-            )
-            if touched.rowcount != 1:  # type: ignore[attr-defined]
-                raise StateConflict(f"job {job.id} closed while receiving")
-            s.add(
-                Instance(
-                    sop_instance_uid=rec.sop_instance_uid,
-                    study_id=study.id,
-                    job_id=job.id,
-                    series_instance_uid=rec.series_instance_uid,
-                    sop_class_uid=rec.sop_class_uid,
-                    transfer_syntax_uid=rec.transfer_syntax_uid,
-                    modality=rec.modality,
-                    body_part=rec.body_part,
-                    series_number=rec.series_number,
-                    instance_number=rec.instance_number,
-                    image_type=rec.image_type,
-                    view_position=rec.view_position,
-                    study_description=rec.study_description,
-                    series_description=rec.series_description,
-                    orientation=rec.orientation,
-                    slice_position=rec.slice_position,
-                    rows=rec.rows,
-                    columns=rec.columns,
-                    acquisition_number=rec.acquisition_number,
-                    images_in_acquisition=rec.images_in_acquisition,
-                    path=path,
-                    size_bytes=size_bytes,
-                    calling_ae_title=calling_ae,
-                    received_at=now,
-                )
-            )
-            return True, job.id
+                return False, int(existing)
+        study_id = conn.execute(_TOUCH_STUDY, {"b_uid": rec.study_instance_uid,
+                                               "b_now": now}).scalar()
+        if study_id is None:
+            study_id = conn.execute(insert(Study), {
+                "study_instance_uid": rec.study_instance_uid, "first_received_at": now,
+                "last_received_at": now, "calling_ae_title": calling_ae,
+            }).inserted_primary_key[0]
+        # Only a job still RECEIVING is touched: if the scheduler closed it meanwhile, this
+        # instance belongs to the next generation.
+        job_id = conn.execute(_TOUCH_JOB, {"b_study": study_id, "b_now": now}).scalar()
+        if job_id is None:
+            job_id = _open_generation(conn, study_id, now)
+        conn.execute(insert(Instance), {
+            **_instance_fields(rec), "study_id": study_id, "job_id": job_id, "path": path,
+            "size_bytes": size_bytes, "calling_ae_title": calling_ae, "received_at": now,
+        })
+        return True, int(job_id)
 
     def quarantine(self, *, reason: str, status_code: int, calling_ae: str, peer: str,
                    sop_class_uid: str, path: str | None, size_bytes: int,

@@ -6,10 +6,12 @@ import ipaddress
 import logging
 import socket
 import ssl
+import struct
 import threading
 import types
 from collections.abc import Callable
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -29,12 +31,12 @@ from pydicom.uid import (
     RLELossless,
 )
 from pydicom.uid import JPEGLossless as JPEGLosslessP14
-from pynetdicom import AE, evt
+from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, AE, evt
 from pynetdicom.presentation import StoragePresentationContexts
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
-from dicomai import __version__, audit, metrics
+from dicomai import __version__, audit, fastnet, metrics
 from dicomai.config import ReceiverSettings
 from dicomai.logs import log_fields, uid_ref
 from dicomai.queue import InstanceRecord, Queue
@@ -201,6 +203,45 @@ def _quarantine(event: evt.Event, spool: Spool, queue: Queue, reason: str, statu
     return status
 
 
+_PREAMBLE = b"\x00" * 128 + b"DICM"
+
+
+def _short_element(element: int, vr: bytes, value: bytes) -> bytes:
+    """One group 0002 element, Explicit VR Little Endian with a 2-byte length."""
+    return struct.pack("<HH2sH", 0x0002, element, vr, len(value)) + value
+
+
+def _uid_value(uid: str) -> bytes:
+    raw = uid.encode("ascii")
+    return raw + b"\x00" if len(raw) % 2 else raw
+
+
+def file_meta_bytes(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -> bytes:
+    """The encoded File Meta Information pynetdicom writes for a C-STORE (the same bytes as
+    ``encode_file_meta(event.file_meta)``, without building a pydicom dataset)."""
+    version = PYNETDICOM_IMPLEMENTATION_VERSION.encode("ascii")
+    body = b"".join((
+        struct.pack("<HH2sHI", 0x0002, 0x0001, b"OB", 0, 2) + b"\x00\x01",
+        _short_element(0x0002, b"UI", _uid_value(sop_class_uid)),
+        _short_element(0x0003, b"UI", _uid_value(sop_instance_uid)),
+        _short_element(0x0010, b"UI", _uid_value(transfer_syntax)),
+        _short_element(0x0012, b"UI", _uid_value(PYNETDICOM_IMPLEMENTATION_UID)),
+        _short_element(0x0013, b"SH", version + b" " if len(version) % 2 else version),
+    ))
+    return struct.pack("<HH2sHI", 0x0002, 0x0000, b"UL", 4, len(body)) + body
+
+
+def _write_instance(spool: Spool, path: Path, event: evt.Event) -> int:
+    """Write the instance as received (Part 10: preamble, file meta, the peer's dataset bytes)
+    without joining them into one copy first; returns the size."""
+    request = event.request
+    meta = file_meta_bytes(str(request.AffectedSOPClassUID),
+                           str(request.AffectedSOPInstanceUID),
+                           str(event.context.transfer_syntax))
+    with request.DataSet.getbuffer() as data:
+        return spool.write_atomic(path, [_PREAMBLE, meta, data])
+
+
 def handle_store(
     event: evt.Event,
     spool: Spool,
@@ -260,7 +301,7 @@ def handle_store(
         path = spool.instance_path(rec.study_instance_uid, rec.series_instance_uid,
                                    rec.sop_instance_uid)
         try:
-            size = spool.write_atomic(path, event.encoded_dataset())
+            size = _write_instance(spool, path, event)
         except OSError:
             logger.exception("could not write instance",
                              extra=log_fields("instance.write_failed", calling_ae=calling))
@@ -325,8 +366,10 @@ def _recv_quickack(self: Any, nr_bytes: int) -> bytearray:
 
 
 def _on_conn_open(event: evt.Event) -> None:
-    """Per accepted connection: TCP_NODELAY, and the quick-ACK reader (instance-level only;
-    pynetdicom itself is not modified)."""
+    """Per accepted connection: TCP_NODELAY, the quick-ACK reader and the event-driven
+    reactors of :mod:`dicomai.fastnet` (instance-level only; pynetdicom itself is not
+    modified)."""
+    fastnet.install(event.assoc)
     try:
         asock = event.assoc.dul.socket
         sock = asock.socket

@@ -7,6 +7,7 @@ import re
 import shutil
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 
 __all__ = ["Spool", "safe_uid"]
@@ -75,7 +76,8 @@ class Spool:
             raise ValueError('Argument "reason" must be a short code.')
         return self.root / "quarantine" / reason / f"{uuid.uuid4().hex}.dcm"
 
-    def write_atomic(self, path: Path, chunks: bytes | list[bytes]) -> int:
+    def write_atomic(self, path: Path,
+                     chunks: bytes | memoryview | Sequence[bytes | memoryview]) -> int:
         """Write ``chunks`` to ``path`` via a fsynced temporary file and ``os.replace``.
 
         Returns

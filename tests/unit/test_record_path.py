@@ -1,0 +1,198 @@
+"""The receiver's fast path: Core record with group commit, file meta bytes, fastnet reactors."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit
+from pynetdicom import AE, evt
+from pynetdicom.dsutils import create_file_meta, encode_file_meta
+from pynetdicom.sop_class import Verification
+from sqlalchemy import func, select
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import sessionmaker
+
+from dicomai import fastnet
+from dicomai.db import Base, Instance, Job, JobEvent, create_all, make_engine, make_session_factory
+from dicomai.queue import InstanceRecord, JobState, Queue
+from dicomai.receiver import file_meta_bytes
+
+T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+def engine(tmp_path: Path) -> Iterator[Engine]:
+    eng = make_engine(f"sqlite:///{tmp_path / 'dicomai.db'}")
+    create_all(eng)
+    yield eng
+    eng.dispose()
+
+
+def rec(study: str, sop: str) -> InstanceRecord:
+    return InstanceRecord(sop_instance_uid=sop, study_instance_uid=study,
+                          series_instance_uid=f"{study}.1",
+                          sop_class_uid="1.2.840.10008.5.1.4.1.1.1",
+                          transfer_syntax_uid=ExplicitVRLittleEndian, modality="CR",
+                          instance_number=1)
+
+
+# -- record path ------------------------------------------------------------------------------
+
+
+def test_concurrent_records_share_commits_and_stay_consistent(engine: Engine) -> None:
+    queue = Queue(make_session_factory(engine))
+    results: list[tuple[str, bool, int]] = []
+    lock = threading.Lock()
+
+    def sender(k: int) -> None:
+        for i in range(25):
+            study = f"1.5.{i % 3}"
+            sop = f"{study}.1.{i}.{k // 2}"  # senders 0 and 1 send the same, 2 and 3 too
+            new, job_id = queue.record_instance(rec(study, sop), f"/spool/{sop}.dcm", 10, "M",
+                                                T0 + timedelta(milliseconds=i))
+            with lock:
+                results.append((sop, new, job_id))
+
+    threads = [threading.Thread(target=sender, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(results) == 100
+    sops = {sop for sop, _, _ in results}
+    assert len(sops) == 50
+    # Each SOP Instance UID recorded as new exactly once; its duplicate got the same job.
+    for sop in sops:
+        outcomes = sorted(new for s, new, _ in results if s == sop)
+        assert outcomes == [False, True]
+        assert len({job for s, _, job in results if s == sop}) == 1
+    with queue.session() as s:
+        assert s.scalar(select(func.count()).select_from(Instance)) == 50
+        jobs = list(s.scalars(select(Job)))
+        assert len(jobs) == 3  # one RECEIVING generation per study
+        for job in jobs:
+            n = s.scalar(select(func.count()).where(Instance.job_id == job.id))
+            assert (job.state, job.generation, job.instance_count) == ("receiving", 1, n)
+        assert s.scalar(select(func.count()).select_from(JobEvent)) == 3
+
+
+def test_record_after_close_opens_next_generation(engine: Engine) -> None:
+    queue = Queue(make_session_factory(engine))
+    _, job1 = queue.record_instance(rec("1.6", "1.6.1.1"), "/a", 1, "M", T0)
+    queue.transition(job1, JobState.RECEIVING, JobState.QUEUED, reason="test", now=T0)
+    new, job2 = queue.record_instance(rec("1.6", "1.6.1.2"), "/b", 1, "M", T0)
+    assert new and job2 != job1
+    assert queue.get_job(job2).generation == 2
+    assert queue.record_instance(rec("1.6", "1.6.1.1"), "/c", 1, "M", T0) == (False, job1)
+
+
+def test_known_instance_and_session_without_engine(engine: Engine) -> None:
+    queue = Queue(sessionmaker(binds={Base: engine}, expire_on_commit=False))
+    assert queue.known_instance("1.7.1.1") is None
+    queue.record_instance(rec("1.7", "1.7.1.1"), "/a", 1, "M", T0)
+    assert queue.known_instance("1.7.1.1") == "stored"
+
+
+# -- file meta --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("sop_class", "sop", "syntax"), [
+    ("1.2.840.10008.5.1.4.1.1.2", "1.2.3.4", ExplicitVRLittleEndian),
+    ("1.2.840.10008.5.1.4.1.1.1.1", "1.2.33.4", ImplicitVRLittleEndian),
+    ("1.2", "1.23", JPEGBaseline8Bit),
+])
+def test_file_meta_bytes_match_pynetdicom(sop_class: str, sop: str, syntax: str) -> None:
+    expected = encode_file_meta(create_file_meta(
+        sop_class_uid=UID(sop_class), sop_instance_uid=UID(sop), transfer_syntax=UID(syntax)))
+    assert file_meta_bytes(sop_class, sop, syntax) == expected
+
+
+# -- fastnet ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def scp() -> Iterator[tuple[AE, int, list[bool]]]:
+    installed: list[bool] = []
+
+    def on_open(event: evt.Event) -> None:
+        installed.append(fastnet.install(event.assoc))
+
+    ae = AE("FASTSCP")
+    ae.add_supported_context(Verification)
+    ae.network_timeout = 1.0
+    ae.acse_timeout = 1.0  # a connection that never asks for an association waits this long
+    server = ae.start_server(("127.0.0.1", 0), block=False,
+                             evt_handlers=[(evt.EVT_CONN_OPEN, on_open)])
+    yield ae, int(server.server_address[1]), installed
+    ae.shutdown()
+
+
+def _requestor() -> AE:
+    ae = AE("FASTSCU")
+    ae.add_requested_context(Verification)
+    return ae
+
+
+def _gone(ae: AE, within: float = 2.0) -> bool:
+    deadline = time.monotonic() + within
+    while ae.active_associations and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return not ae.active_associations
+
+
+def test_fastnet_echo_and_release(scp: tuple[AE, int, list[bool]]) -> None:
+    ae, port, installed = scp
+    assoc = _requestor().associate("127.0.0.1", port)
+    assert assoc.is_established
+    for _ in range(20):
+        assert assoc.send_c_echo().Status == 0x0000
+    assoc.release()
+    assert assoc.is_released
+    assert installed == [True]
+    assert _gone(ae)
+
+
+def test_fastnet_abort_and_dropped_connection(scp: tuple[AE, int, list[bool]]) -> None:
+    ae, port, installed = scp
+    assoc = _requestor().associate("127.0.0.1", port)
+    assert assoc.is_established
+    assoc.abort()
+    assert _gone(ae)
+    # A peer that connects and vanishes without a word.
+    with socket.create_connection(("127.0.0.1", port)):
+        pass
+    deadline = time.monotonic() + 2
+    while len(installed) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert installed == [True, True]
+    assert _gone(ae, within=3.0)
+
+
+def test_fastnet_idle_timeout_aborts(scp: tuple[AE, int, list[bool]]) -> None:
+    ae, port, _ = scp
+    assoc = _requestor().associate("127.0.0.1", port)
+    assert assoc.is_established
+    t0 = time.monotonic()
+    deadline = t0 + 5
+    while assoc.is_established and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert assoc.is_aborted
+    assert 0.9 <= time.monotonic() - t0 < 3  # network_timeout 1 s, not a poll late
+    assert _gone(ae)
+
+
+def test_fastnet_refuses_unknown_version(monkeypatch: pytest.MonkeyPatch,
+                                         scp: tuple[AE, int, list[bool]]) -> None:
+    ae, port, installed = scp
+    monkeypatch.setattr(fastnet.pynetdicom, "__version__", "9.9.9")
+    assoc = _requestor().associate("127.0.0.1", port)
+    assert assoc.send_c_echo().Status == 0x0000
+    assoc.release()
+    assert installed == [False]
+    assert _gone(ae)
