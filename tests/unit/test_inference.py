@@ -26,6 +26,7 @@ from dicomai.inference import (
     order_slices,
     preprocess_ct_slice,
     preprocess_xray,
+    resize,
 )
 from dicomai.synthetic import make_head_ct, make_xray
 
@@ -198,6 +199,41 @@ def test_ct_windows_values() -> None:
     assert out[1, 0, 2] == pytest.approx((40 - (-20)) / 200)
     assert out[2, 1, 2] == pytest.approx(1.0)
     assert out[2, 0, 1] == pytest.approx((0 - (-800)) / 2800)
+
+
+@pytest.mark.parametrize(("slope", "intercept"), [(None, None), (1, -1024), (0.5, 3.25),
+                                                   (-2, 100)])
+def test_float32_rescale_matches_pydicom(slope: float | None, intercept: float | None) -> None:
+    import pydicom.pixels
+
+    from dicomai.inference import _modality
+
+    pixels = np.random.default_rng(2).integers(0, 4096, (32, 32)).astype(np.uint16)
+    ds = image(pixels, slope=slope, intercept=intercept)
+    expected = pydicom.pixels.apply_modality_lut(pixels.astype(np.float64), ds)
+    out = _modality(pixels, ds)
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-3)
+    ds.RescaleSlope = "1e36"  # overflows float32: left to the float64 path, which refuses
+    if slope is not None:
+        with pytest.raises(UnsupportedInput):
+            _modality(pixels, ds)
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (3, 512, 512), (2, 8, 8)])
+def test_resize_by_half_matches_torch_antialias(shape: tuple[int, ...]) -> None:
+    import torch
+    import torch.nn.functional as F
+
+    x = np.random.default_rng(1).random(shape, dtype=np.float32) * 3000
+    t = torch.from_numpy(x)
+    t = t[None] if t.ndim == 2 else t
+    half = shape[-1] // 2
+    ref = F.interpolate(t[None], size=(half, half), mode="bilinear", antialias=True,
+                        align_corners=False)[0].numpy()
+    out = resize(x, half)
+    assert out.shape == ref.shape and out.dtype == np.float32
+    np.testing.assert_allclose(out, ref, rtol=0, atol=1e-3)
 
 
 def test_preprocess_ct_slice_shape_and_windows() -> None:
