@@ -91,7 +91,8 @@ def _chest(pool: ModelPool, repeats: int) -> dict[str, dict[str, float]]:
             rows["read"].append(t)
             t, _ = _timed(lambda d=ds: pydicom.pixels.pixel_array(d))  # type: ignore[misc]
             rows["decode_full"].append(t)
-            t, reduced = _timed(lambda d=ds: decode_reduced(d, 2 * pre.input_size))  # type: ignore[misc]
+            t, reduced = _timed(
+                lambda d=ds: decode_reduced(d, 2 * pre.input_size))  # type: ignore[misc]
             rows["decode_reduced"].append(t if reduced is not None else float("nan"))
             decoded = inference._frame_for_size(ds, 2 * pre.input_size)  # what it will use
             saved = inference._frame_for_size
@@ -181,7 +182,8 @@ def main() -> int:
               f"{ct['batch_size']:.0f}), median of {args.ct_repeats}, s:")
         print(f"read {ct['read']:.2f}  preprocess {ct['preprocess']:.2f}  inference "
               f"{ct['inference']:.2f}  analyse {ct['analyse']:.2f}  total (read + analyse) "
-              f"{ct['total']:.2f} (best {ct['total_best']:.2f})  target {CT_TARGET_S:.0f}: {verdict}")
+              f"{ct['total']:.2f} (best {ct['total_best']:.2f})  target {CT_TARGET_S:.0f}: "
+              f"{verdict}")
     print(f"\nafter: load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2))

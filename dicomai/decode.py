@@ -164,8 +164,9 @@ def decode_reduced(ds: Dataset, min_side: int, *, frame: int = 0) -> Reduced | N
     Reduced | None
         A 2-D array of stored values (dtype as ``pixel_array`` gives: ``uint8``/``uint16``, or
         ``int8``/``int16`` when PixelRepresentation is 1), smaller than ``Rows`` × ``Columns``,
-        with its scale and sampling phase; None when the frame is not a reduced-decodable greyscale JPEG 2000 / JPEG baseline frame
-        or decoding failed (decode in full then).
+        with its scale and sampling phase; None when the frame is not a greyscale JPEG 2000 /
+        JPEG baseline frame that can be decoded smaller, or decoding failed (decode in full
+        then).
     """
     try:
         meta = getattr(ds, "file_meta", None)
