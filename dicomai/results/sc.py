@@ -11,7 +11,7 @@ from pydicom.sr.codedict import codes
 
 from dicomai.findings import Findings, ModelIdentity, Task, result_uid
 from dicomai.results.codes import PRESENT, LabelCode
-from dicomai.results.display import display_rgb, fit_size, overlay, resize_rgb
+from dicomai.results.display import MAX_SIDE, display_rgb, fit_size, overlay, resize_rgb
 from dicomai.results.sr import (
     add_air_equipment,
     check_findings,
@@ -132,14 +132,14 @@ def build_sc(
     """
     model = findings.model
     uid = str(src.SOPInstanceUID)
-    rgb = display_rgb(src)
-    size = fit_size(int(rgb.shape[0]), int(rgb.shape[1]))
+    rgb = display_rgb(src, max_side=MAX_SIDE)  # decoded no larger than the SC needs
+    size = fit_size(int(src.Rows), int(src.Columns))
     heat = findings.heatmaps.get(uid)
     pixels = overlay(
         resize_rgb(rgb, size), heat, caption=caption_text(findings, table, uid, heat is not None)
     )
     # PixelSpacing only on the source's own pixel grid.
-    spacing = _pixel_spacing(src) if size == tuple(rgb.shape[:2]) else None
+    spacing = _pixel_spacing(src) if size == (int(src.Rows), int(src.Columns)) else None
     patient_orientation, known = _orientation(src)
     laterality = str(src.get("ImageLaterality") or src.get("Laterality") or "")
     with no_name_warnings():

@@ -28,6 +28,7 @@ from pydicom.uid import (
     CTImageStorage,
     EnhancedSRStorage,
     ExplicitVRLittleEndian,
+    JPEG2000Lossless,
     MultiFrameGrayscaleWordSecondaryCaptureImageStorage,
     SecondaryCaptureImageStorage,
     generate_uid,
@@ -44,8 +45,9 @@ from dicomai.results.codes import (
     bone_site,
     table_for,
 )
-from dicomai.results.display import MAX_SIDE, display_rgb, fit_size
+from dicomai.results.display import MAX_SIDE, display_rgb, fit_size, resize_rgb
 from dicomai.results.sc import caption_text
+from dicomai.synthetic import make_xray, recompress
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "real"
 STARTED = datetime(2025, 3, 4, 5, 6, 7, tzinfo=UTC)
@@ -364,6 +366,33 @@ def test_chest_sc(
     assert not np.array_equal(caption, small[: sc.Rows // 10, : sc.Columns // 3])
     centre = pixels[sc.Rows // 3 : 2 * sc.Rows // 3, sc.Columns // 3 : 2 * sc.Columns // 3]
     assert (centre[..., 0] != centre[..., 2]).any(), "heat map colours the grey image"
+
+
+def test_sc_background_decoded_at_reduced_resolution_matches_full(
+    results_chest_source: Dataset,
+) -> None:
+    # The real JPEG 2000 sample (1955 x 1841) is too small to reduce for a 1024-pixel SC.
+    assert display_rgb(results_chest_source, max_side=MAX_SIDE).shape[:2] == (1955, 1841)
+    # A 2500 x 2000 JPEG 2000 radiograph needs only resolution level 1 (1250 x 1000).
+    src = recompress(make_xray("chest", rows=2000, cols=2500, seed=5), JPEG2000Lossless)
+    reduced = display_rgb(src, max_side=MAX_SIDE)
+    full = display_rgb(src)
+    assert full.shape[:2] == (src.Rows, src.Columns)
+    assert reduced.shape[:2] == (1000, 1250)
+    size = fit_size(src.Rows, src.Columns)
+    a = resize_rgb(reduced, size).astype(float)
+    b = resize_rgb(full, size).astype(float)
+    # Grey levels of 255. The wavelet low-pass and the box filter treat the noise texture
+    # differently (mean |diff| about 2), but the picture is the same: no bias, and after
+    # smoothing out the texture under 1 level.
+    assert np.abs(a - b).mean() < 3.0
+    assert abs((a - b).mean()) < 0.5
+    smooth = (256, 205)
+    sa = np.asarray(Image.fromarray(a.astype(np.uint8)).resize(smooth, Image.Resampling.BOX))
+    sb = np.asarray(Image.fromarray(b.astype(np.uint8)).resize(smooth, Image.Resampling.BOX))
+    assert np.abs(sa.astype(float) - sb.astype(float)).mean() < 1.0
+    # Uncompressed or already small sources are decoded as they are.
+    assert display_rgb(src, max_side=4096).shape == full.shape
 
 
 def test_chest_monochrome1_is_not_inverted(results_chest_source: Dataset) -> None:
