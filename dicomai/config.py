@@ -136,7 +136,8 @@ class SchedulerSettings(_Section):
     early_close: bool = True
     release_grace_seconds: float = Field(default=2.0, ge=0)
     complete_quiet_seconds: float = Field(default=1.0, ge=0)
-    #: A study of a single image of these modalities counts as complete (one-view X-ray).
+    #: A study of a single image of these modalities (one-view X-ray) closes as soon as its
+    #: association is released, without ``release_grace_seconds``.
     single_image_modalities: list[str] = Field(default_factory=lambda: ["CR", "DX"])
     poll_seconds: float = Field(default=1.0, gt=0)
     stale_claim_seconds: float = Field(default=300.0, gt=0)

@@ -550,12 +550,14 @@ class Queue:
                                   Job.released_at <= cutoff)
                 .order_by(Job.id)))
 
-    def receiving_jobs_complete(self, single_image_modalities: Sequence[str]) -> list[Job]:
-        """RECEIVING jobs whose study holds every image its headers announce.
+    def receiving_jobs_complete(self, single_image_modalities: Sequence[str]
+                                ) -> list[tuple[Job, str]]:
+        """RECEIVING jobs whose study may be complete, with why.
 
-        Complete means: every instance of the study carries ImagesInAcquisition and each
-        (series, acquisition) holds at least that many instances; or the study is a single
-        image of one of ``single_image_modalities`` (e.g. a one-view X-ray).
+        ``"announced"``: every instance of the study carries ImagesInAcquisition and each
+        (series, acquisition) holds at least that many instances. ``"single_image"``: the study
+        is one image of one of ``single_image_modalities`` (a one-view X-ray) — a weaker hint,
+        which the scheduler acts on only once the sender released its association.
         """
         groups: dict[int, list[tuple[int, int, int | None, str]]] = {}
         with self._sessions() as s:
@@ -572,17 +574,19 @@ class Queue:
                     (int(n), int(known), None if expected is None else int(expected),
                      str(modality or "")))
             single = {m.upper() for m in single_image_modalities}
-            complete = [
-                study_id for study_id, parts in groups.items()
+            why: dict[int, str] = {}
+            for study_id, parts in groups.items():
                 if all(known == n and expected is not None and n >= expected > 0
-                       for n, known, expected, _ in parts)
-                or (len(parts) == 1 and parts[0][0] == 1 and parts[0][3].upper() in single)
-            ]
-            if not complete:
+                       for n, known, expected, _ in parts):
+                    why[study_id] = "announced"
+                elif len(parts) == 1 and parts[0][0] == 1 and parts[0][3].upper() in single:
+                    why[study_id] = "single_image"
+            if not why:
                 return []
-            return list(s.scalars(
-                select(Job).where(Job.state == S.RECEIVING.value, Job.study_id.in_(complete))
-                .order_by(Job.id)))
+            jobs = s.scalars(
+                select(Job).where(Job.state == S.RECEIVING.value, Job.study_id.in_(list(why)))
+                .order_by(Job.id))
+            return [(job, why[job.study_id]) for job in jobs]
 
     def stale_claims(self, state: JobState, cutoff: datetime) -> list[Job]:
         """Jobs in ``state`` whose heartbeat is older than ``cutoff``."""

@@ -67,8 +67,9 @@ def close_early_studies(queue: Queue, routes: Sequence[RouteSettings], now: date
     * released: the sender released the association that delivered the study's latest
       instance, ``release_grace_seconds`` ago, and sent nothing since;
     * complete: every image the headers announce (ImagesInAcquisition per series and
-      acquisition, or a single image of ``single_image_modalities``) is there and nothing
-      arrived for ``complete_quiet_seconds`` — at once if the association was also released.
+      acquisition) is there and nothing arrived for ``complete_quiet_seconds`` — at once if
+      the association was also released; a single image of ``single_image_modalities`` (a
+      one-view X-ray) closes at once when its association was released, without the grace.
 
     An instance arriving later opens a new generation, as after the quiet period.
 
@@ -86,11 +87,13 @@ def close_early_studies(queue: Queue, routes: Sequence[RouteSettings], now: date
     for job in queue.receiving_jobs_released_since(released_cutoff):
         seen.add(job.id)
         closed["released"] += _close(queue, job, routes, now, cause="released")
-    for job in queue.receiving_jobs_complete(settings.single_image_modalities):
+    for job, why in queue.receiving_jobs_complete(settings.single_image_modalities):
         if job.id in seen:
             continue
         released = job.released_at is not None and job.released_at >= job.last_instance_at
-        if released or job.last_instance_at <= complete_cutoff:
+        # Announced counts are trusted after a short settle; a single X-ray image only once
+        # its association was released (a slow sender's second view must not split the study).
+        if released or (why == "announced" and job.last_instance_at <= complete_cutoff):
             closed["complete"] += _close(queue, job, routes, now, cause="complete")
     total = sum(closed.values())
     if total:

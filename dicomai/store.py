@@ -92,13 +92,18 @@ class Spool:
         """
         parent = path.parent
         if parent not in self._made:
-            parent.mkdir(parents=True, exist_ok=True)
-            self._made.add(parent)
+            self._make_dirs(parent)
         tmp = parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
         data = [chunks] if isinstance(chunks, bytes | bytearray | memoryview) else chunks
         size = 0
         try:
-            with open(tmp, "wb") as fh:
+            try:
+                fh = open(tmp, "wb")
+            except FileNotFoundError:  # the directory was purged since we made it
+                self._made.discard(parent)
+                self._make_dirs(parent)
+                fh = open(tmp, "wb")
+            with fh:
                 for chunk in data:
                     fh.write(chunk)
                     size += len(chunk)
@@ -110,6 +115,22 @@ class Spool:
             tmp.unlink(missing_ok=True)
             raise
         return size
+
+    def _make_dirs(self, directory: Path) -> None:
+        """Create ``directory`` and missing parents, each made durable in its parent (a file
+        fsynced into a directory whose own entry was never fsynced could vanish in a crash)."""
+        missing = []
+        d = directory
+        while not d.is_dir():
+            missing.append(d)
+            d = d.parent
+        for d in reversed(missing):
+            try:
+                d.mkdir()
+            except FileExistsError:  # another thread made it; its entry may not be durable yet
+                pass
+            _fsync_dir(d.parent)
+        self._made.add(directory)
 
     def incoming_files(self, older_than_seconds: float) -> list[Path]:
         """Received files last modified more than ``older_than_seconds`` ago."""
@@ -132,3 +153,4 @@ class Spool:
         if self.root not in path.parents:
             raise ValueError('Argument "path" must be inside the spool.')
         shutil.rmtree(path, ignore_errors=True)
+        self._made = {d for d in self._made if d != path and path not in d.parents}

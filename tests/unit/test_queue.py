@@ -547,23 +547,28 @@ def test_complete_and_released_closes_at_once(queue: Queue) -> None:
     assert queue.get_job(job_id).state == "queued"
 
 
-def test_single_xray_image_counts_as_complete_but_two_do_not(queue: Queue) -> None:
+def test_single_xray_image_closes_at_release_without_grace(queue: Queue) -> None:
     _, one = record(queue, rec(study="2.5", series="2.5.1", sop="2.5.1.1"), T0)
     _, two = record(queue, rec(study="2.6", series="2.6.1", sop="2.6.1.1"), T0)
     record(queue, rec(study="2.6", series="2.6.2", sop="2.6.2.1", view_position="LL"), T0)
     # a CT series whose headers announce nothing
     _, ct = record(queue, _ct("2.7", "2.7.1", 0), T0)
-    assert close_early_studies(queue, ROUTES, T0 + timedelta(seconds=1), EARLY) == 1
+    # Still connected: a single image is only a hint (a slow sender's lateral may follow).
+    assert close_early_studies(queue, ROUTES, T0 + timedelta(seconds=10), EARLY) == 0
+    queue.mark_released(["2.5", "2.6", "2.7"], T0 + timedelta(seconds=10))
+    # Released: the one-view study closes at once, the others wait for the grace period.
+    assert close_early_studies(queue, ROUTES, T0 + timedelta(seconds=10), EARLY) == 1
     assert [queue.get_job(j).state for j in (one, two, ct)] == \
         ["queued", "receiving", "receiving"]
-    # with the rule switched off the one-view study waits for its quiet period
+    # with the rule switched off the one-view study waits for the grace period too
     off = EARLY.model_copy(update={"single_image_modalities": []})
     _, three = record(queue, rec(study="2.8", series="2.8.1", sop="2.8.1.1"), T0)
-    assert close_early_studies(queue, ROUTES, T0 + timedelta(seconds=5), off) == 0
-    disabled = EARLY.model_copy(update={"early_close": False})
     queue.mark_released(["2.8"], T0)
+    assert close_early_studies(queue, ROUTES, T0 + timedelta(seconds=1), off) == 0
+    disabled = EARLY.model_copy(update={"early_close": False})
     assert close_early_studies(queue, ROUTES, T0 + timedelta(seconds=5), disabled) == 0
     assert queue.get_job(three).state == "receiving"
+    assert close_early_studies(queue, ROUTES, T0 + timedelta(seconds=12), off) == 3
 
 
 def test_late_instance_after_early_close_opens_generation_2(queue: Queue) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from dicomai.db import create_all, make_engine, make_session_factory
 from dicomai.queue import InstanceRecord, JobState, Queue
 from dicomai.sender import Outcome, classify_status
 from dicomai.status import collect, render_text
+from dicomai import store
 from dicomai.store import Spool, safe_uid
 
 NOW = datetime(2024, 5, 6, 7, 8, 9, tzinfo=UTC)
@@ -58,6 +60,28 @@ def test_write_atomic_bytes_and_chunks_leave_no_temp_files(tmp_path: Path) -> No
     assert spool.write_atomic(target, [b"abc", b"", b"defg"]) == 7
     assert target.read_bytes() == b"abcdefg"
     assert [p.name for p in target.parent.iterdir()] == ["1.2.3.4.5.dcm"]
+
+
+def test_new_directories_are_fsynced_and_a_purged_directory_is_made_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spool = Spool(tmp_path / "spool")
+    spool.start()
+    synced: list[Path] = []
+    real = store._fsync_dir
+    monkeypatch.setattr(store, "_fsync_dir", lambda p: (synced.append(Path(p)), real(p)))
+    target = spool.instance_path("1.2.3", "1.2.3.4", "1.2.3.4.5")
+    spool.write_atomic(target, b"DICM")
+    incoming = spool.root / "incoming"
+    # each new directory's entry is made durable in its parent, then the file's
+    assert synced == [incoming, incoming / "1.2.3", incoming / "1.2.3" / "1.2.3.4"]
+    # retention removed the study; the same study sent again is written again
+    spool.remove_tree(incoming / "1.2.3")
+    spool.write_atomic(target, b"DICM")
+    assert target.read_bytes() == b"DICM"
+    # ... also when another process purged it (this spool still thinks it exists)
+    shutil.rmtree(incoming / "1.2.3")
+    spool.write_atomic(target, b"DICM2")
+    assert target.read_bytes() == b"DICM2"
 
 
 def test_write_atomic_failure_leaves_no_partial_file(tmp_path: Path) -> None:
