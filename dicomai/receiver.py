@@ -456,17 +456,46 @@ class Receiver:
             per_study = self._transfers.setdefault(id(event.assoc), {})
             per_study[study_uid] = per_study.get(study_uid, 0) + 1
 
-    def _on_ended(self, event: evt.Event) -> None:
-        """At the end of an association: one audit event per study it delivered, and, on a
-        release, the early-close mark of those studies."""
+    def _on_accepted(self, event: evt.Event) -> None:
         with self._lock:
-            per_study = self._transfers.pop(id(event.assoc), {})
+            self._transfers.setdefault(id(event.assoc), {})
+        _on_accepted(event)
+
+    def _on_ended(self, event: evt.Event) -> None:
+        """EVT_RELEASED, EVT_ABORTED or EVT_CONN_CLOSE: finish the association's bookkeeping.
+
+        The network thread may see the connection close before the association thread reports
+        the release (the peer closes as soon as it has our A-RELEASE-RP). Deciding at
+        EVT_CONN_CLOSE would then miss the release, so while the association thread still
+        runs, a short-lived watcher waits for it and finishes from its ``is_released``.
+        """
+        assoc = event.assoc
+        if event.event is evt.EVT_CONN_CLOSE:
+            if assoc.is_alive() and assoc is not threading.current_thread():
+                threading.Thread(target=self._finish_after, args=(assoc,), daemon=True,
+                                 name="assoc-end").start()
+            else:
+                self._finish(assoc, released=bool(assoc.is_released))
+            return
+        self._finish(assoc, released=event.event is evt.EVT_RELEASED)
+
+    def _finish_after(self, assoc: Any, timeout: float = 120.0) -> None:
+        assoc.join(timeout)
+        self._finish(assoc, released=bool(assoc.is_released))
+
+    def _finish(self, assoc: Any, *, released: bool) -> None:
+        """One audit event per study the association delivered, and, on a release, the
+        early-close mark of those studies (once per association: the first caller pops)."""
+        with self._lock:
+            per_study = self._transfers.pop(id(assoc), None)
             # A study another open association is still delivering is not released yet.
             still_open = {uid for other in self._transfers.values() for uid in other}
-        if per_study and event.event is evt.EVT_RELEASED:
+        if per_study is None:
+            return
+        if per_study and released:
             self._released([uid for uid in per_study if uid not in still_open])
-        req, acc = event.assoc.requestor, event.assoc.acceptor
-        if per_study or event.event is evt.EVT_RELEASED:
+        req, acc = assoc.requestor, assoc.acceptor
+        if per_study or released:
             logger.info("association ended", extra=log_fields(
                 "association.released", calling_ae=req.ae_title.strip(),
                 studies=len(per_study), instances=sum(per_study.values())))
@@ -524,7 +553,7 @@ class Receiver:
             (evt.EVT_C_STORE, handle_store,
              [self.spool, self.queue, lambda: self.min_free_bytes, self.clock, self._tally]),
             (evt.EVT_CONN_OPEN, _on_conn_open),
-            (evt.EVT_ACCEPTED, _on_accepted),
+            (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, _on_rejected),
             (evt.EVT_RELEASED, self._on_ended),
             (evt.EVT_ABORTED, self._on_ended),
