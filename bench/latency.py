@@ -26,13 +26,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "bench")]
 
 from dicomai import synthetic  # noqa: E402
-from dicomai.config import load_settings  # noqa: E402
 from dicomai.daemon import Daemon  # noqa: E402
 from dicomai.local_pacs import LocalPacs  # noqa: E402
 from dicomai.scu import send_files  # noqa: E402
+
+from _daemon import bench_settings  # noqa: E402
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -68,23 +69,9 @@ def main() -> int:
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="dicomai-latency-"))
-    settings = load_settings(REPO / "config" / "dicomai.toml", environ={}, overrides={
-        "general": {"data_dir": str(tmp)},
-        "receiver": {"port": 0, "min_free_disk_mb": 0},
-        "scheduler": {"study_quiet_seconds": args.quiet, "poll_seconds": 0.05,
-                      "early_close": not args.no_early_close},
-        "worker": {"poll_seconds": 0.02},
-        "sender": {"poll_seconds": 0.02},
-        "logging": {"level": "WARNING"},
-    })
-    base = load_settings(REPO / "config" / "dicomai.toml", environ={})
-    models = {n: m.model_copy(update={"path": base.model_path(n)})
-              for n, m in settings.models.items()}
     pacs = LocalPacs(ae_title="PACS").start()
-    settings = settings.model_copy(update={
-        "models": models,
-        "destinations": [d.model_copy(update={"port": pacs.port}) for d in settings.destinations],
-    })
+    settings = bench_settings(tmp, pacs.port, scheduler={
+        "study_quiet_seconds": args.quiet, "early_close": not args.no_early_close})
     daemon = Daemon(settings)
     daemon.start()
     figures: dict[str, dict[str, float]] = {}

@@ -28,34 +28,24 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "bench")]
 
 from dicomai import synthetic  # noqa: E402
-from dicomai.config import Settings, load_settings  # noqa: E402
+from dicomai.config import Settings  # noqa: E402
 from dicomai.daemon import Daemon  # noqa: E402
 from dicomai.local_pacs import LocalPacs  # noqa: E402
 from dicomai.queue import JobState  # noqa: E402
 from dicomai.scu import send_files  # noqa: E402
 
+from _daemon import bench_settings  # noqa: E402
+
 
 def _settings(tmp: Path, pacs_port: int, fifo: bool) -> Settings:
-    settings = load_settings(REPO / "config" / "dicomai.toml", environ={}, overrides={
-        "general": {"data_dir": str(tmp)},
-        "receiver": {"port": 0, "min_free_disk_mb": 0},
-        "scheduler": {"poll_seconds": 0.1},
-        "worker": {"poll_seconds": 0.02},
-        "sender": {"poll_seconds": 0.02},
-        "logging": {"level": "WARNING"},
-    })
-    base = load_settings(REPO / "config" / "dicomai.toml", environ={})
-    models = {n: m.model_copy(update={"path": base.model_path(n)})
-              for n, m in settings.models.items()}
-    routes = [r.model_copy(update={"priority": 0}) for r in settings.routes] if fifo \
-        else settings.routes
-    return settings.model_copy(update={
-        "models": models, "routes": routes,
-        "destinations": [d.model_copy(update={"port": pacs_port}) for d in settings.destinations],
-    })
+    settings = bench_settings(tmp, pacs_port)
+    if fifo:
+        settings = settings.model_copy(update={
+            "routes": [r.model_copy(update={"priority": 0}) for r in settings.routes]})
+    return settings
 
 
 def _wait_results(pacs: LocalPacs, study_uid: str, expected: int, start: float,

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from sqlalchemy import event as sa_event
 from sqlalchemy import Connection, bindparam, exists, func, insert, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
@@ -227,6 +228,20 @@ class Queue:
         #: The bound engine, for the Core paths of the receiver (``None``: via a session).
         self._engine: Engine | None = session_factory.kw.get("bind")
         self._group = _GroupCommit(self._record_batch)
+        #: In-process wake-ups: events set after a job entered a state (see :meth:`subscribe`).
+        self._subscribers: dict[JobState, list[threading.Event]] = {}
+
+    def subscribe(self, state: JobState | str, wake: threading.Event) -> None:
+        """Set ``wake`` whenever a job of this process enters ``state`` (after the commit).
+
+        The worker and sender wait on it instead of sleeping their whole poll interval, so a
+        job closed by this process's scheduler is claimed at once; other hosts still poll.
+        """
+        self._subscribers.setdefault(JobState(state), []).append(wake)
+
+    def _notify(self, state: JobState) -> None:
+        for wake in self._subscribers.get(state, ()):
+            wake.set()
 
     def session(self) -> Session:
         """A new session (use as a context manager)."""
@@ -397,8 +412,11 @@ class Queue:
         if session is None:
             with self._sessions.begin() as s:
                 self._cas(s, job_id, src, dst, values, reason, now, guard)
+            self._notify(dst)
         else:
             self._cas(session, job_id, src, dst, values, reason, now, guard)
+            if dst in self._subscribers:
+                sa_event.listen(session, "after_commit", lambda _s: self._notify(dst), once=True)
         logger.info(
             "job state changed",
             extra=log_fields("job.transition", job_id=job_id, src=src.value, dst=dst.value,

@@ -138,6 +138,9 @@ class Sender:
         s = settings.sender
         self.policy = RetryPolicy(s.max_attempts, s.retry_base_seconds, s.retry_max_seconds)
         self._stop = threading.Event()
+        #: Set by the queue when a job of this process becomes outbox, and on stop.
+        self._wake = threading.Event()
+        queue.subscribe(JobState.OUTBOX, self._wake)
         self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
@@ -150,10 +153,12 @@ class Sender:
     def request_stop(self) -> None:
         """Stop claiming new jobs."""
         self._stop.set()
+        self._wake.set()
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop claiming and wait (bounded) for the jobs being sent."""
         self._stop.set()
+        self._wake.set()
         for t in self._threads:
             t.join(timeout)
         self._threads.clear()
@@ -166,7 +171,8 @@ class Sender:
                 logger.exception("sender loop error", extra=log_fields("sender.loop_error"))
                 worked = False
             if not worked:
-                self._stop.wait(self.settings.sender.poll_seconds)
+                self._wake.wait(self.settings.sender.poll_seconds)
+                self._wake.clear()
 
     def run_once(self) -> bool:
         """Claim and deliver one job; False when nothing was due."""

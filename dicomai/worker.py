@@ -146,6 +146,9 @@ class Worker:
         w = settings.worker
         self.policy = RetryPolicy(w.max_attempts, w.retry_base_seconds)
         self._stop = threading.Event()
+        #: Set by the queue when a job of this process becomes queued, and on stop.
+        self._wake = threading.Event()
+        queue.subscribe(JobState.QUEUED, self._wake)
         self._threads: list[threading.Thread] = []
         self._batchers: dict[str, BatchingPredictor] = {}
         self._batchers_lock = threading.Lock()
@@ -168,10 +171,12 @@ class Worker:
     def request_stop(self) -> None:
         """Stop claiming; a running model stops at its next batch and puts its job back."""
         self._stop.set()
+        self._wake.set()
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop claiming and wait (bounded) for the running job; the reaper handles the rest."""
         self._stop.set()
+        self._wake.set()
         deadline = time.monotonic() + timeout
         for t in self._threads:
             t.join(max(0.0, deadline - time.monotonic()))
@@ -195,7 +200,8 @@ class Worker:
                 logger.exception("worker loop error", extra=log_fields("worker.loop_error"))
                 worked = False
             if not worked:
-                self._stop.wait(self.settings.worker.poll_seconds)
+                self._wake.wait(self.settings.worker.poll_seconds)
+                self._wake.clear()
 
     def run_once(self) -> bool:
         """Claim and run one job; False when nothing was due."""

@@ -112,3 +112,17 @@ def test_every_released_association_marks_its_study(make_settings, tmp_path):
                 return s.scalar(select(func.count(Job.id)).where(Job.released_at.is_not(None)))
 
         wait_for(lambda: marked() == 25, 10, what="25 releases recorded")
+
+
+def test_worker_and_sender_are_woken_not_left_to_their_poll(make_settings, local_pacs, tmp_path):
+    # Poll intervals of a minute: only the in-process wake-ups (QUEUED for the worker, OUTBOX
+    # for the sender) can deliver the result within the 30 s allowed here.
+    settings = make_settings(local_pacs.port, worker={"poll_seconds": 60.0},
+                             sender={"poll_seconds": 60.0})
+    ds = synthetic.make_xray("chest", rows=128, cols=128, seed=77)
+    with running_daemon(settings) as daemon:
+        time.sleep(0.5)  # both loops found nothing and are waiting
+        assert send_files(synthetic.write_study([ds], tmp_path), "127.0.0.1",
+                          daemon.receiver.port, called_ae="DICOMAI").ok
+        wait_for(lambda: len(local_pacs.objects(ds.StudyInstanceUID)) == 2, 30,
+                 what="SR and SC delivered")
