@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -323,6 +324,8 @@ class Scheduler:
         self.spool = spool
         self.clock = clock
         self._sched: BackgroundScheduler | None = None
+        self._running = 0  # periodic jobs running now (stop waits for them, bounded)
+        self._idle = threading.Condition()
         self.leadership: Leadership | None = None
 
     @property
@@ -363,10 +366,16 @@ class Scheduler:
 
     def _safe(self, fn: Callable[[], object]) -> Callable[[], None]:
         def run() -> None:
+            with self._idle:
+                self._running += 1
             try:
                 fn()
             except Exception:
                 logger.exception("periodic job failed", extra=log_fields("scheduler.error"))
+            finally:
+                with self._idle:
+                    self._running -= 1
+                    self._idle.notify_all()
 
         return run
 
@@ -383,10 +392,13 @@ class Scheduler:
         sched.start()
         self._sched = sched
 
-    def stop(self) -> None:
-        """Stop without waiting for a running tick."""
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop, and wait (bounded) for a running job: it holds a database connection, and
+        the daemon disposes of the engine next."""
         if self._sched is not None:
             self._sched.shutdown(wait=False)
             self._sched = None
+            with self._idle:
+                self._idle.wait_for(lambda: self._running == 0, timeout)
         if self.leadership is not None:
             self.leadership.release()
