@@ -75,23 +75,33 @@ def main() -> int:
         return wrapper
 
     last_end: dict[int, float] = {}
-    orig_handle = recv_mod.handle_store
+    # Both C-STORE paths (pynetdicom's EVT_C_STORE and dicomai.fast_store) call
+    # store_instance(req, ...); older copies only have the event handler handle_store.
+    store_name = "store_instance" if hasattr(recv_mod, "store_instance") else "handle_store"
+    orig_store = getattr(recv_mod, store_name)
 
-    def handle_store(event, *a):
+    def store(first, *a):
         t0 = time.perf_counter()
-        key = id(event.assoc)
+        key = first.assoc_key if hasattr(first, "assoc_key") else id(first.assoc)
         if key in last_end:
             with lock:
                 acc["between handlers (pynetdicom+net+sender)"].append(t0 - last_end[key])
         try:
-            return orig_handle(event, *a)
+            return orig_store(first, *a)
         finally:
             t1 = time.perf_counter()
             last_end[key] = t1
             with lock:
                 acc["handle_store total"].append(t1 - t0)
 
-    recv_mod.handle_store = handle_store
+    setattr(recv_mod, store_name, store)
+    for name, label in (("_read", "  dataset read (raw)"),
+                        ("_check", "  convert all + check (overlaps the write)"),
+                        ("_write_pending", "  _write_pending (write; fsync on io thread)")):
+        if hasattr(recv_mod, name):
+            setattr(recv_mod, name, timed(label, getattr(recv_mod, name)))
+    if hasattr(Spool, "publish"):
+        Spool.publish = timed("  spool.publish (rename + fsync dir)", Spool.publish)
     recv_mod.extract_record = timed("  extract_record", recv_mod.extract_record)
     pevents.Event._get_dataset = timed("  event.dataset decode", pevents.Event._get_dataset)
     pevents.Event.encoded_dataset = timed("  event.encoded_dataset()",
@@ -173,8 +183,12 @@ def main() -> int:
                  "ms/img)" if s.associations > 1 else ""))
         print(f"{'step':48s} {'calls':>6s} {'mean ms':>8s} {'p50 ms':>8s} {'ms/img':>8s}")
         order = ["between handlers (pynetdicom+net+sender)", "handle_store total",
-                 "  event.dataset decode", "  extract_record", "  queue.has_instance",
+                 "  dataset read (raw)", "  event.dataset decode", "  extract_record",
+                 "  queue.has_instance",
                  "  queue.known_instance (Core)", "  spool.free_bytes",
+                 "  convert all + check (overlaps the write)",
+                 "  _write_pending (write; fsync on io thread)",
+                 "  spool.publish (rename + fsync dir)",
                  "  event.encoded_dataset()", "  _write_instance (meta + write_atomic)",
                  "  spool.write_atomic", "    fsync(file)", "    fsync(dir)",
                  "  queue.record_instance (Core + commit)", "    sqlite COMMIT (WAL fsync)"]

@@ -81,6 +81,9 @@ class ReceiverSettings(_Section):
     tls_key_file: Path | None = None
     tls_ca_file: Path | None = None  # CA bundle to verify client certificates
     tls_require_client_cert: bool = False
+    #: Serve C-STORE PDUs without pynetdicom's DIMSE layer (dicomai.fast_store); false keeps
+    #: every message on pynetdicom's own path.
+    fast_store: bool = True
 
     @field_validator("ae_title")
     @classmethod

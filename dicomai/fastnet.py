@@ -42,6 +42,8 @@ from pynetdicom import evt
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.utils import make_target
 
+from dicomai.fast_store import FastStore, StoreRequest
+
 __all__ = ["MAX_WAIT", "SUPPORTED_VERSION", "install"]
 
 # The copied loops log as pynetdicom's own loops do.
@@ -145,8 +147,12 @@ def _wait_for_activity(dul: Any, waker: _Waker) -> None:
         waker.waiting = False
 
 
-def _dul_reactor(dul: Any, waker: _Waker, on_exit: Callable[[], None]) -> None:
-    """``DULServiceProvider.run_reactor`` of pynetdicom 3.0.4, waiting instead of sleeping."""
+def _dul_reactor(dul: Any, waker: _Waker, on_exit: Callable[[], None],
+                 transport_event: Callable[[], bool] | None = None) -> None:
+    """``DULServiceProvider.run_reactor`` of pynetdicom 3.0.4, waiting instead of sleeping;
+    ``transport_event`` (default ``dul._is_transport_event``) reads the next PDU."""
+    if transport_event is None:
+        transport_event = dul._is_transport_event
     try:
         dul._idle_timer.start()
         sleep = False
@@ -165,7 +171,7 @@ def _dul_reactor(dul: Any, waker: _Waker, on_exit: Callable[[], None]) -> None:
                 # Either send one primitive or receive and decode one PDU per loop
                 if dul._process_recv_primitive():
                     pass
-                elif dul._is_transport_event():
+                elif transport_event():
                     dul._idle_timer.restart()
             except Exception as exc:  # as pynetdicom: abort, bypassing the state machine
                 _DUL_LOGGER.error("Exception in DUL.run(), aborting association")
@@ -264,8 +270,9 @@ def _kill_dul(dul: Any, waker: _Waker) -> None:
     waker.wake(force=True)
 
 
-def install(assoc: Any) -> bool:
-    """Give a not yet started acceptor association the event-driven reactors.
+def install(assoc: Any, serve_store: Callable[[StoreRequest], int] | None = None) -> bool:
+    """Give a not yet started acceptor association the event-driven reactors and, with
+    ``serve_store``, the C-STORE fast path of :mod:`dicomai.fast_store`.
 
     Call from an ``EVT_CONN_OPEN`` handler. Returns False (and changes nothing) on a
     pynetdicom version other than :data:`SUPPORTED_VERSION` or an association whose DUL
@@ -280,7 +287,13 @@ def install(assoc: Any) -> bool:
     _make_waking(dul.to_provider_queue, waker.wake)
     _make_waking(dul.to_user_queue, signal.set)
     _make_waking(assoc.dimse.msg_queue, signal.set)
-    dul._target = make_target(functools.partial(_dul_reactor, dul, waker, signal.set))
+    transport_event = None
+    if serve_store is not None:
+        fast = FastStore(assoc, serve_store)
+        assoc.dicomai_fast_store = fast  # for tests and diagnostics
+        transport_event = fast.transport_event
+    dul._target = make_target(functools.partial(_dul_reactor, dul, waker, signal.set,
+                                                transport_event))
     dul.stop_dul = functools.partial(_stop_dul, dul, waker)
     dul.kill_dul = functools.partial(_kill_dul, dul, waker)
     assoc._run_reactor = functools.partial(_assoc_reactor, assoc, signal)

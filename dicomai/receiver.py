@@ -11,6 +11,7 @@ import threading
 import types
 from collections.abc import Callable
 from datetime import datetime
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +33,14 @@ from pydicom.uid import (
 )
 from pydicom.uid import JPEGLossless as JPEGLosslessP14
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, AE, evt
+from pynetdicom.dsutils import decode
 from pynetdicom.presentation import StoragePresentationContexts
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicomai import __version__, audit, fastnet, metrics
 from dicomai.config import ReceiverSettings
+from dicomai.fast_store import StoreRequest
 from dicomai.logs import log_fields, uid_ref
 from dicomai.queue import InstanceRecord, Queue
 from dicomai.store import Spool, safe_uid
@@ -52,6 +55,7 @@ __all__ = [
     "Receiver",
     "check_instance",
     "handle_store",
+    "store_instance",
 ]
 
 logger = logging.getLogger(__name__)
@@ -168,38 +172,33 @@ def check_instance(ds: Dataset, transfer_syntax: UID) -> str | None:
     return None if len(data) >= expected else "pixel_data_length"
 
 
-def _peer(event: evt.Event) -> tuple[str, str]:
-    req = event.assoc.requestor
-    return req.ae_title.strip(), str(req.address)
-
-
-def _quarantine(event: evt.Event, spool: Spool, queue: Queue, reason: str, status: int,
+def _quarantine(req: StoreRequest, spool: Spool, queue: Queue, reason: str, status: int,
                 clock: Callable[[], datetime], min_free_bytes: int) -> int:
     """Keep the refused bytes under quarantine/<reason>/ and record them; returns ``status``."""
     metrics.observe_refused(reason)
-    calling, peer = _peer(event)
     path: str | None = None
     size = 0
     try:
-        raw = event.request.DataSet.getvalue() if event.request.DataSet else b""
-        size = len(raw)
-        if spool.free_bytes() >= min_free_bytes:
-            target = spool.quarantine_path(reason)
-            spool.write_atomic(target, raw)
-            path = str(target)
+        with req.dataset.getbuffer() as raw:
+            size = len(raw)
+            if spool.free_bytes() >= min_free_bytes:
+                target = spool.quarantine_path(reason)
+                spool.write_atomic(target, raw)
+                path = str(target)
     except Exception:
         logger.exception("could not quarantine", extra=log_fields("instance.quarantine_failed"))
     try:
-        queue.quarantine(reason=reason, status_code=status, calling_ae=calling, peer=peer,
-                         sop_class_uid=str(event.request.AffectedSOPClassUID or ""), path=path,
+        queue.quarantine(reason=reason, status_code=status, calling_ae=req.calling_ae,
+                         peer=req.peer, sop_class_uid=req.sop_class_uid, path=path,
                          size_bytes=size, now=clock())
     except Exception:
         logger.exception("could not record quarantine",
                          extra=log_fields("instance.quarantine_failed"))
     logger.warning("instance refused", extra=log_fields(
-        "instance.rejected", reason=reason, status=f"0x{status:04X}", calling_ae=calling,
-        peer=peer, bytes=size))
-    audit.security_alert(reason=f"instance refused: {reason}", peer=peer, calling_ae=calling)
+        "instance.rejected", reason=reason, status=f"0x{status:04X}", calling_ae=req.calling_ae,
+        peer=req.peer, bytes=size))
+    audit.security_alert(reason=f"instance refused: {reason}", peer=req.peer,
+                         calling_ae=req.calling_ae)
     return status
 
 
@@ -231,59 +230,78 @@ def file_meta_bytes(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: 
     return struct.pack("<HH2sHI", 0x0002, 0x0000, b"UL", 4, len(body)) + body
 
 
-def _write_instance(spool: Spool, path: Path, event: evt.Event) -> int:
+def _write_instance(spool: Spool, path: Path, req: StoreRequest) -> int:
     """Write the instance as received (Part 10: preamble, file meta, the peer's dataset bytes)
     without joining them into one copy first; returns the size."""
-    request = event.request
-    meta = file_meta_bytes(str(request.AffectedSOPClassUID),
-                           str(request.AffectedSOPInstanceUID),
-                           str(event.context.transfer_syntax))
-    with request.DataSet.getbuffer() as data:
+    meta = file_meta_bytes(req.sop_class_uid, req.sop_instance_uid, str(req.transfer_syntax))
+    with req.dataset.getbuffer() as data:
         return spool.write_atomic(path, [_PREAMBLE, meta, data])
 
 
-def handle_store(
-    event: evt.Event,
+def _read(req: StoreRequest) -> Dataset:
+    """The request's dataset read (every top-level element's tag, VR and length; a truncated
+    or garbled stream raises here); values are converted when used."""
+    ts = req.transfer_syntax
+    stream = req.dataset
+    stream.seek(0)
+    return decode(stream, ts.is_implicit_VR, ts.is_little_endian, ts.is_deflated)
+
+
+def _convert_all(ds: Dataset) -> None:
+    """Convert every top-level element now (raises on a value dicomai could not read later:
+    an unknown VR, a bad length, a broken sequence), not in the worker."""
+    for _elem in ds:
+        pass
+
+
+def request_from_event(event: evt.Event) -> StoreRequest:
+    """A :class:`StoreRequest` for an EVT_C_STORE event of pynetdicom."""
+    assoc, request = event.assoc, event.request
+    dataset = request.DataSet if request.DataSet is not None else BytesIO()
+    return StoreRequest(
+        calling_ae=assoc.requestor.ae_title.strip(), peer=str(assoc.requestor.address),
+        assoc_key=id(assoc), transfer_syntax=UID(str(event.context.transfer_syntax)),
+        sop_class_uid=str(request.AffectedSOPClassUID or ""),
+        sop_instance_uid=str(request.AffectedSOPInstanceUID or ""), dataset=dataset)
+
+
+def store_instance(
+    req: StoreRequest,
     spool: Spool,
     queue: Queue,
     floor: Callable[[], int],
     clock: Callable[[], datetime],
-    tally: Callable[[evt.Event, str], None] | None = None,
+    tally: Callable[[int, str], None] | None = None,
 ) -> int:
-    """EVT_C_STORE handler: returns a DIMSE status and never raises.
+    """Store one received instance; returns a DIMSE status and never raises.
 
     Success is answered only after the file is fsynced and its row committed. Refused objects
     are quarantined with a reason code; resource problems answer 0xA700 so the sender retries.
+    Both C-STORE paths call this: pynetdicom's EVT_C_STORE (:func:`handle_store`) and the
+    fast path of :mod:`dicomai.fast_store`.
     """
     try:
         min_free_bytes = floor()
-        calling, _ = _peer(event)
-        context = event.context
+        calling = req.calling_ae
         try:
-            ds = event.dataset
-            for _elem in ds:  # decode every top-level element now, not in the worker later
-                pass
+            ds = _read(req)
+            _convert_all(ds)
         except Exception:  # any decoding problem of peer-supplied bytes
-            return _quarantine(event, spool, queue, "undecodable", STATUS_CANNOT_UNDERSTAND,
-                               clock, min_free_bytes)
+            return _refuse(req, spool, queue, "undecodable", clock, min_free_bytes)
         try:
-            rec = extract_record(ds, context.transfer_syntax, event.request.AffectedSOPClassUID)
+            rec = extract_record(ds, req.transfer_syntax, req.sop_class_uid)
         except (AttributeError, KeyError, ValueError):
-            return _quarantine(event, spool, queue, "missing_uid", STATUS_DATASET_MISMATCH,
-                               clock, min_free_bytes)
+            return _refuse(req, spool, queue, "missing_uid", clock, min_free_bytes)
         except Exception:
-            return _quarantine(event, spool, queue, "undecodable", STATUS_CANNOT_UNDERSTAND,
-                               clock, min_free_bytes)
-        if rec.sop_instance_uid != str(event.request.AffectedSOPInstanceUID):
-            return _quarantine(event, spool, queue, "uid_mismatch", STATUS_DATASET_MISMATCH,
-                               clock, min_free_bytes)
+            return _refuse(req, spool, queue, "undecodable", clock, min_free_bytes)
+        if rec.sop_instance_uid != req.sop_instance_uid:
+            return _refuse(req, spool, queue, "uid_mismatch", clock, min_free_bytes)
         try:
-            problem = check_instance(ds, UID(str(context.transfer_syntax)))
+            problem = check_instance(ds, req.transfer_syntax)
         except Exception:
             problem = "undecodable"
         if problem:
-            return _quarantine(event, spool, queue, problem, STATUS_DATASET_MISMATCH, clock,
-                               min_free_bytes)
+            return _refuse(req, spool, queue, problem, clock, min_free_bytes)
         known = queue.known_instance(rec.sop_instance_uid)
         if known is not None:
             # Already stored, or one of our own results sent back by the PACS: never analysed
@@ -291,7 +309,7 @@ def handle_store(
             logger.debug("duplicate instance", extra=log_fields(
                 "instance.duplicate", sop=uid_ref(rec.sop_instance_uid), kind=known))
             if tally is not None:
-                tally(event, rec.study_instance_uid)
+                tally(req.assoc_key, rec.study_instance_uid)
             return STATUS_SUCCESS
         if spool.free_bytes() < min_free_bytes:
             logger.error("spool below free-space floor",
@@ -301,7 +319,7 @@ def handle_store(
         path = spool.instance_path(rec.study_instance_uid, rec.series_instance_uid,
                                    rec.sop_instance_uid)
         try:
-            size = _write_instance(spool, path, event)
+            size = _write_instance(spool, path, req)
         except OSError:
             logger.exception("could not write instance",
                              extra=log_fields("instance.write_failed", calling_ae=calling))
@@ -321,11 +339,34 @@ def handle_store(
                              study=uid_ref(rec.study_instance_uid), bytes=size),
         )
         if tally is not None:
-            tally(event, rec.study_instance_uid)
+            tally(req.assoc_key, rec.study_instance_uid)
         return STATUS_SUCCESS
-    except Exception:  # the handler must never raise: pynetdicom would answer 0xC211
+    except Exception:  # never raise: pynetdicom would answer 0xC211
         logger.exception("store handler failed", extra=log_fields("instance.handler_failed"))
         return STATUS_OUT_OF_RESOURCES
+
+
+def _refuse(req: StoreRequest, spool: Spool, queue: Queue, problem: str,
+            clock: Callable[[], datetime], min_free_bytes: int) -> int:
+    status = STATUS_CANNOT_UNDERSTAND if problem == "undecodable" else STATUS_DATASET_MISMATCH
+    return _quarantine(req, spool, queue, problem, status, clock, min_free_bytes)
+
+
+def handle_store(
+    event: evt.Event,
+    spool: Spool,
+    queue: Queue,
+    floor: Callable[[], int],
+    clock: Callable[[], datetime],
+    tally: Callable[[int, str], None] | None = None,
+) -> int:
+    """EVT_C_STORE handler (pynetdicom's path): :func:`store_instance` for the event."""
+    try:
+        req = request_from_event(event)
+    except Exception:
+        logger.exception("store handler failed", extra=log_fields("instance.handler_failed"))
+        return STATUS_OUT_OF_RESOURCES
+    return store_instance(req, spool, queue, floor, clock, tally)
 
 
 def handle_echo(event: evt.Event) -> int:
@@ -365,11 +406,12 @@ def _recv_quickack(self: Any, nr_bytes: int) -> bytearray:
     return buf
 
 
-def _on_conn_open(event: evt.Event) -> None:
-    """Per accepted connection: TCP_NODELAY, the quick-ACK reader and the event-driven
-    reactors of :mod:`dicomai.fastnet` (instance-level only; pynetdicom itself is not
-    modified)."""
-    fastnet.install(event.assoc)
+def _on_conn_open(event: evt.Event,
+                  serve_store: Callable[[StoreRequest], int] | None = None) -> None:
+    """Per accepted connection: TCP_NODELAY, the quick-ACK reader, the event-driven reactors
+    of :mod:`dicomai.fastnet` and, with ``serve_store``, the C-STORE fast path
+    (instance-level only; pynetdicom itself is not modified)."""
+    fastnet.install(event.assoc, serve_store)
     try:
         asock = event.assoc.dul.socket
         sock = asock.socket
@@ -426,6 +468,8 @@ class Receiver:
         #: Called after an association released and its studies were marked (the daemon
         #: wakes the scheduler with it so an early close need not wait for the next tick).
         self.on_release: Callable[[], None] | None = None
+        #: C-STORE requests served by the fast path (:mod:`dicomai.fast_store`) so far.
+        self.fast_store_requests = 0
 
     @property
     def port(self) -> int:
@@ -451,9 +495,16 @@ class Receiver:
             ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
         return ae
 
-    def _tally(self, event: evt.Event, study_uid: str) -> None:
+    def _serve_store(self, req: StoreRequest) -> int:
+        """The fast path's store step (:func:`store_instance`, looked up at each call)."""
         with self._lock:
-            per_study = self._transfers.setdefault(id(event.assoc), {})
+            self.fast_store_requests += 1
+        return store_instance(req, self.spool, self.queue, lambda: self.min_free_bytes,
+                              self.clock, self._tally)
+
+    def _tally(self, assoc_key: int, study_uid: str) -> None:
+        with self._lock:
+            per_study = self._transfers.setdefault(assoc_key, {})
             per_study[study_uid] = per_study.get(study_uid, 0) + 1
 
     def _on_accepted(self, event: evt.Event) -> None:
@@ -548,11 +599,13 @@ class Receiver:
     def start(self) -> None:
         """Bind and serve in background threads."""
         ae = self._make_ae()
+
         handlers = [
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_C_STORE, handle_store,
              [self.spool, self.queue, lambda: self.min_free_bytes, self.clock, self._tally]),
-            (evt.EVT_CONN_OPEN, _on_conn_open),
+            (evt.EVT_CONN_OPEN, _on_conn_open,
+             [self._serve_store if self.settings.fast_store else None]),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, _on_rejected),
             (evt.EVT_RELEASED, self._on_ended),

@@ -37,7 +37,8 @@ def write_config(settings: Settings, path: Path, *, receiver_port: int | None = 
         f'port = {d.port}\n' for d in settings.destinations)
     path.write_text(
         f'[general]\ndata_dir = "{settings.general.data_dir}"\n'
-        f'[receiver]\nae_title = "{r.ae_title}"\nhost = "{r.host}"\n'
+        + (f'[database]\nurl = "{settings.database.url}"\n' if settings.database.url else "")
+        + f'[receiver]\nae_title = "{r.ae_title}"\nhost = "{r.host}"\n'
         f'port = {receiver_port if receiver_port is not None else r.port}\n'
         f'min_free_disk_mb = {min_free_disk_mb}\n'
         f'[spool]\nretention_days = {settings.spool.retention_days}\n'

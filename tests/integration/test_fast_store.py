@@ -1,0 +1,120 @@
+"""The receiver's C-STORE fast path over real associations: DCMTK storescu with small PDUs,
+pynetdicom mixing C-ECHO and C-STORE on one association, the switch back to pynetdicom's path,
+and a peer that breaks a message mid-dataset."""
+
+from __future__ import annotations
+
+import struct
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification
+
+from dicomai import synthetic
+from dicomai.config import Settings
+from dicomai.daemon import Daemon
+from tests.conftest import running_daemon
+from tests.unit.test_fast_store import store_rq_command
+
+
+def dataset_bytes(path: Path) -> bytes:
+    """A Part 10 file's bytes after its file meta information."""
+    raw = path.read_bytes()
+    (meta_length,) = struct.unpack_from("<I", raw, 140)
+    return raw[144 + meta_length:]
+
+
+def stored_path(daemon: Daemon, sent: Path) -> Path:
+    ds = dcmread(sent, stop_before_pixels=True)
+    return daemon.spool.instance_path(ds.StudyInstanceUID, ds.SeriesInstanceUID,
+                                      ds.SOPInstanceUID)
+
+
+def quiet(make_settings, **receiver: object) -> Settings:
+    return make_settings(None, scheduler={"study_quiet_seconds": 3600},
+                         receiver={"port": 0, "min_free_disk_mb": 0, **receiver})
+
+
+def store_mixed(port: int, path: Path) -> list[int]:
+    """C-ECHO, C-STORE, C-ECHO on one pynetdicom association; the three statuses."""
+    ds = dcmread(path)
+    ae = AE("MIXED")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    ae.add_requested_context(Verification)
+    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", port, ae_title="DICOMAI")
+    assert assoc.is_established
+    try:
+        return [int(assoc.send_c_echo().Status), int(assoc.send_c_store(ds).Status),
+                int(assoc.send_c_echo().Status)]
+    finally:
+        assoc.release()
+        ae.shutdown()
+
+
+@pytest.mark.dcmtk
+def test_fast_path_stores_multi_pdu_and_mixed_messages_exactly(make_settings, tmp_path):
+    ct = synthetic.write_study(synthetic.make_head_ct(3, rows=128, cols=128), tmp_path / "ct")
+    xray = synthetic.write_study([synthetic.make_xray("chest", rows=64, cols=64, seed=5)],
+                                 tmp_path / "xr")
+    with running_daemon(quiet(make_settings), roles=["receiver"]) as daemon:
+        port = daemon.receiver.port
+        # 4 KiB PDUs: each 32 KiB slice arrives as a command PDU and about 9 dataset PDUs.
+        run = subprocess.run(["storescu", "-aet", "MODALITY", "-aec", "DICOMAI",
+                              "--max-send-pdu", "4096", "127.0.0.1", str(port), *map(str, ct)],
+                             capture_output=True, text=True, timeout=60)
+        assert run.returncode == 0, run.stderr
+        assert store_mixed(port, xray[0]) == [0x0000, 0x0000, 0x0000]
+        assert daemon.receiver.fast_store_requests == 4
+        for sent in [*ct, *xray]:
+            assert dataset_bytes(stored_path(daemon, sent)) == dataset_bytes(sent)
+        assert daemon.queue.known_instance(dcmread(xray[0]).SOPInstanceUID) is not None
+
+
+def test_fast_store_off_keeps_pynetdicoms_path(make_settings, tmp_path):
+    xray = synthetic.write_study([synthetic.make_xray("chest", rows=64, cols=64, seed=6)],
+                                 tmp_path / "xr")
+    with running_daemon(quiet(make_settings, fast_store=False), roles=["receiver"]) as daemon:
+        assert store_mixed(daemon.receiver.port, xray[0]) == [0x0000, 0x0000, 0x0000]
+        assert daemon.receiver.fast_store_requests == 0
+        assert dataset_bytes(stored_path(daemon, xray[0])) == dataset_bytes(xray[0])
+
+
+def p_data(context_id: int, *pdvs: tuple[int, bytes]) -> bytes:
+    items = b"".join(struct.pack(">IBB", len(data) + 2, context_id, control) + data
+                     for control, data in pdvs)
+    return struct.pack(">BBL", 0x04, 0, len(items)) + items
+
+
+def test_a_message_broken_mid_dataset_aborts_and_stores_nothing(make_settings, tmp_path):
+    ct = "1.2.840.10008.5.1.4.1.1.2"
+    with running_daemon(quiet(make_settings), roles=["receiver"]) as daemon:
+        port = daemon.receiver.port
+        ae = AE("BREAKER")
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+        ae.add_requested_context(ct, ExplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", port, ae_title="DICOMAI")
+        assert assoc.is_established
+        cid = assoc.accepted_contexts[0].context_id
+        uid = generate_uid()
+        # A complete C-STORE-RQ command and a first dataset fragment, then a second command
+        # where the rest of the dataset belongs.
+        assoc.dul.socket.send(p_data(cid, (0x03, store_rq_command(uid)),
+                                     (0x00, b"\x08\x00\x18\x00")))
+        assoc.dul.socket.send(p_data(cid, (0x03, store_rq_command(generate_uid()))))
+        deadline = time.monotonic() + 10
+        while assoc.is_established and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert assoc.is_aborted
+        ae.shutdown()
+        assert daemon.queue.known_instance(uid) is None
+        assert not list((daemon.spool.root / "incoming").rglob("*.dcm"))
+        # Still serving.
+        xray = synthetic.write_study([synthetic.make_xray("chest", rows=64, cols=64, seed=7)],
+                                     tmp_path / "xr")
+        assert store_mixed(port, xray[0]) == [0x0000, 0x0000, 0x0000]
