@@ -15,6 +15,8 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any
 
+from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.uid import (
     JPEG2000,
@@ -247,11 +249,52 @@ def _read(req: StoreRequest) -> Dataset:
     return decode(stream, ts.is_implicit_VR, ts.is_little_endian, ts.is_deflated)
 
 
-def _convert_all(ds: Dataset) -> None:
+#: VRs whose conversion depends on nothing but the element's bytes, the dataset's encoding
+#: and its character set (no sequences, no ambiguous VRs, no bulk data).
+_PLAIN_VRS = frozenset({
+    "AE", "AS", "AT", "CS", "DA", "DS", "DT", "FD", "FL", "IS", "LO", "LT", "PN", "SH", "SL",
+    "SS", "ST", "TM", "UC", "UI", "UL", "UR", "US", "UT",
+})
+#: Raw elements (with the encoding they were read in) that converted without error before;
+#: converting the same bytes again gives the same result, so it is skipped. Bounded.
+_CONVERTED: set[tuple[Any, ...]] = set()
+_CONVERTED_MAX = 20_000
+_MAX_CACHED_VALUE = 256
+
+
+def _convert_all(ds: Dataset, transfer_syntax: str) -> None:
     """Convert every top-level element now (raises on a value dicomai could not read later:
-    an unknown VR, a bad length, a broken sequence), not in the worker."""
-    for _elem in ds:
-        pass
+    an unknown VR, a bad length, a broken sequence), not in the worker.
+
+    Most header elements of a series repeat byte for byte from instance to instance; an
+    element whose bytes (VR, encoding and character set alike) converted before is not
+    converted again (about 8 us each with pydicom).
+    """
+    charset_raw = ds.get_item(0x00080005) if 0x00080005 in ds else None
+    charset = getattr(charset_raw, "value", None)
+    encoding = (transfer_syntax, charset if isinstance(charset, bytes) else str(charset))
+    for tag in list(ds.keys()):
+        raw = ds.get_item(tag)
+        if not isinstance(raw, RawDataElement):
+            continue
+        value = raw.value
+        vr = raw.VR
+        if vr is None:
+            try:
+                vr = dictionary_VR(tag)
+            except KeyError:
+                vr = None
+        cacheable = (vr in _PLAIN_VRS and isinstance(value, bytes)
+                     and len(value) <= _MAX_CACHED_VALUE)
+        if cacheable:
+            key = (tag, vr, value, encoding)
+            if key in _CONVERTED:
+                continue
+        ds[tag]  # noqa: B018 - converting it is the check
+        if cacheable:
+            if len(_CONVERTED) >= _CONVERTED_MAX:
+                _CONVERTED.clear()
+            _CONVERTED.add(key)
 
 
 def request_from_event(event: evt.Event) -> StoreRequest:
@@ -285,7 +328,7 @@ def store_instance(
         calling = req.calling_ae
         try:
             ds = _read(req)
-            _convert_all(ds)
+            _convert_all(ds, req.transfer_syntax)
         except Exception:  # any decoding problem of peer-supplied bytes
             return _refuse(req, spool, queue, "undecodable", clock, min_free_bytes)
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -200,3 +201,49 @@ def test_fastnet_refuses_unknown_version(monkeypatch: pytest.MonkeyPatch,
     assoc.release()
     assert installed == [False]
     assert _gone(ae)
+
+
+# -- element conversion check with its cache of known-good raw elements ---------------------
+
+
+def test_convert_all_skips_only_elements_that_converted_before() -> None:
+    from io import BytesIO
+
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+    from pynetdicom.dsutils import decode
+
+    from dicomai import receiver, synthetic
+
+    def encoded(ds) -> bytes:
+        buf = DicomBytesIO()
+        buf.is_little_endian, buf.is_implicit_VR = True, False
+        write_dataset(buf, ds)
+        return buf.getvalue()
+
+    def read(raw: bytes):
+        return decode(BytesIO(raw), False, True)
+
+    receiver._CONVERTED.clear()
+    good = encoded(synthetic.make_xray("chest", rows=16, cols=16, seed=3))
+    receiver._convert_all(read(good), ExplicitVRLittleEndian)
+    cached = len(receiver._CONVERTED)
+    assert cached > 20  # the plain header elements
+    receiver._convert_all(read(good), ExplicitVRLittleEndian)  # again: nothing new
+    assert len(receiver._CONVERTED) == cached
+    # The same header with one broken element: PixelRepresentation (US) of 3 bytes, then a
+    # WindowCenter whose VR is garbage. Each still raises, every time.
+    element = b"\x28\x00\x03\x01US\x02\x00\x00\x00"
+    odd_us = good.replace(element, b"\x28\x00\x03\x01US\x03\x00\x00\x00\x00")
+    bad_vr = good.replace(b"\x28\x00\x50\x10DS", b"\x28\x00\x50\x10D\x00")
+    assert odd_us != good and bad_vr != good
+    for broken in (odd_us, bad_vr, odd_us):
+        with warnings.catch_warnings(), pytest.raises(Exception):  # noqa: B017, PT011
+            warnings.simplefilter("ignore")
+            receiver._convert_all(read(broken), ExplicitVRLittleEndian)
+    # Another character set is another encoding: converted again, not skipped.
+    ds = read(good)
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    before = len(receiver._CONVERTED)
+    receiver._convert_all(ds, ExplicitVRLittleEndian)
+    assert len(receiver._CONVERTED) > before
