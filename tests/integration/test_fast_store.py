@@ -118,3 +118,33 @@ def test_a_message_broken_mid_dataset_aborts_and_stores_nothing(make_settings, t
         xray = synthetic.write_study([synthetic.make_xray("chest", rows=64, cols=64, seed=7)],
                                      tmp_path / "xr")
         assert store_mixed(port, xray[0]) == [0x0000, 0x0000, 0x0000]
+
+
+def test_a_command_split_over_pdus_goes_to_pynetdicom_then_the_fast_path_resumes(
+        make_settings, tmp_path):
+    ds = synthetic.make_xray("chest", rows=32, cols=32, seed=8)
+    (path,) = synthetic.write_study([ds], tmp_path / "xr")
+    with running_daemon(quiet(make_settings), roles=["receiver"]) as daemon:
+        ae = AE("SPLITTER")
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+        ae.add_requested_context(ds.SOPClassUID, ExplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", daemon.receiver.port, ae_title="DICOMAI")
+        assert assoc.is_established
+        cid = assoc.accepted_contexts[0].context_id
+        command = store_rq_command(ds.SOPInstanceUID, sop_class=str(ds.SOPClassUID))
+        data = dataset_bytes(path)
+        # The command in two fragments over two PDUs, then the dataset in two fragments.
+        assoc.dul.socket.send(p_data(cid, (0x01, command[:20])))
+        assoc.dul.socket.send(p_data(cid, (0x03, command[20:]), (0x00, data[:100])))
+        assoc.dul.socket.send(p_data(cid, (0x02, data[100:])))
+        _, rsp = assoc.dimse.get_msg(block=True)
+        assert rsp is not None and rsp.Status == 0x0000
+        assert daemon.receiver.fast_store_requests == 0  # pynetdicom answered it
+        assert dataset_bytes(stored_path(daemon, path)) == data
+        # The next message starts on the fast path again.
+        other = synthetic.make_xray("chest", rows=32, cols=32, seed=9)
+        assert assoc.send_c_store(other).Status == 0x0000
+        assert daemon.receiver.fast_store_requests == 1
+        assoc.release()
+        ae.shutdown()
+

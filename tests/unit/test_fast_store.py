@@ -15,11 +15,12 @@ from dicomai.fast_store import StoreCommand, encode_store_response, parse_comman
 CT = "1.2.840.10008.5.1.4.1.1.2"
 
 
-def store_rq_command(sop_uid: str, message_id: int = 7, with_dataset: bool = True) -> bytes:
+def store_rq_command(sop_uid: str, message_id: int = 7, with_dataset: bool = True,
+                     sop_class: str = CT) -> bytes:
     """The command set bytes pynetdicom sends for a C-STORE-RQ."""
     primitive = C_STORE()
     primitive.MessageID = message_id
-    primitive.AffectedSOPClassUID = CT
+    primitive.AffectedSOPClassUID = sop_class
     primitive.AffectedSOPInstanceUID = sop_uid
     primitive.Priority = 2
     primitive.MoveOriginatorApplicationEntityTitle = "MOVER"
