@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, _config
 
@@ -193,20 +194,25 @@ def certificates(tmp_path: Path) -> dict[str, Path]:
     return p
 
 
-def _tls_echo(port: int, ca: Path, cert: Path | None = None, key: Path | None = None) -> int | None:
+def _tls_echo(port: int, ca: Path, cert: Path | None = None, key: Path | None = None,
+              store: list[Dataset] | None = None) -> int | None:
+    """C-ECHO over DICOM TLS (then C-STORE each of ``store``); the worst status."""
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca))
     if cert is not None:
         ctx.load_cert_chain(str(cert), str(key))
     ae = AE(ae_title="PACS")
     ae.add_requested_context("1.2.840.10008.1.1")
-    ae.acse_timeout = ae.network_timeout = 5
+    for ds in store or []:
+        ae.add_requested_context(ds.SOPClassUID, ExplicitVRLittleEndian)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 5
     assoc = ae.associate("127.0.0.1", port, ae_title="DICOMAI", tls_args=(ctx, "127.0.0.1"))
     try:
         if not assoc.is_established:
             return None
-        rsp = assoc.send_c_echo()
+        statuses = [int(assoc.send_c_echo().Status)]
+        statuses += [int(assoc.send_c_store(ds).Status) for ds in store or []]
         assoc.release()
-        return int(rsp.Status)
+        return max(statuses)
     finally:
         ae.shutdown()
 
@@ -221,6 +227,12 @@ def test_dicom_tls_with_client_certificates(make_settings, certificates, tmp_pat
     with running_daemon(settings) as daemon:
         port = daemon.receiver.port
         assert _tls_echo(port, c["ca.pem"], c["client.pem"], c["client.key"]) == 0
+        # C-STORE over TLS: 128 KiB slices, several TLS records per PDU (the fast path reads
+        # what select() cannot see as pending in the SSL socket).
+        ct = synthetic.make_head_ct(3, rows=256, cols=256)
+        assert _tls_echo(port, c["ca.pem"], c["client.pem"], c["client.key"], store=ct) == 0
+        assert daemon.receiver.fast_store_requests == 3
+        assert all(daemon.queue.known_instance(ds.SOPInstanceUID) == "stored" for ds in ct)
         assert _tls_echo(port, c["ca.pem"]) is None  # no client certificate
         assert echo("127.0.0.1", port, called_ae="DICOMAI", calling_ae="PACS",
                     timeout=5) is None  # plain DICOM on a TLS port
@@ -228,4 +240,6 @@ def test_dicom_tls_with_client_certificates(make_settings, certificates, tmp_pat
         paths = synthetic.write_study([ds], tmp_path / "in")
         plain = send_files(paths, "127.0.0.1", port, called_ae="DICOMAI", timeout=5)
         assert not plain.ok
-        assert collect(settings, engine=daemon.engine)["studies"] == []
+        # Only the TLS study: nothing from the plain association.
+        assert [s["study_instance_uid"] for s in collect(
+            settings, engine=daemon.engine)["studies"]] == [ct[0].StudyInstanceUID]
