@@ -107,8 +107,8 @@ def main() -> int:
     pevents.Event.encoded_dataset = timed("  event.encoded_dataset()",
                                           pevents.Event.encoded_dataset)
     Queue.has_instance = timed("  queue.has_instance", Queue.has_instance)
-    Queue.known_instance = timed("  queue.known_instance (Core)", Queue.known_instance)
-    Queue.record_instance = timed("  queue.record_instance (Core + commit)",
+    Queue.known_instance = timed("  queue.known_instance", Queue.known_instance)
+    Queue.record_instance = timed("  queue.record_instance (+ commit)",
                                   Queue.record_instance)
     if hasattr(recv_mod, "_write_instance"):
         recv_mod._write_instance = timed("  _write_instance (meta + write_atomic)",
@@ -185,13 +185,13 @@ def main() -> int:
         order = ["between handlers (pynetdicom+net+sender)", "handle_store total",
                  "  dataset read (raw)", "  event.dataset decode", "  extract_record",
                  "  queue.has_instance",
-                 "  queue.known_instance (Core)", "  spool.free_bytes",
+                 "  queue.known_instance", "  spool.free_bytes",
                  "  convert all + check (overlaps the write)",
                  "  _write_pending (write; fsync on io thread)",
                  "  spool.publish (rename + fsync dir)",
                  "  event.encoded_dataset()", "  _write_instance (meta + write_atomic)",
                  "  spool.write_atomic", "    fsync(file)", "    fsync(dir)",
-                 "  queue.record_instance (Core + commit)", "    sqlite COMMIT (WAL fsync)"]
+                 "  queue.record_instance (+ commit)", "    sqlite COMMIT (WAL fsync)"]
         for k in order:
             v = acc.get(k)
             if not v:

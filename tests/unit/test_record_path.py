@@ -247,3 +247,53 @@ def test_convert_all_skips_only_elements_that_converted_before() -> None:
     before = len(receiver._CONVERTED)
     receiver._convert_all(ds, ExplicitVRLittleEndian)
     assert len(receiver._CONVERTED) > before
+
+
+def test_sqlite_record_statements_store_exactly_what_core_stores(tmp_path: Path) -> None:
+    from sqlalchemy import text
+
+    from dicomai.queue import _RecordStatements, _SqliteRecordStatements
+
+    queues = []
+    for name in ("raw", "core"):
+        eng = make_engine(f"sqlite:///{tmp_path / name}.db")
+        create_all(eng)
+        queue = Queue(make_session_factory(eng))
+        queues.append((eng, queue))
+    (raw_engine, raw), (core_engine, core) = queues
+    assert isinstance(raw._stmts, _SqliteRecordStatements)
+    core._stmts = _RecordStatements()
+    full = InstanceRecord(
+        sop_instance_uid="1.9.1.1.1", study_instance_uid="1.9.1", series_instance_uid="1.9.1.1",
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2", transfer_syntax_uid=ExplicitVRLittleEndian,
+        modality="CT", body_part="HEAD", series_number=3, instance_number=7,
+        image_type="ORIGINAL\\PRIMARY\\AXIAL", view_position="", study_description="CT HEAD",
+        series_description="AXIAL 5mm", orientation="1.0000\\0.0000\\0.0000\\0.0000\\1.0000\\0",
+        slice_position=-12.5, rows=512, columns=512, acquisition_number=1,
+        images_in_acquisition=40)
+    for queue in (raw, core):
+        outcomes = [
+            queue.record_instance(full, "/spool/a.dcm", 525_000, "CT01", T0),
+            queue.record_instance(rec("1.9.2", "1.9.2.1.1"), "/spool/b.dcm", 10, "CR01",
+                                  T0 + timedelta(seconds=1)),
+            queue.record_instance(rec("1.9.1", "1.9.1.1.2"), "/spool/c.dcm", 11, "CT01",
+                                  T0 + timedelta(seconds=2)),
+            queue.record_instance(full, "/spool/a.dcm", 525_000, "CT01", T0),  # duplicate
+        ]
+        queue.transition(1, "receiving", "queued", reason="test", now=T0 + timedelta(seconds=3))
+        outcomes.append(queue.record_instance(rec("1.9.1", "1.9.1.1.3"), "/spool/d.dcm", 12,
+                                              "CT01", T0 + timedelta(seconds=4)))
+        assert outcomes == [(True, 1), (True, 2), (True, 1), (False, 1), (True, 3)]
+        assert queue.known_instance("1.9.1.1.3") == "stored"
+        assert queue.known_instance("1.9.9") is None
+
+    def dump(engine: Engine) -> dict[str, list[tuple[object, ...]]]:
+        with engine.connect() as conn:
+            return {t: [tuple(r) for r in conn.execute(text(f"SELECT * FROM {t} ORDER BY id"))]
+                    for t in ("studies", "jobs", "job_events", "instances")}
+
+    raw_rows, core_rows = dump(raw_engine), dump(core_engine)
+    assert raw_rows == core_rows
+    assert len(raw_rows["instances"]) == 4 and len(raw_rows["jobs"]) == 3
+    for eng in (raw_engine, core_engine):
+        eng.dispose()
