@@ -15,7 +15,7 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any
 
-from pydicom.datadict import dictionary_VR
+from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.uid import (
@@ -88,8 +88,68 @@ TRANSFER_SYNTAXES: list[UID] = [
 ]
 
 
-def _text(ds: Dataset, keyword: str, limit: int = 128) -> str:
-    value = ds.get(keyword)
+#: VRs whose conversion depends on nothing but the element's bytes, the dataset's encoding
+#: and its character set (no sequences, no ambiguous VRs, no bulk data).
+_PLAIN_VRS = frozenset({
+    "AE", "AS", "AT", "CS", "DA", "DS", "DT", "FD", "FL", "IS", "LO", "LT", "PN", "SH", "SL",
+    "SS", "ST", "TM", "UC", "UI", "UL", "UR", "US", "UT",
+})
+_MAX_CACHED_VALUE = 256
+_CACHE_MAX = 20_000
+
+
+def _cache_key(ds: Dataset, tag: int, raw: RawDataElement,
+               encoding: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    """What a plain raw element's conversion depends on, or ``None`` (not cacheable)."""
+    value = raw.value
+    if not isinstance(value, bytes) or len(value) > _MAX_CACHED_VALUE:
+        return None
+    vr = raw.VR
+    if vr is None:
+        try:
+            vr = dictionary_VR(tag)
+        except KeyError:
+            return None
+    return (tag, vr, value, encoding) if vr in _PLAIN_VRS else None
+
+
+def _encoding(ds: Dataset, transfer_syntax: str) -> tuple[Any, ...]:
+    raw = ds.get_item(0x00080005) if 0x00080005 in ds else None
+    charset = getattr(raw, "value", None)
+    return (str(transfer_syntax), charset if isinstance(charset, bytes) else str(charset))
+
+
+#: Converted values of plain raw elements, by what their conversion depends on: the header
+#: fields of a series repeat byte for byte from instance to instance. Values are only read.
+_VALUES: dict[tuple[Any, ...], Any] = {}
+
+
+def _getter(ds: Dataset, transfer_syntax: str) -> Callable[[str], Any]:
+    """``ds.get(keyword)`` served from :data:`_VALUES` where the raw bytes were seen before."""
+    encoding = _encoding(ds, transfer_syntax)
+
+    def get(keyword: str) -> Any:
+        tag = tag_for_keyword(keyword)
+        if tag is None or tag not in ds:
+            return None
+        raw = ds.get_item(tag)
+        key = _cache_key(ds, tag, raw, encoding) if isinstance(raw, RawDataElement) else None
+        if key is None:
+            return ds[tag].value
+        try:
+            return _VALUES[key]
+        except KeyError:
+            value = ds[tag].value
+            if len(_VALUES) >= _CACHE_MAX:
+                _VALUES.clear()
+            _VALUES[key] = value
+            return value
+
+    return get
+
+
+def _text(get: Callable[[str], Any], keyword: str, limit: int = 128) -> str:
+    value = get(keyword)
     if value is None:
         return ""
     if isinstance(value, list | tuple) or getattr(value, "VM", 1) > 1:
@@ -97,9 +157,9 @@ def _text(ds: Dataset, keyword: str, limit: int = 128) -> str:
     return str(value).strip()[:limit]
 
 
-def _int(ds: Dataset, keyword: str) -> int | None:
+def _int(get: Callable[[str], Any], keyword: str) -> int | None:
     try:
-        value = ds.get(keyword)
+        value = get(keyword)
         return int(value) if value not in (None, "") else None
     except (TypeError, ValueError):
         return None
@@ -107,12 +167,13 @@ def _int(ds: Dataset, keyword: str) -> int | None:
 
 def extract_record(ds: Dataset, transfer_syntax: str, sop_class_uid: str) -> InstanceRecord:
     """Header fields routing needs; raises ``ValueError`` when a required UID is missing."""
-    study = safe_uid(ds.StudyInstanceUID)
-    series = safe_uid(ds.SeriesInstanceUID)
-    sop = safe_uid(ds.SOPInstanceUID)
+    get = _getter(ds, transfer_syntax)
+    study = safe_uid(get("StudyInstanceUID"))
+    series = safe_uid(get("SeriesInstanceUID"))
+    sop = safe_uid(get("SOPInstanceUID"))
     slice_position: float | None = None
-    ipp = ds.get("ImagePositionPatient")
-    iop = ds.get("ImageOrientationPatient")
+    ipp = get("ImagePositionPatient")
+    iop = get("ImageOrientationPatient")
     if ipp is not None and iop is not None and len(ipp) == 3 and len(iop) == 6:
         row, col = [float(v) for v in iop[:3]], [float(v) for v in iop[3:]]
         normal = (
@@ -127,20 +188,20 @@ def extract_record(ds: Dataset, transfer_syntax: str, sop_class_uid: str) -> Ins
         series_instance_uid=series,
         sop_class_uid=str(sop_class_uid),
         transfer_syntax_uid=str(transfer_syntax),
-        modality=_text(ds, "Modality", 16).upper(),
-        body_part=_text(ds, "BodyPartExamined", 64).upper(),
-        series_number=_int(ds, "SeriesNumber"),
-        instance_number=_int(ds, "InstanceNumber"),
-        image_type=_text(ds, "ImageType").upper(),
-        view_position=_text(ds, "ViewPosition", 16).upper(),
-        study_description=_text(ds, "StudyDescription"),
-        series_description=_text(ds, "SeriesDescription"),
+        modality=_text(get, "Modality", 16).upper(),
+        body_part=_text(get, "BodyPartExamined", 64).upper(),
+        series_number=_int(get, "SeriesNumber"),
+        instance_number=_int(get, "InstanceNumber"),
+        image_type=_text(get, "ImageType").upper(),
+        view_position=_text(get, "ViewPosition", 16).upper(),
+        study_description=_text(get, "StudyDescription"),
+        series_description=_text(get, "SeriesDescription"),
         orientation="\\".join(f"{float(v):.4f}" for v in iop) if iop is not None else "",
         slice_position=slice_position,
-        rows=_int(ds, "Rows"),
-        columns=_int(ds, "Columns"),
-        acquisition_number=_int(ds, "AcquisitionNumber"),
-        images_in_acquisition=_int(ds, "ImagesInAcquisition"),
+        rows=_int(get, "Rows"),
+        columns=_int(get, "Columns"),
+        acquisition_number=_int(get, "AcquisitionNumber"),
+        images_in_acquisition=_int(get, "ImagesInAcquisition"),
     )
 
 
@@ -249,17 +310,9 @@ def _read(req: StoreRequest) -> Dataset:
     return decode(stream, ts.is_implicit_VR, ts.is_little_endian, ts.is_deflated)
 
 
-#: VRs whose conversion depends on nothing but the element's bytes, the dataset's encoding
-#: and its character set (no sequences, no ambiguous VRs, no bulk data).
-_PLAIN_VRS = frozenset({
-    "AE", "AS", "AT", "CS", "DA", "DS", "DT", "FD", "FL", "IS", "LO", "LT", "PN", "SH", "SL",
-    "SS", "ST", "TM", "UC", "UI", "UL", "UR", "US", "UT",
-})
-#: Raw elements (with the encoding they were read in) that converted without error before;
+#: Raw elements (by what their conversion depends on) that converted without error before;
 #: converting the same bytes again gives the same result, so it is skipped. Bounded.
 _CONVERTED: set[tuple[Any, ...]] = set()
-_CONVERTED_MAX = 20_000
-_MAX_CACHED_VALUE = 256
 
 
 def _convert_all(ds: Dataset, transfer_syntax: str) -> None:
@@ -270,29 +323,17 @@ def _convert_all(ds: Dataset, transfer_syntax: str) -> None:
     element whose bytes (VR, encoding and character set alike) converted before is not
     converted again (about 8 us each with pydicom).
     """
-    charset_raw = ds.get_item(0x00080005) if 0x00080005 in ds else None
-    charset = getattr(charset_raw, "value", None)
-    encoding = (transfer_syntax, charset if isinstance(charset, bytes) else str(charset))
+    encoding = _encoding(ds, transfer_syntax)
     for tag in list(ds.keys()):
         raw = ds.get_item(tag)
         if not isinstance(raw, RawDataElement):
             continue
-        value = raw.value
-        vr = raw.VR
-        if vr is None:
-            try:
-                vr = dictionary_VR(tag)
-            except KeyError:
-                vr = None
-        cacheable = (vr in _PLAIN_VRS and isinstance(value, bytes)
-                     and len(value) <= _MAX_CACHED_VALUE)
-        if cacheable:
-            key = (tag, vr, value, encoding)
-            if key in _CONVERTED:
-                continue
+        key = _cache_key(ds, tag, raw, encoding)
+        if key is not None and key in _CONVERTED:
+            continue
         ds[tag]  # noqa: B018 - converting it is the check
-        if cacheable:
-            if len(_CONVERTED) >= _CONVERTED_MAX:
+        if key is not None:
+            if len(_CONVERTED) >= _CACHE_MAX:
                 _CONVERTED.clear()
             _CONVERTED.add(key)
 

@@ -297,3 +297,34 @@ def test_sqlite_record_statements_store_exactly_what_core_stores(tmp_path: Path)
     assert len(raw_rows["instances"]) == 4 and len(raw_rows["jobs"]) == 3
     for eng in (raw_engine, core_engine):
         eng.dispose()
+
+
+def test_extract_record_from_cached_values_equals_a_cold_extraction() -> None:
+    from io import BytesIO
+
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+    from pynetdicom.dsutils import decode
+
+    from dicomai import receiver, synthetic
+
+    def encoded(ds) -> bytes:
+        buf = DicomBytesIO()
+        buf.is_little_endian, buf.is_implicit_VR = True, False
+        write_dataset(buf, ds)
+        return buf.getvalue()
+
+    series = [encoded(ds) for ds in synthetic.make_head_ct(4, rows=16, cols=16)]
+    series += [encoded(synthetic.make_xray("chest", rows=16, cols=16, seed=s)) for s in (1, 2)]
+    cold = []
+    for raw in series:
+        receiver._VALUES.clear()
+        cold.append(receiver.extract_record(decode(BytesIO(raw), False, True),
+                                            ExplicitVRLittleEndian, "1.2.3"))
+    warm = [receiver.extract_record(decode(BytesIO(raw), False, True), ExplicitVRLittleEndian,
+                                    "1.2.3") for raw in series]
+    assert warm == cold
+    assert len({r.sop_instance_uid for r in warm}) == 6
+    assert [r.instance_number for r in warm[:4]] == [1, 2, 3, 4]
+    assert len({r.slice_position for r in warm[:4]}) == 4
+    assert receiver._VALUES  # the second pass was served from the cache
