@@ -22,6 +22,8 @@ Receivers
               logging configured as in production (INFO, json, to a log file).
               A fresh data dir is used for every measurement (duplicates would be answered
               Success without storing).
+    dicomai-Np  the same with ``[receiver] processes = N`` (``--dicomai-processes``, default
+              1,2): N receiver processes on the port; CPU is summed over all of them.
 
 Storage is cleared before every measurement (storescp: files removed; Orthanc: all
 patients deleted via REST; dicomai: restarted on a new data dir) and ``sync`` is called so
@@ -162,6 +164,28 @@ def proc_cpu(pid: int | None) -> float:
     return sum(int(x) for x in fields[11:15]) / _TICK
 
 
+def tree_cpu(pid: int | None) -> float:
+    """:func:`proc_cpu` of a process plus that of its live descendants (dicomai's receiver
+    processes)."""
+    if pid is None:
+        return float("nan")
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        parents.setdefault(ppid, []).append(int(stat.parent.name))
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        cpu = proc_cpu(p)
+        if cpu == cpu:  # not NaN (a process that just ended)
+            total += cpu
+        todo.extend(parents.get(p, []))
+    return total
+
+
 class ReceiverBase:
     label = "?"
     ae = "?"
@@ -169,7 +193,7 @@ class ReceiverBase:
     proc: Any = None
 
     def cpu(self) -> float:
-        return proc_cpu(self.proc.pid if self.proc else None)
+        return tree_cpu(self.proc.pid if self.proc else None)
 
     def start(self) -> None: ...
     def reset(self) -> None: ...
@@ -278,8 +302,9 @@ class Dicomai(ReceiverBase):
     ae = "DICOMAI"
 
     def __init__(self, work: Path, label: str = "dicomai", source: Path = REPO,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, processes: int = 1) -> None:
         self.label = label
+        self.processes = processes
         self.source = source
         self.env = env or {}
         self.dir = work / label
@@ -300,6 +325,7 @@ class Dicomai(ReceiverBase):
     def start(self) -> None:
         env = dict(os.environ, PYTHONPATH=f"{self.source}{os.pathsep}{REPO}")
         env.pop("TCP_NODELAY", None)
+        env["DICOMAI_BENCH_PROCESSES"] = str(self.processes)
         env.update(self.env)
         self.log = open(self.dir / "child.log", "w")
         self.proc = subprocess.Popen(
@@ -354,6 +380,9 @@ def dicomai_child() -> int:
                 "receiver": {"port": 0, "min_free_disk_mb": 0, "host": HOST},
                 "logging": {"level": "INFO", "format": "json"},
             }
+            processes = int(os.environ.get("DICOMAI_BENCH_PROCESSES", "1"))
+            if processes > 1:  # [receiver] processes (an older copy has no such key)
+                overrides["receiver"]["processes"] = processes
             # a prototype copy may carry its own config (its config.py may differ)
             cfg = Path(dicomai.__file__).parents[1] / "config" / "dicomai.toml"
             if not cfg.exists():
@@ -457,6 +486,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--extra-dicomai", action="append", default=[], metavar="LABEL=PATH[@K=V,...]",
                     help="also bench a dicomai receiver imported from PATH (a prototype copy),"
                          " with extra environment variables K=V for its process")
+    ap.add_argument("--dicomai-processes", default="1,2", metavar="N[,N...]",
+                    help="bench dicomai with each of these [receiver] processes settings "
+                         "(labels dicomai, dicomai-2p, ...)")
     ap.add_argument("--workdir", help="keep temp files here (default: a removed temp dir)")
     ap.add_argument("--dicomai-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -485,7 +517,9 @@ def main(argv: list[str] | None = None) -> int:
         if "orthanc" in wanted:
             receivers.append(Orthanc(work))
         if "dicomai" in wanted:
-            receivers.append(Dicomai(work))
+            for n in (int(x) for x in args.dicomai_processes.split(",") if x):
+                receivers.append(Dicomai(work, label="dicomai" if n == 1 else f"dicomai-{n}p",
+                                         processes=n))
         for spec in args.extra_dicomai:
             label, _, rest = spec.partition("=")
             path, _, envspec = rest.partition("@")

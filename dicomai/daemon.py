@@ -22,6 +22,7 @@ from dicomai.metrics import MetricsServer, start_metrics_server
 from dicomai.migrations import upgrade
 from dicomai.queue import Queue
 from dicomai.receiver import Receiver
+from dicomai.receiver_pool import ReceiverPool
 from dicomai.scheduler import PROCESS_TOKEN, Scheduler, reclaim_dead_local, sweep_orphans
 from dicomai.sender import Sender
 from dicomai.store import Spool
@@ -54,6 +55,7 @@ class Daemon:
         self.models = ModelPool(settings)
         self.instance_name = f"{socket.gethostname()}:{os.getpid()}"
         self.receiver: Receiver | None = None
+        self.receiver_pool: ReceiverPool | None = None
         self.worker: Worker | None = None
         self.sender: Sender | None = None
         self.scheduler: Scheduler | None = None
@@ -83,6 +85,10 @@ class Daemon:
         if "receiver" in self.roles:
             self.receiver = Receiver(self.settings.receiver, self.spool, self.queue, self.clock)
             self.receiver.start()
+            extra = self.settings.receiver.processes - 1
+            if extra > 0:
+                self.receiver_pool = ReceiverPool(self.settings, self.receiver.port, extra)
+                self.receiver_pool.start()
         if "worker" in self.roles and self.worker is not None:
             self.worker.start()
         if "sender" in self.roles:
@@ -94,6 +100,8 @@ class Daemon:
             self.scheduler.start()
             if self.receiver is not None:
                 self.receiver.on_release = self.scheduler.wake
+            if self.receiver_pool is not None:
+                self.receiver_pool.on_release = self.scheduler.wake
         if self.settings.metrics.enabled:
             m = self.settings.metrics
             self.metrics_server = start_metrics_server(m.host, m.port, self.settings, self.engine)
@@ -107,7 +115,9 @@ class Daemon:
         info: dict[str, Any] = {"pid": os.getpid(), "roles": list(self.roles)}
         if self.receiver is not None and self.receiver.server is not None:
             info["receiver"] = {"ae_title": self.settings.receiver.ae_title,
-                                "host": self.settings.receiver.host, "port": self.receiver.port}
+                                "host": self.settings.receiver.host, "port": self.receiver.port,
+                                "processes": 1 + len(self.receiver_pool.pids
+                                                     if self.receiver_pool else [])}
         if self.scheduler is not None:
             info["scheduler"] = "active" if self.scheduler.active else "standby"
         info["models"] = {
@@ -155,6 +165,9 @@ class Daemon:
             if component is not None:
                 component.request_stop()
         steps: list[tuple[str, Callable[[], None]]] = []
+        if self.receiver_pool is not None:
+            steps.append(("receiver processes",
+                          lambda: self.receiver_pool.stop(min(timeout, 10.0))))  # type: ignore[union-attr]
         if self.receiver is not None:
             steps.append(("receiver", lambda: self.receiver.stop(min(timeout, 10.0))))  # type: ignore[union-attr]
         if self.worker is not None:

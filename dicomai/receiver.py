@@ -527,6 +527,15 @@ def _on_rejected(event: evt.Event) -> None:
     _audit_association(event, False)
 
 
+class _ReusePortServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server, bound with ``SO_REUSEPORT`` (see
+    :mod:`dicomai.receiver_pool`)."""
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+
 class Receiver:
     """The Storage SCP component."""
 
@@ -537,8 +546,13 @@ class Receiver:
         queue: Queue,
         clock: Callable[[], datetime],
         ssl_context: Any = None,
+        *,
+        reuse_port: bool | None = None,
     ) -> None:
         self.settings = settings
+        #: Listen with SO_REUSEPORT (other receiver processes share the port); default: when
+        #: ``settings.processes`` > 1.
+        self.reuse_port = settings.processes > 1 if reuse_port is None else reuse_port
         self.spool = spool
         self.queue = queue
         self.clock = clock
@@ -696,12 +710,17 @@ class Receiver:
             (evt.EVT_ABORTED, self._on_ended),
             (evt.EVT_CONN_CLOSE, self._on_ended),
         ]
-        server = ae.start_server(
-            (self.settings.host, self.settings.port),
-            block=False,
-            evt_handlers=handlers,
-            ssl_context=self._tls_context(),
-        )
+        address = (self.settings.host, self.settings.port)
+        if self.reuse_port:  # pynetdicom's start_server(block=False), with SO_REUSEPORT
+            server = ae.make_server(address, evt_handlers=handlers,
+                                    ssl_context=self._tls_context(),
+                                    server_class=_ReusePortServer)
+            threading.Thread(target=server.serve_forever, name="receiver-acceptor",
+                             daemon=True).start()
+            ae._servers.append(server)  # so that ae.shutdown() stops it too
+        else:
+            server = ae.start_server(address, block=False, evt_handlers=handlers,
+                                     ssl_context=self._tls_context())
 
         def verify_request(request: Any, client_address: tuple[str, int]) -> bool:
             allowed = self._peer_allowed(client_address[0])
