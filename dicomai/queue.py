@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
+import fcntl
 import functools
 import logging
+import os
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -133,6 +135,39 @@ _TOUCH_JOB = (
     .returning(Job.id)
 )
 _MAX_GENERATION = select(func.max(Job.generation)).where(Job.study_id == bindparam("b_study"))
+
+
+class _FileLock:
+    """An exclusive ``flock`` on a lock file beside the SQLite database, held while recording.
+
+    Processes that would otherwise meet in SQLite's busy handler (which sleeps and retries)
+    wait in the kernel and continue as soon as the lock is released. Threads of one process
+    are already serialized by the group commit. Without a usable lock file it does nothing.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._fd: int | None = None
+        self._failed = False
+
+    def __enter__(self) -> None:
+        if self._fd is None and not self._failed:
+            try:
+                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            except OSError:
+                self._failed = True
+                logger.warning("no record lock file; SQLite's busy handler only",
+                               extra=log_fields("queue.record_lock_unavailable"))
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def __del__(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
 
 
 class _RecordStatements:
@@ -307,9 +342,13 @@ class Queue:
         #: The bound engine, for the Core paths of the receiver (``None``: via a session).
         self._engine: Engine | None = session_factory.kw.get("bind")
         self._group = _GroupCommit(self._record_batch)
-        self._stmts = (_SqliteRecordStatements(self._engine.dialect)
-                       if self._engine is not None and self._engine.dialect.name == "sqlite"
-                       else _RecordStatements())
+        sqlite = self._engine is not None and self._engine.dialect.name == "sqlite"
+        self._stmts = (_SqliteRecordStatements(self._engine.dialect)  # type: ignore[union-attr]
+                       if sqlite else _RecordStatements())
+        database = self._engine.url.database if sqlite else None  # type: ignore[union-attr]
+        self._writer_lock: contextlib.AbstractContextManager[Any] = (
+            _FileLock(f"{database}.record-lock") if database and database != ":memory:"
+            else contextlib.nullcontext())
         #: In-process wake-ups: events set after a job entered a state (see :meth:`subscribe`).
         self._subscribers: dict[JobState, list[threading.Event]] = {}
 
@@ -378,7 +417,15 @@ class Queue:
         return item.outcome()
 
     def _record_batch(self, batch: list[_PendingRecord]) -> None:
-        """Record a batch in one transaction; on any error, each on its own (never raises)."""
+        """Record a batch in one transaction; on any error, each on its own (never raises).
+
+        On SQLite, under :attr:`_writer_lock`: receiver processes sharing the database queue
+        for the write lock in the kernel instead of in SQLite's busy handler, which sleeps
+        1 ms and more per retry."""
+        with self._writer_lock:
+            self._record_batch_locked(batch)
+
+    def _record_batch_locked(self, batch: list[_PendingRecord]) -> None:
         if len(batch) > 1:
             try:
                 with self._begin() as conn:
