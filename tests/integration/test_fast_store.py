@@ -133,11 +133,19 @@ def test_a_command_split_over_pdus_goes_to_pynetdicom_then_the_fast_path_resumes
         cid = assoc.accepted_contexts[0].context_id
         command = store_rq_command(ds.SOPInstanceUID, sop_class=str(ds.SOPClassUID))
         data = dataset_bytes(path)
-        # The command in two fragments over two PDUs, then the dataset in two fragments.
-        assoc.dul.socket.send(p_data(cid, (0x01, command[:20])))
-        assoc.dul.socket.send(p_data(cid, (0x03, command[20:]), (0x00, data[:100])))
-        assoc.dul.socket.send(p_data(cid, (0x02, data[100:])))
-        _, rsp = assoc.dimse.get_msg(block=True)
+        # Pause our association's reactor (as pynetdicom's send_*() do) so that it does not
+        # take the response off the DIMSE queue before we do.
+        assoc._reactor_checkpoint.clear()
+        while not assoc._is_paused:
+            time.sleep(0.001)
+        try:
+            # The command in two fragments over two PDUs, then the dataset in two fragments.
+            assoc.dul.socket.send(p_data(cid, (0x01, command[:20])))
+            assoc.dul.socket.send(p_data(cid, (0x03, command[20:]), (0x00, data[:100])))
+            assoc.dul.socket.send(p_data(cid, (0x02, data[100:])))
+            _, rsp = assoc.dimse.get_msg(block=True)
+        finally:
+            assoc._reactor_checkpoint.set()
         assert rsp is not None and rsp.Status == 0x0000
         assert daemon.receiver.fast_store_requests == 0  # pynetdicom answered it
         assert dataset_bytes(stored_path(daemon, path)) == data

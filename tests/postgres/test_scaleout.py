@@ -89,10 +89,13 @@ class Cluster:
         return codes
 
 
-def _active_scheduler_pid(settings) -> int | None:
+def _active_scheduler_pid(settings, other_than: int | None = None) -> int | None:
+    """The PID of a fresh component reporting an active scheduler (not ``other_than``: a
+    killed process's last heartbeat still says active until it goes stale)."""
     data = collect(settings)
     for c in data["daemon"]["components"]:
-        if c.get("scheduler") == "active":
+        if (c.get("scheduler") == "active" and c.get("fresh", True)
+                and int(c["pid"]) != other_than):
             return int(c["pid"])
     return None
 
@@ -135,7 +138,7 @@ def test_two_receivers_three_workers_one_sender(tmp_path, pg_url, model_dir, loc
         cluster.kill("worker0")
         victim = next(n for n, p in cluster.procs.items() if p.pid == active)
         cluster.kill(victim)
-        wait_for(lambda: (pid := _active_scheduler_pid(cluster.settings)) and pid != active,
+        wait_for(lambda: _active_scheduler_pid(cluster.settings, other_than=active),
                  60, interval=0.5, what="the standby scheduler taking over")
 
         def all_done():
