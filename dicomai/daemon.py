@@ -183,6 +183,8 @@ class Daemon:
                 "daemon.component_stopped", component=name,
                 seconds=round(time.perf_counter() - t0, 3)))
         self._beat_stop.set()
+        if self._beat_thread is not None:  # a beat in progress holds a connection
+            self._beat_thread.join(10.0)
         if self.metrics_server is not None:
             self.metrics_server.stop()
         try:

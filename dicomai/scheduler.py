@@ -326,6 +326,7 @@ class Scheduler:
         self._sched: BackgroundScheduler | None = None
         self._running = 0  # periodic jobs running now (stop waits for them, bounded)
         self._idle = threading.Condition()
+        self._stopped = False  # a job the executor starts after stop() does nothing
         self.leadership: Leadership | None = None
 
     @property
@@ -367,6 +368,8 @@ class Scheduler:
     def _safe(self, fn: Callable[[], object]) -> Callable[[], None]:
         def run() -> None:
             with self._idle:
+                if self._stopped:
+                    return
                 self._running += 1
             try:
                 fn()
@@ -382,6 +385,8 @@ class Scheduler:
     def start(self) -> None:
         """Start the periodic jobs."""
         s = self.settings.scheduler
+        with self._idle:
+            self._stopped = False
         sched = BackgroundScheduler(timezone="UTC",
                                     job_defaults={"coalesce": True, "max_instances": 1})
         sched.add_job(self._safe(self.tick), "interval", seconds=s.poll_seconds, id="tick")
@@ -395,6 +400,8 @@ class Scheduler:
     def stop(self, timeout: float = 10.0) -> None:
         """Stop, and wait (bounded) for a running job: it holds a database connection, and
         the daemon disposes of the engine next."""
+        with self._idle:
+            self._stopped = True
         if self._sched is not None:
             self._sched.shutdown(wait=False)
             self._sched = None
