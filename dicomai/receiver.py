@@ -461,6 +461,11 @@ def handle_echo(event: evt.Event) -> int:
 _QUICKACK = getattr(socket, "TCP_QUICKACK", None)
 
 
+#: The buffer a read starts with; it grows (doubling) only as data actually arrives, so a
+#: PDU header announcing gigabytes allocates no more than what the peer really sends.
+_FIRST_BUFFER = 1 << 20
+
+
 def _recv_quickack(self: Any, nr_bytes: int) -> bytearray:
     """AssociationSocket.recv replacement: whole reads into one buffer, and TCP_QUICKACK
     re-armed after each read.
@@ -471,22 +476,22 @@ def _recv_quickack(self: Any, nr_bytes: int) -> bytearray:
     went from about 18 to about 140 per second.
     """
     sock = self.socket
-    buf = bytearray(nr_bytes)
-    view = memoryview(buf)
+    buf = bytearray(min(nr_bytes, _FIRST_BUFFER))
     got = 0
-    try:
-        while got < nr_bytes:
-            n = sock.recv_into(view[got:], nr_bytes - got)
-            if _QUICKACK is not None:
-                try:
-                    sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
-                except OSError:
-                    pass
-            if not n:  # connection closed: return what we have (as pynetdicom does)
-                return buf[:got]
-            got += n
-    finally:
-        view.release()
+    while got < nr_bytes:
+        if got == len(buf):  # full: grow, at most doubling (bounded by what arrived)
+            buf.extend(bytes(min(nr_bytes - got, len(buf))))
+        with memoryview(buf) as whole, whole[got:] as free:
+            n = sock.recv_into(free, len(buf) - got)
+        if _QUICKACK is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
+            except OSError:
+                pass
+        if not n:  # connection closed: return what we have (as pynetdicom does)
+            del buf[got:]
+            return buf
+        got += n
     return buf
 
 

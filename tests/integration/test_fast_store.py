@@ -156,3 +156,26 @@ def test_a_command_split_over_pdus_goes_to_pynetdicom_then_the_fast_path_resumes
         assoc.release()
         ae.shutdown()
 
+
+
+def test_a_pdu_announcing_gigabytes_costs_only_what_arrives(make_settings, tmp_path):
+    import resource
+    import socket
+
+    with running_daemon(quiet(make_settings), roles=["receiver"]) as daemon:
+        before_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        for _ in range(3):  # an A-ASSOCIATE-RQ header claiming 2 GiB, 1000 bytes, then EOF
+            with socket.create_connection(("127.0.0.1", daemon.receiver.port)) as peer:
+                peer.sendall(struct.pack(">BBL", 0x01, 0, 2**31) + b"\x00" * 1000)
+                peer.shutdown(socket.SHUT_WR)
+                peer.settimeout(10)
+                try:
+                    while peer.recv(4096):
+                        pass
+                except OSError:
+                    pass
+        grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before_kib
+        assert grown_kib < 200 * 1024, f"peak RSS grew by {grown_kib} KiB"
+        xray = synthetic.write_study([synthetic.make_xray("chest", rows=32, cols=32, seed=11)],
+                                     tmp_path / "xr")
+        assert store_mixed(daemon.receiver.port, xray[0]) == [0x0000, 0x0000, 0x0000]
