@@ -12,9 +12,11 @@ interpreter time and two thread switches per image, as much as storing the image
   decoded and queued exactly as pynetdicom's ``DULServiceProvider._read_pdu_data`` does;
 - a message starts on the fast path only when pynetdicom holds no partial message, the PDU
   begins with a complete C-STORE-RQ command set, and the presentation context was accepted
-  with us as SCP for exactly the request's SOP class. Anything else (C-ECHO, an unexpected
-  command, a command split over PDUs, a context or SOP class mismatch, a release in progress)
-  is left to pynetdicom, which answers it as before;
+  with us as SCP for exactly the request's SOP class, on an association pynetdicom has marked
+  established (it does so just after sending the A-ASSOCIATE-AC: a first C-STORE arriving
+  before that is served by pynetdicom, after establishment, as it always was). Anything else
+  (C-ECHO, an unexpected command, a command split over PDUs, a context or SOP class mismatch,
+  a release in progress) is left to pynetdicom, which answers it as before;
 - the dataset fragments are kept as views of the received PDUs and joined once; the request
   is passed to ``serve`` (:func:`dicomai.receiver.store_instance`) on the network thread, and
   the C-STORE-RSP is encoded here (Implicit VR Little Endian command set, one PDV) and sent.
