@@ -8,12 +8,16 @@ import time
 import warnings
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from io import BytesIO
 from pathlib import Path
 
 import pytest
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit
 from pynetdicom import AE, evt
-from pynetdicom.dsutils import create_file_meta, encode_file_meta
+from pynetdicom.dsutils import create_file_meta, decode, encode_file_meta
 from pynetdicom.sop_class import Verification
 from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
@@ -206,23 +210,21 @@ def test_fastnet_refuses_unknown_version(monkeypatch: pytest.MonkeyPatch,
 # -- element conversion check with its cache of known-good raw elements ---------------------
 
 
+def encoded(ds: Dataset) -> bytes:
+    """A dataset as a peer sends it: Explicit VR Little Endian, no file meta."""
+    buf = DicomBytesIO()
+    buf.is_little_endian, buf.is_implicit_VR = True, False
+    write_dataset(buf, ds)
+    return buf.getvalue()
+
+
+def read(raw: bytes) -> Dataset:
+    """Read as the receiver does (values converted when used)."""
+    return decode(BytesIO(raw), False, True)
+
+
 def test_convert_all_skips_only_elements_that_converted_before() -> None:
-    from io import BytesIO
-
-    from pydicom.filebase import DicomBytesIO
-    from pydicom.filewriter import write_dataset
-    from pynetdicom.dsutils import decode
-
     from dicomai import receiver, synthetic
-
-    def encoded(ds) -> bytes:
-        buf = DicomBytesIO()
-        buf.is_little_endian, buf.is_implicit_VR = True, False
-        write_dataset(buf, ds)
-        return buf.getvalue()
-
-    def read(raw: bytes):
-        return decode(BytesIO(raw), False, True)
 
     receiver._CONVERTED.clear()
     good = encoded(synthetic.make_xray("chest", rows=16, cols=16, seed=3))
@@ -300,29 +302,16 @@ def test_sqlite_record_statements_store_exactly_what_core_stores(tmp_path: Path)
 
 
 def test_extract_record_from_cached_values_equals_a_cold_extraction() -> None:
-    from io import BytesIO
-
-    from pydicom.filebase import DicomBytesIO
-    from pydicom.filewriter import write_dataset
-    from pynetdicom.dsutils import decode
-
     from dicomai import receiver, synthetic
-
-    def encoded(ds) -> bytes:
-        buf = DicomBytesIO()
-        buf.is_little_endian, buf.is_implicit_VR = True, False
-        write_dataset(buf, ds)
-        return buf.getvalue()
 
     series = [encoded(ds) for ds in synthetic.make_head_ct(4, rows=16, cols=16)]
     series += [encoded(synthetic.make_xray("chest", rows=16, cols=16, seed=s)) for s in (1, 2)]
     cold = []
     for raw in series:
         receiver._VALUES.clear()
-        cold.append(receiver.extract_record(decode(BytesIO(raw), False, True),
-                                            ExplicitVRLittleEndian, "1.2.3"))
-    warm = [receiver.extract_record(decode(BytesIO(raw), False, True), ExplicitVRLittleEndian,
-                                    "1.2.3") for raw in series]
+        cold.append(receiver.extract_record(read(raw), ExplicitVRLittleEndian, "1.2.3"))
+    warm = [receiver.extract_record(read(raw), ExplicitVRLittleEndian, "1.2.3")
+            for raw in series]
     assert warm == cold
     assert len({r.sop_instance_uid for r in warm}) == 6
     assert [r.instance_number for r in warm[:4]] == [1, 2, 3, 4]
