@@ -100,7 +100,12 @@ _CACHE_MAX = 20_000
 
 def _cache_key(ds: Dataset, tag: int, raw: RawDataElement,
                encoding: tuple[Any, ...]) -> tuple[Any, ...] | None:
-    """What a plain raw element's conversion depends on, or ``None`` (not cacheable)."""
+    """What a plain raw element's conversion depends on, or ``None`` (not cacheable).
+
+    Patient module elements (group 0010: names, IDs, birth date) are never cached, so no
+    patient's identity outlives the handling of their own instances in this process."""
+    if tag >> 16 == 0x0010:
+        return None
     value = raw.value
     if not isinstance(value, bytes) or len(value) > _MAX_CACHED_VALUE:
         return None

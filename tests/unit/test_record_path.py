@@ -317,3 +317,18 @@ def test_extract_record_from_cached_values_equals_a_cold_extraction() -> None:
     assert [r.instance_number for r in warm[:4]] == [1, 2, 3, 4]
     assert len({r.slice_position for r in warm[:4]}) == 4
     assert receiver._VALUES  # the second pass was served from the cache
+
+
+def test_conversion_caches_keep_no_patient_identity() -> None:
+    from dicomai import receiver, synthetic
+
+    receiver._CONVERTED.clear()
+    receiver._VALUES.clear()
+    ds = synthetic.make_xray("chest", rows=16, cols=16, seed=5)
+    raw = read(encoded(ds))
+    receiver._convert_all(raw, ExplicitVRLittleEndian)
+    receiver.extract_record(read(encoded(ds)), ExplicitVRLittleEndian, "1.2.3")
+    keys = [*receiver._CONVERTED, *receiver._VALUES]
+    assert keys and all(key[0] >> 16 != 0x0010 for key in keys)
+    name = str(ds.PatientName).encode()
+    assert not any(name in key[2] for key in keys)
