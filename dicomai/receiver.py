@@ -89,21 +89,22 @@ TRANSFER_SYNTAXES: list[UID] = [
 
 
 #: VRs whose conversion depends on nothing but the element's bytes, the dataset's encoding
-#: and its character set (no sequences, no ambiguous VRs, no bulk data).
+#: and its character set (no sequences, no ambiguous VRs, no bulk data). Person names (PN)
+#: are left out: no name is kept beyond the instance it came with.
 _PLAIN_VRS = frozenset({
-    "AE", "AS", "AT", "CS", "DA", "DS", "DT", "FD", "FL", "IS", "LO", "LT", "PN", "SH", "SL",
+    "AE", "AS", "AT", "CS", "DA", "DS", "DT", "FD", "FL", "IS", "LO", "LT", "SH", "SL",
     "SS", "ST", "TM", "UC", "UI", "UL", "UR", "US", "UT",
 })
 _MAX_CACHED_VALUE = 256
 _CACHE_MAX = 20_000
 
 
-def _cache_key(ds: Dataset, tag: int, raw: RawDataElement,
+def _cache_key(tag: int, raw: RawDataElement,
                encoding: tuple[Any, ...]) -> tuple[Any, ...] | None:
     """What a plain raw element's conversion depends on, or ``None`` (not cacheable).
 
-    Patient module elements (group 0010: names, IDs, birth date) are never cached, so no
-    patient's identity outlives the handling of their own instances in this process."""
+    Patient module elements (group 0010: names, IDs, birth date) are never cached either, so
+    no patient's identity outlives the handling of their own instances in this process."""
     if tag >> 16 == 0x0010:
         return None
     value = raw.value
@@ -138,7 +139,7 @@ def _getter(ds: Dataset, transfer_syntax: str) -> Callable[[str], Any]:
         if tag is None or tag not in ds:
             return None
         raw = ds.get_item(tag)
-        key = _cache_key(ds, tag, raw, encoding) if isinstance(raw, RawDataElement) else None
+        key = _cache_key(tag, raw, encoding) if isinstance(raw, RawDataElement) else None
         if key is None:
             return ds[tag].value
         try:
@@ -333,7 +334,7 @@ def _convert_all(ds: Dataset, transfer_syntax: str) -> None:
         raw = ds.get_item(tag)
         if not isinstance(raw, RawDataElement):
             continue
-        key = _cache_key(ds, tag, raw, encoding)
+        key = _cache_key(tag, raw, encoding)
         if key is not None and key in _CONVERTED:
             continue
         ds[tag]  # noqa: B018 - converting it is the check
