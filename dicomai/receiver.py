@@ -96,7 +96,7 @@ _PLAIN_VRS = frozenset({
     "SS", "ST", "TM", "UC", "UI", "UL", "UR", "US", "UT",
 })
 _MAX_CACHED_VALUE = 256
-_CACHE_MAX = 20_000
+_CACHE_MAX = 4096
 
 
 def _cache_key(tag: int, raw: RawDataElement,
