@@ -34,7 +34,7 @@ from pydicom.uid import (
     RLELossless,
 )
 from pydicom.uid import JPEGLossless as JPEGLosslessP14
-from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, AE, evt
+from pynetdicom import AE, PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, evt
 from pynetdicom.dsutils import decode
 from pynetdicom.presentation import StoragePresentationContexts
 from pynetdicom.sop_class import Verification
@@ -337,7 +337,7 @@ def _convert_all(ds: Dataset, transfer_syntax: str) -> None:
         key = _cache_key(tag, raw, encoding)
         if key is not None and key in _CONVERTED:
             continue
-        ds[tag]  # noqa: B018 - converting it is the check
+        ds[tag]  # converting it is the check
         if key is not None:
             if len(_CONVERTED) >= _CACHE_MAX:
                 _CONVERTED.clear()

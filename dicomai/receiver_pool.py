@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     until SIGTERM or until the daemon is gone."""
     args = sys.argv[1:] if argv is None else argv
     port, parent_pid = int(args[0]), int(args[1])
-    settings: Settings = pickle.loads(sys.stdin.buffer.read())  # noqa: S301 - from our daemon
+    settings: Settings = pickle.loads(sys.stdin.buffer.read())  # from our own daemon
     out = sys.stdout.buffer
 
     from dicomai import audit

@@ -240,7 +240,7 @@ def test_convert_all_skips_only_elements_that_converted_before() -> None:
     bad_vr = good.replace(b"\x28\x00\x50\x10DS", b"\x28\x00\x50\x10D\x00")
     assert odd_us != good and bad_vr != good
     for broken in (odd_us, bad_vr, odd_us):
-        with warnings.catch_warnings(), pytest.raises(Exception):  # noqa: B017, PT011
+        with warnings.catch_warnings(), pytest.raises(Exception):  # noqa: B017
             warnings.simplefilter("ignore")
             receiver._convert_all(read(broken), ExplicitVRLittleEndian)
     # Another character set is another encoding: converted again, not skipped.
