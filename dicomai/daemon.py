@@ -182,6 +182,7 @@ class Daemon:
             logger.info("component stopped", extra=log_fields(
                 "daemon.component_stopped", component=name,
                 seconds=round(time.perf_counter() - t0, 3)))
+        self.spool.close()  # unused pre-created files of this process
         self._beat_stop.set()
         if self._beat_thread is not None:  # a beat in progress holds a connection
             self._beat_thread.join(10.0)

@@ -299,12 +299,12 @@ def file_meta_bytes(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: 
     return struct.pack("<HH2sHI", 0x0002, 0x0000, b"UL", 4, len(body)) + body
 
 
-def _write_instance(spool: Spool, path: Path, req: StoreRequest) -> int:
+def _write_instance(spool: Spool, req: StoreRequest) -> tuple[Path, int]:
     """Write the instance as received (Part 10: preamble, file meta, the peer's dataset bytes)
-    without joining them into one copy first; returns the size."""
+    without joining them into one copy first; returns its path and size."""
     meta = file_meta_bytes(req.sop_class_uid, req.sop_instance_uid, str(req.transfer_syntax))
     with req.dataset.getbuffer() as data:
-        return spool.write_atomic(path, [_PREAMBLE, meta, data])
+        return spool.write_instance([_PREAMBLE, meta, data])
 
 
 def _read(req: StoreRequest) -> Dataset:
@@ -406,10 +406,8 @@ def store_instance(
                          extra=log_fields("instance.out_of_space", calling_ae=calling))
             metrics.observe_refused("out_of_space")
             return STATUS_OUT_OF_RESOURCES
-        path = spool.instance_path(rec.study_instance_uid, rec.series_instance_uid,
-                                   rec.sop_instance_uid)
         try:
-            size = _write_instance(spool, path, req)
+            path, size = _write_instance(spool, req)
         except OSError:
             logger.exception("could not write instance",
                              extra=log_fields("instance.write_failed", calling_ae=calling))
@@ -417,12 +415,15 @@ def store_instance(
         try:
             new, job_id = queue.record_instance(rec, str(path), size, calling, clock())
         except Exception:
+            spool.discard_instance(path)
             logger.exception("could not record instance",
                              extra=log_fields("instance.db_failed", calling_ae=calling))
             metrics.observe_refused("database")
             return STATUS_OUT_OF_RESOURCES
         if new:
             metrics.observe_instance(size)
+        else:  # stored meanwhile by another association: keep the first copy
+            spool.discard_instance(path)
         logger.debug(
             "instance stored",
             extra=log_fields("instance.stored", job_id=job_id, new=new,

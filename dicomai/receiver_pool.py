@@ -170,9 +170,9 @@ def main(argv: list[str] | None = None) -> int:
             except (OSError, ValueError):  # the daemon is gone: we stop below
                 stop.set()
 
+    spool = Spool(settings.spool_path)
     receiver = Receiver(settings.receiver.model_copy(update={"port": port}),
-                        Spool(settings.spool_path), Queue(make_session_factory(engine)), utcnow,
-                        reuse_port=True)
+                        spool, Queue(make_session_factory(engine)), utcnow, reuse_port=True)
     try:
         receiver.start()
         receiver.on_release = lambda: send(_RELEASED)
@@ -182,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
                 break
     finally:
         receiver.stop()
+        spool.close()
         engine.dispose()
     return 0
 

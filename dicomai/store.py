@@ -1,4 +1,5 @@
-"""Spool: durable, atomic files for received instances and built results. No database."""
+"""Spool: durable files for received instances (see :mod:`dicomai.slots`) and atomic files
+for built results and quarantined objects. No database."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
+
+from dicomai.slots import EMPTY_SLOT_SWEEP_AGE, SlotPool
 
 __all__ = ["Spool", "safe_uid"]
 
@@ -37,6 +40,7 @@ class Spool:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self._made: set[Path] = set()
+        self._slots = SlotPool(self.root / "incoming", self._make_dirs, _fsync_dir)
 
     def start(self) -> int:
         """Create the directory tree and remove temporary files left by a crash.
@@ -57,12 +61,25 @@ class Spool:
                 continue
         return removed
 
-    def instance_path(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
-        """Where a received instance lives: ``incoming/<study>/<series>/<sop>.dcm``."""
-        return (
-            self.root / "incoming" / safe_uid(study_uid) / safe_uid(series_uid)
-            / f"{safe_uid(sop_uid)}.dcm"
-        )
+    def write_instance(self, chunks: Sequence[bytes | memoryview]) -> tuple[Path, int]:
+        """Write a received instance durably (data and size fsynced, in a file whose directory
+        entry was made durable beforehand); returns ``(path, size)``. The caller indexes the
+        path, or gives it back with :meth:`discard_instance`.
+
+        Raises
+        ------
+        OSError
+            Disk full or another I/O error; nothing is left to index.
+        """
+        return self._slots.write(chunks)
+
+    def discard_instance(self, path: Path) -> None:
+        """Remove a written instance file that will not be indexed."""
+        self._slots.discard(path)
+
+    def close(self) -> None:
+        """Give back the unused pre-created files (at shutdown)."""
+        self._slots.close()
 
     def result_path(self, job_id: int, name: str) -> Path:
         """Where a built result lives: ``results/<job_id>/<name>``."""
@@ -132,16 +149,21 @@ class Spool:
             _fsync_dir(d.parent)
         self._made.add(directory)
 
-    def incoming_files(self, older_than_seconds: float) -> list[Path]:
-        """Received files last modified more than ``older_than_seconds`` ago."""
-        cutoff = time.time() - older_than_seconds
+    def incoming_files(self, older_than_seconds: float,
+                       empty_older_than_seconds: float = EMPTY_SLOT_SWEEP_AGE) -> list[Path]:
+        """Received files last modified more than ``older_than_seconds`` ago; empty ones
+        (pre-created slots, see :mod:`dicomai.slots`) only after ``empty_older_than_seconds``.
+        """
+        now = time.time()
+        cutoff, empty_cutoff = now - older_than_seconds, now - empty_older_than_seconds
         out = []
         for path in (self.root / "incoming").rglob("*.dcm"):
             try:
-                if path.stat().st_mtime < cutoff:
-                    out.append(path)
+                st = path.stat()
             except FileNotFoundError:
                 continue
+            if st.st_mtime < (cutoff if st.st_size else empty_cutoff):
+                out.append(path)
         return out
 
     def free_bytes(self) -> int:

@@ -14,10 +14,12 @@ from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
+from sqlalchemy import select
 
 from dicomai import synthetic
 from dicomai.config import Settings
 from dicomai.daemon import Daemon
+from dicomai.db import Instance
 from tests.conftest import running_daemon
 from tests.unit.test_fast_store import store_rq_command
 
@@ -30,9 +32,11 @@ def dataset_bytes(path: Path) -> bytes:
 
 
 def stored_path(daemon: Daemon, sent: Path) -> Path:
+    """Where the daemon stored ``sent`` (its row's path)."""
     ds = dcmread(sent, stop_before_pixels=True)
-    return daemon.spool.instance_path(ds.StudyInstanceUID, ds.SeriesInstanceUID,
-                                      ds.SOPInstanceUID)
+    with daemon.queue.session() as s:
+        return Path(s.scalars(select(Instance.path).where(
+            Instance.sop_instance_uid == ds.SOPInstanceUID)).one())
 
 
 def quiet(make_settings, **receiver: object) -> Settings:

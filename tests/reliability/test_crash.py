@@ -31,7 +31,7 @@ def _check_spool(serve: RelServe, study_uid: str, expected_uids: set[str],
     """Every row points to a complete file of its own SOP instance; one file per instance.
 
     ``max_orphans``: right after a kill, the file of the instance in flight may be in place
-    without its row (written, renamed, not yet committed; never acknowledged).
+    without its row (written and fsynced, not yet committed; never acknowledged).
     """
     rows = serve.instances(study_uid)
     uids = [uid for uid, _, _ in rows]
@@ -43,11 +43,12 @@ def _check_spool(serve: RelServe, study_uid: str, expected_uids: set[str],
         assert ds.SOPInstanceUID == uid
         assert ds.file_meta.MediaStorageSOPInstanceUID == uid
         assert len(ds.PixelData) == ds.Rows * ds.Columns * 2
-    incoming = serve.settings.spool_path / "incoming" / study_uid
-    files = {str(f) for f in incoming.rglob("*.dcm")}
+    incoming = serve.settings.spool_path / "incoming"
+    # written files (pre-created empty slots not counted), against every row of the spool
+    files = {str(f) for f in incoming.rglob("*.dcm") if f.stat().st_size}
     indexed = {path for _, path, _ in rows}
     assert indexed <= files
-    orphans = files - indexed
+    orphans = files - {r[0] for r in serve.query("SELECT path FROM instances")}
     assert len(orphans) <= max_orphans, sorted(orphans)
     leftovers = [p for p in incoming.rglob("*") if p.is_file() and p.suffix != ".dcm"]
     return {"files": len(files), "orphan_files": len(orphans), "tmp_leftovers": len(leftovers)}

@@ -469,24 +469,30 @@ def test_urgent_route_is_claimed_before_older_routine_jobs(queue: Queue) -> None
 
 def test_sweep_orphans_removes_only_old_unindexed_files(queue: Queue, tmp_path: Path) -> None:
     import os
+    import time
 
     from dicomai.scheduler import sweep_orphans
+    from dicomai.slots import EMPTY_SLOT_SWEEP_AGE
     from dicomai.store import Spool
 
     spool = Spool(tmp_path / "spool")
     spool.start()
-    indexed = spool.instance_path("1.2", "1.2.3", "1.2.3.4")
-    orphan = spool.instance_path("1.2", "1.2.3", "1.2.3.5")
-    young = spool.instance_path("1.2", "1.2.3", "1.2.3.6")
-    for path in (indexed, orphan, young):
-        spool.write_atomic(path, b"DICM")
-    old = T0.timestamp()
-    for path in (indexed, orphan):
-        os.utime(path, (old, old))
+    indexed, _ = spool.write_instance([b"DICM"])
+    orphan, _ = spool.write_instance([b"DICM"])
+    young, _ = spool.write_instance([b"DICM"])
+    free = sorted(p for p in indexed.parent.iterdir() if p.stat().st_size == 0)
+    assert len(free) > 3  # pre-created slots, not yet used
+    stale_free, fresh_free = free[0], free[1]
+    hour_old = time.time() - 7200
+    for path in (indexed, orphan, fresh_free):  # two hours: empty slots are kept
+        os.utime(path, (hour_old, hour_old))
+    days_old = hour_old - EMPTY_SLOT_SWEEP_AGE
+    os.utime(stale_free, (days_old, days_old))  # left by a process long gone
     queue.record_instance(rec(study="1.2", series="1.2.3", sop="1.2.3.4"), str(indexed), 4,
                           "MODALITY", T0)
-    assert sweep_orphans(queue, spool) == 1
-    assert indexed.exists() and young.exists() and not orphan.exists()
+    assert sweep_orphans(queue, spool) == 2
+    assert indexed.exists() and young.exists() and fresh_free.exists()
+    assert not orphan.exists() and not stale_free.exists()
 
 
 # -- early close ------------------------------------------------------------------------------

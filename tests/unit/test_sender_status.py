@@ -52,14 +52,14 @@ def test_write_atomic_bytes_and_chunks_leave_no_temp_files(tmp_path: Path) -> No
     spool = Spool(tmp_path / "spool")
     spool.start()
     assert sorted(p.name for p in spool.root.iterdir()) == ["incoming", "quarantine", "results"]
-    target = spool.instance_path("1.2.3", "1.2.3.4", "1.2.3.4.5")
-    assert target == spool.root / "incoming" / "1.2.3" / "1.2.3.4" / "1.2.3.4.5.dcm"
+    target = spool.result_path(3, "sr.dcm")
+    assert target == spool.root / "results" / "3" / "sr.dcm"
     assert spool.write_atomic(target, b"DICM" * 10) == 40
     assert target.read_bytes() == b"DICM" * 10
     # overwrite with chunks: replaced whole
     assert spool.write_atomic(target, [b"abc", b"", b"defg"]) == 7
     assert target.read_bytes() == b"abcdefg"
-    assert [p.name for p in target.parent.iterdir()] == ["1.2.3.4.5.dcm"]
+    assert [p.name for p in target.parent.iterdir()] == ["sr.dcm"]
 
 
 def test_new_directories_are_fsynced_and_a_purged_directory_is_made_again(
@@ -69,17 +69,17 @@ def test_new_directories_are_fsynced_and_a_purged_directory_is_made_again(
     synced: list[Path] = []
     real = store._fsync_dir
     monkeypatch.setattr(store, "_fsync_dir", lambda p: (synced.append(Path(p)), real(p)))
-    target = spool.instance_path("1.2.3", "1.2.3.4", "1.2.3.4.5")
+    target = spool.result_path(3, "sr.dcm")
     spool.write_atomic(target, b"DICM")
-    incoming = spool.root / "incoming"
+    results = spool.root / "results"
     # each new directory's entry is made durable in its parent, then the file's
-    assert synced == [incoming, incoming / "1.2.3", incoming / "1.2.3" / "1.2.3.4"]
-    # retention removed the study; the same study sent again is written again
-    spool.remove_tree(incoming / "1.2.3")
+    assert synced == [results, results / "3"]
+    # retention removed the job's results; a result written again is written again
+    spool.remove_tree(results / "3")
     spool.write_atomic(target, b"DICM")
     assert target.read_bytes() == b"DICM"
     # ... also when another process purged it (this spool still thinks it exists)
-    shutil.rmtree(incoming / "1.2.3")
+    shutil.rmtree(results / "3")
     spool.write_atomic(target, b"DICM2")
     assert target.read_bytes() == b"DICM2"
 
@@ -147,12 +147,17 @@ def test_safe_uid_accepts_and_strips() -> None:
     assert safe_uid(sixty_four) == sixty_four
 
 
-def test_instance_path_rejects_traversal(tmp_path: Path) -> None:
+def test_instance_file_names_are_ours_not_the_senders(tmp_path: Path) -> None:
+    """No peer-supplied value (a UID like ``..``) ever becomes part of a path."""
+    import re
+
     spool = Spool(tmp_path)
+    path, size = spool.write_instance([b"DICM"])
+    assert size == 4
+    assert re.fullmatch(r"incoming/\d{8}/[0-9a-f]{12}/\d{6}\.dcm",
+                        path.relative_to(tmp_path).as_posix())
     with pytest.raises(ValueError):
-        spool.instance_path("1.2", "..", "1.2.3")
-    with pytest.raises(ValueError):
-        spool.instance_path("1.2", "1.2.3", "../../etc/passwd")
+        spool.result_path(3, "../../etc/passwd")
 
 
 def test_remove_tree_only_inside_the_spool(tmp_path: Path) -> None:

@@ -1,0 +1,125 @@
+"""Pre-created spool files: durable before use, one write each, never re-made blindly."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+
+from dicomai import slots
+from dicomai.slots import SLOT_MAX_AGE, SlotPool
+from dicomai.store import Spool
+
+
+class Recorder:
+    """fsync_dir / make_dirs / fdatasync stand-ins that log the order of durability steps."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str]] = []
+
+    def make_dirs(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.events.append(("mkdir", str(directory)))
+
+    def fsync_dir(self, directory: Path) -> None:
+        self.events.append(("fsync_dir", str(directory)))
+
+    def fdatasync(self, fd: int) -> None:
+        self.events.append(("fdatasync", os.readlink(f"/proc/self/fd/{fd}")))
+
+
+@pytest.fixture
+def rec(monkeypatch: pytest.MonkeyPatch) -> Recorder:
+    r = Recorder()
+    monkeypatch.setattr(slots, "_fdatasync", r.fdatasync)
+    return r
+
+
+def pool(tmp_path: Path, rec: Recorder, **kwargs: object) -> SlotPool:
+    return SlotPool(tmp_path / "incoming", rec.make_dirs, rec.fsync_dir, **kwargs)  # type: ignore[arg-type]
+
+
+def test_a_batch_is_made_durable_once_then_each_write_is_one_fdatasync(
+        tmp_path: Path, rec: Recorder) -> None:
+    p = pool(tmp_path, rec, batch=4, today=lambda: "20261127")
+    written = [p.write([b"DICM", memoryview(b"-%d" % i)]) for i in range(6)]
+    assert [size for _, size in written] == [6] * 6
+    assert [path.read_bytes() for path, _ in written] == [b"DICM-%d" % i for i in range(6)]
+    directory = written[0][0].parent
+    assert directory.parent == tmp_path / "incoming" / "20261127"
+    assert {path.parent for path, _ in written} == {directory}  # one directory, 2 batches
+    kinds = [kind for kind, _ in rec.events]
+    # mkdir, then per batch: the directory fsync before the first slot of it is written
+    assert kinds == ["mkdir", "fsync_dir"] + ["fdatasync"] * 4 + ["fsync_dir"] + ["fdatasync"] * 2
+    assert [name for kind, name in rec.events if kind == "fdatasync"] == [
+        str(path) for path, _ in written]
+    # the rest of the second batch is there, empty, until closed
+    free = [f for f in directory.iterdir() if f.stat().st_size == 0]
+    assert len(free) == 2
+    p.close()
+    assert sorted(directory.iterdir()) == sorted(path for path, _ in written)
+
+
+def test_a_removed_slot_is_skipped_not_made_again(tmp_path: Path, rec: Recorder) -> None:
+    p = pool(tmp_path, rec, batch=4)
+    first, _ = p.write([b"a"])
+    for f in first.parent.iterdir():  # e.g. an admin cleaned the folder
+        if f != first:
+            f.unlink()
+    second, _ = p.write([b"b"])
+    assert second.read_bytes() == b"b"
+    assert second.parent != first.parent  # a fresh directory, made durable again
+    assert sorted(f.name for f in first.parent.iterdir()) == [first.name]
+    assert rec.events.count(("fsync_dir", str(second.parent))) == 1
+
+
+def test_slots_older_than_the_limit_are_never_written(tmp_path: Path, rec: Recorder) -> None:
+    now = [1000.0]
+    p = pool(tmp_path, rec, batch=4, clock=lambda: now[0])
+    first, _ = p.write([b"a"])
+    left = {f for f in first.parent.iterdir() if f != first}
+    now[0] += SLOT_MAX_AGE + 1
+    second, _ = p.write([b"b"])
+    assert second not in left
+    assert not any(f.exists() for f in left)  # the stale free slots are removed
+
+
+def test_a_failed_write_leaves_nothing_to_index(tmp_path: Path, rec: Recorder,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    p = pool(tmp_path, rec, batch=4)
+    good, _ = p.write([b"ok"])
+
+    def full(fd: int, data: object) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(slots.os, "write", full)
+    with pytest.raises(OSError):
+        p.write([b"x" * 100])
+    monkeypatch.undo()
+    files = sorted(good.parent.iterdir())
+    assert good in files and len(files) == 3  # the failed slot is gone, 2 free ones remain
+    assert all(f.stat().st_size == 0 for f in files if f != good)
+
+
+def test_directories_roll_over_by_count_and_day(tmp_path: Path, rec: Recorder) -> None:
+    day = ["20261127"]
+    p = pool(tmp_path, rec, batch=2, per_directory=4, today=lambda: day[0])
+    paths = [p.write([b"x"])[0] for _ in range(5)]
+    assert len({q.parent for q in paths[:4]}) == 1 and paths[4].parent != paths[0].parent
+    p.close()
+    day[0] = "20261128"
+    later, _ = p.write([b"y"])
+    assert later.parent.parent.name == "20261128"
+
+
+def test_pools_sharing_a_spool_never_share_a_directory(tmp_path: Path) -> None:
+    a, b = Spool(tmp_path), Spool(tmp_path)
+    a.start()
+    pa, _ = a.write_instance([b"a"])
+    pb, _ = b.write_instance([b"b"])
+    assert pa.parent != pb.parent
+    assert (pa.read_bytes(), pb.read_bytes()) == (b"a", b"b")
+    b.discard_instance(pb)
+    assert not pb.exists()
