@@ -708,6 +708,11 @@ class Receiver:
 
     def start(self) -> None:
         """Bind and serve in background threads."""
+        try:
+            self.spool.prepare()  # the first spool files, before the first C-STORE
+        except OSError:  # e.g. disk full: each C-STORE tries again and answers 0xA700
+            logger.warning("could not pre-create spool files", exc_info=True,
+                           extra=log_fields("spool.slots_failed"))
         ae = self._make_ae()
 
         handlers = [

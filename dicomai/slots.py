@@ -22,6 +22,7 @@ Layout: ``incoming/<YYYYMMDD>/<random>/<NNNNNN>.dcm``; the instance row holds th
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -30,12 +31,16 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from dicomai.logs import log_fields
+
 __all__ = ["EMPTY_SLOT_SWEEP_AGE", "SLOT_MAX_AGE", "SlotPool"]
 
 #: A pool hands out a slot at most this long (seconds) after creating it.
 SLOT_MAX_AGE = 12 * 3600.0
 #: The orphan sweep removes empty received files only when older than this (seconds).
 EMPTY_SLOT_SWEEP_AGE = 2 * SLOT_MAX_AGE
+
+logger = logging.getLogger(__name__)
 
 _fdatasync: Callable[[int], None] = getattr(os, "fdatasync", os.fsync)
 
@@ -44,24 +49,28 @@ class SlotPool:
     """Empty, durably created files under ``incoming`` handed out for one write each.
 
     Thread-safe. ``make_dirs`` creates a directory durably (see :meth:`Spool._make_dirs`);
-    ``fsync_dir`` makes a directory's entries durable.
+    ``fsync_dir`` makes a directory's entries durable. With ``background`` (the default) the
+    next batch is made on a helper thread once fewer than ``batch // 2`` slots are left, so a
+    slow directory fsync (it waits for the file system's journal) rarely delays a C-STORE.
     """
 
     def __init__(self, incoming: Path, make_dirs: Callable[[Path], None],
                  fsync_dir: Callable[[Path], None], *, batch: int = 64,
-                 per_directory: int = 4096,
+                 per_directory: int = 4096, background: bool = True,
                  clock: Callable[[], float] = time.monotonic,
                  today: Callable[[], str] = lambda: time.strftime("%Y%m%d")) -> None:
         self.incoming = Path(incoming)
         self._make_dirs = make_dirs
         self._fsync_dir = fsync_dir
         self._batch = batch
+        self._low = batch // 2 if background else 0
         self._per_directory = per_directory
         self._clock = clock
         self._today = today
-        self._lock = threading.Lock()
-        self._free: deque[Path] = deque()
-        self._created_at = 0.0
+        self._cond = threading.Condition()
+        self._free: deque[tuple[Path, float]] = deque()  # (slot, made at)
+        self._refilling = False
+        self._closed = False
         self._directory: Path | None = None
         self._day = ""
         self._used_in_directory = 0
@@ -76,11 +85,9 @@ class SlotPool:
             self._make_dirs(self._directory)
         return self._directory
 
-    def _refill(self) -> None:
-        """Discard what is left and create a new batch (caller holds the lock)."""
-        for stale in self._free:
-            stale.unlink(missing_ok=True)
-        self._free.clear()
+    def _make_batch(self) -> list[tuple[Path, float]]:
+        """Create a batch of empty files and fsync their directory (one maker at a time: the
+        caller set :attr:`_refilling`)."""
         directory = self._next_directory()
         made: list[Path] = []
         try:
@@ -96,14 +103,67 @@ class SlotPool:
             self._directory = None  # start a fresh directory next time
             raise
         self._used_in_directory += self._batch
-        self._free.extend(made)
-        self._created_at = self._clock()
+        now = self._clock()
+        return [(path, now) for path in made]
+
+    def _add(self, batch: list[tuple[Path, float]] | None) -> None:
+        """Hand a made batch (or the failure to make one: None) to the waiting takers."""
+        with self._cond:
+            self._refilling = False
+            if batch and self._closed:
+                for path, _ in batch:
+                    path.unlink(missing_ok=True)
+            elif batch:
+                self._free.extend(batch)
+            self._cond.notify_all()
+
+    def _refill_background(self) -> None:
+        batch = None
+        try:
+            batch = self._make_batch()
+        except Exception:  # the taker that finds the pool empty tries again and reports it
+            logger.warning("could not pre-create spool files", exc_info=True,
+                           extra=log_fields("spool.slots_failed"))
+        finally:
+            self._add(batch)
+
+    def prepare(self) -> None:
+        """Make the first batch now (at start, before associations are accepted)."""
+        with self._cond:
+            if self._free or self._refilling:
+                return
+            self._refilling = True
+        batch = None
+        try:
+            batch = self._make_batch()
+        finally:
+            self._add(batch)
 
     def _take(self) -> Path:
-        with self._lock:
-            if not self._free or self._clock() - self._created_at > SLOT_MAX_AGE:
-                self._refill()
-            return self._free.popleft()
+        with self._cond:
+            while True:
+                if self._closed:
+                    raise OSError("the spool is closed (shutting down)")
+                now = self._clock()
+                while self._free and now - self._free[0][1] > SLOT_MAX_AGE:
+                    self._free.popleft()[0].unlink(missing_ok=True)
+                if self._free:
+                    path = self._free.popleft()[0]
+                    if len(self._free) < self._low and not self._refilling:
+                        self._refilling = True
+                        threading.Thread(target=self._refill_background, daemon=True,
+                                         name="spool-slots").start()
+                    return path
+                if not self._refilling:
+                    self._refilling = True
+                    break
+                self._cond.wait()
+        batch = None
+        try:
+            batch = self._make_batch()
+        finally:
+            self._add(batch)
+        return self._take()
 
     def write(self, chunks: Sequence[bytes | memoryview]) -> tuple[Path, int]:
         """Write ``chunks`` into a free slot and ``fdatasync`` it; returns ``(path, size)``.
@@ -119,9 +179,7 @@ class SlotPool:
             try:
                 fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
             except FileNotFoundError:  # removed behind our back: never re-create it here
-                with self._lock:
-                    self._free.clear()
-                    self._directory = None
+                self._forget_directory(path.parent)
                 continue
             size = 0
             try:
@@ -145,9 +203,18 @@ class SlotPool:
         """Remove a written slot that will not be indexed (a duplicate instance)."""
         path.unlink(missing_ok=True)
 
+    def _forget_directory(self, directory: Path) -> None:
+        """Drop the free slots of a directory that was removed; the next batch goes into a
+        new one."""
+        with self._cond:
+            self._free = deque(item for item in self._free if item[0].parent != directory)
+            if self._directory == directory and not self._refilling:
+                self._directory = None
+
     def close(self) -> None:
         """Remove the free slots (at shutdown; the sweep removes them otherwise)."""
-        with self._lock:
-            for path in self._free:
+        with self._cond:
+            self._closed = True
+            for path, _ in self._free:
                 path.unlink(missing_ok=True)
             self._free.clear()

@@ -73,6 +73,10 @@ class Spool:
         """
         return self._slots.write(chunks)
 
+    def prepare(self) -> None:
+        """Pre-create the first spool files for received instances (before receiving)."""
+        self._slots.prepare()
+
     def discard_instance(self, path: Path) -> None:
         """Remove a written instance file that will not be indexed."""
         self._slots.discard(path)

@@ -132,7 +132,8 @@ def test_free_space_floor_answers_out_of_resources_and_recovers(make_settings, t
         refused = send_files(paths, "127.0.0.1", port, called_ae="DICOMAI")
         assert refused.statuses == (0xA700,)
         assert collect(settings, engine=daemon.engine)["studies"] == []
-        assert not list((Path(settings.spool_path) / "incoming").rglob("*.dcm"))
+        assert not [f for f in (Path(settings.spool_path) / "incoming").rglob("*.dcm")
+                    if f.stat().st_size]  # nothing written; pre-created files stay empty
         daemon.receiver.min_free_bytes = 0  # space is back
         assert send_files(paths, "127.0.0.1", port, called_ae="DICOMAI").ok
         assert collect(settings, engine=daemon.engine)["studies"][0]["instances"] == 1

@@ -38,6 +38,8 @@ def rec(monkeypatch: pytest.MonkeyPatch) -> Recorder:
 
 
 def pool(tmp_path: Path, rec: Recorder, **kwargs: object) -> SlotPool:
+    """A pool that makes its batches in the writer's thread (deterministic order)."""
+    kwargs.setdefault("background", False)
     return SlotPool(tmp_path / "incoming", rec.make_dirs, rec.fsync_dir, **kwargs)  # type: ignore[arg-type]
 
 
@@ -108,9 +110,10 @@ def test_directories_roll_over_by_count_and_day(tmp_path: Path, rec: Recorder) -
     p = pool(tmp_path, rec, batch=2, per_directory=4, today=lambda: day[0])
     paths = [p.write([b"x"])[0] for _ in range(5)]
     assert len({q.parent for q in paths[:4]}) == 1 and paths[4].parent != paths[0].parent
-    p.close()
     day[0] = "20261128"
-    later, _ = p.write([b"y"])
+    last_of_batch, _ = p.write([b"y"])
+    later, _ = p.write([b"z"])
+    assert last_of_batch.parent == paths[4].parent
     assert later.parent.parent.name == "20261128"
 
 
@@ -123,3 +126,27 @@ def test_pools_sharing_a_spool_never_share_a_directory(tmp_path: Path) -> None:
     assert (pa.read_bytes(), pb.read_bytes()) == (b"a", b"b")
     b.discard_instance(pb)
     assert not pb.exists()
+
+
+def test_the_next_batch_is_made_ahead_on_a_helper_thread(tmp_path: Path, rec: Recorder) -> None:
+    import threading
+
+    p = pool(tmp_path, rec, batch=8, background=True)
+    p.prepare()  # at start: the first batch before any write
+    assert [kind for kind, _ in rec.events] == ["mkdir", "fsync_dir"]
+    writer = threading.get_ident()
+    synced_in: list[int] = []
+    real = rec.fsync_dir
+    rec.fsync_dir = lambda d: (synced_in.append(threading.get_ident()), real(d))  # type: ignore[method-assign]
+    p._fsync_dir = rec.fsync_dir
+    paths = [p.write([b"%d" % i])[0] for i in range(20)]
+    assert len(set(paths)) == 20 and all(q.read_bytes() == b"%d" % i for i, q in enumerate(paths))
+    assert synced_in and writer not in synced_in  # batches 2 and 3 made off the writer's thread
+    # each slot was made durable (its directory fsynced) before it was written
+    fsynced_at = [i for i, (kind, _) in enumerate(rec.events) if kind == "fsync_dir"]
+    written_at = [i for i, (kind, _) in enumerate(rec.events) if kind == "fdatasync"]
+    assert all(sum(1 for f in fsynced_at if f < w) >= 1 + n // 8
+               for n, w in enumerate(written_at))
+    p.close()
+    with pytest.raises(OSError):
+        p.write([b"late"])
