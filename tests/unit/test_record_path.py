@@ -332,3 +332,25 @@ def test_conversion_caches_keep_no_patient_identity() -> None:
     assert keys and all(key[0] >> 16 != 0x0010 and key[1] != "PN" for key in keys)
     name = str(ds.PatientName).encode()
     assert not any(name in key[2] for key in keys)
+
+
+def test_supported_contexts_copy_is_as_independent_as_deepcopy() -> None:
+    """pynetdicom deep-copies the server's contexts per association; ours copy cheaply."""
+    import copy
+
+    from pynetdicom.presentation import build_context
+
+    from dicomai.receiver import _SupportedContexts
+
+    original = [build_context("1.2.840.10008.5.1.4.1.1.2",
+                              [ExplicitVRLittleEndian, ImplicitVRLittleEndian])]
+    original[0].context_id = 3
+    original[0].scp_role = True
+    contexts = _SupportedContexts(original)
+    cheap, deep = copy.deepcopy(contexts), copy.deepcopy(list(original))
+    assert [vars(c) for c in cheap] == [vars(c) for c in deep]
+    assert type(cheap[0]) is type(deep[0])
+    cheap[0].transfer_syntax.append(JPEGBaseline8Bit)  # changes to a copy stay in the copy
+    cheap[0].result = 0
+    assert original[0].transfer_syntax == [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+    assert original[0].result is None
