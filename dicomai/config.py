@@ -84,8 +84,9 @@ class ReceiverSettings(_Section):
     #: Serve C-STORE PDUs without pynetdicom's DIMSE layer (dicomai.fast_store); false keeps
     #: every message on pynetdicom's own path.
     fast_store: bool = True
-    #: Receiver processes sharing the port (SO_REUSEPORT): one process stores about one
-    #: instance at a time, so concurrent senders want about one per core.
+    #: Receiver processes (dicomai.receiver_pool; the daemon hands each connection to the
+    #: least busy): one process stores about one instance at a time, so concurrent senders
+    #: want about one per core.
     processes: int = Field(default=1, ge=1, le=64)
 
     @field_validator("ae_title")

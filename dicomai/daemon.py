@@ -87,8 +87,10 @@ class Daemon:
             self.receiver.start()
             extra = self.settings.receiver.processes - 1
             if extra > 0:
-                self.receiver_pool = ReceiverPool(self.settings, self.receiver.port, extra)
+                self.receiver_pool = ReceiverPool(self.settings, extra)
                 self.receiver_pool.start()
+                self.receiver.set_connection_hooks(dispatch=self.receiver_pool.dispatch,
+                                                   done=self.receiver_pool.local_done)
         if "worker" in self.roles and self.worker is not None:
             self.worker.start()
         if "sender" in self.roles:

@@ -38,9 +38,9 @@ from pynetdicom import AE, PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTAT
 from pynetdicom.dsutils import decode
 from pynetdicom.presentation import PresentationContext, StoragePresentationContexts
 from pynetdicom.sop_class import Verification
-from pynetdicom.transport import ThreadedAssociationServer
 
 from dicomai import __version__, audit, fastnet, metrics
+from dicomai.acceptor import AcceptorServer, HandedOffServer
 from dicomai.config import ReceiverSettings
 from dicomai.fast_store import StoreRequest
 from dicomai.logs import log_fields, uid_ref
@@ -539,15 +539,6 @@ def _on_rejected(event: evt.Event) -> None:
     _audit_association(event, False)
 
 
-class _ReusePortServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server, bound with ``SO_REUSEPORT`` (see
-    :mod:`dicomai.receiver_pool`)."""
-
-    def server_bind(self) -> None:
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
-
-
 def _copy_context(cx: PresentationContext) -> PresentationContext:
     """A copy of a presentation context as independent as ``deepcopy``'s: its attributes are
     ints, bools, ``None``, UIDs (immutable) and the list of transfer syntax UIDs."""
@@ -579,12 +570,12 @@ class Receiver:
         clock: Callable[[], datetime],
         ssl_context: Any = None,
         *,
-        reuse_port: bool | None = None,
+        handoff_channel: socket.socket | None = None,
     ) -> None:
         self.settings = settings
-        #: Listen with SO_REUSEPORT (other receiver processes share the port); default: when
-        #: ``settings.processes`` > 1.
-        self.reuse_port = settings.processes > 1 if reuse_port is None else reuse_port
+        #: In a receiver child process: the Unix socket the daemon passes connections over
+        #: (see :mod:`dicomai.acceptor`); the receiver then listens on no port itself.
+        self.handoff_channel = handoff_channel
         self.spool = spool
         self.queue = queue
         self.clock = clock
@@ -592,7 +583,7 @@ class Receiver:
         #: Free-space floor of the spool in bytes; below it C-STORE answers 0xA700.
         self.min_free_bytes = settings.min_free_disk_mb * 1024 * 1024
         self.ae: AE | None = None
-        self.server: ThreadedAssociationServer | None = None
+        self.server: AcceptorServer | None = None
         self._lock = threading.Lock()
         self._transfers: dict[int, dict[str, int]] = {}
         #: Called after an association released and its studies were marked (the daemon
@@ -748,17 +739,12 @@ class Receiver:
             (evt.EVT_CONN_CLOSE, self._on_ended),
         ]
         address = (self.settings.host, self.settings.port)
-        if self.reuse_port:  # pynetdicom's start_server(block=False), with SO_REUSEPORT
-            server = ae.make_server(address, evt_handlers=handlers,
-                                    ssl_context=self._tls_context(),
-                                    server_class=_ReusePortServer)
-            threading.Thread(target=server.serve_forever, name="receiver-acceptor",
-                             daemon=True).start()
-            ae._servers.append(server)  # so that ae.shutdown() stops it too
-        else:
-            server = ae.start_server(address, block=False, evt_handlers=handlers,
-                                     ssl_context=self._tls_context())
-
+        # pynetdicom's start_server(block=False), with our server classes
+        server_class = AcceptorServer if self.handoff_channel is None else HandedOffServer
+        server = ae.make_server(address, evt_handlers=handlers, ssl_context=self._tls_context(),
+                                server_class=server_class)
+        if isinstance(server, HandedOffServer):
+            server.channel = self.handoff_channel
         server.contexts = _SupportedContexts(server.contexts)
 
         def verify_request(request: Any, client_address: tuple[str, int]) -> bool:
@@ -771,11 +757,29 @@ class Receiver:
             return allowed
 
         server.verify_request = verify_request  # type: ignore[method-assign]
+        threading.Thread(target=server.serve_forever, name="receiver-acceptor",
+                         daemon=True).start()
+        ae._servers.append(server)  # so that ae.shutdown() stops it too
         with self._lock:
             self.ae, self.server = ae, server
         logger.info("receiver listening", extra=log_fields(
             "receiver.started", ae_title=self.settings.ae_title, host=self.settings.host,
             port=self.port))
+
+    def set_connection_hooks(
+        self, *, dispatch: Callable[[socket.socket, tuple[Any, ...]], bool] | None = None,
+        done: Callable[[], None] | None = None, on_eof: Callable[[], None] | None = None,
+    ) -> None:
+        """After :meth:`start`: ``dispatch`` may hand each accepted connection to another
+        process (see :class:`dicomai.acceptor.AcceptorServer`), ``done`` is called when a
+        connection served here ends, ``on_eof`` when the hand-off channel closes."""
+        server = self.server
+        if server is None:
+            raise RuntimeError("receiver not started")
+        server.dispatch = dispatch
+        server.on_connection_done = done
+        if isinstance(server, HandedOffServer):
+            server.on_eof = on_eof
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop accepting, wait (bounded) for open associations, then shut down."""

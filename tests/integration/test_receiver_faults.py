@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import sqlite3
 import ssl
 import subprocess
@@ -227,6 +228,9 @@ def test_dicom_tls_with_client_certificates(make_settings, certificates, tmp_pat
         "tls_ca_file": str(c["ca.pem"]), "tls_require_client_cert": True})
     with running_daemon(settings) as daemon:
         port = daemon.receiver.port
+        # A client that connects and never starts its TLS handshake holds only its own
+        # connection (the handshake runs on the connection's thread, not the accept loop).
+        silent = socket.create_connection(("127.0.0.1", port))
         assert _tls_echo(port, c["ca.pem"], c["client.pem"], c["client.key"]) == 0
         # C-STORE over TLS: 128 KiB slices, several TLS records per PDU (the fast path reads
         # what select() cannot see as pending in the SSL socket).
@@ -244,3 +248,4 @@ def test_dicom_tls_with_client_certificates(make_settings, certificates, tmp_pat
         # Only the TLS study: nothing from the plain association.
         assert [s["study_instance_uid"] for s in collect(
             settings, engine=daemon.engine)["studies"]] == [ct[0].StudyInstanceUID]
+        silent.close()
