@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -10,10 +11,11 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
+from typing import Any
 
 import pydicom
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE
+from pynetdicom import AE, evt
 
 from dicomai import audit, metrics
 from dicomai.config import DestinationSettings, Settings
@@ -22,7 +24,8 @@ from dicomai.logs import log_fields
 from dicomai.queue import JobState, Queue, RetryPolicy
 from dicomai.scheduler import claimer_name
 
-__all__ = ["Outcome", "SendItem", "SendReport", "Sender", "classify_status", "send_objects"]
+__all__ = ["Outcome", "SendCancel", "SendItem", "SendReport", "Sender", "classify_status",
+           "send_objects"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,8 +71,60 @@ class SendReport:
         return bool(self.outcomes) and all(o[0] is Outcome.SENT for o in self.outcomes.values())
 
 
+class SendCancel:
+    """Cuts short the :func:`send_objects` calls in flight (at shutdown), so a destination
+    that hangs does not hold the daemon for its whole timeout."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._assocs: set[Any] = set()
+        self.cancelled = False
+
+    def track(self, event: evt.Event) -> None:
+        """EVT_CONN_OPEN handler of a sending association."""
+        with self._lock:
+            self._assocs.add(event.assoc)
+            cancelled = self.cancelled
+        if cancelled:
+            _cut(event.assoc)
+
+    def forget(self, assoc: Any) -> None:
+        with self._lock:
+            self._assocs.discard(assoc)
+
+    def cancel(self) -> int:
+        """Abort every association in flight (negotiating or established); returns how
+        many."""
+        with self._lock:
+            self.cancelled = True
+            assocs = list(self._assocs)
+        for assoc in assocs:
+            _cut(assoc)
+        return len(assocs)
+
+
+def _cut(assoc: Any) -> None:
+    """A-ABORT an established association; close the connection in any case (a peer that
+    never answers the association request is waited for on the socket)."""
+    try:
+        if assoc.is_established:
+            assoc.abort()
+            # A C-STORE waiting for its response waits on this queue for the DIMSE timeout:
+            # "no response" ends the wait now.
+            assoc.dimse.msg_queue.put((None, None))
+    except Exception:
+        logger.debug("abort failed", exc_info=True)
+    sock = getattr(getattr(getattr(assoc, "dul", None), "socket", None), "socket", None)
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
 def send_objects(
-    dest: DestinationSettings, items: Sequence[SendItem], *, calling_ae: str, timeout: float
+    dest: DestinationSettings, items: Sequence[SendItem], *, calling_ae: str, timeout: float,
+    cancel: SendCancel | None = None,
 ) -> SendReport:
     """Send files to ``dest`` over one association with exactly the contexts needed."""
     report = SendReport()
@@ -77,8 +132,15 @@ def send_objects(
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     for sop_class in sorted({i.sop_class_uid for i in items}):
         ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    if cancel is not None and cancel.cancelled:
+        report.error = "not sent: shutting down"
+        for item in items:
+            report.outcomes[item.result_id] = (Outcome.RETRY, None, report.error)
+        return report
+    handlers = [(evt.EVT_CONN_OPEN, cancel.track)] if cancel is not None else []
     try:
-        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title,
+                             evt_handlers=handlers)
     except Exception as exc:  # socket errors surface in several types
         report.error = f"association failed: {type(exc).__name__}"
         for item in items:
@@ -117,6 +179,8 @@ def send_objects(
         if assoc.is_established:
             assoc.release()
     finally:
+        if cancel is not None:
+            cancel.forget(assoc)
         ae.shutdown()
     return report
 
@@ -138,6 +202,7 @@ class Sender:
         s = settings.sender
         self.policy = RetryPolicy(s.max_attempts, s.retry_base_seconds, s.retry_max_seconds)
         self._stop = threading.Event()
+        self._cancel = SendCancel()
         #: Set by the queue when a job of this process becomes outbox, and on stop.
         self._wake = threading.Event()
         queue.subscribe(JobState.OUTBOX, self._wake)
@@ -155,12 +220,24 @@ class Sender:
         self._stop.set()
         self._wake.set()
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Stop claiming and wait (bounded) for the jobs being sent."""
+    def stop(self, timeout: float = 30.0, grace: float = 5.0) -> None:
+        """Stop claiming; give the sends in flight ``grace`` seconds, then abort their
+        associations (their jobs go back to the outbox, no attempt counted) and wait for the
+        threads to record that (bounded by ``timeout``)."""
         self._stop.set()
         self._wake.set()
+        deadline = time.monotonic() + min(grace, timeout)
         for t in self._threads:
-            t.join(timeout)
+            t.join(max(0.0, deadline - time.monotonic()))
+        if any(t.is_alive() for t in self._threads):
+            aborted = self._cancel.cancel()
+            logger.warning("sends in flight aborted at shutdown", extra=log_fields(
+                "send.aborted_at_stop", associations=aborted))
+        else:
+            self._cancel.cancel()
+        deadline = time.monotonic() + max(0.0, timeout - min(grace, timeout))
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
         self._threads.clear()
 
     def _loop(self) -> None:
@@ -231,7 +308,8 @@ class Sender:
             futures = {
                 pool.submit(send_objects, self.settings.destination(name), items,
                             calling_ae=self.settings.sender.ae_title,
-                            timeout=self.settings.sender.timeout_seconds): name
+                            timeout=self.settings.sender.timeout_seconds,
+                            cancel=self._cancel): name
                 for name, items in by_dest.items()
             }
             for future in as_completed(futures):
@@ -246,7 +324,13 @@ class Sender:
         refused = Outcome.REFUSED in outcomes
         now = self.clock()
         message = "; ".join(dict.fromkeys(errors))[:500] or None
-        if retry:
+        if retry and self._cancel.cancelled:
+            # Cut short by our own shutdown: not the destination's fault, no attempt counted.
+            self.queue.transition(
+                job_id, JobState.SENDING, JobState.OUTBOX, reason="retry.shutdown", now=now,
+                not_before=now, last_error=message, claimed_by=None,
+            )
+        elif retry:
             attempts = send_attempts + 1
             if attempts >= self.policy.max_attempts:
                 self.queue.transition(job_id, JobState.SENDING, JobState.FAILED,

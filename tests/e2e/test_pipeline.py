@@ -14,8 +14,10 @@ import highdicom as hd
 import pydicom
 import pytest
 from pydicom.uid import generate_uid
+from sqlalchemy import select
 
 from dicomai import cli, synthetic
+from dicomai.db import Job, JobEvent, make_engine
 from dicomai.logs import JsonFormatter
 from dicomai.scu import echo, send_files
 from dicomai.status import collect
@@ -435,6 +437,19 @@ def test_dead_destination_does_not_block_another(make_settings, local_pacs, tmp_
             dests = {d["name"]: d for d in collect(settings, engine=daemon.engine)
                      ["destinations"]}
             assert dests["pacs"]["sent"] == 2 and dests["archive"]["sent"] == 0
+            leaving = time.monotonic()
+        # Stopping does not wait out the hung node's 30 s: after a 5 s grace its association
+        # is aborted, and the job goes back to the outbox without an attempt counted.
+        assert time.monotonic() - leaving < 9
+        engine = make_engine(settings.database_url)
+        try:
+            with engine.connect() as conn:
+                job = conn.execute(select(Job.state, Job.send_attempts, Job.claimed_by)).one()
+                reason = conn.execute(select(JobEvent.reason).order_by(JobEvent.id.desc())
+                                      .limit(1)).scalar_one()
+        finally:
+            engine.dispose()
+        assert tuple(job) == ("outbox", 0, None) and reason == "retry.shutdown"
     finally:
         hung.close()
 
