@@ -241,14 +241,16 @@ def _aware(value: datetime) -> datetime:
 
 
 def sweep_orphans(queue: Queue, spool: Spool, older_than_seconds: float = 3600.0) -> int:
-    """Delete received files that no row indexes (a crash between rename and commit).
+    """Delete received files that no row indexes (a crash between fsync and commit).
 
-    Such a file was never acknowledged, so the sender will send it again. Only files older than
-    an hour are considered, since another receiver sharing the spool may be about to commit.
+    Such a file was never acknowledged, so the sender will send it again. Files of receiver
+    processes that are gone go at once (their ownership lock is free, see
+    :mod:`dicomai.slots`); any other file only when older than an hour, since another receiver
+    sharing the spool may be about to commit it.
     """
+    removed = spool.reap_dead_writers(queue.indexed_paths)
     candidates = [str(p) for p in spool.incoming_files(older_than_seconds)]
     indexed = queue.indexed_paths(candidates)
-    removed = 0
     for path in candidates:
         if path not in indexed:
             Path(path).unlink(missing_ok=True)

@@ -17,11 +17,17 @@ Rules that keep this safe alongside :func:`dicomai.scheduler.sweep_orphans`:
 * a slot that cannot be opened any more (removed by hand, purged) is skipped, never re-made
   without the directory fsync.
 
-Layout: ``incoming/<YYYYMMDD>/<random>/<NNNNNN>.dcm``; the instance row holds the path.
+Layout: ``incoming/<YYYYMMDD>/<pool>-<n>/<NNNNNN>.dcm``; the instance row holds the path.
+Each pool holds an exclusive ``flock`` on ``incoming/.pools/<pool>.lock`` while its process
+lives. :func:`reap_dead_pools` (at start) takes the lock of a pool whose process is gone and
+removes that pool's unindexed files at once: the instance in flight when a receiver was killed
+(written, never acknowledged) and the unused empty slots. Where locks do not work (some network
+file systems) the age rules above still clean up.
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import threading
@@ -33,7 +39,7 @@ from pathlib import Path
 
 from dicomai.logs import log_fields
 
-__all__ = ["EMPTY_SLOT_SWEEP_AGE", "SLOT_MAX_AGE", "SlotPool"]
+__all__ = ["EMPTY_SLOT_SWEEP_AGE", "SLOT_MAX_AGE", "SlotPool", "reap_dead_pools"]
 
 #: A pool hands out a slot at most this long (seconds) after creating it.
 SLOT_MAX_AGE = 12 * 3600.0
@@ -74,13 +80,33 @@ class SlotPool:
         self._directory: Path | None = None
         self._day = ""
         self._used_in_directory = 0
+        self.pool_id = uuid.uuid4().hex[:12]
+        self._directories = 0
+        self._lock_fd: int | None = None
+
+    def _own(self) -> None:
+        """Take this pool's ownership lock (once, before its first directory)."""
+        if self._lock_fd is not None:
+            return
+        pools = self.incoming / ".pools"
+        self._make_dirs(pools)
+        path = pools / f"{self.pool_id}.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # no locks on this file system: the age rules clean up instead
+            logger.info("spool file locks unavailable", extra=log_fields("spool.no_locks"))
+        self._fsync_dir(pools)
+        self._lock_fd = fd
 
     def _next_directory(self) -> Path:
         day = self._today()
         if (self._directory is None or day != self._day
                 or self._used_in_directory + self._batch > self._per_directory):
+            self._own()
             self._day = day
-            self._directory = self.incoming / day / uuid.uuid4().hex[:12]
+            self._directories += 1
+            self._directory = self.incoming / day / f"{self.pool_id}-{self._directories}"
             self._used_in_directory = 0
             self._make_dirs(self._directory)
         return self._directory
@@ -212,9 +238,50 @@ class SlotPool:
                 self._directory = None
 
     def close(self) -> None:
-        """Remove the free slots (at shutdown; the sweep removes them otherwise)."""
+        """Remove the free slots (at shutdown; the sweep removes them otherwise) and give up
+        the ownership lock: what this pool wrote is indexed or an orphan by now."""
         with self._cond:
             self._closed = True
             for path, _ in self._free:
                 path.unlink(missing_ok=True)
             self._free.clear()
+            fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            (self.incoming / ".pools" / f"{self.pool_id}.lock").unlink(missing_ok=True)
+            os.close(fd)
+
+
+def reap_dead_pools(incoming: Path, indexed: Callable[[list[str]], set[str]]) -> int:
+    """Remove the unindexed files of slot pools whose process is gone (their lock is free);
+    returns how many files were removed. ``indexed`` tells which paths have an instance row.
+
+    Such a file was never acknowledged (the row is committed before Success), so the sender
+    sends that instance again.
+    """
+    removed = 0
+    for lock_path in sorted((Path(incoming) / ".pools").glob("*.lock")):
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:  # reaped by another process meanwhile
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:  # its process lives (or locks do not work here)
+                continue
+            pool_id = lock_path.stem
+            files = sorted(Path(incoming).glob(f"*/{pool_id}-*/*.dcm"))
+            keep = indexed([str(p) for p in files])
+            for path in files:
+                if str(path) not in keep:
+                    path.unlink(missing_ok=True)
+                    removed += 1
+            for directory in {p.parent for p in files}:
+                try:
+                    directory.rmdir()  # only when nothing indexed is left in it
+                except OSError:
+                    pass
+            lock_path.unlink(missing_ok=True)
+        finally:
+            os.close(fd)
+    return removed

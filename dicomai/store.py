@@ -8,10 +8,10 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from dicomai.slots import EMPTY_SLOT_SWEEP_AGE, SlotPool
+from dicomai.slots import EMPTY_SLOT_SWEEP_AGE, SlotPool, reap_dead_pools
 
 __all__ = ["Spool", "safe_uid"]
 
@@ -152,6 +152,11 @@ class Spool:
                 pass
             _fsync_dir(d.parent)
         self._made.add(directory)
+
+    def reap_dead_writers(self, indexed: Callable[[list[str]], set[str]]) -> int:
+        """Remove unindexed received files of writers (receiver processes) that are gone;
+        see :func:`dicomai.slots.reap_dead_pools`."""
+        return reap_dead_pools(self.root / "incoming", indexed)
 
     def incoming_files(self, older_than_seconds: float,
                        empty_older_than_seconds: float = EMPTY_SLOT_SWEEP_AGE) -> list[Path]:

@@ -50,7 +50,8 @@ def _check_spool(serve: RelServe, study_uid: str, expected_uids: set[str],
     assert indexed <= files
     orphans = files - {r[0] for r in serve.query("SELECT path FROM instances")}
     assert len(orphans) <= max_orphans, sorted(orphans)
-    leftovers = [p for p in incoming.rglob("*") if p.is_file() and p.suffix != ".dcm"]
+    leftovers = [p for p in incoming.rglob("*")
+                 if p.is_file() and p.suffix not in (".dcm", ".lock")]  # .lock: pool owners
     return {"files": len(files), "orphan_files": len(orphans), "tmp_leftovers": len(leftovers)}
 
 

@@ -154,7 +154,7 @@ def test_instance_file_names_are_ours_not_the_senders(tmp_path: Path) -> None:
     spool = Spool(tmp_path)
     path, size = spool.write_instance([b"DICM"])
     assert size == 4
-    assert re.fullmatch(r"incoming/\d{8}/[0-9a-f]{12}/\d{6}\.dcm",
+    assert re.fullmatch(r"incoming/\d{8}/[0-9a-f]{12}-\d+/\d{6}\.dcm",
                         path.relative_to(tmp_path).as_posix())
     with pytest.raises(ValueError):
         spool.result_path(3, "../../etc/passwd")

@@ -53,8 +53,11 @@ def test_a_batch_is_made_durable_once_then_each_write_is_one_fdatasync(
     assert directory.parent == tmp_path / "incoming" / "20261127"
     assert {path.parent for path, _ in written} == {directory}  # one directory, 2 batches
     kinds = [kind for kind, _ in rec.events]
-    # mkdir, then per batch: the directory fsync before the first slot of it is written
-    assert kinds == ["mkdir", "fsync_dir"] + ["fdatasync"] * 4 + ["fsync_dir"] + ["fdatasync"] * 2
+    # the pool's lock file (made durable), its directory, then per batch: the directory
+    # fsync before the first slot of it is written
+    assert kinds == (["mkdir", "fsync_dir", "mkdir", "fsync_dir"] + ["fdatasync"] * 4
+                     + ["fsync_dir"] + ["fdatasync"] * 2)
+    assert rec.events[1] == ("fsync_dir", str(tmp_path / "incoming" / ".pools"))
     assert [name for kind, name in rec.events if kind == "fdatasync"] == [
         str(path) for path, _ in written]
     # the rest of the second batch is there, empty, until closed
@@ -133,7 +136,7 @@ def test_the_next_batch_is_made_ahead_on_a_helper_thread(tmp_path: Path, rec: Re
 
     p = pool(tmp_path, rec, batch=8, background=True)
     p.prepare()  # at start: the first batch before any write
-    assert [kind for kind, _ in rec.events] == ["mkdir", "fsync_dir"]
+    assert [kind for kind, _ in rec.events] == ["mkdir", "fsync_dir", "mkdir", "fsync_dir"]
     writer = threading.get_ident()
     synced_in: list[int] = []
     real = rec.fsync_dir
@@ -150,3 +153,35 @@ def test_the_next_batch_is_made_ahead_on_a_helper_thread(tmp_path: Path, rec: Re
     p.close()
     with pytest.raises(OSError):
         p.write([b"late"])
+
+
+def test_files_of_a_receiver_process_that_died_are_reaped_at_once(tmp_path: Path) -> None:
+    """A process wrote two instances (one indexed, one in flight) and died without closing
+    its pool: its lock is free, so its unindexed files go now, not after an hour."""
+    import subprocess
+    import sys
+
+    from dicomai.slots import reap_dead_pools
+
+    script = (
+        "import os, sys; from pathlib import Path; from dicomai.store import Spool\n"
+        "s = Spool(Path(sys.argv[1])); s.start(); s.prepare()\n"
+        "print(s.write_instance([b'indexed'])[0]); print(s.write_instance([b'in flight'])[0])\n"
+        "sys.stdout.flush(); os._exit(0)\n")
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True,
+                          text=True, check=True, cwd=Path(__file__).resolve().parents[2])
+    indexed, in_flight = (Path(line) for line in done.stdout.split())
+    live = Spool(tmp_path)  # a live process's pool, with a file not indexed yet
+    live_file, _ = live.write_instance([b"committing"])
+    incoming = tmp_path / "incoming"
+    assert len(list((incoming / ".pools").glob("*.lock"))) == 2
+    removed = reap_dead_pools(incoming, lambda paths: {p for p in paths if p == str(indexed)})
+    # the dead pool: its in-flight file and its 62 unused slots; the live pool: untouched
+    assert removed == 1 + 62
+    assert indexed.read_bytes() == b"indexed" and not in_flight.exists()
+    assert sorted(indexed.parent.iterdir()) == [indexed]
+    assert live_file.exists() and len(list(live_file.parent.iterdir())) == 64
+    assert [p.stem for p in (incoming / ".pools").glob("*.lock")] == [live._slots.pool_id]
+    assert reap_dead_pools(incoming, lambda paths: set()) == 0  # nothing left to reap
+    live.close()
+    assert not list((incoming / ".pools").glob("*.lock"))
