@@ -1,6 +1,6 @@
 """A GPU host end to end: decode processes feeding cross-study batching (issue 6, GPU path).
 
-Chest X-ray studies (one 2500×2000 JPEG 2000 lossless image each) are analysed as the worker
+Chest X-ray studies (one 2500x2000 JPEG 2000 lossless image each) are analysed as the worker
 runs a job: read the file with pydicom, decode and preprocess in a
 :class:`~dicomai.prepare.DecodePool` of P processes (reduced-resolution JPEG 2000 decoding),
 then :func:`dicomai.inference.analyse` through one shared

@@ -92,7 +92,8 @@ def test_concurrent_associations_go_to_the_least_busy_process(make_settings):
         try:
             assert all(a.is_established for a in assocs)
             assert pool.open_connections() == [2, 2]
-            assert [int(a.send_c_store(ds).Status) for a, ds in zip(assocs, ct)] == [0] * 4
+            statuses = [int(a.send_c_store(ds).Status) for a, ds in zip(assocs, ct, strict=True)]
+            assert statuses == [0] * 4
         finally:
             for a in assocs:
                 a.release()

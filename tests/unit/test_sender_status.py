@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
 import shutil
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
+from dicomai import store
 from dicomai.config import Settings, load_settings
 from dicomai.db import create_all, make_engine, make_session_factory
 from dicomai.queue import InstanceRecord, JobState, Queue
 from dicomai.sender import Outcome, classify_status
 from dicomai.status import collect, render_text
-from dicomai import store
 from dicomai.store import Spool, safe_uid
 
 NOW = datetime(2024, 5, 6, 7, 8, 9, tzinfo=UTC)
