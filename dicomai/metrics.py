@@ -45,10 +45,13 @@ __all__ = [
     "DatabaseCollector",
     "GpuCollector",
     "MetricsServer",
+    "add_receiver_counts",
     "observe_instance",
     "observe_job",
     "observe_refused",
     "observe_send",
+    "receiver_delta",
+    "receiver_totals",
     "start_metrics_server",
 ]
 
@@ -108,6 +111,46 @@ def observe_refused(reason: str) -> None:
         _REFUSED.labels(reason=_label(reason)).inc()
     except Exception:
         logger.debug("metric update failed", exc_info=True)
+
+
+def receiver_totals() -> dict[str, Any]:
+    """This process's receiver counters: ``{"instances", "bytes", "refused": {reason: n}}``
+    (a receiver child process reports them to the daemon, see :func:`add_receiver_counts`)."""
+    out: dict[str, Any] = {"instances": 0.0, "bytes": 0.0, "refused": {}}
+    for counter in (_INSTANCES, _BYTES, _REFUSED):
+        for metric in counter.collect():
+            for sample in metric.samples:
+                if sample.name == "dicomai_instances_received_total":
+                    out["instances"] = sample.value
+                elif sample.name == "dicomai_bytes_received_total":
+                    out["bytes"] = sample.value
+                elif sample.name == "dicomai_instances_refused_total":
+                    out["refused"][sample.labels["reason"]] = sample.value
+    return out
+
+
+def add_receiver_counts(delta: dict[str, Any]) -> None:
+    """Add another receiver process's counts (a difference of two :func:`receiver_totals`)
+    to this process's counters, so that the daemon's ``/metrics`` covers its children."""
+    try:
+        if delta.get("instances", 0) > 0:
+            _INSTANCES.inc(delta["instances"])
+        if delta.get("bytes", 0) > 0:
+            _BYTES.inc(delta["bytes"])
+        for reason, n in (delta.get("refused") or {}).items():
+            if n > 0:
+                _REFUSED.labels(reason=_label(str(reason))).inc(n)
+    except Exception:
+        logger.debug("metric update failed", exc_info=True)
+
+
+def receiver_delta(new: dict[str, Any], old: dict[str, Any] | None) -> dict[str, Any]:
+    """``new`` minus ``old`` (both from :func:`receiver_totals`)."""
+    old = old or {"instances": 0.0, "bytes": 0.0, "refused": {}}
+    return {"instances": new.get("instances", 0) - old.get("instances", 0),
+            "bytes": new.get("bytes", 0) - old.get("bytes", 0),
+            "refused": {r: n - old.get("refused", {}).get(r, 0)
+                        for r, n in (new.get("refused") or {}).items()}}
 
 
 def observe_job(stage: str, model: str | None, seconds: float) -> None:

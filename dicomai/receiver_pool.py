@@ -12,12 +12,14 @@ A child has its own database engine and spool object, and the daemon's logging a
 settings. It reports each ended connection (for the balance) and each released association
 (so an early close is as prompt as for the daemon's own associations) through a pipe.
 Children stop with the daemon (SIGTERM, then a bounded wait) and by themselves when the daemon
-is gone. A child that died gets no more connections. Their Prometheus counters are their own
-(not served by the daemon's ``/metrics``).
+is gone. A child that died gets no more connections. Each child reports its receiver counters
+(instances, bytes, refusals) about once a second, and the daemon adds them to its own, so its
+``/metrics`` covers every receiver process.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pickle
@@ -30,6 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from dicomai import metrics
 from dicomai.acceptor import send_connection
 from dicomai.config import Settings
 from dicomai.logs import log_fields
@@ -41,6 +44,9 @@ logger = logging.getLogger(__name__)
 _START_TIMEOUT = 60.0
 _RELEASED = b"released"
 _ENDED = b"ended"
+_TOTALS = b"totals "
+#: How often a child reports its counters (when they changed).
+_TOTALS_EVERY = 1.0
 
 
 class ReceiverPool:
@@ -146,10 +152,18 @@ class ReceiverPool:
 
     def _read(self, index: int, proc: subprocess.Popen[bytes]) -> None:
         assert proc.stdout is not None
+        totals: dict[str, Any] | None = None
         for line in proc.stdout:
             word = line.strip()
             if word == _ENDED:
                 self._ended(index)
+            elif word.startswith(_TOTALS):
+                try:
+                    new = json.loads(word[len(_TOTALS):])
+                except ValueError:
+                    continue
+                metrics.add_receiver_counts(metrics.receiver_delta(new, totals))
+                totals = new
             elif word == _RELEASED and self.on_release is not None:
                 try:
                     self.on_release()
@@ -241,6 +255,16 @@ def main(argv: list[str] | None = None) -> int:
             except (OSError, ValueError):  # the daemon is gone: we stop below
                 stop.set()
 
+    # Counter totals as the daemon last saw them (it starts from zero too).
+    reported: dict[str, Any] = {"instances": 0.0, "bytes": 0.0, "refused": {}}
+
+    def report() -> None:
+        nonlocal reported
+        now = metrics.receiver_totals()
+        if now != reported:
+            send(_TOTALS + json.dumps(now).encode())
+            reported = now
+
     spool = Spool(settings.spool_path)
     receiver = Receiver(settings.receiver, spool, Queue(make_session_factory(engine)), utcnow,
                         handoff_channel=socket.socket(fileno=channel_fd))
@@ -249,11 +273,13 @@ def main(argv: list[str] | None = None) -> int:
         receiver.on_release = lambda: send(_RELEASED)
         receiver.set_connection_hooks(done=lambda: send(_ENDED), on_eof=stop.set)
         send(b"ready")
-        while not stop.wait(1.0):
+        while not stop.wait(_TOTALS_EVERY):
+            report()
             if os.getppid() != parent_pid:
                 break
     finally:
         receiver.stop()
+        report()  # what came in while stopping
         spool.close()
         engine.dispose()
     return 0

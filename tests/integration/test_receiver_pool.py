@@ -13,7 +13,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 from sqlalchemy import func, select
 
-from dicomai import synthetic
+from dicomai import metrics, synthetic
 from dicomai.db import Instance, Job
 from dicomai.scu import send_files
 from tests.conftest import running_daemon, wait_for
@@ -38,6 +38,7 @@ def test_receiver_processes_share_the_work_and_stop_with_the_daemon(make_setting
         scheduler={"study_quiet_seconds": 600.0, "poll_seconds": 60.0, "early_close": True,
                    "release_grace_seconds": 0.5})
     studies = [synthetic.make_xray("chest", rows=32, cols=32, seed=700 + i) for i in range(16)]
+    before = metrics.receiver_totals()
     with running_daemon(settings, roles=["receiver", "scheduler"]) as daemon:
         pool = daemon.receiver_pool
         assert pool is not None
@@ -72,6 +73,12 @@ def test_receiver_processes_share_the_work_and_stop_with_the_daemon(make_setting
                  what="16 releases recorded")
         wait_for(lambda: count(Job.state != "receiving") == 16, 15,
                  what="16 studies closed early")
+        # The daemon's counters (its /metrics) include what the child stored.
+        wait_for(lambda: metrics.receiver_delta(metrics.receiver_totals(), before)
+                 ["instances"] == 16, 10, what="the child's counts reported")
+        stored = sum(p.stat().st_size for p in (daemon.settings.spool_path / "incoming")
+                     .rglob("*.dcm"))
+        assert metrics.receiver_delta(metrics.receiver_totals(), before)["bytes"] == stored
     assert not _alive(child)
 
 
