@@ -224,6 +224,11 @@ def purge_finished(queue: Queue, spool: Spool, now: datetime, retention_days: fl
                 continue
             for path in present:
                 path.unlink(missing_ok=True)
+            for directory in {p.parent for p in present}:
+                try:
+                    directory.rmdir()  # a receiver directory left empty
+                except OSError:
+                    pass
             for folder in folders:
                 spool.remove_tree(folder)
             s.execute(delete(Instance).where(Instance.study_id == study_id))

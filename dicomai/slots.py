@@ -113,21 +113,32 @@ class SlotPool:
 
     def _make_batch(self) -> list[tuple[Path, float]]:
         """Create a batch of empty files and fsync their directory (one maker at a time: the
-        caller set :attr:`_refilling`)."""
-        directory = self._next_directory()
-        made: list[Path] = []
-        try:
-            for i in range(self._used_in_directory, self._used_in_directory + self._batch):
-                path = directory / f"{i:06d}.dcm"
-                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
-                                 0o644))
-                made.append(path)
-            self._fsync_dir(directory)
-        except BaseException:
-            for path in made:
-                path.unlink(missing_ok=True)
-            self._directory = None  # start a fresh directory next time
-            raise
+        caller set :attr:`_refilling`). A directory removed meanwhile (retention, an admin)
+        is replaced by a new one."""
+        for attempt in range(2):
+            directory = self._next_directory()
+            made: list[Path] = []
+            try:
+                for i in range(self._used_in_directory,
+                               self._used_in_directory + self._batch):
+                    path = directory / f"{i:06d}.dcm"
+                    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                                     0o644))
+                    made.append(path)
+                self._fsync_dir(directory)
+            except FileNotFoundError:
+                for path in made:
+                    path.unlink(missing_ok=True)
+                self._directory = None  # a fresh directory
+                if attempt:
+                    raise
+                continue
+            except BaseException:
+                for path in made:
+                    path.unlink(missing_ok=True)
+                self._directory = None  # start a fresh directory next time
+                raise
+            break
         self._used_in_directory += self._batch
         now = self._clock()
         return [(path, now) for path in made]

@@ -185,3 +185,15 @@ def test_files_of_a_receiver_process_that_died_are_reaped_at_once(tmp_path: Path
     assert reap_dead_pools(incoming, lambda paths: set()) == 0  # nothing left to reap
     live.close()
     assert not list((incoming / ".pools").glob("*.lock"))
+
+
+def test_a_removed_directory_is_replaced_by_a_new_one(tmp_path: Path, rec: Recorder) -> None:
+    import shutil
+
+    p = pool(tmp_path, rec, batch=2)
+    first, _ = p.write([b"a"])
+    second, _ = p.write([b"b"])  # the batch is used up; the next write makes a new batch
+    shutil.rmtree(first.parent)  # e.g. retention removed the emptied directory
+    third, _ = p.write([b"c"])
+    assert third.read_bytes() == b"c" and third.parent != first.parent
+    assert rec.events.count(("fsync_dir", str(third.parent))) == 1
