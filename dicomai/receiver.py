@@ -13,7 +13,7 @@ from collections.abc import Callable
 from datetime import datetime
 from io import BytesIO
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import RawDataElement
@@ -741,8 +741,9 @@ class Receiver:
         address = (self.settings.host, self.settings.port)
         # pynetdicom's start_server(block=False), with our server classes
         server_class = AcceptorServer if self.handoff_channel is None else HandedOffServer
-        server = ae.make_server(address, evt_handlers=handlers, ssl_context=self._tls_context(),
-                                server_class=server_class)
+        server = cast(AcceptorServer, ae.make_server(
+            address, evt_handlers=handlers,  # type: ignore[arg-type]
+            ssl_context=self._tls_context(), server_class=server_class))
         if isinstance(server, HandedOffServer):
             server.channel = self.handoff_channel
         server.contexts = _SupportedContexts(server.contexts)

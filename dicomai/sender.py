@@ -137,7 +137,7 @@ def send_objects(
         for item in items:
             report.outcomes[item.result_id] = (Outcome.RETRY, None, report.error)
         return report
-    handlers = [(evt.EVT_CONN_OPEN, cancel.track)] if cancel is not None else []
+    handlers: list[Any] = [(evt.EVT_CONN_OPEN, cancel.track)] if cancel is not None else []
     try:
         assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title,
                              evt_handlers=handlers)
