@@ -591,3 +591,26 @@ def test_late_instance_after_early_close_opens_generation_2(queue: Queue) -> Non
     job = queue.get_job(job2)
     assert (job.generation, job.state, job.route) == (2, "queued", "brain-ct")
     assert len(queue.study_instances(job.study_id, up_to_generation=2)) == 3
+
+
+def test_retention_removes_the_receiver_directories_it_empties(queue: Queue,
+                                                               tmp_path: Path) -> None:
+    from dicomai.scheduler import purge_finished
+    from dicomai.store import Spool
+
+    spool = Spool(tmp_path / "spool")
+    spool.start()
+    old, _ = spool.write_instance([b"old study"])
+    spool.close()  # its writer stopped: its directory holds only the old study's file now
+    live = Spool(tmp_path / "spool")
+    recent, _ = live.write_instance([b"recent study"])  # a running writer's directory
+    _, old_job = queue.record_instance(rec(study="1.5", series="1.5.1", sop="1.5.1.1"),
+                                       str(old), 9, "MODALITY", T0)
+    queue.record_instance(rec(study="1.6", series="1.6.1", sop="1.6.1.1"), str(recent), 12,
+                          "MODALITY", T0)
+    queue.transition(old_job, JobState.RECEIVING, JobState.SKIPPED, reason="test", now=T0)
+    items = purge_finished(queue, spool, T0 + timedelta(days=30), retention_days=7)
+    assert [i.instance_files for i in items] == [1]
+    assert not old.exists() and not old.parent.exists()  # emptied: removed
+    assert recent.exists() and len(list(recent.parent.iterdir())) == 64  # still in use
+    live.close()
