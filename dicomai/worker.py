@@ -20,6 +20,7 @@ from dicomai.config import DestinationSettings, Settings
 from dicomai.db import ResultObject
 from dicomai.errors import DicomAIError, Interrupted, PermanentError, StateConflict
 from dicomai.findings import ModelIdentity, Task
+from dicomai.heap import HeapTrimmer
 from dicomai.inference import Predictor, analyse
 from dicomai.logs import log_fields, uid_ref
 from dicomai.models.backend import ModelBackend, TorchScriptBackend
@@ -153,6 +154,9 @@ class Worker:
         self._batchers: dict[str, BatchingPredictor] = {}
         self._batchers_lock = threading.Lock()
         self.decode_pool: DecodePool | None = None
+        #: Gives the memory that decoding and models freed back to the system (glibc keeps
+        #: it otherwise, and the resident size creeps up over thousands of studies).
+        self.heap = HeapTrimmer()
 
     # -- loop --------------------------------------------------------------------------
     def start(self) -> None:
@@ -199,7 +203,10 @@ class Worker:
             except Exception:
                 logger.exception("worker loop error", extra=log_fields("worker.loop_error"))
                 worked = False
-            if not worked:
+            if worked:
+                self.heap.after_work()
+            else:
+                self.heap.on_idle()
                 self._wake.wait(self.settings.worker.poll_seconds)
                 self._wake.clear()
 
