@@ -15,6 +15,7 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any, cast
 
+from pydicom import config as pydicom_config
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
@@ -39,7 +40,7 @@ from pynetdicom.dsutils import decode
 from pynetdicom.presentation import PresentationContext, StoragePresentationContexts
 from pynetdicom.sop_class import Verification
 
-from dicomai import __version__, audit, fastnet, metrics
+from dicomai import __version__, audit, fastnet, metrics, uid_cache
 from dicomai.acceptor import AcceptorServer, HandedOffServer
 from dicomai.config import ReceiverSettings
 from dicomai.fast_store import StoreRequest
@@ -321,18 +322,46 @@ def _read(req: StoreRequest) -> Dataset:
 _CONVERTED: set[tuple[Any, ...]] = set()
 
 
+#: VRs whose conversion cannot fail under pydicom's default reading validation (``WARN``):
+#: text is decoded with undecodable bytes replaced and an unknown character set ignored (both
+#: warn), and dates and times stay strings (``datetime_conversion`` off). About two thirds of
+#: a typical header; ``tests/unit/test_receiver_convert.py`` feeds them garbage.
+_TEXT_VRS = frozenset({
+    "AE", "AS", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UI", "UR", "UT",
+})
+_DATE_VRS = frozenset({"DA", "DT", "TM"})
+
+
+def _never_failing_vrs() -> frozenset[str]:
+    """The VRs :func:`_convert_all` may skip under pydicom's current settings."""
+    if pydicom_config.settings.reading_validation_mode == pydicom_config.RAISE:
+        return frozenset()
+    return _TEXT_VRS if pydicom_config.datetime_conversion else _TEXT_VRS | _DATE_VRS
+
+
 def _convert_all(ds: Dataset, transfer_syntax: str) -> None:
     """Convert every top-level element now (raises on a value dicomai could not read later:
-    an unknown VR, a bad length, a broken sequence), not in the worker.
+    an unknown VR, a bad length, a broken sequence, a number that is not one), not in the
+    worker.
 
-    Most header elements of a series repeat byte for byte from instance to instance; an
-    element whose bytes (VR, encoding and character set alike) converted before is not
-    converted again (about 8 us each with pydicom).
+    Text, dates and times are skipped (:func:`_never_failing_vrs`: converting them cannot
+    fail). Most other header elements of a series repeat byte for byte from instance to
+    instance; an element whose bytes (VR, encoding and character set alike) converted before
+    is not converted again (about 8 us each with pydicom).
     """
     encoding = _encoding(ds, transfer_syntax)
+    skip = _never_failing_vrs()
     for tag in list(ds.keys()):
         raw = ds.get_item(tag)
         if not isinstance(raw, RawDataElement):
+            continue
+        vr = raw.VR
+        if vr is None:  # implicit VR: the dictionary's (a private or unknown tag: convert)
+            try:
+                vr = dictionary_VR(tag)
+            except KeyError:
+                vr = None
+        if vr in skip:
             continue
         key = _cache_key(tag, raw, encoding)
         if key is not None and key in _CONVERTED:
@@ -719,6 +748,7 @@ class Receiver:
 
     def start(self) -> None:
         """Bind and serve in background threads."""
+        uid_cache.install()  # standard UIDs of association requests converted once
         try:
             self.spool.prepare()  # the first spool files, before the first C-STORE
         except OSError:  # e.g. disk full: each C-STORE tries again and answers 0xA700

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import socket
 import threading
 import time
@@ -230,7 +231,7 @@ def test_convert_all_skips_only_elements_that_converted_before() -> None:
     good = encoded(synthetic.make_xray("chest", rows=16, cols=16, seed=3))
     receiver._convert_all(read(good), ExplicitVRLittleEndian)
     cached = len(receiver._CONVERTED)
-    assert cached > 20  # the plain header elements
+    assert cached >= 15  # the numbers (US, DS, IS) of the header; text is not converted here
     receiver._convert_all(read(good), ExplicitVRLittleEndian)  # again: nothing new
     assert len(receiver._CONVERTED) == cached
     # The same header with one broken element: PixelRepresentation (US) of 3 bytes, then a
@@ -249,6 +250,51 @@ def test_convert_all_skips_only_elements_that_converted_before() -> None:
     before = len(receiver._CONVERTED)
     receiver._convert_all(ds, ExplicitVRLittleEndian)
     assert len(receiver._CONVERTED) > before
+
+
+@pytest.mark.parametrize("vr", ["AE", "AS", "CS", "DA", "DT", "LO", "LT", "PN", "SH", "ST",
+                                "TM", "UC", "UI", "UR", "UT"])
+@pytest.mark.parametrize("charset", ["", "ISO_IR 192", "ISO_IR 100", "GB18030", "NO SUCH SET"])
+def test_converting_text_dates_and_times_cannot_fail(vr: str, charset: str) -> None:
+    """What _convert_all skips: pydicom's conversion of these VRs, under its default
+    settings, raises for no bytes at all (undecodable text is replaced, with a warning)."""
+    from pydicom.dataelem import RawDataElement
+
+    from dicomai import receiver
+
+    assert vr in receiver._never_failing_vrs()
+    rng = random.Random(f"{vr}-{charset}")
+    samples = [b"", b"\\\\", b"\x00" * 9, bytes(range(256)), b"\xff\xfe\x00\x1b$B\x1b(B\\",
+               *(bytes(rng.randrange(256) for _ in range(rng.randrange(1, 80)))
+                 for _ in range(40))]
+    for value in samples:
+        ds = Dataset()
+        if charset:
+            ds.SpecificCharacterSet = charset
+        ds[0x00091010] = RawDataElement(0x00091010, vr, len(value), value, 0, False, True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds[0x00091010].value  # noqa: B018 -- the conversion is the check
+
+
+def test_convert_all_skips_text_but_still_converts_numbers() -> None:
+    """Garbage text passes (its conversion cannot fail), but an IS whose integer cannot
+    exist still raises (pydicom: OverflowError), so the instance is refused at once."""
+    from dicomai import receiver, synthetic
+
+    good = encoded(synthetic.make_xray("chest", rows=16, cols=16, seed=4))
+    instance_number = b"\x20\x00\x13\x00IS\x02\x001 "
+    assert instance_number in good
+    bad_is = good.replace(instance_number, b"\x20\x00\x13\x00IS\x06\x001e999 ")
+    at = good.index(b"\x08\x00\x60\x00CS\x02\x00") + 8  # Modality: 2 bytes of garbage
+    bad_text = good[:at] + b"\xff\xfe" + good[at + 2:]
+    assert bad_is != good and bad_text != good
+    receiver._CONVERTED.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        receiver._convert_all(read(bad_text), ExplicitVRLittleEndian)
+        with pytest.raises(OverflowError):
+            receiver._convert_all(read(bad_is), ExplicitVRLittleEndian)
 
 
 def test_sqlite_record_statements_store_exactly_what_core_stores(tmp_path: Path) -> None:
