@@ -42,6 +42,7 @@ __all__ = [
     "TERMINAL_STATES",
     "InstanceRecord",
     "JobState",
+    "OwnResultObject",
     "Queue",
     "RetryPolicy",
 ]
@@ -123,6 +124,7 @@ _KNOWN = select(
     exists().where(Instance.sop_instance_uid == bindparam("b_sop")),
     exists().where(ResultObject.sop_instance_uid == bindparam("b_sop")),
 )
+_OWN_RESULT = select(ResultObject.id).where(ResultObject.sop_instance_uid == bindparam("b_sop"))
 _INSTANCE_JOB = select(Instance.job_id).where(Instance.sop_instance_uid == bindparam("b_sop"))
 _TOUCH_STUDY = (
     update(Study).where(Study.study_instance_uid == bindparam("b_uid"))
@@ -135,6 +137,11 @@ _TOUCH_JOB = (
     .returning(Job.id)
 )
 _MAX_GENERATION = select(func.max(Job.generation)).where(Job.study_id == bindparam("b_study"))
+
+
+class OwnResultObject(Exception):
+    """Raised by :meth:`Queue.record_instance` for an object dicomai made itself (a PACS sent
+    one of our results back): it is never indexed, or it would be analysed in turn."""
 
 
 class _FileLock:
@@ -175,7 +182,8 @@ class _RecordStatements:
 
     def __init__(self) -> None:
         self._statements: dict[str, Any] = {
-            "known": _KNOWN, "instance_job": _INSTANCE_JOB, "touch_study": _TOUCH_STUDY,
+            "known": _KNOWN, "own_result": _OWN_RESULT, "instance_job": _INSTANCE_JOB,
+            "touch_study": _TOUCH_STUDY,
             "touch_job": _TOUCH_JOB, "insert_study": insert(Study),
             "insert_instance": insert(Instance),
         }
@@ -400,17 +408,23 @@ class Queue:
     ) -> tuple[bool, int]:
         """Index a stored instance and attach it to its study's RECEIVING job.
 
-        One transaction on one connection (SQLAlchemy Core, statements built once): touch or
-        create the study, touch the RECEIVING job (``WHERE state = 'receiving'``, so a job the
-        scheduler closed meanwhile is not touched) or open the next generation, insert the
-        instance. Concurrent calls (several associations) share one transaction and one
-        commit (group commit); each call returns only after that commit.
+        One transaction on one connection (SQLAlchemy Core, statements built once): make
+        sure it is not one of our own result objects, touch or create the study, touch the
+        RECEIVING job (``WHERE state = 'receiving'``, so a job the scheduler closed meanwhile
+        is not touched) or open the next generation, insert the instance. Concurrent calls
+        (several associations) share one transaction and one commit (group commit); each
+        call returns only after that commit.
 
         Returns
         -------
         tuple[bool, int]
             ``(new, job_id)``; ``new`` is False when the SOP Instance UID was already stored
             (then nothing changes).
+
+        Raises
+        ------
+        OwnResultObject
+            The SOP Instance UID is one of dicomai's result objects (nothing changes).
         """
         item = _PendingRecord((rec, path, size_bytes, calling_ae, now))
         self._group.submit(item)
@@ -476,6 +490,8 @@ class Queue:
     def _record_instance(conn: Connection, stmts: _RecordStatements, rec: InstanceRecord,
                          path: str, size_bytes: int, calling_ae: str, now: datetime, *,
                          look_first: bool) -> tuple[bool, int]:
+        if stmts.row(conn, "own_result", {"b_sop": rec.sop_instance_uid}) is not None:
+            raise OwnResultObject(rec.sop_instance_uid)
         if look_first:
             existing = stmts.row(conn, "instance_job", {"b_sop": rec.sop_instance_uid})
             if existing is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import socket
@@ -45,7 +46,7 @@ from dicomai.acceptor import AcceptorServer, HandedOffServer
 from dicomai.config import ReceiverSettings
 from dicomai.fast_store import StoreRequest
 from dicomai.logs import log_fields, uid_ref
-from dicomai.queue import InstanceRecord, Queue
+from dicomai.queue import InstanceRecord, OwnResultObject, Queue
 from dicomai.store import Spool, safe_uid
 
 __all__ = [
@@ -131,15 +132,18 @@ def _encoding(ds: Dataset, transfer_syntax: str) -> tuple[Any, ...]:
 _VALUES: dict[tuple[Any, ...], Any] = {}
 
 
+_tag: Callable[[str], int | None] = functools.cache(tag_for_keyword)
+
+
 def _getter(ds: Dataset, transfer_syntax: str) -> Callable[[str], Any]:
     """``ds.get(keyword)`` served from :data:`_VALUES` where the raw bytes were seen before."""
     encoding = _encoding(ds, transfer_syntax)
 
     def get(keyword: str) -> Any:
-        tag = tag_for_keyword(keyword)
-        if tag is None or tag not in ds:
+        tag = _tag(keyword)
+        raw = ds.get_item(tag) if tag is not None else None
+        if raw is None:
             return None
-        raw = ds.get_item(tag)
         key = _cache_key(tag, raw, encoding) if isinstance(raw, RawDataElement) else None
         if key is None:
             return ds[tag].value
@@ -216,26 +220,35 @@ _MAX_PIXELS = 1 << 31  # rows * columns * frames * samples beyond this is refuse
 _ITEM_TAG = b"\xfe\xff\x00\xe0"
 
 
+_PIXEL_DATA, _ROWS, _COLUMNS = 0x7FE00010, 0x00280010, 0x00280011
+_BITS_ALLOCATED, _SAMPLES_PER_PIXEL, _NUMBER_OF_FRAMES = 0x00280100, 0x00280002, 0x00280008
+
+
+def _value(ds: Dataset, tag: int, default: Any = None) -> Any:
+    """``ds[tag].value``, or ``default`` when the element is absent."""
+    return default if ds.get_item(tag) is None else ds[tag].value
+
+
 def check_instance(ds: Dataset, transfer_syntax: UID) -> str | None:
     """A short reason code when the dataset cannot be a valid image instance, else ``None``.
 
     Cheap structural checks only (no decoding): image attributes present and sane, native
     pixel data long enough, encapsulated pixel data starting with an item.
     """
-    if "PixelData" not in ds:
+    if ds.get_item(_PIXEL_DATA) is None:
         return None  # not an image (e.g. an SR or a presentation state): nothing to check
     try:
-        rows, cols = int(ds.Rows), int(ds.Columns)
-        bits = int(ds.BitsAllocated)
-        samples = int(ds.get("SamplesPerPixel", 1) or 1)
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
-    except (AttributeError, TypeError, ValueError):
+        rows, cols = int(_value(ds, _ROWS)), int(_value(ds, _COLUMNS))
+        bits = int(_value(ds, _BITS_ALLOCATED))
+        samples = int(_value(ds, _SAMPLES_PER_PIXEL, 1) or 1)
+        frames = int(_value(ds, _NUMBER_OF_FRAMES, 1) or 1)
+    except (TypeError, ValueError):
         return "image_attributes"
     if min(rows, cols, bits, samples, frames) < 1 or bits > 64:
         return "image_attributes"
     if rows * cols * frames * samples > _MAX_PIXELS:
         return "absurd_size"
-    data = ds.PixelData
+    data = _value(ds, _PIXEL_DATA)
     if transfer_syntax.is_encapsulated:
         return None if bytes(data[:4]) == _ITEM_TAG else "encapsulation"
     expected = (rows * cols * frames * samples * bits + 7) // 8
@@ -421,15 +434,6 @@ def store_instance(
             problem = "undecodable"
         if problem:
             return _refuse(req, spool, queue, problem, clock, min_free_bytes)
-        known = queue.known_instance(rec.sop_instance_uid)
-        if known is not None:
-            # Already stored, or one of our own results sent back by the PACS: never analysed
-            # again (that would loop), but answered Success so the sender is satisfied.
-            logger.debug("duplicate instance", extra=log_fields(
-                "instance.duplicate", sop=uid_ref(rec.sop_instance_uid), kind=known))
-            if tally is not None:
-                tally(req.assoc_key, rec.study_instance_uid)
-            return STATUS_SUCCESS
         if spool.free_bytes() < min_free_bytes:
             logger.error("spool below free-space floor",
                          extra=log_fields("instance.out_of_space", calling_ae=calling))
@@ -441,8 +445,13 @@ def store_instance(
             logger.exception("could not write instance",
                              extra=log_fields("instance.write_failed", calling_ae=calling))
             return STATUS_OUT_OF_RESOURCES
+        # Written first, then indexed: a duplicate (already stored, or one of our own results
+        # sent back by the PACS) is found by the index and its copy removed. It is answered
+        # Success so the sender is satisfied, but never analysed again (that would loop).
         try:
             new, job_id = queue.record_instance(rec, str(path), size, calling, clock())
+        except OwnResultObject:
+            new, job_id = False, None
         except Exception:
             spool.discard_instance(path)
             logger.exception("could not record instance",
@@ -451,13 +460,16 @@ def store_instance(
             return STATUS_OUT_OF_RESOURCES
         if new:
             metrics.observe_instance(size)
-        else:  # stored meanwhile by another association: keep the first copy
+        else:  # a duplicate: keep the first copy (or none, for our own result)
             spool.discard_instance(path)
-        logger.debug(
-            "instance stored",
-            extra=log_fields("instance.stored", job_id=job_id, new=new,
-                             study=uid_ref(rec.study_instance_uid), bytes=size),
-        )
+        if new and logger.isEnabledFor(logging.DEBUG):
+            logger.debug("instance stored", extra=log_fields(
+                "instance.stored", job_id=job_id, study=uid_ref(rec.study_instance_uid),
+                bytes=size))
+        elif not new:
+            logger.debug("duplicate instance", extra=log_fields(
+                "instance.duplicate", sop=uid_ref(rec.sop_instance_uid),
+                kind="stored" if job_id is not None else "own_result"))
         if tally is not None:
             tally(req.assoc_key, rec.study_instance_uid)
         return STATUS_SUCCESS

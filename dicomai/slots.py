@@ -27,6 +27,7 @@ file systems) the age rules above still clean up.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
@@ -49,6 +50,25 @@ EMPTY_SLOT_SWEEP_AGE = 2 * SLOT_MAX_AGE
 logger = logging.getLogger(__name__)
 
 _fdatasync: Callable[[int], None] = getattr(os, "fdatasync", os.fsync)
+
+
+def _write_all(fd: int, chunks: Sequence[bytes | memoryview]) -> int:
+    """Write every chunk, in order, with as few system calls as the kernel allows (one
+    ``writev`` usually); returns the number of bytes written."""
+    views = [memoryview(chunk).cast("B") for chunk in chunks]
+    views = [view for view in views if view]
+    size = 0
+    while views:
+        written = os.writev(fd, views)
+        if written <= 0:
+            raise OSError(errno.EIO, "writev wrote nothing")
+        size += written
+        while views and written >= len(views[0]):  # drop what was written in full
+            written -= len(views[0])
+            views.pop(0)
+        if views and written:
+            views[0] = views[0][written:]
+    return size
 
 
 class SlotPool:
@@ -221,12 +241,7 @@ class SlotPool:
             size = 0
             try:
                 try:
-                    for chunk in chunks:
-                        view = memoryview(chunk).cast("B")
-                        while view:
-                            written = os.write(fd, view)
-                            size += written
-                            view = view[written:]
+                    size = _write_all(fd, chunks)
                     _fdatasync(fd)
                 finally:
                     os.close(fd)

@@ -102,6 +102,47 @@ def test_record_after_close_opens_next_generation(engine: Engine) -> None:
     assert queue.record_instance(rec("1.6", "1.6.1.1"), "/c", 1, "M", T0) == (False, job1)
 
 
+def test_duplicates_and_own_results_are_answered_success_and_leave_one_copy(
+        engine: Engine, tmp_path: Path) -> None:
+    """Written first, then indexed: a duplicate's copy and a returned result of ours are
+    removed again; neither opens a job or a second row."""
+    from dicomai import receiver, synthetic
+    from dicomai.db import ResultObject
+    from dicomai.fast_store import StoreRequest
+    from dicomai.store import Spool
+
+    queue = Queue(make_session_factory(engine))
+    spool = Spool(tmp_path / "spool")
+    spool.start()
+    own, other = (synthetic.make_xray("chest", rows=16, cols=16, seed=s) for s in (7, 8))
+
+    def request(ds: Dataset) -> StoreRequest:
+        return StoreRequest("MOD", "127.0.0.1", 1, UID(ExplicitVRLittleEndian), ds.SOPClassUID,
+                            ds.SOPInstanceUID, BytesIO(encoded(ds)))
+
+    def files() -> list[Path]:
+        return sorted(p for p in (tmp_path / "spool" / "incoming").rglob("*.dcm")
+                      if p.stat().st_size)
+
+    assert receiver.store_instance(request(own), spool, queue, lambda: 0, lambda: T0) == 0
+    job = queue.get_job(1)
+    with queue.session() as s, s.begin():  # "own" is now one of our results
+        s.add(ResultObject(job_id=job.id, destination="pacs", kind="SR",
+                           sop_class_uid="1.2.840.10008.5.1.4.1.1.88.22",
+                           sop_instance_uid=str(other.SOPInstanceUID),
+                           series_instance_uid="1.2.3", path="/x"))
+    first = files()
+    assert len(first) == 1
+    for ds in (own, other, own, other):  # a duplicate, our result, again both
+        assert receiver.store_instance(request(ds), spool, queue, lambda: 0, lambda: T0) == 0
+    assert files() == first
+    with engine.connect() as conn:
+        assert conn.scalar(select(func.count()).select_from(Instance)) == 1
+        assert conn.scalar(select(func.count()).select_from(Job)) == 1
+    assert queue.known_instance(str(other.SOPInstanceUID)) == "own_result"
+    spool.close()
+
+
 def test_known_instance_and_session_without_engine(engine: Engine) -> None:
     queue = Queue(sessionmaker(binds={Base: engine}, expire_on_commit=False))
     assert queue.known_instance("1.7.1.1") is None

@@ -99,13 +99,32 @@ def test_a_failed_write_leaves_nothing_to_index(tmp_path: Path, rec: Recorder,
     def full(fd: int, data: object) -> int:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(slots.os, "write", full)
+    monkeypatch.setattr(slots.os, "writev", full)
     with pytest.raises(OSError):
         p.write([b"x" * 100])
     monkeypatch.undo()
     files = sorted(good.parent.iterdir())
     assert good in files and len(files) == 3  # the failed slot is gone, 2 free ones remain
     assert all(f.stat().st_size == 0 for f in files if f != good)
+
+
+def test_short_writes_are_continued_in_order(tmp_path: Path, rec: Recorder,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """writev may write less than asked (a signal, a nearly full disk): the rest follows."""
+    p = pool(tmp_path, rec, batch=2)
+    real = os.writev
+    calls = []
+
+    def at_most_5(fd: int, buffers: list[memoryview]) -> int:
+        calls.append(len(buffers))
+        return real(fd, [bytes(b"".join(bytes(b) for b in buffers)[:5])])
+
+    monkeypatch.setattr(slots.os, "writev", at_most_5)
+    chunks = [b"A" * 128, b"", memoryview(b"meta-bytes"), bytearray(b"dataset" * 3)]
+    path, size = p.write(chunks)
+    expected = b"".join(bytes(c) for c in chunks)
+    assert size == len(expected) and path.read_bytes() == expected
+    assert len(calls) == -(-len(expected) // 5)
 
 
 def test_directories_roll_over_by_count_and_day(tmp_path: Path, rec: Recorder) -> None:
