@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dicomai import __version__
+from dicomai import __version__, heap
 from dicomai.config import Settings, default_config_path, load_settings
 from dicomai.errors import ConfigError, DicomAIError
 
@@ -53,6 +53,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if unknown:
             print(f"dicomai serve: unknown role(s): {', '.join(sorted(unknown))}", file=sys.stderr)
             return EXIT_USAGE
+    heap.limit_arenas()  # before the daemon's threads start: see dicomai.heap
     daemon = Daemon(settings, roles=roles)
     return daemon.run(reload_settings=lambda: _settings(args))
 

@@ -8,6 +8,12 @@ memory in use stayed flat (about 290 MB) while the free memory glibc held grew f
 pages of every arena (12 ms for 216 MB there). The worker calls :class:`HeapTrimmer` after its
 jobs, at most every :data:`MIN_INTERVAL` seconds, and once more when it goes idle.
 
+Trimming returns whole free pages only; what is left is free chunks scattered among used ones
+in each thread's arena. ``dicomai serve`` therefore also limits glibc to :data:`ARENAS`
+arenas (:func:`limit_arenas`, unless ``MALLOC_ARENA_MAX`` is set): with it the resident size
+rose 0.5 MiB from 100 to 500 studies (30 MiB from 100 to 1,000 with trimming alone), the
+peak was 897 MiB instead of 991, and the 500 studies took as long (228 s).
+
 Elsewhere than glibc (musl, macOS) this does nothing.
 """
 
@@ -16,32 +22,49 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from dicomai.logs import log_fields
 
-__all__ = ["MIN_INTERVAL", "HeapTrimmer", "trim"]
+__all__ = ["ARENAS", "MIN_INTERVAL", "HeapTrimmer", "limit_arenas", "trim"]
 
 logger = logging.getLogger(__name__)
+
+#: glibc malloc arenas ``dicomai serve`` allows (glibc's default: 8 per core).
+ARENAS = 2
+_M_ARENA_MAX = -8  # mallopt parameter (malloc.h)
 
 #: Fewest seconds between two trims of one :class:`HeapTrimmer` while jobs keep coming.
 MIN_INTERVAL = 5.0
 
 
-def _load_trim() -> Callable[[int], int] | None:
+def _libc_function(name: str, *argtypes: Any) -> Any:
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        fn = libc.malloc_trim
+        fn = getattr(libc, name)
     except (OSError, AttributeError):
         return None
-    fn.argtypes = [ctypes.c_size_t]
+    fn.argtypes = list(argtypes)
     fn.restype = ctypes.c_int
-    return fn  # type: ignore[no-any-return]
+    return fn
 
 
-_MALLOC_TRIM = _load_trim()
+_MALLOC_TRIM: Callable[[int], int] | None = _libc_function("malloc_trim", ctypes.c_size_t)
+_MALLOPT: Callable[[int, int], int] | None = _libc_function("mallopt", ctypes.c_int,
+                                                            ctypes.c_int)
+
+
+def limit_arenas(arenas: int = ARENAS, environ: Mapping[str, str] = os.environ) -> bool:
+    """Limit glibc to ``arenas`` malloc arenas (call before threads start); True when set.
+
+    Left alone when ``MALLOC_ARENA_MAX`` is in the environment (glibc read it at start)."""
+    if _MALLOPT is None or "MALLOC_ARENA_MAX" in environ:
+        return False
+    return bool(_MALLOPT(_M_ARENA_MAX, arenas))
 
 
 def trim() -> bool:

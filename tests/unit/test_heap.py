@@ -65,3 +65,47 @@ def test_trims_once_per_idle_spell() -> None:
     trimmer.after_work()  # trims (interval passed)
     assert trimmer.on_idle() is False  # nothing since that trim
     assert len(calls) == 2
+
+
+_ARENA_PROBE = """
+import re, sys, threading
+from pathlib import Path
+from dicomai import heap
+if sys.argv[1] == "limit":
+    assert heap.limit_arenas(2)
+def vm():
+    text = Path("/proc/self/status").read_text()
+    return int(re.search(r"^VmSize:\\s+(\\d+) kB", text, re.M).group(1))
+before = vm()
+go = threading.Barrier(8)
+def work():
+    go.wait()
+    for _ in range(200):
+        blocks = [bytearray(2000) for _ in range(50)]
+        del blocks
+threads = [threading.Thread(target=work) for _ in range(8)]
+for t in threads: t.start()
+for t in threads: t.join()
+print((vm() - before) // 1024)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or heap._MALLOPT is None,
+                    reason="glibc's mallopt")
+def test_limit_arenas_keeps_threads_from_making_their_own(tmp_path: Path) -> None:
+    """8 threads allocating at once: each gets a 64 MiB arena of its own unless limited."""
+    import os
+    import subprocess
+
+    script = tmp_path / "probe.py"
+    script.write_text(_ARENA_PROBE)
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
+
+    def grown_mib(mode: str) -> int:
+        out = subprocess.run([sys.executable, str(script), mode], env=env, check=True,
+                             capture_output=True, text=True, cwd=Path(__file__).parents[2])
+        return int(out.stdout.strip())
+
+    free, limited = grown_mib("free"), grown_mib("limit")
+    assert limited <= 2 * 64 + 32 < free, (free, limited)
+    assert heap.limit_arenas(2, environ={"MALLOC_ARENA_MAX": "4"}) is False  # glibc's own

@@ -211,7 +211,7 @@ def test_a_removed_directory_is_replaced_by_a_new_one(tmp_path: Path, rec: Recor
 
     p = pool(tmp_path, rec, batch=2)
     first, _ = p.write([b"a"])
-    second, _ = p.write([b"b"])  # the batch is used up; the next write makes a new batch
+    _second, _ = p.write([b"b"])  # the batch is used up; the next write makes a new batch
     shutil.rmtree(first.parent)  # e.g. retention removed the emptied directory
     third, _ = p.write([b"c"])
     assert third.read_bytes() == b"c" and third.parent != first.parent
