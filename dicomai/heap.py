@@ -12,7 +12,8 @@ Trimming returns whole free pages only; what is left is free chunks scattered am
 in each thread's arena. ``dicomai serve`` therefore also limits glibc to :data:`ARENAS`
 arenas (:func:`limit_arenas`, unless ``MALLOC_ARENA_MAX`` is set): with it the resident size
 rose 0.5 MiB from 100 to 500 studies (30 MiB from 100 to 1,000 with trimming alone), the
-peak was 897 MiB instead of 991, and the 500 studies took as long (228 s).
+peak was 897 MiB instead of 991; the 500 studies took 228 s (216 s for the first 500 of the
+run without the limit, on a VM whose runs vary by 10%).
 
 Elsewhere than glibc (musl, macOS) this does nothing.
 """
