@@ -338,7 +338,7 @@ _CONVERTED: set[tuple[Any, ...]] = set()
 #: VRs whose conversion cannot fail under pydicom's default reading validation (``WARN``):
 #: text is decoded with undecodable bytes replaced and an unknown character set ignored (both
 #: warn), and dates and times stay strings (``datetime_conversion`` off). About two thirds of
-#: a typical header; ``tests/unit/test_receiver_convert.py`` feeds them garbage.
+#: a typical header; ``tests/unit/test_record_path.py`` feeds them garbage.
 _TEXT_VRS = frozenset({
     "AE", "AS", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UI", "UR", "UT",
 })
