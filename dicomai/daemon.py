@@ -15,6 +15,7 @@ from typing import Any
 
 from dicomai import audit
 from dicomai.config import Settings
+from dicomai.copies import restore_copies
 from dicomai.db import make_engine, make_session_factory, utcnow
 from dicomai.leadership import leadership_for
 from dicomai.logs import log_fields
@@ -69,6 +70,7 @@ class Daemon:
         self.settings.general.data_dir.mkdir(parents=True, exist_ok=True)
         upgrade(self.engine)
         self.spool.start()
+        restore_copies(self.queue)  # small instances' files a machine crash may have cut
         a = self.settings.audit
         audit.configure(self.settings.resolve(a.file) if a.file and str(a.file) else None,
                         syslog=a.syslog, syslog_address=a.syslog_address,

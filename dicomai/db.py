@@ -13,6 +13,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     String,
     Text,
     TypeDecorator,
@@ -146,6 +147,23 @@ class Instance(Base):
     size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     calling_ae_title: Mapped[str] = mapped_column(String(16), default="")
     received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class InstanceCopy(Base):
+    """The bytes of a small received instance, committed with its row before Success.
+
+    Its file is written at once but made durable later (``dicomai.copies``): one durable flush
+    per instance (the commit) instead of two. The row goes once the file is fsynced; after a
+    crash, the files of the rows left are written again from here.
+    """
+
+    __tablename__ = "instance_copies"
+
+    instance_id: Mapped[int] = mapped_column(
+        ForeignKey("instances.id", ondelete="CASCADE"), primary_key=True)
+    path: Mapped[str] = mapped_column(Text)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+    made_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
 class ResultObject(Base):

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, exists, func, insert, select, update
+from sqlalchemy import Connection, bindparam, delete, exists, func, insert, select, update
 from sqlalchemy import event as sa_event
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, StatementError
@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicomai.db import (
     ComponentHeartbeat,
     Instance,
+    InstanceCopy,
     Job,
     JobEvent,
     QuarantineEntry,
@@ -185,7 +186,7 @@ class _RecordStatements:
             "known": _KNOWN, "own_result": _OWN_RESULT, "instance_job": _INSTANCE_JOB,
             "touch_study": _TOUCH_STUDY,
             "touch_job": _TOUCH_JOB, "insert_study": insert(Study),
-            "insert_instance": insert(Instance),
+            "insert_instance": insert(Instance), "insert_copy": insert(InstanceCopy),
         }
 
     def row(self, conn: Connection, name: str, params: dict[str, Any]) -> tuple[Any, ...] | None:
@@ -215,6 +216,8 @@ class _SqliteRecordStatements(_RecordStatements):
             elif name == "insert_instance":
                 keys = [*_record_columns(), "study_id", "job_id", "path", "size_bytes",
                         "calling_ae_title", "received_at"]
+            elif name == "insert_copy":
+                keys = ["instance_id", "path", "data", "made_at"]
             compiled = stmt.compile(dialect=dialect, column_keys=keys)
             order = []
             for key in compiled.positiontup or []:
@@ -291,7 +294,7 @@ def _session_connection(sessions: sessionmaker[Session], *, begin: bool) -> Iter
 class _PendingRecord:
     """One ``record_instance`` call waiting for its (group) commit."""
 
-    args: tuple[InstanceRecord, str, int, str, datetime]
+    args: tuple[InstanceRecord, str, int, str, datetime, bytes | None]
     result: tuple[bool, int] | None = None
     error: Exception | None = None
 
@@ -404,7 +407,8 @@ class Queue:
         return "own_result" if own else None
 
     def record_instance(
-        self, rec: InstanceRecord, path: str, size_bytes: int, calling_ae: str, now: datetime
+        self, rec: InstanceRecord, path: str, size_bytes: int, calling_ae: str, now: datetime,
+        copy: bytes | None = None,
     ) -> tuple[bool, int]:
         """Index a stored instance and attach it to its study's RECEIVING job.
 
@@ -413,7 +417,9 @@ class Queue:
         RECEIVING job (``WHERE state = 'receiving'``, so a job the scheduler closed meanwhile
         is not touched) or open the next generation, insert the instance. Concurrent calls
         (several associations) share one transaction and one commit (group commit); each
-        call returns only after that commit.
+        call returns only after that commit. With ``copy`` (the file's bytes, for a file not
+        fsynced yet), a new instance's bytes are committed with its row (see
+        :class:`~dicomai.db.InstanceCopy`).
 
         Returns
         -------
@@ -426,7 +432,7 @@ class Queue:
         OwnResultObject
             The SOP Instance UID is one of dicomai's result objects (nothing changes).
         """
-        item = _PendingRecord((rec, path, size_bytes, calling_ae, now))
+        item = _PendingRecord((rec, path, size_bytes, calling_ae, now, copy))
         self._group.submit(item)
         return item.outcome()
 
@@ -460,14 +466,15 @@ class Queue:
                 item.error = exc
 
     def _record_one(self, rec: InstanceRecord, path: str, size_bytes: int, calling_ae: str,
-                    now: datetime) -> tuple[bool, int]:
+                    now: datetime, copy: bytes | None) -> tuple[bool, int]:
         """One instance in its own transaction; the first attempt does not look for a
         duplicate first: the unique SOP Instance UID makes it fail and the retry looks."""
         for attempt in range(5):
             try:
                 with self._begin() as conn:
                     return self._record_instance(conn, self._stmts, rec, path, size_bytes,
-                                                 calling_ae, now, look_first=attempt > 0)
+                                                 calling_ae, now, copy,
+                                                 look_first=attempt > 0)
             except (IntegrityError, StateConflict):
                 # A concurrent association created the same study/job/instance, or the
                 # instance is a duplicate: read again.
@@ -488,8 +495,8 @@ class Queue:
 
     @staticmethod
     def _record_instance(conn: Connection, stmts: _RecordStatements, rec: InstanceRecord,
-                         path: str, size_bytes: int, calling_ae: str, now: datetime, *,
-                         look_first: bool) -> tuple[bool, int]:
+                         path: str, size_bytes: int, calling_ae: str, now: datetime,
+                         copy: bytes | None = None, *, look_first: bool) -> tuple[bool, int]:
         if stmts.row(conn, "own_result", {"b_sop": rec.sop_instance_uid}) is not None:
             raise OwnResultObject(rec.sop_instance_uid)
         if look_first:
@@ -508,11 +515,36 @@ class Queue:
         # instance belongs to the next generation.
         job = stmts.row(conn, "touch_job", {"b_study": study_id, "b_now": now})
         job_id = int(job[0]) if job is not None else _open_generation(conn, study_id, now)
-        stmts.insert(conn, "insert_instance", {
+        instance_id = stmts.insert(conn, "insert_instance", {
             **_instance_fields(rec), "study_id": study_id, "job_id": job_id, "path": path,
             "size_bytes": size_bytes, "calling_ae_title": calling_ae, "received_at": now,
         })
+        if copy is not None:
+            stmts.insert(conn, "insert_copy", {"instance_id": instance_id, "path": path,
+                                               "data": copy, "made_at": now})
         return True, job_id
+
+    # -- instance copies (see dicomai.copies) --------------------------------------------
+    def instance_copies(self, made_before: datetime | None = None,
+                        limit: int = 1000) -> list[tuple[str, bytes]]:
+        """``(path, bytes)`` of small instances whose files are not known durable yet (only
+        those committed before ``made_before``, if given), oldest first."""
+        stmt = select(InstanceCopy.path, InstanceCopy.data).order_by(InstanceCopy.made_at)
+        if made_before is not None:
+            stmt = stmt.where(InstanceCopy.made_at < made_before)
+        with self._connect() as conn:
+            return [(str(p), bytes(d)) for p, d in conn.execute(stmt.limit(limit))]
+
+    def drop_instance_copies(self, paths: Sequence[str]) -> int:
+        """Forget the copies of these files (they are fsynced now); returns the rows deleted."""
+        dropped = 0
+        with self._writer_lock:
+            for start in range(0, len(paths), 500):
+                chunk = list(paths[start:start + 500])
+                with self._begin() as conn:
+                    dropped += conn.execute(
+                        delete(InstanceCopy).where(InstanceCopy.path.in_(chunk))).rowcount
+        return dropped
 
     def quarantine(self, *, reason: str, status_code: int, calling_ae: str, peer: str,
                    sop_class_uid: str, path: str | None, size_bytes: int,

@@ -44,6 +44,7 @@ from pynetdicom.sop_class import Verification
 from dicomai import __version__, audit, fastnet, metrics, uid_cache
 from dicomai.acceptor import AcceptorServer, HandedOffServer
 from dicomai.config import ReceiverSettings
+from dicomai.copies import MAX_COPY_BYTES, CopyFlusher
 from dicomai.fast_store import StoreRequest
 from dicomai.logs import log_fields, uid_ref
 from dicomai.queue import InstanceRecord, OwnResultObject, Queue
@@ -313,12 +314,21 @@ def file_meta_bytes(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: 
     return struct.pack("<HH2sHI", 0x0002, 0x0000, b"UL", 4, len(body)) + body
 
 
-def _write_instance(spool: Spool, req: StoreRequest) -> tuple[Path, int]:
-    """Write the instance as received (Part 10: preamble, file meta, the peer's dataset bytes)
-    without joining them into one copy first; returns its path and size."""
+def _write_instance(spool: Spool, req: StoreRequest,
+                    copies: bool = False) -> tuple[Path, int, bytes | None]:
+    """Write the instance as received (Part 10: preamble, file meta, the peer's dataset
+    bytes); returns its path, its size and, with ``copies``, for an instance of at most
+    :data:`~dicomai.copies.MAX_COPY_BYTES`, its bytes: that file is not flushed, the bytes
+    are committed with the row instead (:mod:`dicomai.copies`). A larger instance is written
+    without joining its parts into one copy first, and flushed."""
     meta = file_meta_bytes(req.sop_class_uid, req.sop_instance_uid, str(req.transfer_syntax))
     with req.dataset.getbuffer() as data:
-        return spool.write_instance([_PREAMBLE, meta, data])
+        if copies and len(_PREAMBLE) + len(meta) + len(data) <= MAX_COPY_BYTES:
+            whole = b"".join((_PREAMBLE, meta, data))
+            path, size = spool.write_instance([whole], sync=False)
+            return path, size, whole
+        path, size = spool.write_instance([_PREAMBLE, meta, data])
+        return path, size, None
 
 
 def _read(req: StoreRequest) -> Dataset:
@@ -404,10 +414,13 @@ def store_instance(
     floor: Callable[[], int],
     clock: Callable[[], datetime],
     tally: Callable[[int, str], None] | None = None,
+    flusher: CopyFlusher | None = None,
 ) -> int:
     """Store one received instance; returns a DIMSE status and never raises.
 
-    Success is answered only after the file is fsynced and its row committed. Refused objects
+    Success is answered only after the file is fsynced and its row committed; with a
+    ``flusher``, a small instance's bytes are committed with its row instead and its file is
+    fsynced afterwards (:mod:`dicomai.copies`). Refused objects
     are quarantined with a reason code; resource problems answer 0xA700 so the sender retries.
     Both C-STORE paths call this: pynetdicom's EVT_C_STORE (:func:`handle_store`) and the
     fast path of :mod:`dicomai.fast_store`.
@@ -440,7 +453,7 @@ def store_instance(
             metrics.observe_refused("out_of_space")
             return STATUS_OUT_OF_RESOURCES
         try:
-            path, size = _write_instance(spool, req)
+            path, size, copy = _write_instance(spool, req, copies=flusher is not None)
         except OSError:
             logger.exception("could not write instance",
                              extra=log_fields("instance.write_failed", calling_ae=calling))
@@ -449,7 +462,8 @@ def store_instance(
         # sent back by the PACS) is found by the index and its copy removed. It is answered
         # Success so the sender is satisfied, but never analysed again (that would loop).
         try:
-            new, job_id = queue.record_instance(rec, str(path), size, calling, clock())
+            new, job_id = queue.record_instance(rec, str(path), size, calling, clock(),
+                                                copy=copy)
         except OwnResultObject:
             new, job_id = False, None
         except Exception:
@@ -460,6 +474,8 @@ def store_instance(
             return STATUS_OUT_OF_RESOURCES
         if new:
             metrics.observe_instance(size)
+            if copy is not None and flusher is not None:
+                flusher.add(str(path))
         else:  # a duplicate: keep the first copy (or none, for our own result)
             spool.discard_instance(path)
         if new and logger.isEnabledFor(logging.DEBUG):
@@ -491,6 +507,7 @@ def handle_store(
     floor: Callable[[], int],
     clock: Callable[[], datetime],
     tally: Callable[[int, str], None] | None = None,
+    flusher: CopyFlusher | None = None,
 ) -> int:
     """EVT_C_STORE handler (pynetdicom's path): :func:`store_instance` for the event."""
     try:
@@ -498,7 +515,7 @@ def handle_store(
     except Exception:
         logger.exception("store handler failed", extra=log_fields("instance.handler_failed"))
         return STATUS_OUT_OF_RESOURCES
-    return store_instance(req, spool, queue, floor, clock, tally)
+    return store_instance(req, spool, queue, floor, clock, tally, flusher)
 
 
 def handle_echo(event: evt.Event) -> int:
@@ -632,6 +649,8 @@ class Receiver:
         self.on_release: Callable[[], None] | None = None
         #: C-STORE requests served by the fast path (:mod:`dicomai.fast_store`) so far.
         self.fast_store_requests = 0
+        #: Flushes the files of small instances committed with their bytes (dicomai.copies).
+        self.copies = CopyFlusher(queue)
 
     @property
     def port(self) -> int:
@@ -662,7 +681,7 @@ class Receiver:
         with self._lock:
             self.fast_store_requests += 1
         return store_instance(req, self.spool, self.queue, lambda: self.min_free_bytes,
-                              self.clock, self._tally)
+                              self.clock, self._tally, self.copies)
 
     def _tally(self, assoc_key: int, study_uid: str) -> None:
         with self._lock:
@@ -761,6 +780,7 @@ class Receiver:
     def start(self) -> None:
         """Bind and serve in background threads."""
         uid_cache.install()  # standard UIDs of association requests converted once
+        self.copies.start()
         try:
             self.spool.prepare()  # the first spool files, before the first C-STORE
         except OSError:  # e.g. disk full: each C-STORE tries again and answers 0xA700
@@ -771,7 +791,8 @@ class Receiver:
         handlers = [
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_C_STORE, handle_store,
-             [self.spool, self.queue, lambda: self.min_free_bytes, self.clock, self._tally]),
+             [self.spool, self.queue, lambda: self.min_free_bytes, self.clock, self._tally,
+              self.copies]),
             (evt.EVT_CONN_OPEN, _on_conn_open,
              [self._serve_store if self.settings.fast_store else None]),
             (evt.EVT_ACCEPTED, self._on_accepted),
@@ -830,6 +851,7 @@ class Receiver:
             ae, server = self.ae, self.server
             self.ae = self.server = None
         if server is None or ae is None:
+            self.copies.stop(timeout)
             return
         server.shutdown()
         deadline = self.clock().timestamp() + timeout
@@ -839,4 +861,5 @@ class Receiver:
                and self.clock().timestamp() < deadline):
             threading.Event().wait(0.05)
         ae.shutdown()
+        self.copies.stop(timeout)
         logger.info("receiver stopped", extra=log_fields("receiver.stopped"))

@@ -16,6 +16,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import case, delete, func, select
 
 from dicomai.config import RouteSettings, SchedulerSettings, Settings
+from dicomai.copies import restore_copies
 from dicomai.db import Instance, Job
 from dicomai.errors import StateConflict
 from dicomai.leadership import Leadership
@@ -36,6 +37,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+#: Instance copies older than this are restored by the scheduler (their receiver is gone).
+COPY_MAX_AGE_SECONDS = 60.0
 
 _ROUTING_COLUMNS = (
     "series_instance_uid", "modality", "body_part", "series_number", "image_type",
@@ -401,6 +405,10 @@ class Scheduler:
             self._safe(lambda: self.active and purge_finished(
                 self.queue, self.spool, self.clock(), self.settings.spool.retention_days)),
             "interval", seconds=s.purge_interval_seconds, id="purge")
+        # copies a receiver process left behind (it died before flushing their files)
+        sched.add_job(self._safe(lambda: restore_copies(
+            self.queue, self.clock() - timedelta(seconds=COPY_MAX_AGE_SECONDS))),
+            "interval", seconds=COPY_MAX_AGE_SECONDS, id="copies")
         sched.start()
         self._sched = sched
 

@@ -40,7 +40,7 @@ from pathlib import Path
 
 from dicomai.logs import log_fields
 
-__all__ = ["EMPTY_SLOT_SWEEP_AGE", "SLOT_MAX_AGE", "SlotPool", "reap_dead_pools"]
+__all__ = ["EMPTY_SLOT_SWEEP_AGE", "SLOT_MAX_AGE", "SlotPool", "reap_dead_pools", "write_all"]
 
 #: A pool hands out a slot at most this long (seconds) after creating it.
 SLOT_MAX_AGE = 12 * 3600.0
@@ -52,7 +52,7 @@ logger = logging.getLogger(__name__)
 _fdatasync: Callable[[int], None] = getattr(os, "fdatasync", os.fsync)
 
 
-def _write_all(fd: int, chunks: Sequence[bytes | memoryview]) -> int:
+def write_all(fd: int, chunks: Sequence[bytes | memoryview]) -> int:
     """Write every chunk, in order, with as few system calls as the kernel allows (one
     ``writev`` usually); returns the number of bytes written."""
     views = [memoryview(chunk).cast("B") for chunk in chunks]
@@ -222,8 +222,10 @@ class SlotPool:
             self._add(batch)
         return self._take()
 
-    def write(self, chunks: Sequence[bytes | memoryview]) -> tuple[Path, int]:
-        """Write ``chunks`` into a free slot and ``fdatasync`` it; returns ``(path, size)``.
+    def write(self, chunks: Sequence[bytes | memoryview], *,
+              sync: bool = True) -> tuple[Path, int]:
+        """Write ``chunks`` into a free slot and ``fdatasync`` it (unless ``sync`` is False:
+        the caller makes the bytes durable otherwise); returns ``(path, size)``.
 
         Raises
         ------
@@ -241,8 +243,9 @@ class SlotPool:
             size = 0
             try:
                 try:
-                    size = _write_all(fd, chunks)
-                    _fdatasync(fd)
+                    size = write_all(fd, chunks)
+                    if sync:
+                        _fdatasync(fd)
                 finally:
                     os.close(fd)
             except BaseException:

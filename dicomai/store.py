@@ -61,17 +61,19 @@ class Spool:
                 continue
         return removed
 
-    def write_instance(self, chunks: Sequence[bytes | memoryview]) -> tuple[Path, int]:
+    def write_instance(self, chunks: Sequence[bytes | memoryview], *,
+                       sync: bool = True) -> tuple[Path, int]:
         """Write a received instance durably (data and size fsynced, in a file whose directory
-        entry was made durable beforehand); returns ``(path, size)``. The caller indexes the
-        path, or gives it back with :meth:`discard_instance`.
+        entry was made durable beforehand; with ``sync=False`` the caller makes the bytes
+        durable otherwise: see :mod:`dicomai.copies`); returns ``(path, size)``. The caller
+        indexes the path, or gives it back with :meth:`discard_instance`.
 
         Raises
         ------
         OSError
             Disk full or another I/O error; nothing is left to index.
         """
-        return self._slots.write(chunks)
+        return self._slots.write(chunks, sync=sync)
 
     def prepare(self) -> None:
         """Pre-create the first spool files for received instances (before receiving)."""

@@ -188,3 +188,41 @@ def test_a_pdu_announcing_gigabytes_costs_only_what_arrives(make_settings, tmp_p
         xray = synthetic.write_study([synthetic.make_xray("chest", rows=32, cols=32, seed=11)],
                                      tmp_path / "xr")
         assert store_mixed(daemon.receiver.port, xray[0]) == [0x0000, 0x0000, 0x0000]
+
+
+@pytest.mark.dcmtk
+def test_small_instances_flushed_after_success_and_restored_at_start(make_settings, tmp_path):
+    """Small images: committed with their bytes, then their files fsynced and the copies
+    dropped; a copy left by a crash is written back to its file when the daemon starts."""
+    from dicomai.db import InstanceCopy
+
+    xrays = synthetic.write_study(
+        [synthetic.make_xray("hand", rows=64, cols=64, seed=s) for s in range(20, 26)],
+        tmp_path / "xr")
+    settings = quiet(make_settings)
+
+    def copies(daemon: Daemon) -> list[tuple[str, bytes]]:
+        with daemon.queue.session() as s:
+            return [(p, bytes(d)) for p, d in s.execute(select(InstanceCopy.path,
+                                                               InstanceCopy.data))]
+
+    with running_daemon(settings, roles=["receiver"]) as daemon:
+        run = subprocess.run(["storescu", "-aet", "MODALITY", "-aec", "DICOMAI", "127.0.0.1",
+                              str(daemon.receiver.port), *map(str, xrays)],
+                             capture_output=True, text=True, timeout=60)
+        assert run.returncode == 0, run.stderr
+        deadline = time.monotonic() + 10
+        while copies(daemon) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert copies(daemon) == []
+        assert daemon.receiver.copies.flushed == len(xrays)
+        first = stored_path(daemon, xrays[0])
+        data = first.read_bytes()
+        with daemon.queue.session() as s, s.begin():  # as a machine crash would leave it
+            instance_id = s.scalar(select(Instance.id).where(Instance.path == str(first)))
+            s.add(InstanceCopy(instance_id=instance_id, path=str(first), data=data))
+    first.write_bytes(b"")
+    with running_daemon(settings, roles=["receiver"]) as daemon:
+        assert copies(daemon) == []
+        assert first.read_bytes() == data
+        assert dataset_bytes(first) == dataset_bytes(xrays[0])

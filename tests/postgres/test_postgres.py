@@ -54,6 +54,7 @@ def test_upgrade_old_schema_keeps_data(backend, tmp_path, request):
     before, after = upgrade(engine)
     assert (before, after) == ("0001", head_revision())
     assert inspect(engine).has_table("quarantine")
+    assert inspect(engine).has_table("instance_copies")
     assert "released_at" in {c["name"] for c in inspect(engine).get_columns("jobs")}
     with make_session_factory(engine)() as s:
         job = s.scalar(select(Job))
