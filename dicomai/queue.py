@@ -150,15 +150,19 @@ class _FileLock:
 
     Processes that would otherwise meet in SQLite's busy handler (which sleeps and retries)
     wait in the kernel and continue as soon as the lock is released. Threads of one process
-    are already serialized by the group commit. Without a usable lock file it does nothing.
+    (the group commit's leader, the copy flusher of :mod:`dicomai.copies`) take a thread lock
+    first: ``flock`` does not exclude them from each other. Without a usable lock file only
+    the thread lock is taken.
     """
 
     def __init__(self, path: str) -> None:
         self.path = path
         self._fd: int | None = None
         self._failed = False
+        self._threads = threading.Lock()
 
     def __enter__(self) -> None:
+        self._threads.acquire()
         if self._fd is None and not self._failed:
             try:
                 self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -167,11 +171,18 @@ class _FileLock:
                 logger.warning("no record lock file; SQLite's busy handler only",
                                extra=log_fields("queue.record_lock_unavailable"))
         if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX)
+            except BaseException:
+                self._threads.release()
+                raise
 
     def __exit__(self, *exc: object) -> None:
-        if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
+        try:
+            if self._fd is not None:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+        finally:
+            self._threads.release()
 
     def __del__(self) -> None:
         if self._fd is not None:

@@ -441,3 +441,23 @@ def test_supported_contexts_copy_is_as_independent_as_deepcopy() -> None:
     cheap[0].result = 0
     assert original[0].transfer_syntax == [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
     assert original[0].result is None
+
+
+def test_record_lock_excludes_threads_of_one_process(tmp_path: Path) -> None:
+    """flock alone lets two threads of one process in at once (one open file); the record
+    lock must not: the group commit's leader and the copy flusher both write."""
+    from dicomai.queue import _FileLock
+
+    lock, order = _FileLock(str(tmp_path / "db.record-lock")), []
+
+    def other() -> None:
+        with lock:
+            order.append("other")
+
+    with lock:
+        t = threading.Thread(target=other)
+        t.start()
+        time.sleep(0.2)
+        order.append("first")
+    t.join(5)
+    assert order == ["first", "other"]
