@@ -20,23 +20,12 @@ from sqlalchemy.engine import Engine
 
 from dicomai import copies, receiver, synthetic
 from dicomai.copies import MAX_COPY_BYTES, CopyFlusher, restore_copies
-from dicomai.db import Instance, InstanceCopy, create_all, make_engine, make_session_factory
+from dicomai.db import Instance, InstanceCopy, make_session_factory
 from dicomai.fast_store import StoreRequest
 from dicomai.queue import Queue
 from dicomai.store import Spool
-from tests.conftest import TEST_DATABASE
 
 T0 = datetime(2026, 11, 27, 8, 0, tzinfo=UTC)
-
-
-@pytest.fixture
-def engine(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Engine]:
-    url = (str(request.getfixturevalue("pg_url")) if TEST_DATABASE == "postgres"
-           else f"sqlite:///{tmp_path / 'dicomai.db'}")
-    eng = make_engine(url)
-    create_all(eng)
-    yield eng
-    eng.dispose()
 
 
 @pytest.fixture

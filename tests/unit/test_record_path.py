@@ -28,20 +28,8 @@ from dicomai import fastnet
 from dicomai.db import Base, Instance, Job, JobEvent, create_all, make_engine, make_session_factory
 from dicomai.queue import InstanceRecord, JobState, Queue
 from dicomai.receiver import file_meta_bytes
-from tests.conftest import TEST_DATABASE
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
-
-
-@pytest.fixture
-def engine(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Engine]:
-    """SQLite, or a fresh PostgreSQL database with ``DICOMAI_TEST_DATABASE=postgres``."""
-    url = (str(request.getfixturevalue("pg_url")) if TEST_DATABASE == "postgres"
-           else f"sqlite:///{tmp_path / 'dicomai.db'}")
-    eng = make_engine(url)
-    create_all(eng)
-    yield eng
-    eng.dispose()
 
 
 def rec(study: str, sop: str) -> InstanceRecord:
