@@ -212,7 +212,8 @@ def test_small_instances_flushed_after_success_and_restored_at_start(make_settin
                              capture_output=True, text=True, timeout=60)
         assert run.returncode == 0, run.stderr
         deadline = time.monotonic() + 10
-        while copies(daemon) and time.monotonic() < deadline:
+        while ((copies(daemon) or daemon.receiver.copies.flushed < len(xrays))
+               and time.monotonic() < deadline):
             time.sleep(0.05)
         assert copies(daemon) == []
         assert daemon.receiver.copies.flushed == len(xrays)

@@ -74,7 +74,7 @@ def test_small_instance_committed_with_its_bytes_then_flushed(
         assert conn.scalar(select(func.count()).select_from(Instance)) == 2
     flusher.start()  # flushes on its own, without waiting for a full batch or a stop
     deadline = time.monotonic() + 5
-    while copies_in(engine) and time.monotonic() < deadline:
+    while (copies_in(engine) or flusher.flushed < 1) and time.monotonic() < deadline:
         time.sleep(0.01)
     assert copies_in(engine) == {} and flusher.flushed == 1 and len(flushed) == 1
     flusher.stop()
