@@ -209,6 +209,10 @@ class DestinationSettings(_Section):
     emit_text_sr: bool = False
     emit_failure_notice: bool = False  # Basic Text SR when a routed study fails for good
     emit_ko: bool = False  # Key Object Selection flagging the images the SR refers to
+    # Segmentation of where present findings are, overlaid by the viewer; skipped (not failed)
+    # when the destination does not accept the Segmentation Storage SOP class.
+    emit_seg: bool = True
+    sc_heatmap: Literal["positive", "always", "never"] = "positive"  # when the SC shows a map
 
     @field_validator("ae_title")
     @classmethod

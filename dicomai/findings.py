@@ -106,6 +106,9 @@ class Findings:
         Class activation map in [0, 1] (any size) per key image, for the top label.
     top_label
         Label the heat maps show (highest study score), or ``None``.
+    label_heatmaps
+        Class activation map in [0, 1] per label present in the study, on each image where that
+        label's own score reaches its threshold: where the model found it (SR regions, SEG).
     started
         When inference started (aware UTC); pins ContentDate/Time of the SR.
     """
@@ -119,6 +122,7 @@ class Findings:
     started: datetime
     heatmaps: Mapping[str, np.ndarray] = field(default_factory=dict)
     top_label: str | None = None
+    label_heatmaps: Mapping[str, Mapping[str, np.ndarray]] = field(default_factory=dict)
 
     def is_present(self, label: str) -> bool:
         """Whether the study-level score of ``label`` reaches its threshold."""

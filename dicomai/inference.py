@@ -336,6 +336,12 @@ def analyse(
     n_key = _CT_MAX_KEY_SLICES if task is Task.HEAD_CT_ICH else 1
     key_idx = [int(i) for i in order[:n_key]]
     heatmaps = {} if cams is None else {uids[i]: cams[i, top_index] for i in key_idx}
+    label_heatmaps: dict[str, dict[str, np.ndarray]] = {}
+    if cams is not None:
+        for j, label in enumerate(labels):
+            if study_scores[label] >= thresholds[label]:
+                hits = np.flatnonzero(probs[:, j] >= thresholds[label])
+                label_heatmaps[label] = {uids[int(i)]: cams[int(i), j] for i in hits}
     return Findings(
         model=predictor.identity,
         labels=labels,
@@ -349,4 +355,5 @@ def analyse(
         started=started,
         heatmaps=heatmaps,
         top_label=top_label,
+        label_heatmaps=label_heatmaps,
     )

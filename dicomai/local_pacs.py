@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,17 +31,21 @@ class ReceivedObject:
 class LocalPacs:
     """Storage SCP on loopback that keeps every received dataset in memory (and on disk).
 
-    ``status_fn`` lets a test answer with another status (e.g. 0xA700) per instance.
+    ``status_fn`` lets a test answer with another status (e.g. 0xA700) per instance;
+    ``refuse_sop_classes`` are storage SOP classes it does not accept (no presentation
+    context), like a PACS that does not support them.
     """
 
     def __init__(self, ae_title: str = "PACS", host: str = "127.0.0.1", port: int = 0,
                  store_dir: Path | None = None,
-                 status_fn: Callable[[Dataset], int] | None = None) -> None:
+                 status_fn: Callable[[Dataset], int] | None = None,
+                 refuse_sop_classes: Sequence[str] = ()) -> None:
         self.ae_title = ae_title
         self.host = host
         self.requested_port = port
         self.store_dir = store_dir
         self.status_fn = status_fn
+        self.refuse_sop_classes = frozenset(refuse_sop_classes)
         self.received: list[ReceivedObject] = []
         self._lock = threading.Lock()
         self._ae: AE | None = None
@@ -76,7 +80,8 @@ class LocalPacs:
         ae = AE(ae_title=self.ae_title)
         ae.add_supported_context(Verification)
         for cx in StoragePresentationContexts:
-            ae.add_supported_context(cx.abstract_syntax)
+            if cx.abstract_syntax not in self.refuse_sop_classes:
+                ae.add_supported_context(cx.abstract_syntax)
         self._server = ae.start_server((self.host, self.requested_port), block=False,
                                        evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
         self._ae = ae

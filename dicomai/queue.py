@@ -65,6 +65,15 @@ class JobState(enum.StrEnum):
     CANCELLED = "cancelled"  # terminal: operator action
 
 
+class ResultState(enum.StrEnum):
+    """Where one result object is in its delivery to one destination."""
+
+    PENDING = "pending"  # waiting to be sent (again)
+    SENT = "sent"  # accepted by the destination
+    FAILED = "failed"  # refused for good, or its destination was removed
+    SKIPPED = "skipped"  # optional object (SEG) whose SOP class the destination does not accept
+
+
 S = JobState
 ALLOWED_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     S.RECEIVING: frozenset({S.QUEUED, S.SKIPPED}),
@@ -849,7 +858,7 @@ class Queue:
             row.status_code = status_code
             row.attempts += 1
             row.last_error = error
-            if state == "sent":
+            if state == ResultState.SENT:
                 row.sent_at = now
 
     # -- operator actions --------------------------------------------------------------
@@ -887,10 +896,11 @@ class Queue:
                 raise StateConflict(f"job {job_id} is not failed")
             results = list(s.scalars(select(ResultObject).where(ResultObject.job_id == job_id)))
             notice = bool((job.findings or {}).get("failure_notice"))
-            unsent = [r for r in results if r.state != "sent"]
+            done = (ResultState.SENT, ResultState.SKIPPED)
+            unsent = [r for r in results if r.state not in done]
             dst = S.OUTBOX if results and unsent and not notice else S.QUEUED
             for r in unsent:
-                r.state, r.last_error = "pending", None
+                r.state, r.last_error = ResultState.PENDING, None
             fields: dict[str, Any] = {"not_before": None, "claimed_by": None, "finished_at": None,
                                       "last_error": None, "send_attempts": 0}
             if dst is S.QUEUED:

@@ -21,7 +21,7 @@ from dicomai import audit, metrics
 from dicomai.config import DestinationSettings, Settings
 from dicomai.errors import StateConflict
 from dicomai.logs import log_fields
-from dicomai.queue import JobState, Queue, RetryPolicy
+from dicomai.queue import JobState, Queue, ResultState, RetryPolicy
 from dicomai.scheduler import claimer_name
 
 __all__ = ["Outcome", "SendCancel", "SendItem", "SendReport", "Sender", "classify_status",
@@ -36,6 +36,17 @@ class Outcome(StrEnum):
     SENT = "sent"
     RETRY = "retry"
     REFUSED = "refused"
+    SKIPPED = "skipped"  # an optional object whose SOP class the destination does not accept
+
+
+#: Result kinds a destination may decline (its SOP class not accepted) without failing the job.
+OPTIONAL_KINDS = frozenset({"seg"})
+_RESULT_STATE = {
+    Outcome.SENT: ResultState.SENT,
+    Outcome.RETRY: ResultState.PENDING,
+    Outcome.REFUSED: ResultState.FAILED,
+    Outcome.SKIPPED: ResultState.SKIPPED,
+}
 
 
 def classify_status(status: int | None) -> Outcome:
@@ -56,6 +67,8 @@ class SendItem:
     result_id: int
     path: str
     sop_class_uid: str
+    #: Sent where the destination accepts its SOP class, skipped (not failed) elsewhere.
+    optional: bool = False
 
 
 @dataclass(slots=True)
@@ -161,7 +174,8 @@ def send_objects(
                 ds = pydicom.dcmread(item.path)
                 status_ds = assoc.send_c_store(ds)
             except ValueError as exc:  # no accepted presentation context for the SOP class
-                report.outcomes[item.result_id] = (Outcome.REFUSED, None,
+                outcome = Outcome.SKIPPED if item.optional else Outcome.REFUSED
+                report.outcomes[item.result_id] = (outcome, None,
                                                    f"SOP class not accepted: {exc}"[:300])
                 continue
             except Exception as exc:
@@ -266,7 +280,7 @@ class Sender:
                 items: Sequence[SendItem], report: SendReport) -> None:
         now = self.clock()
         for result_id, (outcome, status, error) in report.outcomes.items():
-            state = {"sent": "sent", "retry": "pending", "refused": "failed"}[outcome.value]
+            state = _RESULT_STATE[outcome]
             self.queue.mark_result(result_id, state=state, status_code=status, error=error,
                                    now=now)
             metrics.observe_send(dest.name, outcome.value)
@@ -284,20 +298,21 @@ class Sender:
 
     def deliver(self, job_id: int, send_attempts: int) -> None:
         """Send every pending object of a SENDING job and choose its next state."""
-        rows = [r for r in self.queue.results_for(job_id) if r.state == "pending"]
+        rows = [r for r in self.queue.results_for(job_id) if r.state == ResultState.PENDING]
         by_dest: dict[str, list[SendItem]] = {}
         configured = {d.name for d in self.settings.destinations}
         outcomes: list[Outcome] = []
         errors: list[str] = []
         for r in rows:
             if r.destination not in configured:  # removed from the configuration (reload)
-                self.queue.mark_result(r.id, state="failed", status_code=None,
+                self.queue.mark_result(r.id, state=ResultState.FAILED, status_code=None,
                                        error="destination no longer configured",
                                        now=self.clock())
                 outcomes.append(Outcome.REFUSED)
                 errors.append(f"{r.destination}: no longer configured")
                 continue
-            by_dest.setdefault(r.destination, []).append(SendItem(r.id, r.path, r.sop_class_uid))
+            by_dest.setdefault(r.destination, []).append(
+                SendItem(r.id, r.path, r.sop_class_uid, optional=r.kind in OPTIONAL_KINDS))
         job = self.queue.get_job(job_id)
         study_uid = self.queue.study_uid(job)
         started = time.perf_counter()

@@ -119,7 +119,8 @@ def _disk(settings: Settings) -> dict[str, Any]:
 def _dest(d: Any, stats: dict[str, Any]) -> dict[str, Any]:
     return {"name": d.name, "ae_title": d.ae_title, "host": d.host, "port": d.port,
             "pending": stats.get("pending", 0), "sent": stats.get("sent", 0),
-            "failed": stats.get("failed", 0), "last_sent_at": stats.get("last_sent_at"),
+            "failed": stats.get("failed", 0), "skipped": stats.get("skipped", 0),
+            "last_sent_at": stats.get("last_sent_at"),
             "last_error": stats.get("last_error")}
 
 

@@ -27,7 +27,7 @@ from dicomai.models.backend import ModelBackend, TorchScriptBackend
 from dicomai.models.reference import ensure_model_file
 from dicomai.models.registry import ModelRegistry
 from dicomai.prepare import DecodePool, PreparedInputs
-from dicomai.queue import JobState, Queue, RetryPolicy
+from dicomai.queue import JobState, Queue, ResultState, RetryPolicy
 from dicomai.results import ResultOptions, build_failure_notice, build_results
 from dicomai.scheduler import claimer_name
 from dicomai.store import Spool
@@ -41,7 +41,7 @@ def options_for(dest: DestinationSettings) -> ResultOptions:
     """Result flavour a destination asked for."""
     return ResultOptions(
         sr_sop_class=dest.sr_sop_class, emit_sc=dest.emit_sc, emit_text_sr=dest.emit_text_sr,
-        emit_ko=dest.emit_ko,
+        emit_ko=dest.emit_ko, emit_seg=dest.emit_seg, sc_heatmap=dest.sc_heatmap,
     )
 
 
@@ -324,7 +324,7 @@ class Worker:
                 sop_class_uid=str(notice.SOPClassUID),
                 sop_instance_uid=str(notice.SOPInstanceUID),
                 series_instance_uid=str(notice.SeriesInstanceUID), path=str(path),
-                state="pending"))
+                state=ResultState.PENDING))
         return out
 
     def _source_paths(self, job_id: int) -> list[str]:
@@ -412,7 +412,8 @@ class Worker:
                 rows.append(ResultObject(
                     job_id=job_id, destination=dest_name, kind=kind,
                     sop_class_uid=str(ds.SOPClassUID), sop_instance_uid=str(ds.SOPInstanceUID),
-                    series_instance_uid=str(ds.SeriesInstanceUID), path=path, state="pending"))
+                    series_instance_uid=str(ds.SeriesInstanceUID), path=path,
+                    state=ResultState.PENDING))
         elapsed = time.perf_counter() - t0
         with self.queue.session() as s, s.begin():
             self.queue.add_results(job_id, rows, session=s)
@@ -434,4 +435,6 @@ def _kind(ds: Dataset) -> str:
         return "text-sr" if ds.SOPClassUID == pydicom.uid.BasicTextSRStorage else "sr"
     if modality == "KO":
         return "ko"
+    if modality == "SEG":
+        return "seg"
     return "sc"

@@ -10,7 +10,8 @@
 -- dicomai, over one association, every instance of the study that
 --   1. was not stored by dicomai (instance metadata RemoteAET ~= dicomai's AE title),
 --   2. is not in one of dicomai's result series (SeriesDescription "AI RESULT...",
---      "AI OVERLAY...", "AI NOT COMPLETED..."; a second guard, e.g. for results imported
+--      "AI OVERLAY...", "AI REGIONS...", "AI KEY IMAGES...", "AI NOT COMPLETED..."; a second
+--      guard, e.g. for results imported
 --      through the REST API, which have no RemoteAET), and
 --   3. was not forwarded before (instance metadata ForwardedToDicomai is absent).
 -- After a successful send each forwarded instance is marked ForwardedToDicomai. Results coming
@@ -22,7 +23,8 @@
 
 local MODALITY = 'dicomai'                 -- name of the entry in "DicomModalities"
 local MARK = 'ForwardedToDicomai'          -- name declared in "UserMetadata"
-local RESULT_SERIES = { 'AI RESULT', 'AI OVERLAY', 'AI NOT COMPLETED' }
+local RESULT_SERIES = { 'AI RESULT', 'AI OVERLAY', 'AI REGIONS', 'AI KEY IMAGES',
+                        'AI NOT COMPLETED' }
 
 local function Trim(s)
    return (string.gsub(s or '', '^%s*(.-)%s*$', '%1'))

@@ -14,9 +14,12 @@ from pydicom.dataset import Dataset
 
 from dicomai.findings import Findings, ModelIdentity, Task
 from dicomai.results.codes import CodeStatus, LabelCode, table_for
+from dicomai.results.common import check_findings, check_sources
 from dicomai.results.ko import build_ko
-from dicomai.results.sc import build_sc_series
-from dicomai.results.sr import SR_CLASSES, build_sr, check_findings, check_sources
+from dicomai.results.regions import locate
+from dicomai.results.sc import HEATMAP_CHOICES, build_sc_series
+from dicomai.results.seg import build_seg
+from dicomai.results.sr import SR_CLASSES, build_sr
 from dicomai.results.text_sr import build_failure_text_sr, build_text_sr
 
 __all__ = [
@@ -50,9 +53,16 @@ class ResultOptions:
     max_slice_groups
         Most per-slice groups in a CT SR.
     series_number_base
-        SR series is base + 1, SC base + 2, text SR and failure notice base + 3, KOS base + 4.
+        SR series is base + 1, SC base + 2, text SR and failure notice base + 3, KOS base + 4,
+        SEG base + 5.
     emit_ko
         Also emit a Key Object Selection flagging the key and positive images.
+    emit_seg
+        Emit a Segmentation of the regions where present findings were found, which viewers
+        overlay on the source images (none when nothing is present).
+    sc_heatmap
+        When the SC shows a heat map: ``"positive"`` (a finding at or above its threshold),
+        ``"always"`` or ``"never"``.
     """
 
     sr_sop_class: str = "comprehensive3d"
@@ -62,6 +72,8 @@ class ResultOptions:
     max_slice_groups: int = 50
     series_number_base: int = 9100
     emit_ko: bool = False
+    emit_seg: bool = True
+    sc_heatmap: str = "positive"
 
     def __post_init__(self) -> None:
         if self.sr_sop_class not in _SR_SOP_CLASSES:
@@ -70,8 +82,10 @@ class ResultOptions:
             raise ValueError('Argument "sc_max_images" must not be negative.')
         if self.max_slice_groups < 0:
             raise ValueError('Argument "max_slice_groups" must not be negative.')
-        if not 0 <= self.series_number_base <= _MAX_IS - 4:
-            raise ValueError('Argument "series_number_base" must be in [0, 2147483643].')
+        if not 0 <= self.series_number_base <= _MAX_IS - 5:
+            raise ValueError('Argument "series_number_base" must be in [0, 2147483642].')
+        if self.sc_heatmap not in HEATMAP_CHOICES:
+            raise ValueError(f'Argument "sc_heatmap" must be one of {list(HEATMAP_CHOICES)}.')
 
 
 def build_results(
@@ -99,8 +113,9 @@ def build_results(
     Returns
     -------
     list[pydicom.dataset.Dataset]
-        The SR (if any), then the Basic Text SR (if asked for), then the SC images. Equal
-        inputs give equal Series and SOP Instance UIDs.
+        The SR (if any), then the Basic Text SR (if asked for), the SC images, the KOS (if
+        asked for) and the Segmentations (if any region was found). Equal inputs give equal
+        Series and SOP Instance UIDs.
 
     Raises
     ------
@@ -112,8 +127,10 @@ def build_results(
     if not isinstance(options, ResultOptions):
         raise TypeError('Argument "options" must be a ResultOptions.')
     check_sources(sources)
-    check_findings(sources, findings)
+    table = check_findings(sources, findings)
     base = options.series_number_base
+    wants_regions = options.sr_sop_class != "none" or options.emit_seg
+    regions = locate(sources, findings) if wants_regions else {}
     out: list[Dataset] = []
     if options.sr_sop_class != "none":
         out.append(
@@ -124,6 +141,7 @@ def build_results(
                 series_number=base + 1,
                 max_slice_groups=options.max_slice_groups,
                 previous_sr_refs=previous_sr_refs,
+                regions=regions,
             )
         )
     if options.emit_text_sr:
@@ -132,9 +150,19 @@ def build_results(
         limit = options.sc_max_images
         if limit is None:
             limit = _DEFAULT_SC_IMAGES[findings.model.task]
-        out.extend(build_sc_series(sources, findings, series_number=base + 2, max_images=limit))
+        out.extend(
+            build_sc_series(
+                sources,
+                findings,
+                series_number=base + 2,
+                max_images=limit,
+                heatmap=options.sc_heatmap,
+            )
+        )
     if options.emit_ko:
         out.append(build_ko(sources, findings, series_number=base + 4))
+    if options.emit_seg:
+        out.extend(build_seg(sources, findings, table, regions, series_number=base + 5))
     return out
 
 

@@ -150,10 +150,14 @@ HEAD_CT_ICH: Mapping[str, LabelCode] = MappingProxyType(
             _S,
             "Intraparenchymal hemorrhage",
         ),
-        # Fallback: 1386000 + Brain ventricle (35764002, DICOM CID 7151); covers the 3rd and 4th
-        # ventricles, which Lateral Ventricle (66720007) would not.
+        # Fallback: a private code (not 1386000, which "any" uses: two rows of one study would
+        # then read "Intracranial hemorrhage" twice), finding site Brain ventricle (35764002,
+        # DICOM CID 7151), which covers the 3rd and 4th ventricles too.
         "intraventricular": LabelCode(
-            ICH, codes.SCT.BrainVentricle, _U, "Intraventricular hemorrhage"
+            _private("ICH-INTRAVENT", "Intraventricular hemorrhage"),
+            codes.SCT.BrainVentricle,
+            _U,
+            "Intraventricular hemorrhage",
         ),
         "subarachnoid": LabelCode(
             Code("21454007", "SCT", "Subarachnoid hemorrhage"),

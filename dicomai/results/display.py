@@ -1,20 +1,30 @@
-"""Render a source image for display and burn a heat map and a caption into it."""
+"""Render a source image for display and compose the Secondary Capture picture: the image,
+its heat map and a text panel beside it."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import highdicom as hd
 import numpy as np
 import pydicom.pixels
 from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
+from scipy import ndimage
 
 from dicomai.decode import decode_reduced
 from dicomai.errors import UnsupportedInput
+from dicomai.results.heatmap import (
+    DEFAULT_CUTOFF,
+    activation_on_grid,
+    body_mask,
+    colour_ramp,
+    hot_region,
+)
 
-__all__ = ["MAX_SIDE", "MIN_SIDE", "display_rgb", "fit_size", "overlay", "resize_rgb"]
+__all__ = ["MAX_SIDE", "MIN_SIDE", "HeatLayer", "compose", "display_rgb", "fit_size", "resize_rgb"]
 
 #: Longest side of a Secondary Capture at most (a 2k x 2k RGB SC would be 12 MB).
 MAX_SIDE = 1024
@@ -53,7 +63,7 @@ def display_rgb(src: Dataset, *, frame: int = 0, max_side: int | None = None) ->
     max_side
         The image will be shown with its longest side at most this long: a greyscale JPEG 2000
         or JPEG baseline frame is then decoded at the smallest resolution level whose longest
-        side is still at least ``max_side`` (a 2500×2000 radiograph: 1250×1000, about 4×
+        side is still at least ``max_side`` (a 2500 x 2000 radiograph: 1250 x 1000, about 4 times
         faster than a full decode).
 
     Returns
@@ -129,59 +139,133 @@ def resize_rgb(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(rgb).resize((columns, rows), method))
 
 
-def overlay(
-    rgb: np.ndarray,
-    heat: np.ndarray | None = None,
-    boxes: Sequence[tuple[int, int, int, int]] = (),
-    caption: str = "",
-) -> np.ndarray:
-    """Burn a heat map, boxes and a caption into a uint8 RGB image.
+@dataclass(frozen=True, slots=True)
+class HeatLayer:
+    """A heat map to draw on an image: the coarse map and how to show it.
+
+    Attributes
+    ----------
+    cam
+        The model's class activation map, any size, values in [0, 1].
+    cutoff
+        Fraction of the peak at or above which the map is drawn.
+    title
+        What the map shows, for the scale, e.g. "Pneumothorax".
+    """
+
+    cam: np.ndarray
+    cutoff: float = DEFAULT_CUTOFF
+    title: str = ""
+
+
+def compose(rgb: np.ndarray, lines: Sequence[str], heat: HeatLayer | None = None) -> np.ndarray:
+    """The Secondary Capture picture: the image, the heat map where it is high and inside the
+    body, and a text panel beside the image (never over it) with a labelled colour scale.
 
     Parameters
     ----------
     rgb
-        ``(rows, columns, 3)`` uint8.
+        ``(rows, columns, 3)`` uint8: the source as displayed.
+    lines
+        Text of the panel; the first line is the title, drawn larger.
     heat
-        2D map in [0, 1] at any size (stretched to the image); values under 0.3 stay clear.
-    boxes
-        ``(col0, row0, col1, row1)`` in the image's pixels, drawn in yellow.
-    caption
-        Text drawn white on black at the top left, wrapped to the image width.
+        Heat map to draw, or ``None``.
 
     Returns
     -------
     numpy.ndarray
-        A new ``(rows, columns, 3)`` uint8 array.
+        ``(rows', columns + panel, 3)`` uint8, ``rows' >= rows`` (taller only when the text
+        needs it); the image keeps its pixels at the top left.
     """
     rows, columns, _ = rgb.shape
-    out = rgb.astype(np.float64)
+    image = rgb
     if heat is not None:
-        heat = np.squeeze(np.asarray(heat, dtype=np.float64))
-        if heat.ndim != 2:
-            raise ValueError('Argument "heat" must be a 2D array.')
-        heat = np.nan_to_num(np.clip(heat, 0.0, 1.0))
-        h = (
-            np.asarray(
-                Image.fromarray(np.uint8(np.round(255 * heat))).resize(
-                    (columns, rows), Image.Resampling.BILINEAR
-                )
-            )
-            / 255.0
+        image = _draw_heat(rgb, heat)
+    size = max(14, min(rows, columns) // 40)
+    font = ImageFont.load_default(size=size)
+    title_font = ImageFont.load_default(size=round(size * 1.25))
+    panel_width = max(320, round(columns * 0.42))
+    margin = max(8, size // 2)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    blocks = [(_wrap(measure, lines[0], title_font, panel_width - 2 * margin), title_font)]
+    blocks += [(_wrap(measure, line, font, panel_width - 2 * margin), font) for line in lines[1:]]
+    heights = [
+        measure.multiline_textbbox((0, 0), text, font=f, spacing=size // 3)[3] + size // 2
+        for text, f in blocks
+    ]
+    scale_text = ""
+    if heat is not None:
+        label = f"Heat map: {heat.title}" if heat.title else "Heat map"
+        scale_text = _wrap(
+            measure,
+            f"{label}. Relative activation of the model, drawn from {100 * heat.cutoff:.0f}% "
+            "of its peak, inside the body only.",
+            font,
+            panel_width - 2 * margin,
         )
-        colour = np.stack([np.clip(1.5 - abs(4 * h - c), 0, 1) for c in (3, 2, 1)], -1) * 255
-        alpha = 0.4 * (h > 0.3)[..., None]
-        out = out * (1 - alpha) + colour * alpha
-    img = Image.fromarray(np.clip(out, 0, 255).astype(np.uint8))
-    draw = ImageDraw.Draw(img)
-    for box in boxes:
-        draw.rectangle(tuple(box), outline=(255, 255, 0), width=max(2, columns // 400))
-    if caption:
-        font = ImageFont.load_default(size=max(12, min(rows, columns) // 40))
-        text = _wrap(draw, caption, font, columns - 16)
-        *_, right, bottom = draw.multiline_textbbox((8, 8), text, font=font)
-        draw.rectangle((0, 0, min(right + 8, columns - 1), min(bottom + 8, rows - 1)), fill=0)
-        draw.multiline_text((8, 8), text, font=font, fill=(255, 255, 255))
-    return np.asarray(img)
+    scale_height = 0
+    if scale_text:
+        text_height = measure.multiline_textbbox((0, 0), scale_text, font=font, spacing=size // 3)
+        scale_height = text_height[3] + 3 * size
+    needed = margin + sum(heights) + scale_height + 2 * margin
+    canvas = Image.new("RGB", (columns + panel_width, max(rows, needed)), (0, 0, 0))
+    canvas.paste(Image.fromarray(image), (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    draw.line([(columns, 0), (columns, canvas.height)], fill=(90, 90, 90), width=1)
+    y = margin
+    for (text, f), height in zip(blocks, heights, strict=True):
+        colour = (255, 214, 0) if f is title_font else (255, 255, 255)
+        draw.multiline_text((columns + margin, y), text, font=f, fill=colour, spacing=size // 3)
+        y += height
+    if heat is not None:
+        _draw_scale(draw, (columns + margin, y + margin), panel_width - 2 * margin, size, font,
+                    heat, scale_text)  # fmt: skip
+    return np.asarray(canvas)
+
+
+def _draw_heat(rgb: np.ndarray, heat: HeatLayer) -> np.ndarray:
+    """Blend the ramp into ``rgb`` where the activation is at or above the cutoff inside the
+    body, more opaque where it is higher, with a thin outline around the region."""
+    rows, columns, _ = rgb.shape
+    activation = activation_on_grid(heat.cam, (rows, columns))
+    region = hot_region(activation, body_mask(rgb), heat.cutoff)
+    if region is None:
+        return rgb
+    t = np.clip((activation - heat.cutoff) / max(1.0 - heat.cutoff, 1e-6), 0.0, 1.0)
+    ramp = colour_ramp()
+    colour = ramp[np.round(t * (len(ramp) - 1)).astype(np.intp)].astype(np.float32)
+    alpha = np.where(region.mask, 0.35 + 0.30 * t, 0.0)[..., None]
+    out = rgb.astype(np.float32) * (1.0 - alpha) + colour * alpha
+    width = max(1, min(rows, columns) // 400)
+    edge = region.mask & ~ndimage.binary_erosion(region.mask, iterations=width)
+    out[edge] = ramp[0]
+    return np.clip(np.round(out), 0, 255).astype(np.uint8)
+
+
+def _draw_scale(
+    draw: ImageDraw.ImageDraw,
+    origin: tuple[int, int],
+    width: int,
+    size: int,
+    font: ImageFont.ImageFont | ImageFont.FreeTypeFont,
+    heat: HeatLayer,
+    text: str,
+) -> None:
+    """``text``, then a colour bar from the cutoff to the peak with its end labels."""
+    x0, y0 = origin
+    draw.multiline_text((x0, y0), text, font=font, fill=(255, 255, 255), spacing=size // 3)
+    bar_top = y0 + draw.multiline_textbbox((0, 0), text, font=font, spacing=size // 3)[3]
+    bar_top += size // 2
+    ramp = colour_ramp(max(width, 2))
+    for x in range(width):
+        draw.line(
+            [(x0 + x, bar_top), (x0 + x, bar_top + size)], fill=tuple(int(v) for v in ramp[x])
+        )
+    ticks_y = bar_top + size + 2
+    draw.text((x0, ticks_y), f"{100 * heat.cutoff:.0f}% of peak", font=font, fill=(200, 200, 200))
+    right = "peak"
+    draw.text((x0 + width - draw.textlength(right, font=font), ticks_y), right, font=font,
+              fill=(200, 200, 200))  # fmt: skip
 
 
 def _wrap(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont,

@@ -9,7 +9,13 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from dicomai.findings import Findings, result_uid
-from dicomai.results.sr import model_line, no_name_warnings, uid_key, with_type2_defaults
+from dicomai.results.common import (
+    model_line,
+    no_name_warnings,
+    stamp_series_time,
+    uid_key,
+    with_type2_defaults,
+)
 
 __all__ = ["build_ko", "flagged_uids"]
 
@@ -53,19 +59,35 @@ def build_ko(sources: Sequence[Dataset], findings: Findings, *, series_number: i
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=findings.model.device_uid, name=findings.model.name,
-            manufacturer_name=findings.model.vendor, model_name=findings.model.name))
+            uid=findings.model.device_uid,
+            name=findings.model.name,
+            manufacturer_name=findings.model.vendor,
+            model_name=findings.model.name,
+        ),
+    )
     positive = ", ".join(findings.positive_labels) or "no finding above threshold"
-    description = (f"AI key images ({positive}); {model_line(findings.model)}; "
-                   f"{findings.model.description}; not for diagnostic use")[:1024]
+    description = (
+        f"AI key images ({positive}); {model_line(findings.model)}; "
+        f"{findings.model.description}; not for diagnostic use"
+    )[:1024]
     content = hd.ko.KeyObjectSelection(
-        document_title=codes.DCM.OfInterest, referenced_objects=flagged,
-        observer_device_context=observer, description=description)
+        document_title=codes.DCM.OfInterest,
+        referenced_objects=flagged,
+        observer_device_context=observer,
+        description=description,
+    )
     with no_name_warnings():
         ko = hd.ko.KeyObjectSelectionDocument(
-            evidence=flagged, content=content,
+            evidence=flagged,
+            content=content,
             series_instance_uid=result_uid("ko-series", **key),
-            series_number=series_number, sop_instance_uid=result_uid("ko", **key),
-            instance_number=1, manufacturer=findings.model.vendor)
+            series_number=series_number,
+            sop_instance_uid=result_uid("ko", **key),
+            instance_number=1,
+            manufacturer=findings.model.vendor,
+        )
     ko.SeriesDescription = "AI KEY IMAGES - NOT FOR DIAGNOSTIC USE"
+    stamp_series_time(ko, findings.started)
+    # Content date/time of the analysis, not "now": rebuilds of a result agree.
+    ko.ContentDate, ko.ContentTime = ko.SeriesDate, ko.SeriesTime
     return ko

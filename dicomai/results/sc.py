@@ -11,8 +11,8 @@ from pydicom.sr.codedict import codes
 
 from dicomai.findings import Findings, ModelIdentity, Task, result_uid
 from dicomai.results.codes import PRESENT, LabelCode
-from dicomai.results.display import MAX_SIDE, display_rgb, fit_size, overlay, resize_rgb
-from dicomai.results.sr import (
+from dicomai.results.common import (
+    NOT_FOR_DIAGNOSTIC_USE,
     add_air_equipment,
     check_findings,
     check_sources,
@@ -20,14 +20,27 @@ from dicomai.results.sr import (
     content_when,
     model_line,
     no_name_warnings,
+    sentences,
+    stamp_series_time,
     uid_key,
     with_type2_defaults,
 )
+from dicomai.results.display import MAX_SIDE, HeatLayer, compose, display_rgb, fit_size, resize_rgb
+from dicomai.results.regions import analysed_frame
 
-__all__ = ["SC_SERIES_DESCRIPTION", "build_sc", "build_sc_series", "caption_text"]
+__all__ = [
+    "HEATMAP_CHOICES",
+    "SC_SERIES_DESCRIPTION",
+    "build_sc",
+    "build_sc_series",
+    "caption_lines",
+]
 
 SC_SERIES_DESCRIPTION = "AI OVERLAY - NOT FOR DIAGNOSTIC USE"
 _CAPTION_TITLE = "AI RESULT - NOT FOR DIAGNOSTIC USE"
+#: When the SC shows a heat map: only for a finding at or above its threshold (default),
+#: always (the top-scoring label, even below threshold), or never.
+HEATMAP_CHOICES = ("positive", "always", "never")
 #: Body parts that dciodvfy treats as paired (PS3.16 Annex L): an SC of one without a known
 #: laterality gets an empty Laterality (Type 2C), not none.
 _PAIRED = frozenset(
@@ -50,6 +63,7 @@ def build_sc_series(
     *,
     series_number: int,
     max_images: int,
+    heatmap: str = "positive",
 ) -> list[Dataset]:
     """One SC per key image (most suspicious first, at most ``max_images``), in one series.
 
@@ -63,6 +77,8 @@ def build_sc_series(
         Series Number of the SC series.
     max_images
         Most SC images.
+    heatmap
+        One of :data:`HEATMAP_CHOICES`.
 
     Returns
     -------
@@ -76,6 +92,8 @@ def build_sc_series(
     """
     if max_images < 0:
         raise ValueError('Argument "max_images" must not be negative.')
+    if heatmap not in HEATMAP_CHOICES:
+        raise ValueError(f'Argument "heatmap" must be one of {list(HEATMAP_CHOICES)}.')
     check_sources(sources)
     table = check_findings(sources, findings)
     by_uid = {str(ds.SOPInstanceUID): ds for ds in sources}
@@ -91,6 +109,7 @@ def build_sc_series(
             series_uid=series_uid,
             series_number=series_number,
             index=index,
+            heatmap=heatmap,
         )
         for index, uid in enumerate(findings.key_image_uids[:max_images])
     ]
@@ -105,6 +124,7 @@ def build_sc(
     series_uid: str,
     series_number: int,
     index: int,
+    heatmap: str = "positive",
 ) -> Dataset:
     """One SC image of ``src`` (first frame if multi-frame), at most MAX_SIDE pixels a side.
 
@@ -124,6 +144,8 @@ def build_sc(
         Series Number of the SC series.
     index
         0-based position in the series.
+    heatmap
+        One of :data:`HEATMAP_CHOICES`.
 
     Returns
     -------
@@ -132,14 +154,12 @@ def build_sc(
     """
     model = findings.model
     uid = str(src.SOPInstanceUID)
-    rgb = display_rgb(src, max_side=MAX_SIDE)  # decoded no larger than the SC needs
+    frame = analysed_frame(src)
+    rgb = display_rgb(src, frame=frame - 1, max_side=MAX_SIDE)  # no larger than the SC needs
     size = fit_size(int(src.Rows), int(src.Columns))
-    heat = findings.heatmaps.get(uid)
-    pixels = overlay(
-        resize_rgb(rgb, size), heat, caption=caption_text(findings, table, uid, heat is not None)
-    )
-    # PixelSpacing only on the source's own pixel grid.
-    spacing = _pixel_spacing(src) if size == (int(src.Rows), int(src.Columns)) else None
+    heat = _heat_layer(findings, table, uid, heatmap)
+    lines = caption_lines(findings, table, uid, heat is not None, heatmap)
+    pixels = compose(resize_rgb(rgb, size), lines, heat)
     patient_orientation, known = _orientation(src)
     laterality = str(src.get("ImageLaterality") or src.get("Laterality") or "")
     with no_name_warnings():
@@ -156,7 +176,6 @@ def build_sc(
             manufacturer=model.vendor,
             manufacturer_model_name=model.name,
             software_versions=model.version,
-            pixel_spacing=spacing,  # type: ignore[arg-type]  # annotated tuple[int, int]
             patient_orientation=patient_orientation,
             laterality=laterality if laterality in ("L", "R") else None,
             series_description=SC_SERIES_DESCRIPTION,
@@ -175,35 +194,65 @@ def build_sc(
         sc.Laterality = ""  # Type 2C: paired part, laterality actually unknown
     sc.BurnedInAnnotation = "YES"
     sc.ConversionType = "WSD"
-    sc.ImageComments = (
-        f"AI-generated overlay. Not for diagnostic use. Model {model_line(model)}: "
-        f"{model.description}."
-    )
-    what = f"heat map of {findings.top_label} and caption" if heat is not None else "caption"
+    sc.ImageComments = clip_text(
+        sentences(
+            "AI-generated image", NOT_FOR_DIAGNOSTIC_USE,
+            f"Model {model_line(model)}: {model.description}",
+        ),
+        10240,
+    )  # fmt: skip
+    what = f"heat map of {heat.title} and text" if heat is not None else "text"
     sc.DerivationDescription = clip_text(
-        f"{model_line(model)}: {what} burned in; {model.description}. Not for diagnostic use.",
+        sentences(
+            f"{model_line(model)}: {what} beside the source image, burned in",
+            model.description, NOT_FOR_DIAGNOSTIC_USE,
+        ),
         1024,
-    )
+    )  # fmt: skip
     ref = Dataset()
     ref.ReferencedSOPClassUID = src.SOPClassUID
     ref.ReferencedSOPInstanceUID = src.SOPInstanceUID
     if int(src.get("NumberOfFrames") or 1) > 1:
-        ref.ReferencedFrameNumber = 1
+        ref.ReferencedFrameNumber = frame
     ref.PurposeOfReferenceCodeSequence = [
         hd.sr.CodedConcept.from_code(codes.DCM.SourceImageForImageProcessingOperation)
     ]
     sc.SourceImageSequence = [ref]
     add_air_equipment(sc, model)
+    stamp_series_time(sc, findings.started)
     return sc
 
 
-def caption_text(
-    findings: Findings, table: Mapping[str, LabelCode], uid: str, with_heat: bool
-) -> str:
-    """Caption burned into an SC: disclaimer, model, description, positive findings."""
+def _heat_layer(
+    findings: Findings, table: Mapping[str, LabelCode], uid: str, heatmap: str
+) -> HeatLayer | None:
+    """The heat map of the top label on image ``uid``, if there is one and it is to be shown:
+    by default only when the label is present in the study and, where the model scored
+    images, on this image too."""
+    label = findings.top_label
+    cam = findings.heatmaps.get(uid)
+    if heatmap == "never" or cam is None or label is None or label not in table:
+        return None
+    if heatmap == "positive":
+        image_score = findings.image_scores.get(uid, {}).get(label)
+        if not findings.is_present(label) or (
+            image_score is not None and image_score < findings.thresholds[label]
+        ):
+            return None
+    return HeatLayer(cam=cam, title=table[label].title)
+
+
+def caption_lines(
+    findings: Findings,
+    table: Mapping[str, LabelCode],
+    uid: str,
+    with_heat: bool,
+    heatmap: str = "positive",
+) -> list[str]:
+    """Text beside the SC image: disclaimer, model, description, findings, what the map is."""
     model: ModelIdentity = findings.model
     lines = [_CAPTION_TITLE, f"{model.name} {model.version} sha256 {model.short_hash}"]
-    lines.append(model.description)
+    lines.append(sentences(model.description))
     positives = findings.positive_labels
     # Positive labels, and the verdict of abnormal-vs-normal rows either way.
     verdicts = [lab for lab in findings.labels if table[lab].values[0] != PRESENT]
@@ -215,7 +264,7 @@ def caption_text(
             f"{row.title}: {value.meaning} (score {_pct(findings.study_scores[label])}, "
             f"threshold {_pct(findings.thresholds[label])})"
         )
-    if not shown:
+    if not positives:
         top = max(findings.labels, key=lambda lab: findings.study_scores[lab])
         lines.append(
             f"No finding at or above threshold (highest: {table[top].title} "
@@ -229,27 +278,13 @@ def caption_text(
             if score >= findings.thresholds[label]
         ]
         lines.append("This slice: " + (", ".join(hits) if hits else "below threshold"))
-    if with_heat and findings.top_label is not None and findings.top_label in table:
-        lines.append(f"Heat map: {table[findings.top_label].title}")
-    return "\n".join(lines)
+    if not with_heat and heatmap == "positive" and findings.heatmaps.get(uid) is not None:
+        lines.append("No heat map: no finding at or above threshold on this image.")
+    return lines
 
 
 def _pct(value: float) -> str:
     return f"{100.0 * float(value):.0f}%"
-
-
-def _pixel_spacing(src: Dataset) -> tuple[float, float] | None:
-    """The source's PixelSpacing if it is two positive numbers (RG1 has 0\\0)."""
-    value = src.get("PixelSpacing")
-    if value is None or isinstance(value, str | float | int):
-        return None
-    try:
-        pair = [float(v) for v in value]
-    except (TypeError, ValueError):
-        return None
-    if len(pair) != 2 or min(pair) <= 0:
-        return None
-    return pair[0], pair[1]
 
 
 def _orientation(src: Dataset) -> tuple[tuple[str, str], bool]:

@@ -1,21 +1,17 @@
-"""Structured Report (TID 1500 Measurement Report) from a model's findings, plus shared helpers."""
+"""Structured Report (TID 1500 Measurement Report) from a model's findings."""
 
 from __future__ import annotations
 
-import math
-import warnings
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from datetime import UTC, datetime
-from typing import Any
+from collections.abc import Mapping, Sequence
 
 import highdicom as hd
+import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import UID
 
-from dicomai.findings import DISCLAIMER, Findings, ModelIdentity, Task, result_uid
+from dicomai.findings import Findings, ModelIdentity, Task, result_uid
 from dicomai.results.codes import (
     PRIVATE_SCHEME,
     PROCEDURE_CT,
@@ -24,25 +20,23 @@ from dicomai.results.codes import (
     LabelCode,
     bone_site,
     private_scheme_item,
-    table_for,
 )
+from dicomai.results.common import (
+    add_air_equipment,
+    check_findings,
+    check_sources,
+    comment_text,
+    content_when,
+    no_name_warnings,
+    stamp_series_time,
+    uid_key,
+    with_type2_defaults,
+)
+from dicomai.results.regions import SourceRegion, analysed_frame, image_hits, locate
 
-__all__ = [
-    "SR_CLASSES",
-    "SR_SERIES_DESCRIPTION",
-    "add_air_equipment",
-    "air_contributing_equipment",
-    "build_sr",
-    "check_findings",
-    "check_sources",
-    "clip_text",
-    "comment_text",
-    "content_when",
-    "model_line",
-    "no_name_warnings",
-    "uid_key",
-    "with_type2_defaults",
-]
+__all__ = ["SR_CLASSES", "SR_SERIES_DESCRIPTION", "build_sr"]
+
+_IMAGING_MEASUREMENTS = codes.DCM.ImagingMeasurements.value
 
 SR_CLASSES: Mapping[str, type[hd.sr.Comprehensive3DSR | hd.sr.ComprehensiveSR | hd.sr.EnhancedSR]]
 SR_CLASSES = {
@@ -51,142 +45,6 @@ SR_CLASSES = {
     "enhanced": hd.sr.EnhancedSR,
 }
 SR_SERIES_DESCRIPTION = "AI RESULT - NOT FOR DIAGNOSTIC USE"
-#: IHE AIR Rev 1.1 purpose of the "Processing Algorithm" Contributing Equipment item.
-PROCESSING_ALGORITHM = ("Newcode1", "99IHE", "Processing Algorithm")
-_TYPE2_KEYWORDS = (
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "PatientSex",
-    "AccessionNumber",
-    "StudyID",
-    "StudyDate",
-    "StudyTime",
-    "ReferringPhysicianName",
-)
-
-
-@contextmanager
-def no_name_warnings() -> Iterator[None]:
-    """Silence highdicom's person-name warning, which quotes the name (PHI) in its text."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The string .* person name", category=UserWarning)
-        yield
-
-
-def with_type2_defaults(ds: Dataset) -> Dataset:
-    """Copy of ``ds`` with the attributes highdicom reads from evidence present (maybe empty)."""
-    out = Dataset()
-    out.update(ds)  # new container; Dataset(ds) and ds.copy() would share ds's elements
-    for keyword in _TYPE2_KEYWORDS:
-        if keyword not in out:
-            setattr(out, keyword, None)
-    return out
-
-
-def check_sources(sources: Sequence[Dataset]) -> None:
-    """Check that ``sources`` is a non-empty list of distinct instances of one study.
-
-    Raises
-    ------
-    ValueError
-        If not; the message names the argument, never a value.
-    """
-    if len(sources) == 0:
-        raise ValueError('Argument "sources" must not be empty.')
-    for ds in sources:
-        if not isinstance(ds, Dataset):
-            raise TypeError('Argument "sources" must contain pydicom Datasets.')
-        for keyword in ("StudyInstanceUID", "SOPInstanceUID", "SOPClassUID"):
-            if not ds.get(keyword):
-                raise ValueError(f'Argument "sources" has an instance without {keyword}.')
-    if len({str(ds.StudyInstanceUID) for ds in sources}) != 1:
-        raise ValueError('Argument "sources" must all belong to one study.')
-    if len({str(ds.SOPInstanceUID) for ds in sources}) != len(sources):
-        raise ValueError('Argument "sources" must not repeat an instance.')
-
-
-def check_findings(sources: Sequence[Dataset], findings: Findings) -> Mapping[str, LabelCode]:
-    """Check ``findings`` against its task's code table and ``sources``; return the table.
-
-    Raises
-    ------
-    ValueError
-        If a label has no code, a score or threshold is missing or outside [0, 1], or an image
-        score or key image names an instance that is not in ``sources``.
-    """
-    if not isinstance(findings, Findings):
-        raise TypeError('Argument "findings" must be a Findings.')
-    table = table_for(findings.model.task)
-    if not findings.labels:
-        raise ValueError('Argument "findings" has no labels.')
-    for label in findings.labels:
-        if label not in table:
-            raise ValueError(f'Argument "findings" has label "{label}", which has no code.')
-        for what, values in (("score", findings.study_scores), ("threshold", findings.thresholds)):
-            value = values.get(label)
-            if value is None or not math.isfinite(value) or not 0.0 <= value <= 1.0:
-                raise ValueError(f'Argument "findings" needs a {what} in [0, 1] for "{label}".')
-    known = {str(ds.SOPInstanceUID) for ds in sources}
-    for uid, scores in findings.image_scores.items():
-        if uid not in known:
-            raise ValueError('Argument "findings" scores an instance that is not in "sources".')
-        for label, value in scores.items():
-            if label not in table or not math.isfinite(value) or not 0.0 <= value <= 1.0:
-                raise ValueError('Argument "findings" has an invalid image score.')
-    if any(uid not in known for uid in findings.key_image_uids):
-        raise ValueError('Argument "findings" has a key image that is not in "sources".')
-    if findings.started.tzinfo is None:
-        raise ValueError('Argument "findings" must have an aware "started" time.')
-    return table
-
-
-def uid_key(sources: Sequence[Dataset], model: ModelIdentity) -> dict[str, object]:
-    """Content key of a result: study, sorted input instances, model name, version and hash."""
-    return {
-        "study_uid": str(sources[0].StudyInstanceUID),
-        "source_uids": sorted(str(ds.SOPInstanceUID) for ds in sources),
-        "model": model.name,
-        "version": model.version,
-        "sha256": model.sha256,
-    }
-
-
-def model_line(model: ModelIdentity) -> str:
-    """``name version (sha256 …)``: the model as every object records it."""
-    return f"{model.name} {model.version} (sha256 {model.sha256})"
-
-
-def content_when(started: datetime | None) -> dict[str, Any]:
-    """``content_date``/``content_time`` keyword arguments pinned to ``started``, in UTC."""
-    if started is None:
-        return {}
-    utc = started.astimezone(UTC)
-    return {"content_date": utc.date(), "content_time": utc.time()}
-
-
-def air_contributing_equipment(model: ModelIdentity) -> Dataset:
-    """IHE AIR "Processing Algorithm" Contributing Equipment item (a plain Dataset: highdicom's
-    ContributingEquipment takes only DCM purposes)."""
-    purpose = Dataset()
-    purpose.CodeValue, purpose.CodingSchemeDesignator, purpose.CodeMeaning = PROCESSING_ALGORITHM
-    item = Dataset()
-    item.PurposeOfReferenceCodeSequence = [purpose]
-    item.Manufacturer = model.vendor
-    item.ManufacturerModelName = model.name
-    item.SoftwareVersions = model.version
-    item.DeviceUID = model.device_uid  # dciodvfy: "not present in standard DICOM IOD" (warning)
-    item.ContributionDescription = clip_text(
-        f"{model_line(model)}: {model.description}. Not for diagnostic use.", 1024
-    )
-    return item
-
-
-def add_air_equipment(ds: Dataset, model: ModelIdentity) -> None:
-    """Append the AIR item to the Contributing Equipment Sequence of ``ds``."""
-    if "ContributingEquipmentSequence" not in ds:
-        ds.ContributingEquipmentSequence = []
-    ds.ContributingEquipmentSequence.append(air_contributing_equipment(model))
 
 
 def build_sr(
@@ -197,6 +55,7 @@ def build_sr(
     series_number: int,
     max_slice_groups: int = 50,
     previous_sr_refs: Sequence[tuple[str, str, str, str]] = (),
+    regions: Mapping[tuple[str, str], SourceRegion] | None = None,
 ) -> Dataset:
     """TID 1500 Measurement Report of one model run.
 
@@ -214,6 +73,9 @@ def build_sr(
         Most per-slice groups (CT) in the report.
     previous_sr_refs
         ``(study_uid, series_uid, sop_class_uid, sop_instance_uid)`` of SRs this one amends.
+    regions
+        Where present findings were found, by ``(sop_uid, label)``
+        (:func:`dicomai.results.regions.locate`); ``None``: located here.
 
     Returns
     -------
@@ -237,17 +99,14 @@ def build_sr(
     base = uid_key(sources, model)
     thresholds = {label: float(findings.thresholds[label]) for label in findings.labels}
 
-    if model.task == Task.HEAD_CT_ICH:
-        groups = _label_groups(evidence, findings, table, base, image_refs=False)
-        groups += _slice_groups(evidence, findings, table, base, limit=max_slice_groups)
-        procedure = PROCEDURE_CT
-    elif model.task == Task.BONE_XRAY:
-        groups = _image_groups(evidence, findings, table, base)
-        procedure = PROCEDURE_XR
-    else:
-        groups = _label_groups(evidence, findings, table, base, image_refs=True)
-        procedure = PROCEDURE_XR
+    if regions is None:
+        regions = locate(sources, findings)
 
+    if model.task == Task.HEAD_CT_ICH:
+        procedure = PROCEDURE_CT
+    else:
+        procedure = PROCEDURE_XR
+    groups = _located_groups(evidence, findings, table, base, regions, limit=max_slice_groups)
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(
             observer_device_context=hd.sr.ObserverContext(
@@ -261,30 +120,27 @@ def build_sr(
             )
         ),
         procedure_reported=procedure,
-        imaging_measurements=groups,
+        imaging_measurements=groups or [_placeholder_group(findings.model, base)],
         title=codes.DCM.ImagingMeasurementReport,
     )
+    if not groups:
+        # Nothing was found at a location: no Imaging Measurements container (TID 1500 needs
+        # one of rows 6-12; row 12 follows). highdicom builds at least one group, so its
+        # placeholder is removed here.
+        report[0].ContentSequence = hd.sr.ContentSequence(
+            [
+                item
+                for item in report[0].ContentSequence
+                if item.ConceptNameCodeSequence[0].CodeValue != _IMAGING_MEASUREMENTS
+            ]
+        )
     qualitative = hd.sr.ContainerContentItem(
         name=QUALITATIVE_EVALUATIONS, relationship_type="CONTAINS"
     )
-    qualitative.ContentSequence = hd.sr.ContentSequence(
-        [
-            *(
-                hd.sr.CodeContentItem(
-                    name=table[label].finding,
-                    value=_evaluation(
-                        table[label], findings.study_scores[label], thresholds[label]
-                    ),
-                    relationship_type="CONTAINS",
-                )
-                for label in findings.labels
-            ),
-            hd.sr.TextContentItem(
-                name=codes.DCM.Comment, value=comment_text(model), relationship_type="CONTAINS"
-            ),
-        ]
-    )
+    qualitative.ContentSequence = hd.sr.ContentSequence(_summary(findings, table, thresholds))
     report[0].ContentSequence.append(qualitative)
+    report[0].ContinuityOfContent = "SEPARATE"
+    _separate(report[0].ContentSequence)
 
     uses_private = any(
         table[label].finding.scheme_designator == PRIVATE_SCHEME for label in findings.labels
@@ -318,17 +174,8 @@ def build_sr(
             **content_when(findings.started),
         )
     add_air_equipment(sr, model)
+    stamp_series_time(sr, findings.started)
     return sr
-
-
-def comment_text(model: ModelIdentity) -> str:
-    """Report-level comment: the disclaimer, the model and its description."""
-    return f"{DISCLAIMER} Model {model_line(model)}: {model.description}."
-
-
-def clip_text(text: str, limit: int) -> str:
-    """``text`` cut to ``limit`` characters (an ellipsis marks the cut)."""
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _predecessors(refs: Sequence[tuple[str, str, str, str]]) -> list[Dataset]:
@@ -360,14 +207,6 @@ def _algorithm(model: ModelIdentity, threshold: float) -> hd.sr.AlgorithmIdentif
     )
 
 
-def _certainty(score: float) -> hd.sr.Measurement:
-    return hd.sr.Measurement(
-        name=codes.DCM.CertaintyOfFinding,
-        value=round(100.0 * float(score), 1),
-        unit=codes.UCUM.Percent,
-    )
-
-
 def _tracking(model: ModelIdentity, base: Mapping[str, object], name: str,
               **extra: object) -> hd.sr.TrackingIdentifier:  # fmt: skip
     uid = result_uid("tracking:" + name, **base, **extra)
@@ -379,134 +218,145 @@ def _laterality(ds: Dataset) -> Code | None:
     return {"L": codes.SCT.Left, "R": codes.SCT.Right}.get(str(value or ""))
 
 
-def _group(
-    findings: Findings,
-    row: LabelCode,
-    *,
-    tracking: hd.sr.TrackingIdentifier,
-    score: float,
-    threshold: float,
-    images: Sequence[Dataset] | None,
-    site: hd.sr.FindingSite,
-    evaluate: bool = True,
-) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    """One TID 1501 group. A Normality row has no finding type: the evaluation says it all."""
-    presence = row.finding != codes.DCM.Normality
-    return hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=tracking,
-        finding_type=row.finding if presence else None,
-        finding_sites=[site],
-        algorithm_id=_algorithm(findings.model, threshold),
-        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(ds) for ds in images]
-        if images
-        else None,
-        measurements=[_certainty(score)],
-        qualitative_evaluations=[
-            hd.sr.QualitativeEvaluation(row.finding, _evaluation(row, score, threshold))
-        ]
-        if evaluate
-        else None,
-    )
-
-
-def _label_groups(
+def _located_groups(
     evidence: Sequence[Dataset],
     findings: Findings,
     table: Mapping[str, LabelCode],
     base: Mapping[str, object],
-    *,
-    image_refs: bool,
-) -> list[hd.sr.MeasurementsAndQualitativeEvaluations]:
-    """One study-level group per label; ``image_refs=False`` relies on the evidence list (CT)."""
-    return [
-        _group(
-            findings,
-            table[label],
-            tracking=_tracking(findings.model, base, label),
-            score=findings.study_scores[label],
-            threshold=findings.thresholds[label],
-            images=evidence if image_refs else None,
-            site=hd.sr.FindingSite(table[label].site),
-        )
-        for label in findings.labels
-    ]
-
-
-def _slice_groups(
-    evidence: Sequence[Dataset],
-    findings: Findings,
-    table: Mapping[str, LabelCode],
-    base: Mapping[str, object],
+    regions: Mapping[tuple[str, str], SourceRegion],
     *,
     limit: int,
 ) -> list[hd.sr.MeasurementsAndQualitativeEvaluations]:
-    """One group per slice and subtype at or above threshold, highest first, capped.
+    """One TID 1501 group per finding at a location (a present label's region on one image),
+    highest score first, at most ``limit``.
 
-    "any" is reported for a slice only when no subtype of that slice reaches its threshold.
+    The score (TID 300 NUM "Certainty of Finding") is INFERRED FROM the region's outline, a
+    closed POLYLINE box (SCOORD) on the image it was computed from; a Comment names the finding
+    and says it is not for diagnostic use. This is the shape OHIF 3 draws with its text, and
+    every group references its image (the group's source image and the SCOORD's image).
     """
-    position = {str(ds.SOPInstanceUID): i for i, ds in enumerate(evidence)}
-    hits: list[tuple[float, int, str, str]] = []
-    for uid, scores in findings.image_scores.items():
-        above = [
-            label
-            for label in findings.labels
-            if label in scores and scores[label] >= findings.thresholds[label]
-        ]
-        subtypes = [label for label in above if label != "any"]
-        for label in subtypes or above:
-            hits.append((float(scores[label]), position[uid], uid, label))
-    hits.sort(key=lambda hit: (-hit[0], hit[1], hit[3]))
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in evidence}
     groups = []
-    for score, index, uid, label in hits[:limit]:
-        ds = evidence[index]
-        number = ds.get("InstanceNumber")
-        slice_name = f"slice:{number if number is not None else index + 1}:{label}"
-        groups.append(
-            _group(
-                findings,
-                table[label],
-                tracking=_tracking(findings.model, base, slice_name, sop_uid=uid),
-                score=score,
-                threshold=findings.thresholds[label],
-                images=[ds],
-                site=hd.sr.FindingSite(table[label].site),
-                evaluate=False,
+    for score, uid, label in image_hits(findings):
+        region = regions.get((uid, label))
+        if region is None:
+            continue
+        if len(groups) == limit:
+            break
+        ds, row = by_uid[uid], table[label]
+        site = row.site
+        if row.site == codes.SCT.Bone:
+            site = bone_site(ds.get("BodyPartExamined"))
+        threshold = findings.thresholds[label]
+        c0, r0, c1, r1 = region.box
+        outline = np.array([[c0, r0], [c1, r0], [c1, r1], [c0, r1], [c0, r0]], dtype=float)
+        certainty = hd.sr.Measurement(
+            name=codes.DCM.CertaintyOfFinding,
+            value=round(100.0 * float(score), 1),
+            unit=codes.UCUM.Percent,
+            referenced_coordinates=[
+                hd.sr.CoordinatesForMeasurement(
+                    graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+                    graphic_data=outline,
+                    source_image=hd.sr.SourceImageForRegion.from_source_image(
+                        ds, referenced_frame_numbers=_frames(ds)
+                    ),
+                )
+            ],
+        )
+        value = _evaluation(row, score, threshold)
+        group = hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=_tracking(
+                findings.model, base, f"{_image_name(ds, evidence)}:{label}", sop_uid=uid
+            ),
+            finding_type=row.finding if row.finding != codes.DCM.Normality else None,
+            finding_sites=[hd.sr.FindingSite(site, laterality=_laterality(ds))],
+            algorithm_id=_algorithm(findings.model, threshold),
+            source_images=[
+                hd.sr.SourceImageForMeasurementGroup.from_source_image(
+                    ds, referenced_frame_numbers=_frames(ds)
+                )
+            ],
+            measurements=[certainty],
+            qualitative_evaluations=[hd.sr.QualitativeEvaluation(row.finding, value)],
+        )
+        group[0].ContentSequence.append(
+            hd.sr.TextContentItem(
+                name=codes.DCM.Comment,
+                value=f"{row.title}: {value.meaning} - AI result, not for diagnostic use",
+                relationship_type="CONTAINS",
             )
         )
+        groups.append(group)
     return groups
 
 
-def _image_groups(
-    evidence: Sequence[Dataset],
-    findings: Findings,
-    table: Mapping[str, LabelCode],
-    base: Mapping[str, object],
-) -> list[hd.sr.MeasurementsAndQualitativeEvaluations]:
-    """Bone X-ray: one group per image and label with that image's score and finding site.
+def _placeholder_group(
+    model: ModelIdentity, base: Mapping[str, object]
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """A group highdicom accepts, removed again before the report is used."""
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=_tracking(model, base, "placeholder")
+    )
 
-    An image without its own scores gets the study score; a run without image scores at all
-    gives one group per label over every image.
+
+def _summary(
+    findings: Findings, table: Mapping[str, LabelCode], thresholds: Mapping[str, float]
+) -> list[Dataset]:
+    """Report-level Qualitative Evaluations (TID 1500 row 12): every label once, its
+    evaluation with its study score as a property, then the disclaimer.
+
+    Findings without a location live here only: a measurement group without coordinates
+    stops OHIF 3 from showing the report at all.
     """
-    if not findings.image_scores:
-        return _label_groups(evidence, findings, table, base, image_refs=True)
-    groups = []
-    for index, ds in enumerate(evidence):
-        uid = str(ds.SOPInstanceUID)
-        number = ds.get("InstanceNumber")
-        image_name = f"image:{number if number is not None else index + 1}"
-        scores = findings.image_scores.get(uid, {})
-        for label in findings.labels:
-            row = table[label]
-            site = bone_site(ds.get("BodyPartExamined")) if row.site == codes.SCT.Bone else row.site
-            groups.append(
-                _group(
-                    findings,
-                    row,
-                    tracking=_tracking(findings.model, base, f"{image_name}:{label}", sop_uid=uid),
-                    score=scores.get(label, findings.study_scores[label]),
-                    threshold=findings.thresholds[label],
-                    images=[ds],
-                    site=hd.sr.FindingSite(site, laterality=_laterality(ds)),
+    items: list[Dataset] = []
+    for label in findings.labels:
+        row = table[label]
+        score = findings.study_scores[label]
+        item = hd.sr.CodeContentItem(
+            name=row.finding,
+            value=_evaluation(row, score, thresholds[label]),
+            relationship_type="CONTAINS",
+        )
+        item.ContentSequence = hd.sr.ContentSequence(
+            [
+                hd.sr.NumContentItem(
+                    name=codes.DCM.CertaintyOfFinding,
+                    value=round(100.0 * float(score), 1),
+                    unit=codes.UCUM.Percent,
+                    relationship_type="HAS PROPERTIES",
                 )
-            )
-    return groups
+            ]
+        )
+        items.append(item)
+    items.append(
+        hd.sr.TextContentItem(
+            name=codes.DCM.Comment,
+            value=comment_text(findings.model),
+            relationship_type="CONTAINS",
+        )
+    )
+    return items
+
+
+def _frames(ds: Dataset) -> list[int] | None:
+    """The analysed frame of a multi-frame image (a region lies on that frame only)."""
+    return [analysed_frame(ds)] if int(ds.get("NumberOfFrames") or 1) > 1 else None
+
+
+def _image_name(ds: Dataset, evidence: Sequence[Dataset]) -> str:
+    """``image:<InstanceNumber>`` (else its 1-based position): part of tracking identifiers."""
+    number = ds.get("InstanceNumber")
+    if number is None:
+        number = next(i for i, other in enumerate(evidence, start=1) if other is ds)
+    return f"image:{number}"
+
+
+def _separate(items: Sequence[Dataset]) -> None:
+    """Every CONTAINER below ``items`` SEPARATE: DCMTK's dsr2html and text views print a
+    CONTINUOUS container's values as one sentence, without their concept names."""
+    for item in items:
+        if item.get("ValueType") == "CONTAINER":
+            item.ContinuityOfContent = "SEPARATE"
+        if "ContentSequence" in item:
+            _separate(item.ContentSequence)

@@ -13,13 +13,14 @@ from pydicom.sr.codedict import codes
 
 from dicomai.findings import DISCLAIMER, Findings, ModelIdentity, Task, result_uid
 from dicomai.results.codes import LabelCode
-from dicomai.results.sr import (
+from dicomai.results.common import (
     add_air_equipment,
     check_findings,
     check_sources,
     content_when,
     model_line,
     no_name_warnings,
+    stamp_series_time,
     uid_key,
     with_type2_defaults,
 )
@@ -216,4 +217,5 @@ def _text_sr(
         )
     sr.SOPClassUID = sr.file_meta.MediaStorageSOPClassUID = pydicom.uid.BasicTextSRStorage
     add_air_equipment(sr, model)
+    stamp_series_time(sr, started)
     return sr

@@ -28,6 +28,7 @@ from sqlalchemy import func, select
 from dicomai import synthetic
 from dicomai.db import Job, Study
 from dicomai.status import collect
+from tests.sr_summary import summary_scores
 from tests.conftest import free_port, running_daemon
 
 pytestmark = [pytest.mark.orthanc, pytest.mark.dcmtk]
@@ -252,13 +253,9 @@ def test_orthanc_forwards_studies_and_stores_results_without_loop(orthanc_and_di
         # 0.1 % and status to 4 decimals, so they agree within 0.05 + 0.005 percentage points
         # (rounding status' value again to 0.1 % can differ by 0.1 at a .x5 boundary).
         status = _status(daemon, uid)
+        study_level = summary_scores(sr_ds, status["model"])
         sr = hd.sr.Comprehensive3DSR.from_dataset(sr_ds)
-        study_level = {}
-        for group in sr.content.get_image_measurement_groups():
-            name = group.tracking_identifier.split(":", 1)[1]
-            if ":" not in name:  # "<model>:<label>"; CT slice groups are "<model>:slice:…"
-                (certainty,) = group.get_measurements()
-                study_level[name] = certainty.value
+        assert sr.content.get_image_measurement_groups() == []  # nothing present: no regions
         assert status["scores"] and set(study_level) == set(status["scores"])
         for label, score in status["scores"].items():
             assert study_level[label] == pytest.approx(100 * score, abs=0.0551), label

@@ -1,4 +1,4 @@
-"""Tests of dicomai.results: SR, SC, Basic Text SR and failure notice builders."""
+"""Tests of dicomai.results: SR, SC, SEG, KOS, Basic Text SR and failure notice builders."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import io
 import re
 import shutil
 import subprocess
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -29,8 +29,10 @@ from pydicom.uid import (
     EnhancedSRStorage,
     ExplicitVRLittleEndian,
     JPEG2000Lossless,
+    KeyObjectSelectionDocumentStorage,
     MultiFrameGrayscaleWordSecondaryCaptureImageStorage,
     SecondaryCaptureImageStorage,
+    SegmentationStorage,
     generate_uid,
 )
 
@@ -45,8 +47,17 @@ from dicomai.results.codes import (
     bone_site,
     table_for,
 )
-from dicomai.results.display import MAX_SIDE, display_rgb, fit_size, resize_rgb
-from dicomai.results.sc import caption_text
+from dicomai.results.common import comment_text, sentences
+from dicomai.results.display import (
+    MAX_SIDE,
+    MIN_SIDE,
+    display_rgb,
+    fit_size,
+    resize_rgb,
+)
+from dicomai.results.heatmap import DEFAULT_CUTOFF, activation_on_grid, body_mask
+from dicomai.results.regions import analysed_frame, locate
+from dicomai.results.sc import caption_lines
 from dicomai.synthetic import make_xray, recompress
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "real"
@@ -54,6 +65,10 @@ STARTED = datetime(2025, 3, 4, 5, 6, 7, tzinfo=UTC)
 SHA = "0123456789abcdef" * 4
 SENTINEL = "PHI^SENTINEL"
 _TEST_ROOT = "1.2.826.0.1.3680043.8.498.999."
+#: dicomai.models.reference.REFERENCE_DESCRIPTION (not imported: that module loads torch).
+REFERENCE_DESCRIPTION = (
+    "Untrained reference model (random weights, fixed seed). Not for diagnostic use."
+)
 LABELS = {
     Task.CHEST_XRAY: (
         "atelectasis", "cardiomegaly", "effusion", "infiltration", "mass", "nodule", "pneumonia",
@@ -67,6 +82,9 @@ LABELS = {
 }  # fmt: skip
 MODEL_NAMES = {Task.CHEST_XRAY: "chest-xray", Task.HEAD_CT_ICH: "head-ct-ich",
                Task.BONE_XRAY: "bone-xray"}  # fmt: skip
+NO_HEAT_MAP = "No heat map: no finding at or above threshold on this image."
+PRESENT, ABSENT = ("52101004", "SCT"), ("272519000", "SCT")
+CERTAINTY = ("111012", "DCM")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -91,10 +109,17 @@ def _findings(
     model: ModelIdentity | None = None,
     key_uids: Sequence[str] | None = None,
     image_scores: dict[str, dict[str, float]] | None = None,
+    study_scores: dict[str, float] | None = None,
 ) -> Findings:
-    """Alternating scores 0.9 / 0.2 (threshold 0.5): labels 0, 2, 4... present."""
+    """Alternating scores 0.9 / 0.2 (threshold 0.5): labels 0, 2, 4... present.
+
+    As inference builds them: a heat map per key image (top label), and a CAM per label present
+    in the study on every image where that label reaches its threshold.
+    """
     labels = LABELS[task]
-    scores = {label: (0.9 if i % 2 == 0 else 0.2) for i, label in enumerate(labels)}
+    if study_scores is None:
+        study_scores = {label: (0.9 if i % 2 == 0 else 0.2) for i, label in enumerate(labels)}
+    scores = study_scores
     uids = [str(ds.SOPInstanceUID) for ds in sources]
     keys = tuple(uids[:1] if key_uids is None else key_uids)
     if image_scores is None:
@@ -110,6 +135,13 @@ def _findings(
         started=STARTED,
         heatmaps={uid: heat for uid in keys},
         top_label=labels[0],
+        label_heatmaps={
+            label: {
+                uid: heat for uid, image in image_scores.items() if image.get(label, 0.0) >= 0.5
+            }
+            for label in labels
+            if scores[label] >= 0.5
+        },
     )
 
 
@@ -201,12 +233,40 @@ def _evaluation(group: hd.sr.MeasurementsAndQualitativeEvaluations, name: object
     return item.value
 
 
-def _summary(ds: Dataset) -> list[Dataset]:
-    (container,) = [
+def _concept(item: Dataset) -> tuple[str, str]:
+    code = item.ConceptNameCodeSequence[0]
+    return str(code.CodeValue), str(code.CodingSchemeDesignator)
+
+
+def _value(item: Dataset) -> tuple[str, str]:
+    code = item.ConceptCodeSequence[0]
+    return str(code.CodeValue), str(code.CodingSchemeDesignator)
+
+
+def _walk(items: Sequence[Dataset]) -> Iterator[Dataset]:
+    """Every content item below ``items``, depth first."""
+    for item in items:
+        yield item
+        yield from _walk(item.get("ContentSequence", []))
+
+
+def _top(ds: Dataset, code_value: str) -> list[Dataset]:
+    """Items of the root content sequence named ``code_value``."""
+    return [
         item
         for item in ds.ContentSequence
-        if item.ValueType == "CONTAINER" and item.ConceptNameCodeSequence[0].CodeValue == "C0034375"
+        if item.ConceptNameCodeSequence[0].CodeValue == code_value
     ]
+
+
+def _summary(ds: Dataset) -> list[Dataset]:
+    (container,) = [item for item in _top(ds, "C0034375") if item.ValueType == "CONTAINER"]
+    return list(container.ContentSequence)
+
+
+def _group_items(ds: Dataset) -> list[Dataset]:
+    """The Measurement Group containers of the (single) Imaging Measurements container."""
+    (container,) = _top(ds, "126010")
     return list(container.ContentSequence)
 
 
@@ -224,6 +284,61 @@ def _all_uids(objs: Sequence[Dataset]) -> list[tuple[str, str]]:
     return [(str(o.SeriesInstanceUID), str(o.SOPInstanceUID)) for o in objs]
 
 
+def _of(objs: Sequence[Dataset], modality: str) -> list[Dataset]:
+    return [o for o in objs if o.Modality == modality]
+
+
+def _box(graphic_data: Sequence[float]) -> tuple[float, float, float, float]:
+    """``(col0, row0, col1, row1)`` of a closed 5-point axis-aligned POLYLINE; asserts its shape."""
+    points = np.asarray(graphic_data, dtype=float).reshape(-1, 2)
+    assert points.shape == (5, 2), "a box: 4 corners and the first again"
+    assert np.array_equal(points[0], points[-1]), "closed"
+    (c0, r0), (c1, _), (_, r1) = points[0], points[1], points[2]
+    expected = [[c0, r0], [c1, r0], [c1, r1], [c0, r1], [c0, r0]]
+    assert np.allclose(points, expected), "axis-aligned, corners in order"
+    return float(c0), float(r0), float(c1), float(r1)
+
+
+def _image_part(sc: Dataset, src: Dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(the SC's image area, the source as displayed at that size, the text panel)."""
+    rows, columns = fit_size(int(src.Rows), int(src.Columns))
+    pixels = sc.pixel_array
+    base = resize_rgb(display_rgb(src, max_side=MAX_SIDE), (rows, columns))
+    return pixels[:rows, :columns], base, pixels[:, columns + 1 :]  # column `columns`: a rule
+
+
+def _scale_bar_rows(panel: np.ndarray) -> int:
+    """Rows of ``panel`` holding a colour bar: a run of 200+ strongly coloured pixels (text is
+    white, grey or one yellow and never makes such runs)."""
+    chroma = (panel.max(axis=-1).astype(int) - panel.min(axis=-1)) >= 60
+    count = 0
+    for row in chroma:
+        edges = np.diff(np.concatenate([[0], row.astype(int), [0]]))
+        starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+        if len(starts) and (ends - starts).max() >= 200:
+            count += 1
+    return count
+
+
+def _seg_frames(seg: Dataset) -> list[tuple[str, int]]:
+    """``(source SOP Instance UID, segment number)`` of every frame of a SEG."""
+    shared = seg.SharedFunctionalGroupsSequence[0]
+    out = []
+    for item in seg.PerFrameFunctionalGroupsSequence:
+        (derivation,) = item.DerivationImageSequence
+        (source,) = derivation.SourceImageSequence
+        identification = item.get("SegmentIdentificationSequence") or (
+            shared.SegmentIdentificationSequence  # one segment: shared by every frame
+        )
+        segment = identification[0].ReferencedSegmentNumber
+        out.append((str(source.ReferencedSOPInstanceUID), int(segment)))
+    return out
+
+
+def _segment_labels(seg: Dataset) -> list[str]:
+    return [str(s.SegmentLabel) for s in seg.SegmentSequence]
+
+
 # --------------------------------------------------------------------------- fixtures
 
 
@@ -234,14 +349,15 @@ def results_raise_on_write(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture(scope="module")
 def results_chest_source() -> Dataset:
-    # CR, MONOCHROME1, JPEG 2000, one-component ReferringPhysicianName (highdicom warning).
+    # CR, MONOCHROME1, JPEG 2000, PixelSpacing 0\0, no frame of reference, one-component
+    # ReferringPhysicianName (highdicom warning).
     return _read("chest_xray/RG1_J2KI.dcm")
 
 
 @pytest.fixture(scope="module")
 def results_chest(results_chest_source: Dataset) -> tuple[Findings, list[Dataset]]:
     findings = _findings([results_chest_source], Task.CHEST_XRAY)
-    options = ResultOptions(emit_text_sr=True)
+    options = ResultOptions(emit_text_sr=True, emit_ko=True)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(pydicom.config.settings, "writing_validation_mode", pydicom.config.RAISE)
         objs = [_roundtrip(o) for o in build_results([results_chest_source], findings, options)]
@@ -253,6 +369,12 @@ def results_ct_series() -> list[Dataset]:
     return _ct_series()
 
 
+@pytest.fixture(scope="module")
+def results_small_chest() -> Dataset:
+    """A small synthetic DX chest (400 x 320): SC tests that do not need a real image."""
+    return make_xray("chest", rows=400, cols=320, seed=3)
+
+
 # --------------------------------------------------------------------------- chest X-ray
 
 
@@ -262,43 +384,86 @@ def test_chest_objects_in_order(results_chest: tuple[Findings, list[Dataset]]) -
         Comprehensive3DSRStorage,
         BasicTextSRStorage,
         SecondaryCaptureImageStorage,
+        KeyObjectSelectionDocumentStorage,
+        SegmentationStorage,
     ]
-    assert [o.SeriesNumber for o in objs] == [9101, 9103, 9102]
+    assert [o.Modality for o in objs] == ["SR", "SR", "OT", "KO", "SEG"]
+    assert [o.SeriesNumber for o in objs] == [9101, 9103, 9102, 9104, 9105]
     assert all(str(o.SOPInstanceUID).startswith(UID_ROOT) for o in objs)
+    assert all(str(o.SeriesInstanceUID).startswith(UID_ROOT) for o in objs)
+    assert len({o.SeriesInstanceUID for o in objs}) == 5
 
 
-def test_chest_sr_codes_values_and_references(
+def test_chest_sr_located_groups(
     results_chest: tuple[Findings, list[Dataset]], results_chest_source: Dataset
 ) -> None:
     findings, (ds, *_) = results_chest
-    sr = _sr(ds)
+    src = results_chest_source
+    uid = str(src.SOPInstanceUID)
     table = table_for(Task.CHEST_XRAY)
-    groups = _groups(sr)
-    assert len(groups) == 14
-    for label, group in zip(findings.labels, groups, strict=True):
+    regions = locate([src], findings)
+    present = [label for label in findings.labels if findings.is_present(label)]
+    assert {label for _, label in regions} == set(present)  # every present label is located
+    groups = _groups(_sr(ds))
+    labels = [g.tracking_identifier.rsplit(":", 1)[1] for g in groups]
+    assert sorted(labels) == sorted(present), "one group per present label, nothing else"
+    tracking_uids = [g.tracking_uid for g in groups]
+    assert len(set(tracking_uids)) == len(groups)
+    for label, group, item in zip(labels, groups, _group_items(ds), strict=True):
         row = table[label]
+        assert group.tracking_identifier == f"chest-xray:image:{src.InstanceNumber}:{label}"
         assert group.finding_type == row.finding
         assert [site.value for site in group.finding_sites] == [row.site]
-        expected = codes.SCT.Present if findings.study_scores[label] >= 0.5 else codes.SCT.Absent
-        assert _evaluation(group, row.finding) == expected
+        assert [r.referenced_sop_instance_uid for r in group.source_images] == [uid]
+        assert _texts(group[0], "111001") == ["chest-xray"]  # TID 4019 Algorithm Name
+        assert _texts(group[0], "111003") == ["0.1.0"]  # Algorithm Version
+        assert _texts(group[0], "111002") == ["threshold=0.5", f"sha256={SHA}"]  # Parameters
+        assert _evaluation(group, row.finding) == codes.SCT.Present
         (certainty,) = group.get_measurements(name=codes.DCM.CertaintyOfFinding)
-        assert certainty.value == pytest.approx(100 * findings.study_scores[label])
+        assert certainty.value == pytest.approx(90.0)
         assert certainty.unit == codes.UCUM.Percent
-        refs = group.source_images
-        assert [r.referenced_sop_instance_uid for r in refs] == [
-            results_chest_source.SOPInstanceUID
-        ]
-        assert group.tracking_identifier == f"chest-xray:{label}"
-        params = _texts(group[0], "111002")  # TID 4019 Algorithm Parameters
-        assert _texts(group[0], "111001") == ["chest-xray"]
-        assert _texts(group[0], "111003") == ["0.1.0"]
-        assert params == ["threshold=0.5", f"sha256={SHA}"]
-    summary = _summary(ds)
-    assert [item.ConceptCodeSequence[0].CodeValue for item in summary[:-1]] == [
-        ("52101004" if findings.is_present(label) else "272519000") for label in findings.labels
-    ]
-    comment = summary[-1].TextValue
-    assert DISCLAIMER in comment and "untrained reference model" in comment and SHA in comment
+        # The NUM is INFERRED FROM a closed POLYLINE box on the image, SELECTED FROM it.
+        (num,) = [i for i in item.ContentSequence if _concept(i) == CERTAINTY]
+        assert num.ValueType == "NUM"
+        (scoord,) = num.ContentSequence
+        assert (scoord.RelationshipType, scoord.ValueType) == ("INFERRED FROM", "SCOORD")
+        assert scoord.GraphicType == "POLYLINE"
+        c0, r0, c1, r1 = _box(scoord.GraphicData)
+        assert 0 <= c0 < c1 <= src.Columns and 0 <= r0 < r1 <= src.Rows
+        assert (c0, r0, c1, r1) == pytest.approx(regions[(uid, label)].box, rel=1e-5)
+        (image,) = scoord.ContentSequence
+        assert (image.RelationshipType, image.ValueType) == ("SELECTED FROM", "IMAGE")
+        assert image.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == uid
+        assert image.ReferencedSOPSequence[0].ReferencedSOPClassUID == src.SOPClassUID
+        comments = [i.TextValue for i in item.ContentSequence if _concept(i) == ("121106", "DCM")]
+        assert comments == [f"{row.title}: Present - AI result, not for diagnostic use"]
+
+
+def test_chest_sr_summary_lists_every_label_once(
+    results_chest: tuple[Findings, list[Dataset]],
+) -> None:
+    findings, (ds, *_) = results_chest
+    table = table_for(Task.CHEST_XRAY)
+    *codes_, comment = _summary(ds)
+    assert [item.ValueType for item in codes_] == ["CODE"] * len(findings.labels)
+    for label, item in zip(findings.labels, codes_, strict=True):
+        row = table[label]
+        assert _concept(item) == (row.finding.value, row.finding.scheme_designator)
+        assert _value(item) == (PRESENT if findings.is_present(label) else ABSENT)
+        (num,) = item.ContentSequence
+        assert (num.RelationshipType, num.ValueType, _concept(num)) == (
+            "HAS PROPERTIES", "NUM", CERTAINTY,
+        )  # fmt: skip
+        (measured,) = num.MeasuredValueSequence
+        assert float(measured.NumericValue) == pytest.approx(100 * findings.study_scores[label])
+        assert measured.MeasurementUnitsCodeSequence[0].CodeValue == "%"
+    pairs = [(_concept(item), _value(item)) for item in codes_]
+    assert len(set(pairs)) == len(pairs)
+    assert (comment.ValueType, _concept(comment)) == ("TEXT", ("121106", "DCM"))
+    text = comment.TextValue
+    assert text == comment_text(findings.model)
+    assert text.startswith(DISCLAIMER) and SHA in text and "untrained reference model" in text
+    assert ".." not in text and text.lower().count("not for diagnostic use") == 1
 
 
 def test_chest_sr_header(
@@ -311,6 +476,7 @@ def test_chest_sr_header(
     assert ds.SeriesInstanceUID != src.SeriesInstanceUID
     assert ds.SeriesDescription == "AI RESULT - NOT FOR DIAGNOSTIC USE"
     assert (ds.ContentDate, ds.ContentTime) == ("20250304", "050607")
+    assert (ds.SeriesDate, ds.SeriesTime) == ("20250304", "050607")
     assert (ds.CompletionFlag, ds.VerificationFlag, ds.PreliminaryFlag) == (
         "COMPLETE",
         "UNVERIFIED",
@@ -336,36 +502,119 @@ def test_chest_sr_header(
     refs = evidence.ReferencedSeriesSequence[0].ReferencedSOPSequence
     assert [r.ReferencedSOPInstanceUID for r in refs] == [src.SOPInstanceUID]
     assert "PredecessorDocumentsSequence" not in ds
+    # SEPARATE on the root and every container, so dsr2html prints each value's concept name.
+    assert ds.ContinuityOfContent == "SEPARATE"
+    containers = [item for item in _walk(ds.ContentSequence) if item.ValueType == "CONTAINER"]
+    assert len(containers) == 2 + len(_group_items(ds))
+    assert all(item.ContinuityOfContent == "SEPARATE" for item in containers)
 
 
 def test_chest_sc(
     results_chest: tuple[Findings, list[Dataset]], results_chest_source: Dataset
 ) -> None:
-    _, (*_, sc) = results_chest
+    findings, objs = results_chest
+    (sc,) = _of(objs, "OT")
     src = results_chest_source
     assert sc.Modality == "OT" and sc.BurnedInAnnotation == "YES"
     assert sc.PhotometricInterpretation == "RGB" and sc.SamplesPerPixel == 3
-    assert max(sc.Rows, sc.Columns) == MAX_SIDE  # 1955 x 1841 source, downscaled
-    assert "PixelSpacing" not in sc
+    rows, columns = fit_size(src.Rows, src.Columns)
+    assert (rows, columns) == (MAX_SIDE, 964)  # 1955 x 1841 source, downscaled
+    assert sc.Rows >= rows and sc.Columns > columns + 300  # a text panel to the right
+    assert "PixelSpacing" not in sc  # the canvas is not the source's pixel grid
     assert sc.StudyInstanceUID == src.StudyInstanceUID and sc.PatientID == src.PatientID
     assert sc.StudyDescription == src.StudyDescription
     assert sc.SeriesDescription == "AI OVERLAY - NOT FOR DIAGNOSTIC USE"
     assert (sc.ContentDate, sc.ContentTime) == ("20250304", "050607")
+    assert (sc.SeriesDate, sc.SeriesTime) == ("20250304", "050607")
     assert sc.ConversionType == "WSD" and sc.ContentQualification == "RESEARCH"
     assert SHA in sc.DerivationDescription and "Not for diagnostic use" in sc.ImageComments
+    assert "heat map of Atelectasis" in sc.DerivationDescription
     assert "untrained reference model" in sc.ImageComments
     assert sc.ContributingEquipmentSequence[-1].DeviceUID == _model(Task.CHEST_XRAY).device_uid
     (ref,) = sc.SourceImageSequence
     assert ref.ReferencedSOPInstanceUID == src.SOPInstanceUID
-    pixels = sc.pixel_array
-    caption = pixels[: sc.Rows // 10, : sc.Columns // 3]
-    assert (caption == 255).all(axis=-1).any(), "caption text is drawn in white"
-    assert (caption == 0).all(axis=-1).any(), "on a black box"
-    background = display_rgb(src)
-    small = np.asarray(Image.fromarray(background).resize((sc.Columns, sc.Rows)))
-    assert not np.array_equal(caption, small[: sc.Rows // 10, : sc.Columns // 3])
-    centre = pixels[sc.Rows // 3 : 2 * sc.Rows // 3, sc.Columns // 3 : 2 * sc.Columns // 3]
-    assert (centre[..., 0] != centre[..., 2]).any(), "heat map colours the grey image"
+
+    image, base, panel = _image_part(sc, src)
+    # The text panel: white text and the yellow title on black, and the colour scale.
+    assert (panel == 0).all(axis=-1).mean() > 0.6
+    assert (panel == 255).all(axis=-1).any(), "caption text is drawn in white"
+    assert (panel == (255, 214, 0)).all(axis=-1).any(), "the title in yellow"
+    assert _scale_bar_rows(panel) >= 14, "a colour scale of the heat map"
+    if sc.Rows > rows:
+        assert not sc.pixel_array[rows:, :columns].any()
+    # The heat map: only where the smoothed CAM is at or above 60 % of its peak, inside the
+    # body; everything else is the source image as displayed, untouched.
+    activation = activation_on_grid(findings.heatmaps[str(src.SOPInstanceUID)], (rows, columns))
+    body = body_mask(base)
+    changed = (image != base).any(axis=-1)
+    assert changed.sum() > 1000
+    assert not (changed & (activation < DEFAULT_CUTOFF)).any()
+    assert not (changed & ~body).any(), "no colour on air"
+    hot = (activation >= DEFAULT_CUTOFF) & body
+    assert changed[hot].mean() > 0.9
+    assert (image[..., 0] != image[..., 2])[hot].mean() > 0.9, "in colour"
+    assert not hot.all() and body[~hot].any()
+
+
+@pytest.mark.parametrize(
+    ("positive", "mode", "drawn"),
+    [
+        (True, "positive", True),
+        (False, "positive", False),
+        (True, "always", True),
+        (False, "always", True),
+        (True, "never", False),
+        (False, "never", False),
+    ],
+)
+def test_sc_heatmap_option(
+    results_small_chest: Dataset, positive: bool, mode: str, drawn: bool
+) -> None:
+    src = results_small_chest
+    scores = None if positive else dict.fromkeys(LABELS[Task.CHEST_XRAY], 0.2)
+    findings = _findings([src], Task.CHEST_XRAY, study_scores=scores)
+    options = ResultOptions(sr_sop_class="none", emit_seg=False, sc_heatmap=mode)
+    (sc,) = build_results([src], findings, options)
+    rows, columns = fit_size(src.Rows, src.Columns)
+    assert (rows, columns) == (512, 410)  # enlarged to MIN_SIDE so that the text stays legible
+    assert sc.Rows >= rows and sc.Columns > columns
+    image, base, panel = _image_part(sc, src)
+    assert bool((image != base).any()) is drawn
+    assert (_scale_bar_rows(panel) >= 14) is drawn
+    assert ("heat map of Atelectasis" in sc.DerivationDescription) is drawn
+    assert "PixelSpacing" not in sc
+
+
+def test_sc_heat_map_never_on_air(results_ct_series: list[Dataset]) -> None:
+    # A map whose high part straddles the edge of the head: drawn inside it only.
+    src = results_ct_series[1]
+    yy, xx = np.mgrid[:16, :16]
+    cam = np.exp(-((yy - 2.5) ** 2 + (xx - 2.5) ** 2) / (2 * 2.5**2))
+    findings = replace(_findings([src], Task.HEAD_CT_ICH), heatmaps={str(src.SOPInstanceUID): cam})
+    options = ResultOptions(sr_sop_class="none", emit_seg=False)
+    (sc,) = build_results([src], findings, options)
+    image, base, _ = _image_part(sc, src)
+    activation = activation_on_grid(cam, base.shape[:2])
+    body = body_mask(base)
+    high = activation >= DEFAULT_CUTOFF
+    assert (high & ~body).sum() > 1000 and (high & body).sum() > 1000  # the case in point
+    changed = (image != base).any(axis=-1)
+    assert changed[high & body].mean() > 0.9
+    assert not (changed & ~body).any()
+    assert (image[~body] == image[~body][:, :1]).all(), "air stays grey"
+
+
+def test_sc_no_heat_map_where_this_image_is_below_threshold(results_small_chest: Dataset) -> None:
+    src = results_small_chest
+    uid = str(src.SOPInstanceUID)
+    image_scores = {uid: {"atelectasis": 0.3}}  # present in the study, not on this image
+    findings = _findings([src], Task.CHEST_XRAY, image_scores=image_scores)
+    assert findings.is_present("atelectasis")
+    (sc,) = build_results([src], findings, ResultOptions(sr_sop_class="none", emit_seg=False))
+    image, base, _ = _image_part(sc, src)
+    assert np.array_equal(image, base)
+    lines = caption_lines(findings, table_for(Task.CHEST_XRAY), uid, False)
+    assert NO_HEAT_MAP in lines
 
 
 def test_sc_background_decoded_at_reduced_resolution_matches_full(
@@ -408,7 +657,7 @@ def test_chest_monochrome1_is_not_inverted(results_chest_source: Dataset) -> Non
 def test_text_sr(
     results_chest: tuple[Findings, list[Dataset]], results_chest_source: Dataset
 ) -> None:
-    _, (_, text, _) = results_chest
+    _, (_, text, *_) = results_chest
     assert text.SOPClassUID == BasicTextSRStorage
     assert text.ConceptNameCodeSequence[0].CodeValue == "18748-4"
     (container,) = [i for i in text.ContentSequence if i.ValueType == "CONTAINER"]
@@ -420,6 +669,99 @@ def test_text_sr(
     assert any("untrained reference model" in line for line in lines)
     assert text.StudyInstanceUID == results_chest_source.StudyInstanceUID
     assert (text.ContentDate, text.ContentTime) == ("20250304", "050607")
+    assert text.SeriesDescription == "AI RESULT TEXT - NOT FOR DIAGNOSTIC USE"
+
+
+@pytest.mark.parametrize("index", [0, 1, 2, 3, 4], ids=["sr", "text-sr", "sc", "ko", "seg"])
+def test_series_and_content_date_on_every_object(
+    results_chest: tuple[Findings, list[Dataset]], index: int
+) -> None:
+    # Without SeriesDate/Time, Orthanc Explorer and date-sorted PACS lists file a series
+    # under "?"; every object of a run is dated when the analysis started (UTC).
+    ds = results_chest[1][index]
+    assert (ds.get("SeriesDate"), ds.get("SeriesTime")) == ("20250304", "050607")
+    assert (ds.get("ContentDate"), ds.get("ContentTime")) == ("20250304", "050607")
+
+
+def test_failure_notice_is_dated(results_ct_series: list[Dataset]) -> None:
+    notice = _roundtrip(
+        build_failure_notice(
+            _headers(results_ct_series), _model(Task.HEAD_CT_ICH), "inference_failed",
+            started=STARTED,
+        )
+    )  # fmt: skip
+    assert (notice.get("ContentDate"), notice.get("ContentTime")) == ("20250304", "050607")
+    assert (notice.get("SeriesDate"), notice.get("SeriesTime")) == ("20250304", "050607")
+
+
+def test_texts_do_not_repeat_the_disclaimer(results_small_chest: Dataset) -> None:
+    assert sentences("Untrained model. Not for diagnostic use.", "Not for diagnostic use") == (
+        "Untrained model. Not for diagnostic use."
+    )
+    assert sentences("a.", "", "A", "b") == "a. b."
+    model = _model(Task.CHEST_XRAY, description=REFERENCE_DESCRIPTION)
+    src = results_small_chest
+    objs = build_results(
+        [src],
+        _findings([src], Task.CHEST_XRAY, model=model),
+        ResultOptions(emit_text_sr=False, emit_seg=False),
+    )
+    sr, sc = objs
+    (comment,) = [i for i in _summary(sr) if i.ValueType == "TEXT"]
+    texts = {
+        "comment": str(comment.TextValue),
+        "ImageComments": str(sc.ImageComments),
+        "DerivationDescription": str(sc.DerivationDescription),
+        "ContributionDescription": str(
+            sc.ContributingEquipmentSequence[-1].ContributionDescription
+        ),
+    }
+    for name, text in texts.items():
+        assert ".." not in text, name
+        assert text.lower().count("not for diagnostic use") == 1, name
+        assert "Untrained reference model (random weights, fixed seed)" in text, name
+    assert texts["comment"] == (
+        f"{DISCLAIMER} Model chest-xray 0.1.0 (sha256 {SHA}): Untrained reference model "
+        "(random weights, fixed seed)."
+    )
+
+
+# --------------------------------------------------------------------------- negative study
+
+
+def test_negative_study_has_no_located_findings(results_small_chest: Dataset) -> None:
+    src = results_small_chest
+    uid = str(src.SOPInstanceUID)
+    negative = dict.fromkeys(LABELS[Task.CHEST_XRAY], 0.2)
+    findings = _findings([src], Task.CHEST_XRAY, study_scores=negative)
+    assert findings.label_heatmaps == {}
+    objs = build_results([src], findings, ResultOptions(emit_ko=True))
+    assert [o.Modality for o in objs] == ["SR", "OT", "KO"]  # no SEG: nothing was found
+    ds = _roundtrip(objs[0])
+    assert _top(ds, "126010") == [], "no Imaging Measurements container at all"
+    assert _groups(_sr(ds)) == []
+    *items, comment = _summary(ds)
+    assert [_value(i) for i in items] == [ABSENT] * len(LABELS[Task.CHEST_XRAY])
+    assert comment.ValueType == "TEXT"
+    assert ds.ContinuityOfContent == "SEPARATE"
+    image, base, _ = _image_part(objs[1], src)
+    assert np.array_equal(image, base)
+    lines = caption_lines(findings, table_for(Task.CHEST_XRAY), uid, False)
+    assert NO_HEAT_MAP in lines
+    assert "No finding at or above threshold (highest: Atelectasis 20%)" in lines
+
+
+def test_present_finding_without_a_located_region(results_small_chest: Dataset) -> None:
+    # A CAM whose high part lies outside the body (or an image without pixels) gives no region:
+    # the finding is reported in the summary only.
+    src = results_small_chest
+    head = _headers([src])
+    findings = _findings(head, Task.CHEST_XRAY, key_uids=())
+    objs = build_results(head, findings)
+    assert [o.Modality for o in objs] == ["SR"]
+    ds = _roundtrip(objs[0])
+    assert _top(ds, "126010") == []
+    assert _value(_summary(ds)[0]) == PRESENT
 
 
 # --------------------------------------------------------------------------- UIDs
@@ -430,10 +772,18 @@ def test_uids_deterministic_and_keyed_on_content(results_chest_source: Dataset) 
     options = ResultOptions(emit_text_sr=True)
     first = build_results([nih], _findings([nih], Task.CHEST_XRAY), options)
     again = build_results([nih], _findings([nih], Task.CHEST_XRAY), options)
+    assert [o.Modality for o in first] == ["SR", "SR", "OT", "SEG"]
     assert _all_uids(first) == _all_uids(again)
     tracking = [g.tracking_uid for g in _groups(_sr(first[0]))]
-    assert tracking == [g.tracking_uid for g in _groups(_sr(again[0]))]
+    assert tracking and tracking == [g.tracking_uid for g in _groups(_sr(again[0]))]
     assert len(set(tracking)) == len(tracking)
+    # No InstanceNumber: the image is named by its position among the sources.
+    assert _groups(_sr(first[0]))[0].tracking_identifier.startswith("chest-xray:image:1:")
+    seg, seg_again = first[-1], again[-1]
+    segment_uids = [s.TrackingUID for s in seg.SegmentSequence]
+    assert segment_uids == [s.TrackingUID for s in seg_again.SegmentSequence]
+    assert len(set(segment_uids)) == len(segment_uids)
+    assert np.array_equal(seg.pixel_array, seg_again.pixel_array)
     seen = {uid for pair in _all_uids(first) for uid in pair}
 
     changed = [
@@ -442,6 +792,7 @@ def test_uids_deterministic_and_keyed_on_content(results_chest_source: Dataset) 
     ]
     for findings in changed:
         other = build_results([nih], findings, options)
+        assert len(other) == len(first)
         assert not seen & {uid for pair in _all_uids(other) for uid in pair}
     # A new input instance (same study) gives new UIDs too.
     extra = _headers([nih])[0]
@@ -482,7 +833,7 @@ def test_predecessor_reference(results_chest_source: Dataset) -> None:
 # --------------------------------------------------------------------------- head CT
 
 
-def test_head_ct_study_and_slice_groups(results_ct_series: list[Dataset]) -> None:
+def test_head_ct_slice_groups_and_seg(results_ct_series: list[Dataset]) -> None:
     series = results_ct_series
     uids = [str(ds.SOPInstanceUID) for ds in series]
     labels = LABELS[Task.HEAD_CT_ICH]
@@ -491,52 +842,113 @@ def test_head_ct_study_and_slice_groups(results_ct_series: list[Dataset]) -> Non
               for label in labels}
         for i, uid in enumerate(uids)
     }  # fmt: skip
+    study = {label: (0.8 if label in ("any", "subdural") else 0.1) for label in labels}
     keys = (uids[0], uids[2], uids[4])
     # Only key images carry pixels: everything else is headers.
     sources = _headers(series, keep=keys)
-    findings = _findings(sources, Task.HEAD_CT_ICH, key_uids=keys, image_scores=image_scores)
+    findings = _findings(
+        sources, Task.HEAD_CT_ICH, key_uids=keys, image_scores=image_scores, study_scores=study
+    )
     objs = [_roundtrip(o) for o in build_results(sources, findings)]
-    assert [o.Modality for o in objs] == ["SR", "OT", "OT", "OT"]
-    sr = _sr(objs[0])
-    groups = _groups(sr)
+    assert [o.Modality for o in objs] == ["SR", "OT", "OT", "OT", "SEG"]
     table = table_for(Task.HEAD_CT_ICH)
-    study_groups, slice_groups = groups[:6], groups[6:]
-    for label, group in zip(labels, study_groups, strict=True):
-        assert group.finding_type == table[label].finding
-        assert group.source_images == []  # the evidence lists the series
-    # Subdural is UNVERIFIED: private code, never an SCT code.
-    assert study_groups[5].finding_type.scheme_designator == PRIVATE_SCHEME
-    assert study_groups[3].finding_type == ICH  # intraventricular fallback
-    assert study_groups[3].finding_sites[0].value == codes.SCT.BrainVentricle
-    # Slices 0, 2, 4 have "subdural" above threshold; "any" is not repeated per slice.
-    assert len(slice_groups) == 3
-    assert [g.source_images[0].referenced_sop_instance_uid for g in slice_groups] == list(keys)
-    assert all(g.finding_type == table["subdural"].finding for g in slice_groups)
-    assert [g.get_measurements()[0].value for g in slice_groups] == [80.0, 70.0, 60.0]
-    assert slice_groups[0].tracking_identifier == "head-ct-ich:slice:1:subdural"
+    groups = _groups(_sr(objs[0]))
+    # Slices 0, 2, 4 have "subdural" at or above threshold; there it hides "any".
+    assert len(groups) == 3
+    assert [g.source_images[0].referenced_sop_instance_uid for g in groups] == list(keys)
+    assert [g.tracking_identifier for g in groups] == [
+        f"head-ct-ich:image:{n}:subdural" for n in (1, 3, 5)
+    ]
+    assert all(g.finding_type == table["subdural"].finding for g in groups)
+    assert groups[0].finding_type.scheme_designator == PRIVATE_SCHEME  # UNVERIFIED: private
+    assert all(g.finding_sites[0].value == codes.SCT.DuraMater for g in groups)
+    assert [g.get_measurements()[0].value for g in groups] == [80.0, 70.0, 60.0]
+    for group, uid in zip(groups, keys, strict=True):
+        (coords,) = group.get_measurements()[0].referenced_coordinates
+        (image,) = coords.ContentSequence
+        assert image.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == uid
+        c0, r0, c1, r1 = _box(coords.GraphicData)
+        assert 0 <= c0 < 48 < c1 <= 96 and 0 <= r0 < 48 < r1 <= 96  # around the CAM's peak
+    summary = _summary(objs[0])[:-1]
+    assert [_value(i) for i in summary] == [
+        PRESENT if label in ("any", "subdural") else ABSENT for label in labels
+    ]
     refs = objs[0].CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
     assert {r.ReferencedSOPInstanceUID for r in refs.ReferencedSOPSequence} == set(uids)
-    assert [sc.SourceImageSequence[0].ReferencedSOPInstanceUID for sc in objs[1:]] == list(keys)
-    assert [sc.InstanceNumber for sc in objs[1:]] == [1, 2, 3]
-    assert len({sc.SeriesInstanceUID for sc in objs[1:]}) == 1
-    assert all(sc.BodyPartExamined == "HEAD" for sc in objs[1:])
+    scs = objs[1:4]
+    assert [sc.SourceImageSequence[0].ReferencedSOPInstanceUID for sc in scs] == list(keys)
+    assert [sc.InstanceNumber for sc in scs] == [1, 2, 3]
+    assert len({sc.SeriesInstanceUID for sc in scs}) == 1
+    assert all(sc.BodyPartExamined == "HEAD" for sc in scs)
     assert all(sc.PatientName == SENTINEL for sc in objs)
+
+    # The SEG: frames only for slices with a region, one segment, on the CT's geometry.
+    seg = objs[-1]
+    assert seg.SeriesNumber == 9105 and seg.InstanceNumber == 1
+    assert _segment_labels(seg) == ["Subdural hemorrhage (AI)"]
+    frames = _seg_frames(seg)
+    assert sorted(frames) == sorted((uid, 1) for uid in keys)
+    assert seg.FrameOfReferenceUID == series[0].FrameOfReferenceUID
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in series}
+    for (uid, _), item in zip(frames, seg.PerFrameFunctionalGroupsSequence, strict=True):
+        position = item.PlanePositionSequence[0].ImagePositionPatient
+        assert [float(v) for v in position] == [float(v) for v in by_uid[uid].ImagePositionPatient]
+    (refd,) = seg.ReferencedSeriesSequence
+    assert refd.SeriesInstanceUID == series[0].SeriesInstanceUID
+    assert sorted(r.ReferencedSOPInstanceUID for r in refd.ReferencedInstanceSequence) == sorted(
+        keys
+    )
+    regions = locate(sources, findings)
+    for frame, (uid, _) in zip(seg.pixel_array, frames, strict=True):
+        assert np.array_equal(frame.astype(bool), regions[(uid, "subdural")].on_source_grid(96, 96))
 
     capped = build_results(
         sources, findings, ResultOptions(max_slice_groups=1, sc_max_images=2, emit_sc=True)
     )
-    assert len(_groups(_sr(capped[0]))) == 7
-    assert len(capped) == 3
+    assert [o.Modality for o in capped] == ["SR", "OT", "OT", "SEG"]
+    (top,) = _groups(_sr(capped[0]))
+    assert top.source_images[0].referenced_sop_instance_uid == uids[0]  # the highest score
+    none = build_results(sources, findings, ResultOptions(max_slice_groups=0, emit_sc=False))
+    assert _top(_roundtrip(none[0]), "126010") == []
     assert [o.Modality for o in build_results(sources, findings, ResultOptions(emit_sc=False))] == [
-        "SR"
+        "SR", "SEG",
+    ]  # fmt: skip
+    plain = build_results(sources, findings, ResultOptions(emit_sc=False, emit_seg=False))
+    assert [o.Modality for o in plain] == ["SR"]
+
+
+def test_head_ct_summary_codes_are_distinct(results_ct_series: list[Dataset]) -> None:
+    sources = _headers(results_ct_series)
+    everything = dict.fromkeys(LABELS[Task.HEAD_CT_ICH], 0.9)
+    findings = _findings(sources, Task.HEAD_CT_ICH, key_uids=(), study_scores=everything)
+    ds = _roundtrip(build_results(sources, findings)[0])
+    *items, _ = _summary(ds)
+    pairs = [(_concept(i), _value(i)) for i in items]
+    assert len(pairs) == 6 and len(set(pairs)) == 6
+    table = table_for(Task.HEAD_CT_ICH)
+    assert _concept(items[0]) == ("1386000", "SCT")  # "any"
+    intraventricular = table["intraventricular"].finding
+    assert _concept(items[3]) == (intraventricular.value, PRIVATE_SCHEME)  # not 1386000
+    assert intraventricular.value.startswith("ICH-")
+    assert items[3].ConceptNameCodeSequence[0].CodeMeaning == "Intraventricular hemorrhage"
+    assert table["intraventricular"].status == CodeStatus.UNVERIFIED
+    assert table["intraventricular"].site == codes.SCT.BrainVentricle
+    assert PRIVATE_SCHEME in [
+        i.CodingSchemeDesignator for i in ds.CodingSchemeIdentificationSequence
     ]
 
 
-def test_head_ct_real_slice_keeps_pixel_spacing() -> None:
+def test_head_ct_real_slice_sc_layout() -> None:
     src = _read("other/transfer_syntaxes/CT2_JLSL.dcm")  # 512 x 512, JPEG-LS, no body part
-    (_, sc) = build_results([src], _findings([src], Task.HEAD_CT_ICH))
-    assert (sc.Rows, sc.Columns) == (512, 512)
-    assert [float(v) for v in sc.PixelSpacing] == [float(v) for v in src.PixelSpacing]
+    options = ResultOptions(sc_heatmap="never")
+    sr, sc, seg = build_results([src], _findings([src], Task.HEAD_CT_ICH), options)
+    assert (sr.Modality, seg.Modality) == ("SR", "SEG")
+    assert sc.Rows >= 512 and sc.Columns > 512 + 300
+    # Not on the source's grid any more (a panel beside it): no PixelSpacing.
+    assert "PixelSpacing" not in sc
+    image, base, _ = _image_part(sc, src)
+    assert image.shape == (512, 512, 3)
+    assert np.array_equal(image, base), "the image keeps its pixels at the top left"
     assert sc.BodyPartExamined == "HEAD"
     assert tuple(sc.PatientOrientation) == ("L", "P")  # from ImageOrientationPatient
 
@@ -546,20 +958,31 @@ def test_head_ct_real_slice_keeps_pixel_spacing() -> None:
 
 def test_bone_normality_per_image() -> None:
     src = _read("extremity_xray/RG3_J2KR.dcm")  # EXTREMITY, Laterality R, MONOCHROME1
-    wrist = _headers([src])[0]
+    wrist = copy.deepcopy(src)
     wrist.SOPInstanceUID = _uid("wrist")
-    wrist.BodyPartExamined = "WRIST"
+    wrist.InstanceNumber, wrist.BodyPartExamined = 7, "WRIST"
+    wrist.SeriesInstanceUID = _uid("wrist-series")  # two CR images of one series: see below
     del wrist.Laterality
-    sources = [src, wrist]
-    scores = {str(src.SOPInstanceUID): {"abnormal": 0.9}, wrist.SOPInstanceUID: {"abnormal": 0.1}}
+    normal = _headers([src])[0]
+    normal.SOPInstanceUID = _uid("normal")
+    normal.InstanceNumber = 9
+    sources = [src, wrist, normal]
+    scores = {
+        str(src.SOPInstanceUID): {"abnormal": 0.9},
+        wrist.SOPInstanceUID: {"abnormal": 0.8},
+        normal.SOPInstanceUID: {"abnormal": 0.1},
+    }
     findings = _findings(sources, Task.BONE_XRAY, image_scores=scores)
-    sr_ds, sc = (_roundtrip(o) for o in build_results(sources, findings))
+    sr_ds, sc, *segs = (_roundtrip(o) for o in build_results(sources, findings))
     groups = _groups(_sr(sr_ds))
-    assert len(groups) == 2
+    assert len(groups) == 2  # the normal image has no finding to locate
     first, second = groups
     assert first.finding_type is None and second.finding_type is None
     assert _evaluation(first, codes.DCM.Normality) == codes.SCT.Abnormal
-    assert _evaluation(second, codes.DCM.Normality) == codes.SCT.Normal
+    assert _evaluation(second, codes.DCM.Normality) == codes.SCT.Abnormal
+    assert [g.tracking_identifier for g in groups] == [
+        f"bone-xray:image:{src.InstanceNumber}:abnormal", "bone-xray:image:7:abnormal",
+    ]  # fmt: skip
     site = first.finding_sites[0]
     assert site.value == codes.SCT.Bone  # "EXTREMITY" does not say which limb
     assert site.laterality == codes.SCT.Right
@@ -567,11 +990,43 @@ def test_bone_normality_per_image() -> None:
     assert second.finding_sites[0].laterality is None
     assert first.source_images[0].referenced_sop_instance_uid == src.SOPInstanceUID
     assert second.source_images[0].referenced_sop_instance_uid == wrist.SOPInstanceUID
-    summary = _summary(sr_ds)
-    assert summary[0].ConceptNameCodeSequence[0].CodeValue == "121402"
-    assert summary[0].ConceptCodeSequence[0].CodeValue == "263654008"  # study score 0.9
+    assert [g.get_measurements()[0].value for g in groups] == [90.0, 80.0]
+    comments = [_texts(item, "121106") for item in _group_items(sr_ds)]
+    assert comments == [["Bone radiograph: Abnormal - AI result, not for diagnostic use"]] * 2
+    (summary, comment) = _summary(sr_ds)
+    assert _concept(summary) == ("121402", "DCM")  # Normality
+    assert _value(summary) == ("263654008", "SCT")  # Abnormal: study score 0.9
+    assert float(summary.ContentSequence[0].MeasuredValueSequence[0].NumericValue) == 90.0
+    assert comment.ValueType == "TEXT"
     assert "CodingSchemeIdentificationSequence" not in sr_ds
     assert sc.Laterality == "R" and sc.BurnedInAnnotation == "YES"
+    # One SEG per series, one segment for the Normality row: Abnormal.
+    assert [seg.Modality for seg in segs] == ["SEG", "SEG"]
+    assert len({seg.SOPInstanceUID for seg in segs}) == 2
+    assert len({seg.SeriesInstanceUID for seg in segs}) == 1
+    for seg in segs:
+        (segment,) = seg.SegmentSequence
+        assert segment.SegmentLabel == "Bone radiograph (AI)"
+        assert _value_of(segment.SegmentedPropertyTypeCodeSequence) == ("263654008", "SCT")
+        assert _value_of(segment.SegmentedPropertyCategoryCodeSequence) == ("49755003", "SCT")
+    frames = sorted(frame for seg in segs for frame in _seg_frames(seg))
+    assert frames == sorted([(str(src.SOPInstanceUID), 1), (str(wrist.SOPInstanceUID), 1)])
+
+
+def _value_of(sequence: Sequence[Dataset]) -> tuple[str, str]:
+    (code,) = sequence
+    return str(code.CodeValue), str(code.CodingSchemeDesignator)
+
+
+def test_bone_negative_study_says_normal() -> None:
+    src = _read("extremity_xray/RG3_J2KR.dcm")
+    head = _headers([src])
+    findings = _findings(head, Task.BONE_XRAY, key_uids=(), study_scores={"abnormal": 0.1})
+    (sr,) = build_results(head, findings)
+    sr = _roundtrip(sr)
+    assert _top(sr, "126010") == []
+    (item, _) = _summary(sr)
+    assert (_concept(item), _value(item)) == (("121402", "DCM"), ("17621005", "SCT"))  # Normal
 
 
 @pytest.mark.parametrize(
@@ -589,6 +1044,147 @@ def test_bone_normality_per_image() -> None:
 )
 def test_bone_site(body_part: str | None, expected: object) -> None:
     assert bone_site(body_part) == expected
+
+
+# --------------------------------------------------------------------------- SEG
+
+
+def test_seg_of_a_projection_radiograph(
+    results_chest: tuple[Findings, list[Dataset]], results_chest_source: Dataset
+) -> None:
+    findings, objs = results_chest
+    (seg,) = _of(objs, "SEG")
+    src = results_chest_source
+    uid = str(src.SOPInstanceUID)
+    table = table_for(Task.CHEST_XRAY)
+    assert seg.SOPClassUID == SegmentationStorage and seg.SegmentationType == "BINARY"
+    assert seg.SeriesDescription == "AI REGIONS - NOT FOR DIAGNOSTIC USE"
+    assert seg.SeriesNumber == 9105 and seg.ContentQualification == "RESEARCH"
+    assert (seg.Rows, seg.Columns) == (src.Rows, src.Columns)
+    assert seg.StudyInstanceUID == src.StudyInstanceUID and seg.PatientID == src.PatientID
+    assert seg.ContributingEquipmentSequence[-1].DeviceUID == _model(Task.CHEST_XRAY).device_uid
+    assert "Not for diagnostic use" in seg.ImageComments
+    present = [label for label in findings.labels if findings.is_present(label)]
+    assert _segment_labels(seg) == [f"{table[label].title} (AI)" for label in present]
+    for number, (label, segment) in enumerate(zip(present, seg.SegmentSequence, strict=True), 1):
+        row = table[label]
+        assert segment.SegmentNumber == number
+        assert _value_of(segment.SegmentedPropertyTypeCodeSequence) == (
+            row.finding.value, row.finding.scheme_designator,
+        )  # fmt: skip
+        assert _value_of(segment.SegmentedPropertyCategoryCodeSequence) == ("49755003", "SCT")
+        assert _value_of(segment.AnatomicRegionSequence) == (
+            row.site.value, row.site.scheme_designator,
+        )  # fmt: skip
+        assert segment.SegmentAlgorithmType == "AUTOMATIC"
+        (algorithm,) = segment.SegmentationAlgorithmIdentificationSequence
+        assert algorithm.AlgorithmName == "chest-xray" and algorithm.AlgorithmVersion == "0.1.0"
+        assert _value_of(algorithm.AlgorithmFamilyCodeSequence) == ("123110", "DCM")
+    # One frame per (image, label) with a region; each references the source image.
+    assert sorted(_seg_frames(seg)) == [(uid, n) for n in range(1, len(present) + 1)]
+    (refd,) = seg.ReferencedSeriesSequence
+    assert refd.SeriesInstanceUID == src.SeriesInstanceUID
+    assert [r.ReferencedSOPInstanceUID for r in refd.ReferencedInstanceSequence] == [uid]
+    # CR without a frame of reference: the projection geometry OHIF needs to overlay it.
+    assert "FrameOfReferenceUID" not in seg
+    (shared,) = seg.SharedFunctionalGroupsSequence
+    (orientation,) = shared.PlaneOrientationSequence
+    assert [float(v) for v in orientation.ImageOrientationPatient] == [1, 0, 0, 0, 1, 0]
+    (measures,) = shared.PixelMeasuresSequence
+    assert [float(v) for v in measures.PixelSpacing] == [1.0, 1.0]  # the source has 0\0
+    # The masks are the located regions on the source grid.
+    regions = locate([src], findings)
+    for frame, (_, number) in zip(seg.pixel_array, _seg_frames(seg), strict=True):
+        expected = regions[(uid, present[number - 1])].on_source_grid(src.Rows, src.Columns)
+        assert np.array_equal(frame.astype(bool), expected)
+        assert 0 < expected.mean() < 0.5
+
+
+def test_seg_of_a_dx_keeps_its_pixel_spacing(results_small_chest: Dataset) -> None:
+    src = results_small_chest  # DX, PixelSpacing 1.075, no frame of reference
+    options = ResultOptions(sr_sop_class="none", emit_sc=False)
+    (seg,) = build_results([src], _findings([src], Task.CHEST_XRAY), options)
+    (shared,) = seg.SharedFunctionalGroupsSequence
+    spacing = [float(v) for v in shared.PixelMeasuresSequence[0].PixelSpacing]
+    assert spacing == [float(v) for v in src.PixelSpacing]
+    assert [float(v) for v in shared.PlaneOrientationSequence[0].ImageOrientationPatient] == [
+        1, 0, 0, 0, 1, 0,
+    ]  # fmt: skip
+    _roundtrip(seg)
+
+
+def test_seg_frames_only_where_a_region_was_found(results_ct_series: list[Dataset]) -> None:
+    series = results_ct_series  # every slice has pixels
+    uids = [str(ds.SOPInstanceUID) for ds in series]
+    labels = LABELS[Task.HEAD_CT_ICH]
+    scores = {uid: dict.fromkeys(labels, 0.1) for uid in uids}
+    for i, (any_, iph) in {1: (0.9, 0.85), 4: (0.7, 0.6)}.items():
+        scores[uids[i]].update({"any": any_, "intraparenchymal": iph})
+    study = {label: (0.9 if label in ("any", "intraparenchymal") else 0.1) for label in labels}
+    findings = _findings(series, Task.HEAD_CT_ICH, key_uids=(), image_scores=scores,
+                         study_scores=study)  # fmt: skip
+    sr, seg = build_results(series, findings)
+    groups = _groups(_sr(sr))
+    assert [g.source_images[0].referenced_sop_instance_uid for g in groups] == [uids[1], uids[4]]
+    assert [g.get_measurements()[0].value for g in groups] == [85.0, 60.0]
+    assert _segment_labels(seg) == ["Intraparenchymal hemorrhage (AI)"]
+    assert sorted(_seg_frames(seg)) == sorted([(uids[1], 1), (uids[4], 1)])
+    assert int(seg.NumberOfFrames) == 2
+    again = build_results(series, findings)[1]
+    assert (again.SeriesInstanceUID, again.SOPInstanceUID) == (
+        seg.SeriesInstanceUID, seg.SOPInstanceUID,
+    )  # fmt: skip
+
+
+def test_seg_one_per_series_and_image_size() -> None:
+    series = _ct_series(2, 96, study="mixed")
+    small = _ct_series(1, 64, study="mixed")[0]
+    small.SOPInstanceUID = small.file_meta.MediaStorageSOPInstanceUID = _uid("mixed", "small")
+    small.InstanceNumber = 3
+    other = _ct_series(1, 96, study="mixed")[0]  # another series of the study
+    other.SOPInstanceUID = other.file_meta.MediaStorageSOPInstanceUID = _uid("mixed", "other")
+    other.SeriesInstanceUID = _uid("mixed", "other-series")
+    sources = [*series, small, other]
+    findings = _findings(sources, Task.HEAD_CT_ICH)
+    segs = _of(build_results(sources, findings, ResultOptions(emit_sc=False)), "SEG")
+    assert len(segs) == 3
+    assert len({s.SeriesInstanceUID for s in segs}) == 1  # one SEG series per run
+    assert sorted(s.InstanceNumber for s in segs) == [1, 2, 3]
+    shapes = sorted((s.Rows, s.ReferencedSeriesSequence[0].SeriesInstanceUID) for s in segs)
+    expected = [(96, series[0].SeriesInstanceUID), (64, series[0].SeriesInstanceUID),
+                (96, other.SeriesInstanceUID)]  # fmt: skip
+    assert shapes == sorted(expected)
+    assert len({s.SOPInstanceUID for s in segs}) == 3, "every SEG has its own SOP Instance UID"
+
+
+def test_seg_of_two_projection_images_of_one_series() -> None:
+    # Two views of one extremity series (CR, same size, no frame of reference), both located:
+    # the results must still build, and each image must get its overlay.
+    study, series = _uid("two-views"), _uid("two-views", "series")
+    views = [
+        make_xray("wrist", modality="CR", rows=300, cols=240, seed=seed, study_uid=study,
+                  series_uid=series)
+        for seed in (1, 2)
+    ]  # fmt: skip
+    views[1].InstanceNumber = 2
+    assert "FrameOfReferenceUID" not in views[0]
+    findings = _findings(views, Task.BONE_XRAY)
+    objs = build_results(views, findings, ResultOptions(emit_sc=False))
+    assert len(_groups(_sr(objs[0]))) == 2
+    segs = _of(objs, "SEG")
+    frames = sorted(uid for seg in segs for uid, _ in _seg_frames(seg))
+    assert frames == sorted(str(ds.SOPInstanceUID) for ds in views)
+    assert len({seg.SOPInstanceUID for seg in segs}) == len(segs)
+
+
+def test_seg_none_for_multiframe_or_when_not_asked(results_ct_series: list[Dataset]) -> None:
+    findings = _findings(results_ct_series, Task.HEAD_CT_ICH)
+    objs = build_results(results_ct_series, findings, ResultOptions(emit_seg=False))
+    assert [o.Modality for o in objs] == ["SR", "OT"]
+    mf = _multiframe()
+    objs = build_results([mf], _findings([mf], Task.CHEST_XRAY))
+    assert [o.Modality for o in objs] == ["SR", "OT"]
+    assert _groups(_sr(objs[0])), "the SR still locates the findings"
 
 
 # --------------------------------------------------------------------------- codes
@@ -616,6 +1212,11 @@ def test_code_tables_cover_the_labels_and_status_is_honest() -> None:
                 assert finding.scheme_designator == PRIVATE_SCHEME or (
                     finding == ICH and site != codes.SCT.Brain
                 ), label
+        # Code values are SH (16 characters at most), private ones included.
+        assert all(len(code.value) <= 16 for code in (finding, site, *row.values)), label
+        # Within a task every label has its own finding concept: no two summary rows alike.
+        findings = [(row.finding.value, row.finding.scheme_designator) for row in table.values()]
+        assert len(set(findings)) == len(findings), task
     emitted = [
         (row.finding.value, row.finding.scheme_designator, row.site.value)
         for task in LABELS
@@ -632,21 +1233,33 @@ def test_code_tables_cover_the_labels_and_status_is_honest() -> None:
     [("comprehensive", ComprehensiveSRStorage), ("enhanced", EnhancedSRStorage)],
 )
 def test_sr_sop_class_option(results_ct_series: list[Dataset], sr_sop_class: str, uid: str) -> None:
-    sources = _headers(results_ct_series)
-    findings = _findings(sources, Task.HEAD_CT_ICH, key_uids=())
-    (ds,) = build_results(sources, findings, ResultOptions(sr_sop_class=sr_sop_class))
+    findings = _findings(results_ct_series, Task.HEAD_CT_ICH, key_uids=())
+    options = ResultOptions(sr_sop_class=sr_sop_class, emit_seg=False)
+    (ds,) = build_results(results_ct_series, findings, options)
     ds = _roundtrip(ds)
     assert ds.SOPClassUID == uid
-    # 6 study-level groups + 2 subtypes (intraparenchymal, subarachnoid) on each of 6 slices.
-    assert len(_groups(_sr(ds))) == 6 + 12
+    # 2 subtypes (intraparenchymal, subarachnoid) located on each of 6 slices; "any" hidden.
+    groups = _groups(_sr(ds))
+    assert len(groups) == 12
+    assert {g.tracking_identifier.rsplit(":", 1)[1] for g in groups} == {
+        "intraparenchymal", "subarachnoid",
+    }  # fmt: skip
+    assert len(_summary(ds)) == 6 + 1
 
 
 def test_sr_none_and_sc_only(results_ct_series: list[Dataset]) -> None:
     findings = _findings(results_ct_series, Task.HEAD_CT_ICH)
     objs = build_results(results_ct_series, findings, ResultOptions(sr_sop_class="none"))
-    assert [o.Modality for o in objs] == ["OT"]
+    assert [o.Modality for o in objs] == ["OT", "SEG"]
+    only = build_results(
+        results_ct_series, findings, ResultOptions(sr_sop_class="none", emit_seg=False)
+    )
+    assert [o.Modality for o in only] == ["OT"]
+    sc = only[0]
     # A 96 x 96 source is enlarged so the caption stays legible; the grid changes.
-    assert max(objs[0].Rows, objs[0].Columns) == 512 and "PixelSpacing" not in objs[0]
+    assert fit_size(96, 96) == (MIN_SIDE, MIN_SIDE)
+    assert sc.Rows >= MIN_SIDE and sc.Columns > MIN_SIDE and "PixelSpacing" not in sc
+    assert sc.SOPInstanceUID == objs[0].SOPInstanceUID
 
 
 @pytest.mark.parametrize(
@@ -656,11 +1269,31 @@ def test_sr_none_and_sc_only(results_ct_series: list[Dataset]) -> None:
         ({"sc_max_images": -1}, "sc_max_images"),
         ({"max_slice_groups": -1}, "max_slice_groups"),
         ({"series_number_base": -5}, "series_number_base"),
+        ({"series_number_base": 2**31 - 1 - 4}, "series_number_base"),
+        ({"sc_heatmap": "sometimes"}, "sc_heatmap"),
     ],
 )
 def test_invalid_options(changes: dict[str, object], argument: str) -> None:
     with pytest.raises(ValueError, match=argument):
         ResultOptions(**changes)  # type: ignore[arg-type]
+
+
+def test_option_defaults_and_limits(results_ct_series: list[Dataset]) -> None:
+    options = ResultOptions()
+    assert (options.emit_seg, options.sc_heatmap) == (True, "positive")
+    top = 2**31 - 1 - 5
+    findings = _findings(results_ct_series, Task.HEAD_CT_ICH)
+    objs = build_results(
+        results_ct_series,
+        findings,
+        ResultOptions(series_number_base=top, emit_text_sr=True, emit_ko=True),
+    )
+    assert [(o.Modality, o.SeriesNumber) for o in objs] == [
+        ("SR", top + 1), ("SR", top + 3), ("OT", top + 2), ("KO", top + 4), ("SEG", top + 5),
+    ]  # fmt: skip
+    assert top + 5 == 2**31 - 1
+    for o in objs:
+        _roundtrip(o)  # IS range holds
 
 
 def test_invalid_inputs_name_no_patient_data(results_ct_series: list[Dataset]) -> None:
@@ -688,12 +1321,15 @@ def test_key_image_without_pixels_or_undecodable() -> None:
     head = _headers([jply])
     with pytest.raises(UnsupportedInput, match="no pixel data"):
         build_results(head, _findings(head, Task.BONE_XRAY))
-    # Without key images the SR still builds.
+    # Without key images the SR still builds (the finding is not located: no SEG).
     (sr,) = build_results(head, _findings(head, Task.BONE_XRAY, key_uids=()))
     assert sr.Modality == "SR"
+    # An undecodable image is not located either, but does not stop the SR.
+    (sr,) = build_results([jply], _findings([jply], Task.BONE_XRAY, key_uids=()))
+    assert _top(sr, "126010") == []
 
 
-def test_multiframe_source() -> None:
+def _multiframe() -> Dataset:
     ds = _ct_series(1, 48, study="multiframe")[0]
     frames = np.stack([np.full((48, 48), v, dtype=np.uint16) for v in (100, 2000, 4000)])
     frames[:, 10:20, 10:20] = 0
@@ -706,38 +1342,70 @@ def test_multiframe_source() -> None:
         delattr(ds, keyword)
     del ds.WindowWidth
     ds.PixelData = frames.tobytes()
+    return ds
+
+
+def test_multiframe_source() -> None:
+    ds = _multiframe()
     findings = _findings([ds], Task.CHEST_XRAY)
     _, sc = build_results([ds], findings)
-    assert sc.SourceImageSequence[0].ReferencedFrameNumber == 1
+    # The SC shows the frame the model analysed: the middle one (inference picks it).
+    assert int(ds.NumberOfFrames) == 3 and analysed_frame(ds) == 2
+    assert int(sc.SourceImageSequence[0].ReferencedFrameNumber) == 2
     assert display_rgb(ds, frame=2).shape == (48, 48, 3)
 
 
-def test_caption_text(results_ct_series: list[Dataset]) -> None:
+def test_multiframe_region_names_its_frame() -> None:
+    # The region is found on the analysed (middle) frame only; the SCOORD's image reference
+    # must say so (PS3.3 C.18.3: Referenced Frame Number is required when a reference to a
+    # multi-frame image does not apply to all its frames).
+    ds = _multiframe()
+    (sr,) = build_results([ds], _findings([ds], Task.CHEST_XRAY), ResultOptions(emit_sc=False))
+    scoords = [i for i in _walk(sr.ContentSequence) if i.ValueType == "SCOORD"]
+    assert scoords
+    for scoord in scoords:
+        (image,) = scoord.ContentSequence
+        assert [
+            int(v)
+            for v in np.atleast_1d(image.ReferencedSOPSequence[0].get("ReferencedFrameNumber", []))
+        ] == [analysed_frame(ds)] == [2]
+
+
+def test_caption_lines(results_ct_series: list[Dataset]) -> None:
     uid = str(results_ct_series[0].SOPInstanceUID)
     bone = _findings(results_ct_series[:1], Task.BONE_XRAY)
     normal = replace(bone, study_scores={"abnormal": 0.1})
-    text = caption_text(normal, table_for(Task.BONE_XRAY), uid, True)
-    assert text.splitlines()[:3] == [
+    lines = caption_lines(normal, table_for(Task.BONE_XRAY), uid, True)
+    assert lines[:3] == [
         "AI RESULT - NOT FOR DIAGNOSTIC USE",
         f"bone-xray 0.1.0 sha256 {SHA[:12]}",
-        "untrained reference model",
+        "untrained reference model.",
     ]
-    assert "Bone radiograph: Normal (score 10%, threshold 50%)" in text
+    assert "Bone radiograph: Normal (score 10%, threshold 50%)" in lines
+    assert NO_HEAT_MAP not in lines
     chest = _findings(results_ct_series[:1], Task.CHEST_XRAY)
     negative = replace(chest, study_scores=dict.fromkeys(chest.labels, 0.2))
-    text = caption_text(negative, table_for(Task.CHEST_XRAY), uid, False)
-    assert "No finding at or above threshold (highest: Atelectasis 20%)" in text
-    assert "Heat map" not in text
+    lines = caption_lines(negative, table_for(Task.CHEST_XRAY), uid, False)
+    assert "No finding at or above threshold (highest: Atelectasis 20%)" in lines
+    assert lines[-1] == NO_HEAT_MAP
+    assert NO_HEAT_MAP not in caption_lines(negative, table_for(Task.CHEST_XRAY), uid, True)
+    positive = caption_lines(chest, table_for(Task.CHEST_XRAY), uid, True)
+    assert "Atelectasis: Present (score 90%, threshold 50%)" in positive
+    assert "Cardiomegaly: Absent (score 20%, threshold 50%)" not in positive  # present only
     ct = _findings(results_ct_series, Task.HEAD_CT_ICH)
-    text = caption_text(ct, table_for(Task.HEAD_CT_ICH), uid, True)
-    assert "Intracranial hemorrhage: Present (score 90%, threshold 50%)" in text
-    assert "This slice: " in text and "Heat map: Intracranial hemorrhage" in text
+    lines = caption_lines(ct, table_for(Task.HEAD_CT_ICH), uid, True)
+    assert "Intracranial hemorrhage: Present (score 90%, threshold 50%)" in lines
+    assert lines[-1].startswith("This slice: Intracranial hemorrhage 90%")
+    assert NO_HEAT_MAP not in lines
 
 
 def test_fit_size() -> None:
     assert fit_size(2000, 1000) == (1024, 512)
     assert fit_size(600, 800) == (600, 800)
     assert fit_size(16, 8) == (512, 256)
+    assert (MIN_SIDE, MAX_SIDE) == (512, 1024)
+    with pytest.raises(ValueError, match="rows"):
+        fit_size(0, 10)
 
 
 # --------------------------------------------------------------------------- failure notice
@@ -761,6 +1429,34 @@ def test_failure_notice(results_ct_series: list[Dataset]) -> None:
     assert other.SOPInstanceUID != notice.SOPInstanceUID
     with pytest.raises(ValueError, match="reason_code"):
         build_failure_notice(sources, model, "Patient PHI^SENTINEL crashed us")
+
+
+# --------------------------------------------------------------------------- KOS
+
+
+def test_key_object_selection_flags_key_and_positive_slices(
+    results_ct_series: list[Dataset],
+) -> None:
+    series = results_ct_series
+    uids = [str(ds.SOPInstanceUID) for ds in series]
+    low = {"any": 0.1, "subdural": 0.1}
+    image_scores = {uid: dict(low) for uid in uids}
+    image_scores[uids[3]] = {"any": 0.95, "subdural": 0.9}  # positive, also the key image
+    image_scores[uids[1]] = {"any": 0.7, "subdural": 0.2}  # positive
+    findings = _findings(series, Task.HEAD_CT_ICH, key_uids=[uids[3]],
+                         image_scores=image_scores)  # fmt: skip
+    objs = build_results(series, findings, ResultOptions(emit_sc=False, emit_ko=True))
+    assert [o.Modality for o in objs] == ["SR", "KO", "SEG"]
+    ko = _roundtrip(objs[1])
+    assert ko.SOPClassUID == KeyObjectSelectionDocumentStorage
+    assert ko.SeriesNumber == 9104
+    assert ko.StudyInstanceUID == series[0].StudyInstanceUID
+    assert ko.SeriesDescription.endswith("NOT FOR DIAGNOSTIC USE")
+    flagged = [item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+               for item in ko.ContentSequence if item.ValueType == "IMAGE"]  # fmt: skip
+    assert flagged == [uids[3], uids[1]]  # key image first, then the other positive slice
+    again = build_results(series, findings, ResultOptions(emit_sc=False, emit_ko=True))[1]
+    assert again.SOPInstanceUID == ko.SOPInstanceUID
 
 
 # --------------------------------------------------------------------------- validators
@@ -792,6 +1488,20 @@ _PIXELMED_KNOWN = (
         r'^Warning: [\d.]+: /CONTAINER \(126000,DCM,"Imaging Measurement Report"\)'
         r'/CONTAINER \(126010,DCM,"Imaging Measurements"\)'
         r'/CONTAINER \(125007,DCM,"Measurement Group"\)/CODE \(.*\): Content Item not in template$'
+    ),
+    # Deliberate (what OHIF 3 and dsr2html show): the Comment of each located finding's group,
+    # and the study score (NUM, HAS PROPERTIES) under each report-level evaluation. pixelmed
+    # 20220618's templates list neither; they are warnings, never errors.
+    re.compile(
+        r'^Warning: [\d.]+: /CONTAINER \(126000,DCM,"Imaging Measurement Report"\)'
+        r'/CONTAINER \(126010,DCM,"Imaging Measurements"\)'
+        r'/CONTAINER \(125007,DCM,"Measurement Group"\)/TEXT \(121106,DCM,"Comment"\): '
+        r"Content Item not in template$"
+    ),
+    re.compile(
+        r'^Warning: [\d.]+: /CONTAINER \(126000,DCM,"Imaging Measurement Report"\)'
+        r'/CONTAINER \(C0034375,UMLS,"Qualitative Evaluations"\)/CODE \([^)]*\)'
+        r'/NUM \(111012,DCM,"Certainty of Finding"\): Content Item not in template$'
     ),
 )
 # Real samples: CR, DX and CT images, with the task that would run on them.
@@ -866,7 +1576,7 @@ def _validation_cases(tmp: Path) -> tuple[list[tuple[Path, Path | None]], list[P
             if pixelmed and ds.Modality == "SR":
                 for_pixelmed.append(path)
 
-    # One build per task, as in the tests above (SR, text SR, SC, failure notice).
+    # One build per task, as in the tests above (SR, text SR, SC, KOS, SEG, failure notice).
     ct_dir = tmp / "ct"
     ct_dir.mkdir()
     series = _ct_series()
@@ -881,7 +1591,7 @@ def _validation_cases(tmp: Path) -> tuple[list[tuple[Path, Path | None]], list[P
     for name, sources, source_path, task in task_cases:
         findings = _findings(sources, task, key_uids=[str(ds.SOPInstanceUID) for ds in sources[:3]])
         objs = build_results(sources, findings, ResultOptions(emit_text_sr=True, emit_ko=True))
-        assert objs[-1].Modality == "KO"
+        assert [o.Modality for o in objs][-2:] == ["KO", "SEG"]
         notice = build_failure_notice(sources, findings.model, "inference_failed")
         emit(name, [*objs, notice], source_path, pixelmed=True)
         if task == Task.BONE_XRAY:  # an amending SR: Predecessor Documents Sequence
@@ -889,13 +1599,24 @@ def _validation_cases(tmp: Path) -> tuple[list[tuple[Path, Path | None]], list[P
             ref = (first.StudyInstanceUID, first.SeriesInstanceUID, first.SOPClassUID,
                    first.SOPInstanceUID)  # fmt: skip
             amended = build_results(
-                sources, findings, ResultOptions(emit_sc=False), previous_sr_refs=[ref]
-            )
+                sources, findings, ResultOptions(emit_sc=False, emit_seg=False),
+                previous_sr_refs=[ref],
+            )  # fmt: skip
             emit("bone-amended", amended, source_path, pixelmed=True)
     for sr_class in ("comprehensive", "enhanced"):
         findings = _findings(series, Task.HEAD_CT_ICH, key_uids=())
         objs = build_results(series, findings, ResultOptions(sr_sop_class=sr_class))
         emit(f"ct-{sr_class}", objs, ct_dir / "1.dcm", pixelmed=True)
+    # A chest SR with exactly one located finding, and a negative one (no 126010 container).
+    chest_labels = LABELS[Task.CHEST_XRAY]
+    one = {label: (0.9 if label == "pneumothorax" else 0.2) for label in chest_labels}
+    negative = dict.fromkeys(chest_labels, 0.2)
+    for name, scores, groups in (("chest-one", one, 1), ("chest-negative", negative, 0)):
+        findings = _findings([chest], Task.CHEST_XRAY, key_uids=(), study_scores=scores)
+        objs = build_results([chest], findings, ResultOptions(emit_sc=False))
+        assert len(_groups(_sr(objs[0]))) == groups
+        assert len(_top(objs[0], "126010")) == min(groups, 1)
+        emit(name, objs, DATA / "chest_xray/RG1_J2KI.dcm", pixelmed=True)
 
     for rel, task in _REAL_TASKS.items():
         src = _read(rel)
@@ -942,6 +1663,9 @@ def test_validators(tmp_path: Path) -> None:
         )  # fmt: skip
         pixelmed = {k: v for job in pixelmed_jobs for k, v in job.result().items()}
 
+    assert any(path.name.endswith("_SEG.dcm") for path, _ in pairs)
+    assert any("chest-one" in p.name for p in for_pixelmed)
+    assert any("chest-negative" in p.name for p in for_pixelmed)
     problems = []
     for path, source in pairs:
         new = _subtract_source_errors(object_errors[path], source_errors.get(source, []))
@@ -957,24 +1681,3 @@ def test_validators(tmp_path: Path) -> None:
         ]
         problems += [f"pixelmed {Path(path).name}: {line}" for line in bad]
     assert not problems, "\n".join(problems)
-
-
-def test_key_object_selection_flags_key_and_positive_slices(results_ct_series) -> None:
-    series = results_ct_series
-    uids = [str(ds.SOPInstanceUID) for ds in series]
-    low = {"any": 0.1, "subdural": 0.1}
-    image_scores = {uid: dict(low) for uid in uids}
-    image_scores[uids[3]] = {"any": 0.95, "subdural": 0.9}  # positive, also the key image
-    image_scores[uids[1]] = {"any": 0.7, "subdural": 0.2}  # positive
-    findings = _findings(series, Task.HEAD_CT_ICH, key_uids=[uids[3]],
-                         image_scores=image_scores)
-    objs = build_results(series, findings, ResultOptions(emit_sc=False, emit_ko=True))
-    ko = _roundtrip(objs[-1])
-    assert ko.Modality == "KO"
-    assert ko.StudyInstanceUID == series[0].StudyInstanceUID
-    assert ko.SeriesDescription.endswith("NOT FOR DIAGNOSTIC USE")
-    flagged = [item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
-               for item in ko.ContentSequence if item.ValueType == "IMAGE"]
-    assert flagged == [uids[3], uids[1]]  # key image first, then the other positive slice
-    again = build_results(series, findings, ResultOptions(emit_sc=False, emit_ko=True))[-1]
-    assert again.SOPInstanceUID == ko.SOPInstanceUID
