@@ -36,7 +36,6 @@ from dicomai.results.regions import SourceRegion, analysed_frame, image_hits, lo
 
 __all__ = ["SR_CLASSES", "SR_SERIES_DESCRIPTION", "build_sr"]
 
-_IMAGING_MEASUREMENTS = codes.DCM.ImagingMeasurements.value
 
 SR_CLASSES: Mapping[str, type[hd.sr.Comprehensive3DSR | hd.sr.ComprehensiveSR | hd.sr.EnhancedSR]]
 SR_CLASSES = {
@@ -120,20 +119,9 @@ def build_sr(
             )
         ),
         procedure_reported=procedure,
-        imaging_measurements=groups or [_placeholder_group(findings.model, base)],
+        imaging_measurements=groups,
         title=codes.DCM.ImagingMeasurementReport,
     )
-    if not groups:
-        # Nothing was found at a location: no Imaging Measurements container (TID 1500 needs
-        # one of rows 6-12; row 12 follows). highdicom builds at least one group, so its
-        # placeholder is removed here.
-        report[0].ContentSequence = hd.sr.ContentSequence(
-            [
-                item
-                for item in report[0].ContentSequence
-                if item.ConceptNameCodeSequence[0].CodeValue != _IMAGING_MEASUREMENTS
-            ]
-        )
     qualitative = hd.sr.ContainerContentItem(
         name=QUALITATIVE_EVALUATIONS, relationship_type="CONTAINS"
     )
@@ -228,7 +216,8 @@ def _located_groups(
     limit: int,
 ) -> list[hd.sr.MeasurementsAndQualitativeEvaluations]:
     """One TID 1501 group per finding at a location (a present label's region on one image),
-    highest score first, at most ``limit``.
+    highest score first, at most ``limit``; when there is none, one group for the whole key
+    image (:func:`_whole_image_group`).
 
     The score (TID 300 NUM "Certainty of Finding") is INFERRED FROM the region's outline, a
     closed POLYLINE box (SCOORD) on the image it was computed from; a Comment names the finding
@@ -244,60 +233,97 @@ def _located_groups(
         if len(groups) == limit:
             break
         ds, row = by_uid[uid], table[label]
-        site = row.site
-        if row.site == codes.SCT.Bone:
-            site = bone_site(ds.get("BodyPartExamined"))
-        threshold = findings.thresholds[label]
-        c0, r0, c1, r1 = region.box
-        outline = np.array([[c0, r0], [c1, r0], [c1, r1], [c0, r1], [c0, r0]], dtype=float)
-        certainty = hd.sr.Measurement(
-            name=codes.DCM.CertaintyOfFinding,
-            value=round(100.0 * float(score), 1),
-            unit=codes.UCUM.Percent,
-            referenced_coordinates=[
-                hd.sr.CoordinatesForMeasurement(
-                    graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
-                    graphic_data=outline,
-                    source_image=hd.sr.SourceImageForRegion.from_source_image(
-                        ds, referenced_frame_numbers=_frames(ds)
-                    ),
-                )
-            ],
-        )
-        value = _evaluation(row, score, threshold)
-        group = hd.sr.MeasurementsAndQualitativeEvaluations(
-            tracking_identifier=_tracking(
-                findings.model, base, f"{_image_name(ds, evidence)}:{label}", sop_uid=uid
-            ),
-            finding_type=row.finding if row.finding != codes.DCM.Normality else None,
-            finding_sites=[hd.sr.FindingSite(site, laterality=_laterality(ds))],
-            algorithm_id=_algorithm(findings.model, threshold),
-            source_images=[
-                hd.sr.SourceImageForMeasurementGroup.from_source_image(
-                    ds, referenced_frame_numbers=_frames(ds)
-                )
-            ],
-            measurements=[certainty],
-            qualitative_evaluations=[hd.sr.QualitativeEvaluation(row.finding, value)],
-        )
-        group[0].ContentSequence.append(
-            hd.sr.TextContentItem(
-                name=codes.DCM.Comment,
-                value=f"{row.title}: {value.meaning} - AI result, not for diagnostic use",
-                relationship_type="CONTAINS",
-            )
-        )
-        groups.append(group)
+        value = _evaluation(row, score, findings.thresholds[label])
+        comment = f"{row.title}: {value.meaning} - AI result, not for diagnostic use"
+        name = f"{_image_name(ds, evidence)}:{label}"
+        groups.append(
+            _group(findings, row, label, ds, score, region.box, comment,
+                   _tracking(findings.model, base, name, sop_uid=uid))
+        )  # fmt: skip
+    if not groups:
+        groups.append(_whole_image_group(evidence, findings, table, base))
     return groups
 
 
-def _placeholder_group(
-    model: ModelIdentity, base: Mapping[str, object]
+def _whole_image_group(
+    evidence: Sequence[Dataset],
+    findings: Findings,
+    table: Mapping[str, LabelCode],
+    base: Mapping[str, object],
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    """A group highdicom accepts, removed again before the report is used."""
-    return hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=_tracking(model, base, "placeholder")
+    """No finding has a location (nothing is present, or the model gives no maps): one group
+    for the label with the highest score on the key image, over the whole image the model
+    assessed. A report needs at least one group with coordinates: OHIF 3.13 cannot open a
+    report without one, and highdicom cannot build one."""
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in evidence}
+    uid = next((u for u in findings.key_image_uids if u in by_uid), str(evidence[0].SOPInstanceUID))
+    ds = by_uid[uid]
+    label = max(findings.labels, key=lambda lab: findings.study_scores[lab])
+    score = findings.image_scores.get(uid, {}).get(label, findings.study_scores[label])
+    row = table[label]
+    value = _evaluation(row, findings.study_scores[label], findings.thresholds[label])
+    if findings.positive_labels:
+        comment = f"{row.title}: {value.meaning} (no location) - AI result, not for diagnostic use"
+    else:
+        comment = (
+            f"No finding at or above threshold (highest: {row.title} "
+            f"{100.0 * findings.study_scores[label]:.0f}%) - AI result, not for diagnostic use"
+        )
+    box = (0.0, 0.0, float(ds.Columns), float(ds.Rows))
+    name = f"{_image_name(ds, evidence)}:{label}:whole-image"
+    return _group(findings, row, label, ds, score, box, comment,
+                  _tracking(findings.model, base, name, sop_uid=uid))  # fmt: skip
+
+
+def _group(
+    findings: Findings,
+    row: LabelCode,
+    label: str,
+    ds: Dataset,
+    score: float,
+    box: tuple[float, float, float, float],
+    comment: str,
+    tracking: hd.sr.TrackingIdentifier,
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """One TID 1501 group on image ``ds``: its score INFERRED FROM the closed POLYLINE ``box``
+    (image coordinates), its evaluation, and ``comment``."""
+    site = bone_site(ds.get("BodyPartExamined")) if row.site == codes.SCT.Bone else row.site
+    threshold = findings.thresholds[label]
+    c0, r0, c1, r1 = box
+    outline = np.array([[c0, r0], [c1, r0], [c1, r1], [c0, r1], [c0, r0]], dtype=float)
+    certainty = hd.sr.Measurement(
+        name=codes.DCM.CertaintyOfFinding,
+        value=round(100.0 * float(score), 1),
+        unit=codes.UCUM.Percent,
+        referenced_coordinates=[
+            hd.sr.CoordinatesForMeasurement(
+                graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+                graphic_data=outline,
+                source_image=hd.sr.SourceImageForRegion.from_source_image(
+                    ds, referenced_frame_numbers=_frames(ds)
+                ),
+            )
+        ],
     )
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=tracking,
+        finding_type=row.finding if row.finding != codes.DCM.Normality else None,
+        finding_sites=[hd.sr.FindingSite(site, laterality=_laterality(ds))],
+        algorithm_id=_algorithm(findings.model, threshold),
+        source_images=[
+            hd.sr.SourceImageForMeasurementGroup.from_source_image(
+                ds, referenced_frame_numbers=_frames(ds)
+            )
+        ],
+        measurements=[certainty],
+        qualitative_evaluations=[
+            hd.sr.QualitativeEvaluation(row.finding, _evaluation(row, score, threshold))
+        ],
+    )
+    group[0].ContentSequence.append(
+        hd.sr.TextContentItem(name=codes.DCM.Comment, value=comment, relationship_type="CONTAINS")
+    )
+    return group
 
 
 def _summary(

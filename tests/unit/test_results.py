@@ -264,6 +264,27 @@ def _summary(ds: Dataset) -> list[Dataset]:
     return list(container.ContentSequence)
 
 
+def _whole_image_group(ds: Dataset, *, negative: bool) -> Dataset:
+    """Assert that the report's only measurement group is the whole-image group of a study
+    where nothing has a location (OHIF 3.13 cannot open a report without a group with
+    coordinates): a closed box around the whole key image, and a comment that says why."""
+    (container,) = _top(ds, "126010")
+    (group,) = container.ContentSequence
+    (scoord,) = [i for i in _walk(group.ContentSequence) if i.ValueType == "SCOORD"]
+    (image,) = scoord.ContentSequence
+    ref = image.ReferencedSOPSequence[0]
+    (comment,) = [i for i in group.ContentSequence
+                  if i.ConceptNameCodeSequence[0].CodeValue == "121106"]  # fmt: skip
+    if negative:
+        assert comment.TextValue.startswith("No finding at or above threshold (highest: ")
+    else:
+        assert ": Present (no location) - " in comment.TextValue or "(no location)" in (
+            comment.TextValue
+        )
+    assert comment.TextValue.endswith("AI result, not for diagnostic use")
+    return ref, [float(v) for v in scoord.GraphicData]
+
+
 def _group_items(ds: Dataset) -> list[Dataset]:
     """The Measurement Group containers of the (single) Imaging Measurements container."""
     (container,) = _top(ds, "126010")
@@ -738,8 +759,11 @@ def test_negative_study_has_no_located_findings(results_small_chest: Dataset) ->
     objs = build_results([src], findings, ResultOptions(emit_ko=True))
     assert [o.Modality for o in objs] == ["SR", "OT", "KO"]  # no SEG: nothing was found
     ds = _roundtrip(objs[0])
-    assert _top(ds, "126010") == [], "no Imaging Measurements container at all"
-    assert _groups(_sr(ds)) == []
+    ref, data = _whole_image_group(ds, negative=True)
+    assert ref.ReferencedSOPInstanceUID == uid
+    cols, rows = float(src.Columns), float(src.Rows)
+    assert data == [0, 0, cols, 0, cols, rows, 0, rows, 0, 0]
+    assert len(_groups(_sr(ds))) == 1
     *items, comment = _summary(ds)
     assert [_value(i) for i in items] == [ABSENT] * len(LABELS[Task.CHEST_XRAY])
     assert comment.ValueType == "TEXT"
@@ -760,7 +784,7 @@ def test_present_finding_without_a_located_region(results_small_chest: Dataset) 
     objs = build_results(head, findings)
     assert [o.Modality for o in objs] == ["SR"]
     ds = _roundtrip(objs[0])
-    assert _top(ds, "126010") == []
+    _whole_image_group(ds, negative=False)
     assert _value(_summary(ds)[0]) == PRESENT
 
 
@@ -909,7 +933,7 @@ def test_head_ct_slice_groups_and_seg(results_ct_series: list[Dataset]) -> None:
     (top,) = _groups(_sr(capped[0]))
     assert top.source_images[0].referenced_sop_instance_uid == uids[0]  # the highest score
     none = build_results(sources, findings, ResultOptions(max_slice_groups=0, emit_sc=False))
-    assert _top(_roundtrip(none[0]), "126010") == []
+    _whole_image_group(_roundtrip(none[0]), negative=False)
     assert [o.Modality for o in build_results(sources, findings, ResultOptions(emit_sc=False))] == [
         "SR", "SEG",
     ]  # fmt: skip
@@ -1024,7 +1048,7 @@ def test_bone_negative_study_says_normal() -> None:
     findings = _findings(head, Task.BONE_XRAY, key_uids=(), study_scores={"abnormal": 0.1})
     (sr,) = build_results(head, findings)
     sr = _roundtrip(sr)
-    assert _top(sr, "126010") == []
+    _whole_image_group(sr, negative=True)
     (item, _) = _summary(sr)
     assert (_concept(item), _value(item)) == (("121402", "DCM"), ("17621005", "SCT"))  # Normal
 
@@ -1326,7 +1350,7 @@ def test_key_image_without_pixels_or_undecodable() -> None:
     assert sr.Modality == "SR"
     # An undecodable image is not located either, but does not stop the SR.
     (sr,) = build_results([jply], _findings([jply], Task.BONE_XRAY, key_uids=()))
-    assert _top(sr, "126010") == []
+    _whole_image_group(sr, negative=False)
 
 
 def _multiframe() -> Dataset:
@@ -1607,15 +1631,15 @@ def _validation_cases(tmp: Path) -> tuple[list[tuple[Path, Path | None]], list[P
         findings = _findings(series, Task.HEAD_CT_ICH, key_uids=())
         objs = build_results(series, findings, ResultOptions(sr_sop_class=sr_class))
         emit(f"ct-{sr_class}", objs, ct_dir / "1.dcm", pixelmed=True)
-    # A chest SR with exactly one located finding, and a negative one (no 126010 container).
+    # A chest SR with exactly one located finding, and a negative one (one whole-image group).
     chest_labels = LABELS[Task.CHEST_XRAY]
     one = {label: (0.9 if label == "pneumothorax" else 0.2) for label in chest_labels}
     negative = dict.fromkeys(chest_labels, 0.2)
     for name, scores, groups in (("chest-one", one, 1), ("chest-negative", negative, 0)):
         findings = _findings([chest], Task.CHEST_XRAY, key_uids=(), study_scores=scores)
         objs = build_results([chest], findings, ResultOptions(emit_sc=False))
-        assert len(_groups(_sr(objs[0]))) == groups
-        assert len(_top(objs[0], "126010")) == min(groups, 1)
+        assert len(_groups(_sr(objs[0]))) == max(groups, 1)
+        assert len(_top(objs[0], "126010")) == 1
         emit(name, objs, DATA / "chest_xray/RG1_J2KI.dcm", pixelmed=True)
 
     for rel, task in _REAL_TASKS.items():
