@@ -255,7 +255,9 @@ def test_orthanc_forwards_studies_and_stores_results_without_loop(orthanc_and_di
         status = _status(daemon, uid)
         study_level = summary_scores(sr_ds, status["model"])
         sr = hd.sr.Comprehensive3DSR.from_dataset(sr_ds)
-        assert sr.content.get_image_measurement_groups() == []  # nothing present: no regions
+        # Nothing present: one group, over the whole key image, saying so.
+        (group,) = sr.content.get_image_measurement_groups()
+        assert group.tracking_identifier.endswith(":whole-image")
         assert status["scores"] and set(study_level) == set(status["scores"])
         for label, score in status["scores"].items():
             assert study_level[label] == pytest.approx(100 * score, abs=0.0551), label

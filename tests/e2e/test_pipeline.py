@@ -97,10 +97,12 @@ def test_chest_xray_round_trip_with_pynetdicom(make_settings, local_pacs, tmp_pa
     assert sr_ds.PatientID == ds.PatientID  # patient module copied from the source
 
     # Findings: every label once in the report's summary, with the model's score as certainty;
-    # nothing reaches the default threshold, so no finding has a location (no groups).
+    # nothing reaches the default threshold, so no finding has a location: one group over the
+    # whole image says so.
     seen = summary_scores(sr_ds, "chest-xray")
     sr = hd.sr.Comprehensive3DSR.from_dataset(sr_ds)
-    assert sr.content.get_image_measurement_groups() == []
+    (group,) = sr.content.get_image_measurement_groups()
+    assert group.tracking_identifier.endswith(":whole-image")
     assert set(seen) == CHEST_LABELS
     for label, score in status["scores"].items():
         # status keeps scores to 4 decimals; the SR rounds the raw score to 0.1 %
