@@ -171,6 +171,9 @@ class WorkerSettings(_Section):
     batch_wait_ms: float = Field(default=5.0, ge=0, le=1000)
     #: Processes that read, decode and preprocess a job's images; 0 = in the worker thread.
     decode_processes: int = Field(default=0, ge=0, le=64)
+    #: A model that failed to load is tried again after this many seconds (doubling, at most
+    #: 10 minutes); its studies stay queued meanwhile.
+    model_retry_seconds: float = Field(default=30.0, gt=0)
 
     @field_validator("device")
     @classmethod

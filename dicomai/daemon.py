@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Iterable
 from datetime import datetime
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dicomai import audit
 from dicomai.config import Settings
@@ -27,7 +27,9 @@ from dicomai.receiver_pool import ReceiverPool
 from dicomai.scheduler import PROCESS_TOKEN, Scheduler, reclaim_dead_local, sweep_orphans
 from dicomai.sender import Sender
 from dicomai.store import Spool
-from dicomai.worker import ModelPool, Worker
+
+if TYPE_CHECKING:  # imported in start(), after the receiver listens: it brings in torch
+    from dicomai.worker import ModelPool, Worker
 
 __all__ = ["ROLES", "Daemon"]
 
@@ -53,7 +55,7 @@ class Daemon:
                                   busy_timeout=settings.database.busy_timeout_seconds)
         self.queue = Queue(make_session_factory(self.engine))
         self.spool = Spool(settings.spool_path)
-        self.models = ModelPool(settings)
+        self.models: ModelPool | None = None
         self.instance_name = f"{socket.gethostname()}:{os.getpid()}"
         self.receiver: Receiver | None = None
         self.receiver_pool: ReceiverPool | None = None
@@ -66,7 +68,8 @@ class Daemon:
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> None:
-        """Create storage, load models, then start the components in data-flow order."""
+        """Create storage, start the receiver, then the rest in data-flow order; models load
+        in the background (a PACS forwarding during start-up must not be refused)."""
         self.settings.general.data_dir.mkdir(parents=True, exist_ok=True)
         upgrade(self.engine)
         self.spool.start()
@@ -80,10 +83,6 @@ class Daemon:
         if "scheduler" in self.roles:
             self.queue.restart_quiet_clocks(self.clock())
             sweep_orphans(self.queue, self.spool)
-        if "worker" in self.roles:
-            for name in self.settings.served_models():
-                self.models.get(name)  # load once, warm; failure = start-up error
-            self.worker = Worker(self.settings, self.queue, self.spool, self.models, self.clock)
         if "receiver" in self.roles:
             self.receiver = Receiver(self.settings.receiver, self.spool, self.queue, self.clock)
             self.receiver.start()
@@ -93,7 +92,14 @@ class Daemon:
                 self.receiver_pool.start()
                 self.receiver.set_connection_hooks(dispatch=self.receiver_pool.dispatch,
                                                    done=self.receiver_pool.local_done)
-        if "worker" in self.roles and self.worker is not None:
+            logger.info("receiving", extra=log_fields(
+                "daemon.receiving", port=self.receiver.port))
+        from dicomai.worker import ModelPool, Worker  # torch: seconds to import
+
+        self.models = ModelPool(self.settings)
+        if "worker" in self.roles:
+            self.models.start_loading(self.settings.served_models())
+            self.worker = Worker(self.settings, self.queue, self.spool, self.models, self.clock)
             self.worker.start()
         if "sender" in self.roles:
             self.sender = Sender(self.settings, self.queue, self.clock)
@@ -124,11 +130,14 @@ class Daemon:
                                                      if self.receiver_pool else [])}
         if self.scheduler is not None:
             info["scheduler"] = "active" if self.scheduler.active else "standby"
-        info["models"] = {
+        models = self.models
+        info["models"] = {} if models is None else {
             name: {"version": b.identity.version, "sha256": b.identity.sha256,
                    "device": b.device, "description": b.identity.description}
-            for name, b in self.models.loaded().items()
+            for name, b in models.loaded().items()
         }
+        if models is not None and models.states():
+            info["models_not_ready"] = models.states()  # loading, or failed with its error
         self.queue.beat(f"daemon@{self.instance_name}", "daemon", self.clock(), info)
 
     def _beat_loop(self) -> None:
@@ -149,7 +158,8 @@ class Daemon:
         fixed = ("general", "receiver", "database", "spool")
         needs_restart = [k for k in fixed if getattr(new, k) != getattr(self.settings, k)]
         merged = new.model_copy(update={k: getattr(self.settings, k) for k in fixed})
-        self.models.reload(merged)
+        if self.models is not None:
+            self.models.reload(merged)
         self.settings = merged
         for component in (self.worker, self.sender, self.scheduler):
             if component is not None:
@@ -168,6 +178,8 @@ class Daemon:
         for component in (self.worker, self.sender):
             if component is not None:
                 component.request_stop()
+        if self.models is not None:
+            self.models.stop(0.0)  # no new model loads; one in progress ends on its own
         steps: list[tuple[str, Callable[[], None]]] = []
         if self.receiver_pool is not None:
             steps.append(("receiver processes",

@@ -126,15 +126,20 @@ def _dest(d: Any, stats: dict[str, Any]) -> dict[str, Any]:
 
 def _models(settings: Settings, beats: list[ComponentHeartbeat]) -> list[dict[str, Any]]:
     loaded: dict[str, Any] = {}
+    pending: dict[str, Any] = {}
     for b in beats:
         loaded.update((b.info or {}).get("models", {}))
+        pending.update((b.info or {}).get("models_not_ready", {}))
     out = []
     for name, m in settings.models.items():
         info = loaded.get(name, {})
+        state = "ready" if name in loaded else pending.get(name, {}).get("state", "not loaded")
         out.append({"name": name, "task": m.task, "version": m.version,
                     "path": str(settings.model_path(name)), "sha256_pinned": m.sha256 or None,
                     "sha256": info.get("sha256"), "device": info.get("device"),
-                    "loaded": name in loaded, "description": info.get("description")})
+                    "loaded": name in loaded, "state": state,
+                    "load_error": None if name in loaded else pending.get(name, {}).get("error"),
+                    "description": info.get("description")})
     return out
 
 
@@ -557,8 +562,9 @@ def render_rich(data: dict[str, Any], health: dict[str, Any] | None = None) -> A
     for col in ("name", "version", "task", "device", "loaded"):
         mt.add_column(col)
     for m in data["models"]:
+        state = {"ready": "yes", "not loaded": "no"}.get(m.get("state", ""), m.get("state", "no"))
         mt.add_row(m["name"], m["version"], m["task"], m["device"] or "-",
-                   "yes" if m["loaded"] else "no")
+                   f"{state}: {m['load_error']}" if m.get("load_error") else state)
     parts.append(mt)
 
     if data.get("recent_failures"):

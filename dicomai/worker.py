@@ -47,12 +47,74 @@ def options_for(dest: DestinationSettings) -> ResultOptions:
 
 class ModelPool:
     """The configured models: builds missing reference models, then loads each once and keeps
-    it warm (a :class:`ModelRegistry` underneath)."""
+    it warm (a :class:`ModelRegistry` underneath).
+
+    ``dicomai serve`` loads them in the background (:meth:`start_loading`), so that the
+    receiver stores studies from its first second; a worker claims a job only once its model
+    is loaded (:meth:`waiting`), and jobs meanwhile stay queued. A model that fails to load is
+    tried again with backoff (``[worker] model_retry_seconds``, doubling, at most 10 min) and
+    reported in the heartbeat (``dicomai status``).
+    """
+
+    _RETRY_MAX = 600.0
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._registry = ModelRegistry()
         self._lock = threading.Lock()
+        self._background: list[str] = []  # names start_loading() was asked to load
+        self._errors: dict[str, str] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start_loading(self, names: Sequence[str]) -> None:
+        """Load ``names`` one after the other in a background thread (returns at once)."""
+        self._background = [n for n in dict.fromkeys(names) if n not in self._registry]
+        if not self._background:
+            return
+        self._thread = threading.Thread(target=self._load_in_background, name="model-loader",
+                                        daemon=True)
+        self._thread.start()
+
+    def _load_in_background(self) -> None:
+        pending = list(self._background)
+        delay = self.settings.worker.model_retry_seconds
+        while pending and not self._stop.is_set():
+            for name in list(pending):
+                if self._stop.is_set():
+                    return
+                try:
+                    self.get(name)
+                except Exception as exc:  # any failure: report, keep its jobs queued, retry
+                    self._errors[name] = f"{type(exc).__name__}: {exc}"[:300]
+                    logger.error("model could not be loaded; its studies wait", extra=log_fields(
+                        "model.load_failed", model=name, error=self._errors[name],
+                        retry_seconds=delay))
+                else:
+                    pending.remove(name)
+                    self._errors.pop(name, None)
+            if pending:
+                self._stop.wait(delay)
+                delay = min(2 * delay, self._RETRY_MAX)
+
+    def waiting(self, name: str) -> bool:
+        """Whether ``name`` is being loaded in the background and is not ready yet."""
+        return name in self._background and name not in self._registry
+
+    def states(self) -> dict[str, dict[str, str]]:
+        """``{name: {"state": "loading" | "failed", "error": ...}}`` of models not ready."""
+        out = {}
+        for name in self._background:
+            if name not in self._registry:
+                error = self._errors.get(name)
+                out[name] = {"state": "failed", "error": error} if error else {"state": "loading"}
+        return out
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop background loading (a load in progress finishes on its own thread)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
 
     def get(self, name: str) -> ModelBackend:
         """The loaded backend of model ``name``.
@@ -212,8 +274,12 @@ class Worker:
 
     def run_once(self) -> bool:
         """Claim and run one job; False when nothing was due."""
+        # A job whose model is still loading stays queued (the receiver does not wait for it).
+        ready = [n for n in self.model_names if not self.models.waiting(n)]
+        if not ready:
+            return False
         job = self.queue.claim_next(JobState.QUEUED, JobState.RUNNING, self.name, self.clock(),
-                                    models=self.model_names)
+                                    models=ready)
         if job is None:
             return False
         self.run_job(job.id)
