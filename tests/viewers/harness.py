@@ -280,14 +280,19 @@ def summary(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def viewport_stats(step: dict[str, Any], index: int = 0) -> dict[str, float]:
-    """Pixel statistics of one viewport in a step's screenshot (grey levels 0-255)."""
+def _viewport_pixels(step: dict[str, Any], index: int, mode: str) -> np.ndarray:
+    """One viewport of a step's screenshot, as an array in Pillow ``mode`` ("L", "RGB")."""
     box = step["viewports"][index]["box"]
     with Image.open(step["screenshot"]) as im:
-        crop = im.convert("L").crop((int(box["x"]), int(box["y"]),
-                                     int(box["x"] + box["width"]),
-                                     int(box["y"] + box["height"])))
-        a = np.asarray(crop, dtype=np.float64)
+        crop = im.convert(mode).crop((int(box["x"]), int(box["y"]),
+                                      int(box["x"] + box["width"]),
+                                      int(box["y"] + box["height"])))
+        return np.asarray(crop)
+
+
+def viewport_stats(step: dict[str, Any], index: int = 0) -> dict[str, float]:
+    """Pixel statistics of one viewport in a step's screenshot (grey levels 0-255)."""
+    a = _viewport_pixels(step, index, "L").astype(np.float64)
     return {"mean": float(a.mean()), "std": float(a.std()),
             "nonblack": float((a > 24).mean()), "width": a.shape[1], "height": a.shape[0]}
 
@@ -297,12 +302,7 @@ def coloured_fraction(step: dict[str, Any], index: int = 0) -> float:
 
     Greyscale sources show none: colour there comes from an overlay (SEG, heat map, SR).
     """
-    box = step["viewports"][index]["box"]
-    with Image.open(step["screenshot"]) as im:
-        crop = im.convert("RGB").crop((int(box["x"]), int(box["y"]),
-                                       int(box["x"] + box["width"]),
-                                       int(box["y"] + box["height"])))
-        a = np.asarray(crop, dtype=np.int16)
+    a = _viewport_pixels(step, index, "RGB").astype(np.int16)
     return float(((a.max(axis=2) - a.min(axis=2)) > 60).mean())
 
 
