@@ -17,6 +17,7 @@ from dicomai.config import ModelSettings, PreprocessingSettings
 from dicomai.decode import align, decode_reduced
 from dicomai.errors import Interrupted, UnsupportedInput
 from dicomai.findings import Findings, ModelIdentity, Task
+from dicomai.pixel_guard import check_frame
 
 __all__ = [
     "Predictor",
@@ -57,7 +58,9 @@ def _check_greyscale(ds: Dataset) -> int:
         raise UnsupportedInput("instance has no pixel data")
     if int(ds.get("SamplesPerPixel", 1)) != 1:
         raise UnsupportedInput("only greyscale images are analysed")
-    return int(ds.get("NumberOfFrames", 1) or 1) // 2
+    frame = int(ds.get("NumberOfFrames", 1) or 1) // 2
+    check_frame(ds, frame)  # size limits and the codestream's own header, before decoding
+    return frame
 
 
 def _first_frame(ds: Dataset) -> np.ndarray:

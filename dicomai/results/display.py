@@ -16,6 +16,7 @@ from scipy import ndimage
 
 from dicomai.decode import decode_reduced
 from dicomai.errors import UnsupportedInput
+from dicomai.pixel_guard import check_frame
 from dicomai.results.heatmap import (
     DEFAULT_CUTOFF,
     activation_on_grid,
@@ -83,6 +84,7 @@ def display_rgb(src: Dataset, *, frame: int = 0, max_side: int | None = None) ->
     frames = int(src.get("NumberOfFrames") or 1)
     if not 0 <= frame < frames:
         raise ValueError('Argument "frame" is out of range.')
+    check_frame(src, frame)  # size limits and the codestream's own header, before decoding
     arr = _reduced(src, frame, max_side) if max_side and photometric in _GREY else None
     try:
         if arr is None:
