@@ -84,6 +84,11 @@ class ReceiverSettings(_Section):
     #: Serve C-STORE PDUs without pynetdicom's DIMSE layer (dicomai.fast_store); false keeps
     #: every message on pynetdicom's own path.
     fast_store: bool = True
+    #: Maximum Length Received announced in the A-ASSOCIATE-AC (bytes): the largest P-DATA-TF
+    #: PDU a peer may send. PS3.8 D.1 makes it a 32-bit unsigned value where 0 means "no
+    #: maximum"; 0 is not allowed here, and nor is less than 4 KiB (per-PDU overhead; DCMTK
+    #: accepts no less either). 256 KiB keeps PDUs few per instance.
+    max_pdu_length: int = Field(default=262144, ge=4096, le=2**32 - 1)
     #: Receiver processes (dicomai.receiver_pool; the daemon hands each connection to the
     #: least busy): one process stores about one instance at a time, so concurrent senders
     #: want about one per core.

@@ -11,12 +11,18 @@ interpreter time and two thread switches per image, as much as storing the image
 - it reads each PDU itself; anything but a P-DATA-TF PDU in the established state (Sta6) is
   decoded and queued exactly as pynetdicom's ``DULServiceProvider._read_pdu_data`` does;
 - a message starts on the fast path only when pynetdicom holds no partial message, the PDU
-  begins with a complete C-STORE-RQ command set, and the presentation context was accepted
-  with us as SCP for exactly the request's SOP class, on an association pynetdicom has marked
-  established (it does so just after sending the A-ASSOCIATE-AC: a first C-STORE arriving
-  before that is served by pynetdicom, after establishment, as it always was). Anything else
-  (C-ECHO, an unexpected command, a command split over PDUs, a context or SOP class mismatch,
-  a release in progress) is left to pynetdicom, which answers it as before;
+  begins with a complete C-STORE-RQ command set with a data set, and the presentation context
+  was accepted with us as SCP, on an association pynetdicom has marked established (it does
+  so just after sending the A-ASSOCIATE-AC: a first C-STORE arriving before that is served by
+  pynetdicom, after establishment, as it always was). Anything else (C-ECHO, an unexpected
+  command, a command split over PDUs, a release in progress) is left to pynetdicom, which
+  answers it as before;
+- a C-STORE-RQ whose Affected SOP Class UID is not the context's abstract syntax, or whose
+  Affected SOP Class or Instance UID is empty or absent, is taken here too: ``serve`` refuses
+  it (with the context's abstract syntax in :attr:`StoreRequest.context_sop_class`) and the
+  refusal is answered like any other status. pynetdicom would answer no such request (it
+  drops one without a UID and aborts on an unknown SOP class); the receiver answers those
+  that still reach pynetdicom the same way (see :mod:`dicomai.receiver`);
 - the dataset fragments are kept as views of the received PDUs and joined once; the request
   is passed to ``serve`` (:func:`dicomai.receiver.store_instance`) on the network thread, and
   the C-STORE-RSP is encoded here (Implicit VR Little Endian command set, one PDV) and sent.
@@ -73,6 +79,10 @@ class StoreRequest:
     sop_class_uid: str
     sop_instance_uid: str
     dataset: BytesIO
+    #: The abstract syntax of the presentation context the request arrived on: a request
+    #: whose Affected SOP Class UID differs is refused. ``None``: not known here (the
+    #: caller vouches for the SOP class).
+    context_sop_class: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +121,10 @@ def _uid(value: bytes | memoryview) -> str:
 
 def parse_command(data: bytes | memoryview) -> StoreCommand | None:
     """A complete command set (Implicit VR Little Endian, group 0000) if it is a C-STORE-RQ
-    with a dataset, else ``None`` (including any encoding oddity: pynetdicom then decides)."""
+    with a dataset, else ``None`` (including any encoding oddity: pynetdicom then decides).
+
+    An empty or absent Affected SOP Class or Instance UID reads as ``""``: the request is
+    still a C-STORE-RQ, which the store step refuses (and which must be answered)."""
     raw = bytes(data)
     values: dict[int, bytes] = {}
     offset, end = 0, len(raw)
@@ -126,16 +139,13 @@ def parse_command(data: bytes | memoryview) -> StoreCommand | None:
         if (struct.unpack("<H", values[0x0100])[0] != _C_STORE_RQ
                 or struct.unpack("<H", values[0x0800])[0] == _NO_DATASET):
             return None
-        command = StoreCommand(
+        return StoreCommand(
             message_id=struct.unpack("<H", values[0x0110])[0],
-            sop_class_uid=_uid(values[0x0002]),
-            sop_instance_uid=_uid(values[0x1000]),
+            sop_class_uid=_uid(values.get(0x0002, b"")),
+            sop_instance_uid=_uid(values.get(0x1000, b"")),
         )
     except (KeyError, struct.error, UnicodeDecodeError):
         return None
-    if not command.sop_class_uid or not command.sop_instance_uid:
-        return None
-    return command
 
 
 def _element(element: int, value: bytes) -> bytes:
@@ -148,14 +158,18 @@ def _uid_value(uid: str) -> bytes:
 
 
 def encode_store_response(command: StoreCommand, status: int) -> bytes:
-    """The C-STORE-RSP command set (Implicit VR Little Endian) for ``command``."""
+    """The C-STORE-RSP command set (Implicit VR Little Endian) for ``command``.
+
+    The Affected SOP Class and Instance UIDs are optional in a response (PS3.7: equal to the
+    request's where present); one the request had empty is left out."""
     body = b"".join((
-        _element(0x0002, _uid_value(command.sop_class_uid)),
+        _element(0x0002, _uid_value(command.sop_class_uid)) if command.sop_class_uid else b"",
         _element(0x0100, struct.pack("<H", _C_STORE_RSP)),
         _element(0x0120, struct.pack("<H", command.message_id)),
         _element(0x0800, struct.pack("<H", _NO_DATASET)),
         _element(0x0900, struct.pack("<H", status)),
-        _element(0x1000, _uid_value(command.sop_instance_uid)),
+        _element(0x1000, _uid_value(command.sop_instance_uid))
+        if command.sop_instance_uid else b"",
     ))
     return _element(0x0000, struct.pack("<I", len(body))) + body
 
@@ -166,6 +180,8 @@ class _Message:
 
     context_id: int
     transfer_syntax: UID
+    #: The context's abstract syntax (the request is refused when its SOP class differs).
+    abstract_syntax: str
     command: StoreCommand
     fragments: list[memoryview] = field(default_factory=list)
 
@@ -279,9 +295,10 @@ class FastStore:
         if context is None or not context.as_scp or not context.transfer_syntax:
             return None
         command = parse_command(data)
-        if command is None or command.sop_class_uid != context.abstract_syntax:
+        if command is None:
             return None
-        return _Message(context_id, UID(str(context.transfer_syntax[0])), command)
+        return _Message(context_id, UID(str(context.transfer_syntax[0])),
+                        str(context.abstract_syntax), command)
 
     def _finish(self, dul: Any, message: _Message) -> None:
         assoc = self.assoc
@@ -291,7 +308,8 @@ class FastStore:
             calling_ae=assoc.requestor.ae_title.strip(), peer=str(assoc.requestor.address),
             assoc_key=id(assoc), transfer_syntax=message.transfer_syntax,
             sop_class_uid=message.command.sop_class_uid,
-            sop_instance_uid=message.command.sop_instance_uid, dataset=dataset)
+            sop_instance_uid=message.command.sop_instance_uid, dataset=dataset,
+            context_sop_class=message.abstract_syntax)
         try:
             status = self.serve(request)
         except Exception:  # as pynetdicom answers a handler that raised

@@ -37,6 +37,7 @@ from pydicom.uid import (
 )
 from pydicom.uid import JPEGLossless as JPEGLosslessP14
 from pynetdicom import AE, PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, evt
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import decode
 from pynetdicom.presentation import PresentationContext, StoragePresentationContexts
 from pynetdicom.sop_class import Verification
@@ -55,9 +56,11 @@ __all__ = [
     "STATUS_CANNOT_UNDERSTAND",
     "STATUS_DATASET_MISMATCH",
     "STATUS_OUT_OF_RESOURCES",
+    "STATUS_SOP_CLASS_NOT_SUPPORTED",
     "STATUS_SUCCESS",
     "TRANSFER_SYNTAXES",
     "Receiver",
+    "check_command",
     "check_instance",
     "handle_store",
     "store_instance",
@@ -69,6 +72,7 @@ IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.8.498.1.71"
 IMPLEMENTATION_VERSION_NAME = f"DICOMAI_{__version__}"[:16]
 
 STATUS_SUCCESS = 0x0000
+STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_DATASET_MISMATCH = 0xA900
 STATUS_CANNOT_UNDERSTAND = 0xC210
@@ -256,6 +260,36 @@ def check_instance(ds: Dataset, transfer_syntax: UID) -> str | None:
     return None if len(data) >= expected else "pixel_data_length"
 
 
+def check_command(req: StoreRequest) -> tuple[str, int] | None:
+    """A reason code and the status to answer when the C-STORE-RQ's command itself cannot be
+    served (checked before its data set is read), else ``None``.
+
+    - An Affected SOP Class UID that is empty, or not the abstract syntax of the presentation
+      context the request arrived on: 0x0122 "Refused: SOP Class not supported"
+      (``context_mismatch``). The SOP class a context carries is the one negotiated for it
+      (PS3.8); a request naming another was never agreed on this context. PS3.7 lists 0122H
+      among the C-STORE failure statuses; the alternative is an A-ABORT. We answer with the
+      status: an abort would also fail every other instance the sender has queued on the
+      association (and many senders then retry the whole association), while the status
+      fails exactly this request, tells the sender why, and leaves the association usable.
+      The data set is not interpreted under a SOP class other than the negotiated one; it is
+      quarantined.
+    - An empty or absent Affected SOP Instance UID (mandatory in a C-STORE-RQ, PS3.7):
+      0xA900 "Error: Data Set does not match SOP Class" (``missing_affected_uid``). The
+      request then cannot match the SOP Instance UID its data set carries: the check we
+      answer 0xA900 (``uid_mismatch``) for a differing UID, and the status DCMTK's storescp
+      gives for the same comparison. 0xC000-0xCFFF ("Cannot understand") is not used: it
+      would tell the sender its data set could not be read (our 0xC210 means exactly that),
+      which is not the problem and is not even looked at here.
+    """
+    if not req.sop_class_uid or (req.context_sop_class is not None
+                                 and req.sop_class_uid != req.context_sop_class):
+        return "context_mismatch", STATUS_SOP_CLASS_NOT_SUPPORTED
+    if not req.sop_instance_uid:
+        return "missing_affected_uid", STATUS_DATASET_MISMATCH
+    return None
+
+
 def _quarantine(req: StoreRequest, spool: Spool, queue: Queue, reason: str, status: int,
                 clock: Callable[[], datetime], min_free_bytes: int) -> int:
     """Keep the refused bytes under quarantine/<reason>/ and record them; returns ``status``."""
@@ -272,8 +306,12 @@ def _quarantine(req: StoreRequest, spool: Spool, queue: Queue, reason: str, stat
     except Exception:
         logger.exception("could not quarantine", extra=log_fields("instance.quarantine_failed"))
     try:
+        sop_class = safe_uid(req.sop_class_uid)
+    except ValueError:  # a command's garbage (e.g. a context mismatch) is not recorded
+        sop_class = ""
+    try:
         queue.quarantine(reason=reason, status_code=status, calling_ae=req.calling_ae,
-                         peer=req.peer, sop_class_uid=req.sop_class_uid, path=path,
+                         peer=req.peer, sop_class_uid=sop_class, path=path,
                          size_bytes=size, now=clock())
     except Exception:
         logger.exception("could not record quarantine",
@@ -404,7 +442,8 @@ def request_from_event(event: evt.Event) -> StoreRequest:
         calling_ae=assoc.requestor.ae_title.strip(), peer=str(assoc.requestor.address),
         assoc_key=id(assoc), transfer_syntax=UID(str(event.context.transfer_syntax)),
         sop_class_uid=str(request.AffectedSOPClassUID or ""),
-        sop_instance_uid=str(request.AffectedSOPInstanceUID or ""), dataset=dataset)
+        sop_instance_uid=str(request.AffectedSOPInstanceUID or ""), dataset=dataset,
+        context_sop_class=str(event.context.abstract_syntax))
 
 
 def store_instance(
@@ -420,14 +459,20 @@ def store_instance(
 
     Success is answered only after the file is fsynced and its row committed; with a
     ``flusher``, a small instance's bytes are committed with its row instead and its file is
-    fsynced afterwards (:mod:`dicomai.copies`). Refused objects
-    are quarantined with a reason code; resource problems answer 0xA700 so the sender retries.
+    fsynced afterwards (:mod:`dicomai.copies`). Refused objects (a command that cannot be
+    served, :func:`check_command`; a data set that does not match its command or cannot be
+    an instance) are quarantined with a reason code and never stored as an instance;
+    resource problems answer 0xA700 so the sender retries.
     Both C-STORE paths call this: pynetdicom's EVT_C_STORE (:func:`handle_store`) and the
     fast path of :mod:`dicomai.fast_store`.
     """
     try:
         min_free_bytes = floor()
         calling = req.calling_ae
+        refused = check_command(req)
+        if refused is not None:
+            reason, status = refused
+            return _quarantine(req, spool, queue, reason, status, clock, min_free_bytes)
         try:
             ds = _read(req)
             _convert_all(ds, req.transfer_syntax)
@@ -441,6 +486,12 @@ def store_instance(
             return _refuse(req, spool, queue, "undecodable", clock, min_free_bytes)
         if rec.sop_instance_uid != req.sop_instance_uid:
             return _refuse(req, spool, queue, "uid_mismatch", clock, min_free_bytes)
+        try:
+            sop_class = _text(_getter(ds, req.transfer_syntax), "SOPClassUID")
+        except Exception:
+            return _refuse(req, spool, queue, "undecodable", clock, min_free_bytes)
+        if sop_class != req.sop_class_uid:  # PS3.4 B.2.3: 0xA900 (also when it is missing)
+            return _refuse(req, spool, queue, "sop_class_mismatch", clock, min_free_bytes)
         try:
             problem = check_instance(ds, req.transfer_syntax)
         except Exception:
@@ -560,12 +611,77 @@ def _recv_quickack(self: Any, nr_bytes: int) -> bytearray:
     return buf
 
 
+def _misfit_store(assoc: Any, msg: Any, context_id: int) -> PresentationContext | None:
+    """The accepted context of a C-STORE-RQ that pynetdicom would not answer as a Storage
+    SCP must, else ``None`` (pynetdicom's own handling is right).
+
+    pynetdicom 3.0.4 drops a request missing a mandatory parameter without any response (an
+    empty Affected SOP Instance UID reads as none), aborts the association when the
+    Affected SOP Class UID names no SOP class it knows, and otherwise serves the request
+    whatever context it arrived on."""
+    if not isinstance(msg, C_STORE) or msg.MessageID is None or assoc._sent_release:
+        return None  # not a request (a response has no Message ID), or ignored in a release
+    context = assoc._accepted_cx.get(context_id)
+    if context is None or not context.transfer_syntax:
+        return None  # pynetdicom aborts, as for any message on a context never accepted
+    if msg.is_valid_request and str(msg.AffectedSOPClassUID) == str(context.abstract_syntax):
+        return None
+    return context
+
+
+def _answer_store(assoc: Any, msg: C_STORE, context: PresentationContext,
+                  store: Callable[[StoreRequest], int]) -> None:
+    """Serve a :func:`_misfit_store` request by ``store`` (which refuses what
+    :func:`check_command` refuses, as on the fast path) and send its C-STORE-RSP."""
+    try:
+        req = StoreRequest(
+            calling_ae=assoc.requestor.ae_title.strip(), peer=str(assoc.requestor.address),
+            assoc_key=id(assoc), transfer_syntax=UID(str(context.transfer_syntax[0])),
+            sop_class_uid=str(msg.AffectedSOPClassUID or ""),
+            sop_instance_uid=str(msg.AffectedSOPInstanceUID or ""),
+            dataset=msg.DataSet if msg.DataSet is not None else BytesIO(),
+            context_sop_class=str(context.abstract_syntax))
+    except Exception:
+        logger.exception("store handler failed", extra=log_fields("instance.handler_failed"))
+        status = STATUS_OUT_OF_RESOURCES
+    else:
+        status = store(req)  # never raises
+    rsp = C_STORE()
+    rsp.MessageIDBeingRespondedTo = msg.MessageID
+    rsp.AffectedSOPClassUID = msg.AffectedSOPClassUID  # left out of the response when None
+    rsp.AffectedSOPInstanceUID = msg.AffectedSOPInstanceUID
+    rsp.Status = status
+    if assoc.is_established:
+        assoc.dimse.send_msg(rsp, cast(int, context.context_id))
+
+
+def _guard_store_requests(assoc: Any, store: Callable[[StoreRequest], int]) -> None:
+    """Answer every C-STORE-RQ that reaches pynetdicom's DIMSE layer (``fast_store =
+    false``, or a request the fast path leaves to pynetdicom) as the fast path does: those of
+    :func:`_misfit_store` by :func:`_answer_store`, the others by pynetdicom (EVT_C_STORE,
+    :func:`handle_store`). Wraps this association's ``_serve_request`` only."""
+    serve_request = assoc._serve_request
+
+    def guarded(msg: Any, context_id: int) -> None:
+        context = _misfit_store(assoc, msg, context_id)
+        if context is None:
+            serve_request(msg, context_id)
+        else:
+            _answer_store(assoc, msg, context, store)
+
+    assoc._serve_request = guarded
+
+
 def _on_conn_open(event: evt.Event,
-                  serve_store: Callable[[StoreRequest], int] | None = None) -> None:
+                  serve_store: Callable[[StoreRequest], int] | None = None,
+                  store: Callable[[StoreRequest], int] | None = None) -> None:
     """Per accepted connection: TCP_NODELAY, the quick-ACK reader, the event-driven reactors
-    of :mod:`dicomai.fastnet` and, with ``serve_store``, the C-STORE fast path
-    (instance-level only; pynetdicom itself is not modified)."""
+    of :mod:`dicomai.fastnet`, with ``serve_store`` the C-STORE fast path, and with ``store``
+    the answer to C-STORE requests pynetdicom would leave unanswered or abort on
+    (:func:`_guard_store_requests`). Instance-level only; pynetdicom itself is not modified."""
     fastnet.install(event.assoc, serve_store)
+    if store is not None:
+        _guard_store_requests(event.assoc, store)
     try:
         asock = event.assoc.dul.socket
         sock = asock.socket
@@ -670,7 +786,9 @@ class Receiver:
         ae.acse_timeout = s.acse_timeout_seconds
         ae.dimse_timeout = s.dimse_timeout_seconds
         ae.network_timeout = s.network_timeout_seconds
-        ae.maximum_pdu_size = 0  # unlimited: fewer, larger P-DATA PDUs
+        # Announced in the A-ASSOCIATE-AC (PS3.8 D.1, Maximum Length Received): the largest
+        # P-DATA-TF PDU a conformant peer sends us; never 0 ("no maximum").
+        ae.maximum_pdu_size = s.max_pdu_length
         ae.add_supported_context(Verification)
         for cx in StoragePresentationContexts:
             ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
@@ -680,6 +798,9 @@ class Receiver:
         """The fast path's store step (:func:`store_instance`, looked up at each call)."""
         with self._lock:
             self.fast_store_requests += 1
+        return self._store(req)
+
+    def _store(self, req: StoreRequest) -> int:
         return store_instance(req, self.spool, self.queue, lambda: self.min_free_bytes,
                               self.clock, self._tally, self.copies)
 
@@ -794,7 +915,7 @@ class Receiver:
              [self.spool, self.queue, lambda: self.min_free_bytes, self.clock, self._tally,
               self.copies]),
             (evt.EVT_CONN_OPEN, _on_conn_open,
-             [self._serve_store if self.settings.fast_store else None]),
+             [self._serve_store if self.settings.fast_store else None, self._store]),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, _on_rejected),
             (evt.EVT_RELEASED, self._on_ended),

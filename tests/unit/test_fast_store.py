@@ -82,3 +82,32 @@ def test_parse_pdvs_splits_items_and_refuses_malformed_ones() -> None:
     assert parse_pdvs(struct.pack(">IBB", 1, 1, 0)) is None  # item length below 2
     assert parse_pdvs(b"\x00\x00") is None
     assert parse_pdvs(b"") is None
+
+
+def test_parse_command_reads_empty_or_absent_uids_as_empty() -> None:
+    """Such a C-STORE-RQ is still one: the store step refuses it and it gets a response."""
+    uid = generate_uid()
+    no_instance = store_rq_command("")  # pynetdicom leaves an empty UID out
+    assert parse_command(no_instance) == StoreCommand(7, CT, "")
+    empty = struct.pack("<HHI", 0x0000, 0x1000, 0)
+    assert parse_command(no_instance + empty) == StoreCommand(7, CT, "")
+    decoded = decode(BytesIO(store_rq_command(uid)), True, True)
+    del decoded.AffectedSOPClassUID
+    del decoded.CommandGroupLength
+    body = bytes(encode(decoded, True, True))
+    no_class = struct.pack("<HHII", 0x0000, 0x0000, 4, len(body)) + body
+    assert parse_command(no_class) == StoreCommand(7, "", uid)
+
+
+def test_store_response_leaves_out_empty_uids_as_pynetdicom_does() -> None:
+    primitive = C_STORE()
+    primitive.MessageIDBeingRespondedTo = 5
+    primitive.AffectedSOPClassUID = CT
+    primitive.Status = 0xA900
+    msg = C_STORE_RSP()
+    msg.primitive_to_message(primitive)
+    theirs = bytes(encode(msg.command_set, True, True))
+    assert encode_store_response(StoreCommand(5, CT, ""), 0xA900) == theirs
+    decoded = decode(BytesIO(encode_store_response(StoreCommand(5, "", ""), 0x0122)), True, True)
+    assert "AffectedSOPClassUID" not in decoded and "AffectedSOPInstanceUID" not in decoded
+    assert decoded.Status == 0x0122 and decoded.MessageIDBeingRespondedTo == 5

@@ -37,7 +37,13 @@ from dicomai.findings import Findings, ModelIdentity, Task
 from dicomai.models.reference import REFERENCE_DESCRIPTION
 from dicomai.results import build_results, table_for
 from tests.conftest import free_port, running_daemon, wait_for
-from tests.viewers.harness import DicomWebOrthanc, coloured_fraction, step_named, summary
+from tests.viewers.harness import (
+    DicomWebOrthanc,
+    coloured_fraction,
+    step_named,
+    summary,
+    viewport_stats,
+)
 
 pytestmark = [pytest.mark.viewers, pytest.mark.orthanc, pytest.mark.dcmtk, pytest.mark.slow]
 
@@ -153,6 +159,10 @@ def _open_and_check(
     assert result["ok"] and result["all_found"], why
     assert not result["error_boundary"], why
     assert not result["page_errors"], why
+    assert not [h for h in result["http_errors"] if "/dicom-web/" in h["url"]], why
+    # The study as first shown: the source image drawn (mid greys, not a black canvas).
+    first = viewport_stats(step_named(result, None))
+    assert first["nonblack"] > 0.03 and first["std"] > 15, f"{first}\n{why}"
     sr_step = step_named(result, SR)
     text = sr_step["body_text"]
     assert f"{finding}: Present - AI result, not for diagnostic use" in text, why
