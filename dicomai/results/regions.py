@@ -73,7 +73,7 @@ def image_hits(findings: Findings) -> list[tuple[float, str, str]]:
     first. On an image where a specific label (e.g. a haemorrhage subtype) present in the
     study reaches its threshold, the catch-all ``"any"`` is left out, so that each place is
     named once."""
-    hits = []
+    hits: list[tuple[float, str, str]] = []
     for uid, scores in findings.image_scores.items():
         above = [
             label

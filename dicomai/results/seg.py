@@ -94,7 +94,7 @@ def build_seg(
     base = uid_key(sources, model)
     series_uid = result_uid("seg-series", **base)
     thresholds = {label: float(findings.thresholds[label]) for label in findings.labels}
-    out = []
+    out: list[Dataset] = []
     for index, (key, images) in enumerate(sorted(groups.items())):
         images.sort(key=lambda ds: int(ds.get("InstanceNumber") or 0))
         present = [lab for lab in labels if any((str(ds.SOPInstanceUID), lab) in regions

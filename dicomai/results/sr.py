@@ -225,7 +225,7 @@ def _located_groups(
     every group references its image (the group's source image and the SCOORD's image).
     """
     by_uid = {str(ds.SOPInstanceUID): ds for ds in evidence}
-    groups = []
+    groups: list[hd.sr.MeasurementsAndQualitativeEvaluations] = []
     for score, uid, label in image_hits(findings):
         region = regions.get((uid, label))
         if region is None:
@@ -328,14 +328,14 @@ def _group(
 
 def _summary(
     findings: Findings, table: Mapping[str, LabelCode], thresholds: Mapping[str, float]
-) -> list[Dataset]:
+) -> list[hd.sr.ContentItem]:
     """Report-level Qualitative Evaluations (TID 1500 row 12): every label once, its
     evaluation with its study score as a property, then the disclaimer.
 
     Findings without a location live here only: a measurement group without coordinates
     stops OHIF 3 from showing the report at all.
     """
-    items: list[Dataset] = []
+    items: list[hd.sr.ContentItem] = []
     for label in findings.labels:
         row = table[label]
         score = findings.study_scores[label]
