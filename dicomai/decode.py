@@ -1,6 +1,6 @@
 """Reduced-resolution decoding: decode only the detail a model input needs.
 
-A model that sees 224² pixels gains nothing from a 2500×2000 radiograph decoded in full. Two
+A model that sees 224² pixels gains nothing from a 2500x2000 radiograph decoded in full. Two
 compressed transfer syntaxes can be decoded at a fraction of the size for a fraction of the
 cost:
 
@@ -59,7 +59,7 @@ def align(image: np.ndarray, phase: float) -> np.ndarray:
     that a reduced decode lines up with what an antialiased resize of the full image sees.
 
     Without it a resolution-3 JPEG 2000 decode is shifted by 3.5 full-resolution pixels; at
-    a model input of 224² from 2500×2000 that is a third of an input pixel.
+    a model input of 224² from 2500x2000 that is a third of an input pixel.
     """
     if phase <= 0 or min(image.shape) < 2:
         return image
@@ -163,7 +163,7 @@ def decode_reduced(ds: Dataset, min_side: int, *, frame: int = 0) -> Reduced | N
     -------
     Reduced | None
         A 2-D array of stored values (dtype as ``pixel_array`` gives: ``uint8``/``uint16``, or
-        ``int8``/``int16`` when PixelRepresentation is 1), smaller than ``Rows`` × ``Columns``,
+        ``int8``/``int16`` when PixelRepresentation is 1), smaller than ``Rows`` x ``Columns``,
         with its scale and sampling phase; None when the frame is not a greyscale JPEG 2000 /
         JPEG baseline frame that can be decoded smaller, or decoding failed (decode in full
         then).
