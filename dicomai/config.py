@@ -89,6 +89,21 @@ class ReceiverSettings(_Section):
     #: maximum"; 0 is not allowed here, and nor is less than 4 KiB (per-PDU overhead; DCMTK
     #: accepts no less either). 256 KiB keeps PDUs few per instance.
     max_pdu_length: int = Field(default=262144, ge=4096, le=2**32 - 1)
+    #: Limits one received data set is held to (dicomai.ingest.file_limits); beyond one
+    #: it is refused (0xC220; a codestream whose size differs from Rows/Columns: 0xA900)
+    #: and quarantined. The defaults leave room for a 14-bit 4300 x 3500 mammogram, a
+    #: 3000-frame enhanced CT of 512 x 512 and large SR/RTSTRUCT objects.
+    #: MiB a Deflated Explicit VR Little Endian data set may inflate to.
+    max_inflated_mb: int = Field(default=512, ge=1, le=1_048_576)
+    #: Elements, items and fragments of one data set, nested ones included.
+    max_elements: int = Field(default=250_000, ge=1000, le=100_000_000)
+    #: Sequences nested within each other (pydicom's parser stops near 200).
+    max_nesting_depth: int = Field(default=32, ge=1, le=128)
+    #: Rows x Columns x samples of one frame, in millions of pixels.
+    max_frame_megapixels: int = Field(default=100, ge=1, le=10_000)
+    #: MiB of decoded pixel data of one instance (Rows x Columns x frames x samples x
+    #: BitsAllocated / 8).
+    max_pixel_data_mb: int = Field(default=4096, ge=1, le=1_048_576)
     #: Receiver processes (dicomai.receiver_pool; the daemon hands each connection to the
     #: least busy): one process stores about one instance at a time, so concurrent senders
     #: want about one per core.

@@ -17,6 +17,8 @@ from dicomai import audit
 from dicomai.config import Settings
 from dicomai.copies import restore_copies
 from dicomai.db import make_engine, make_session_factory, utcnow
+from dicomai.ingest.file_limits import FileLimits
+from dicomai.ingest.file_limits import configure as configure_file_limits
 from dicomai.leadership import leadership_for
 from dicomai.logs import log_fields
 from dicomai.metrics import MetricsServer, start_metrics_server
@@ -84,6 +86,8 @@ class Daemon:
             self.queue.restart_quiet_clocks(self.clock())
             sweep_orphans(self.queue, self.spool)
         if "receiver" in self.roles:
+            # What one received data set may cost ([receiver] max_inflated_mb etc.).
+            configure_file_limits(FileLimits.from_settings(self.settings.receiver))
             self.receiver = Receiver(self.settings.receiver, self.spool, self.queue, self.clock)
             self.receiver.start()
             extra = self.settings.receiver.processes - 1

@@ -17,7 +17,7 @@ from pydicom.uid import UID
 
 from dicomai.errors import UnsupportedInput
 
-__all__ = ["MAX_FRAME_PIXELS", "check_frame", "codestream_size"]
+__all__ = ["MAX_FRAME_PIXELS", "check_frame", "codestream_size", "first_fragment"]
 
 #: Pixels in one frame at most (Rows x Columns x samples): 100 million, about 7 times a 14-bit
 #: 4300 x 3500 mammogram; larger frames are refused before decoding.
@@ -29,6 +29,7 @@ _HEAD = 1 << 16
 _SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE,
                   0xCF, 0xF7})  # fmt: skip
 _J2K_SOC_SIZ = b"\xff\x4f\xff\x51"
+_ITEM = b"\xfe\xff\x00\xe0"
 
 
 def codestream_size(frame: bytes) -> tuple[int, int] | None:
@@ -69,6 +70,25 @@ def codestream_size(frame: bytes) -> tuple[int, int] | None:
             return None
         pos += 2 + length
     return None
+
+
+def first_fragment(pixel_data: bytes, limit: int = _HEAD) -> bytes | None:
+    """At most ``limit`` bytes from the start of the first fragment of encapsulated pixel
+    data (PS3.5 A.4: an item holding the Basic Offset Table, then an item per fragment), where
+    a frame's codestream header is; None when the encapsulation has no such fragment.
+
+    Reads only item headers and the bytes returned: enough for :func:`codestream_size` at the
+    door, before the data set is stored (the frame itself may continue in later fragments).
+    """
+    head = bytes(pixel_data[:8])
+    if len(head) < 8 or head[:4] != _ITEM:
+        return None
+    at = 8 + struct.unpack("<I", head[4:])[0]
+    fragment = bytes(pixel_data[at : at + 8])
+    if len(fragment) < 8 or fragment[:4] != _ITEM:
+        return None
+    length = struct.unpack("<I", fragment[4:])[0]
+    return bytes(pixel_data[at + 8 : at + 8 + min(length, limit)])
 
 
 def check_frame(ds: Dataset, index: int, *, max_pixels: int = MAX_FRAME_PIXELS) -> None:

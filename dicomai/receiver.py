@@ -38,10 +38,10 @@ from pydicom.uid import (
 from pydicom.uid import JPEGLossless as JPEGLosslessP14
 from pynetdicom import AE, PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, evt
 from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.dsutils import decode
 from pynetdicom.presentation import PresentationContext, StoragePresentationContexts
 from pynetdicom.sop_class import Verification
 
+import dicomai.ingest.file_limits as file_limits
 from dicomai import __version__, audit, fastnet, metrics, uid_cache
 from dicomai.acceptor import AcceptorServer, HandedOffServer
 from dicomai.config import ReceiverSettings
@@ -221,7 +221,6 @@ def extract_record(ds: Dataset, transfer_syntax: str, sop_class_uid: str) -> Ins
     )
 
 
-_MAX_PIXELS = 1 << 31  # rows * columns * frames * samples beyond this is refused as absurd
 _ITEM_TAG = b"\xfe\xff\x00\xe0"
 
 
@@ -234,11 +233,14 @@ def _value(ds: Dataset, tag: int, default: Any = None) -> Any:
     return default if ds.get_item(tag) is None else ds[tag].value
 
 
-def check_instance(ds: Dataset, transfer_syntax: UID) -> str | None:
+def check_instance(ds: Dataset, transfer_syntax: UID,
+                   limits: file_limits.FileLimits | None = None) -> str | None:
     """A short reason code when the dataset cannot be a valid image instance, else ``None``.
 
-    Cheap structural checks only (no decoding): image attributes present and sane, native
-    pixel data long enough, encapsulated pixel data starting with an item.
+    Cheap structural checks only (no decoding): image attributes present and sane, within the
+    pixel limits (:func:`dicomai.ingest.file_limits.check_pixels`: frame and pixel data size,
+    the first fragment's codestream size), native pixel data long enough, encapsulated pixel
+    data starting with an item.
     """
     if ds.get_item(_PIXEL_DATA) is None:
         return None  # not an image (e.g. an SR or a presentation state): nothing to check
@@ -251,9 +253,12 @@ def check_instance(ds: Dataset, transfer_syntax: UID) -> str | None:
         return "image_attributes"
     if min(rows, cols, bits, samples, frames) < 1 or bits > 64:
         return "image_attributes"
-    if rows * cols * frames * samples > _MAX_PIXELS:
-        return "absurd_size"
     data = _value(ds, _PIXEL_DATA)
+    problem = file_limits.check_pixels(
+        rows=rows, columns=cols, frames=frames, samples=samples, bits_allocated=bits,
+        transfer_syntax=transfer_syntax, pixel_data=data, limits=limits or file_limits.active())
+    if problem:
+        return problem
     if transfer_syntax.is_encapsulated:
         return None if bytes(data[:4]) == _ITEM_TAG else "encapsulation"
     expected = (rows * cols * frames * samples * bits + 7) // 8
@@ -369,13 +374,14 @@ def _write_instance(spool: Spool, req: StoreRequest,
         return path, size, None
 
 
-def _read(req: StoreRequest) -> Dataset:
+def _read(req: StoreRequest, limits: file_limits.FileLimits | None = None) -> Dataset:
     """The request's dataset read (every top-level element's tag, VR and length; a truncated
-    or garbled stream raises here); values are converted when used."""
-    ts = req.transfer_syntax
-    stream = req.dataset
-    stream.seek(0)
-    return decode(stream, ts.is_implicit_VR, ts.is_little_endian, ts.is_deflated)
+    or garbled stream raises here); values are converted when used. Within the file limits
+    (:func:`dicomai.ingest.file_limits.read_dataset`: a deflated data set inflated in bounded
+    steps, element count and nesting depth): raises
+    :class:`~dicomai.ingest.file_limits.LimitExceeded` beyond them."""
+    return file_limits.read_dataset(req.dataset, req.transfer_syntax,
+                                    limits or file_limits.active())
 
 
 #: Raw elements (by what their conversion depends on) that converted without error before;
@@ -454,6 +460,7 @@ def store_instance(
     clock: Callable[[], datetime],
     tally: Callable[[int, str], None] | None = None,
     flusher: CopyFlusher | None = None,
+    limits: file_limits.FileLimits | None = None,
 ) -> int:
     """Store one received instance; returns a DIMSE status and never raises.
 
@@ -461,8 +468,9 @@ def store_instance(
     ``flusher``, a small instance's bytes are committed with its row instead and its file is
     fsynced afterwards (:mod:`dicomai.copies`). Refused objects (a command that cannot be
     served, :func:`check_command`; a data set that does not match its command or cannot be
-    an instance) are quarantined with a reason code and never stored as an instance;
-    resource problems answer 0xA700 so the sender retries.
+    an instance, or passes a file limit: ``limits``, by default those of
+    :func:`dicomai.ingest.file_limits.active`) are quarantined with a reason code and never
+    stored as an instance; resource problems answer 0xA700 so the sender retries.
     Both C-STORE paths call this: pynetdicom's EVT_C_STORE (:func:`handle_store`) and the
     fast path of :mod:`dicomai.fast_store`.
     """
@@ -474,8 +482,11 @@ def store_instance(
             reason, status = refused
             return _quarantine(req, spool, queue, reason, status, clock, min_free_bytes)
         try:
-            ds = _read(req)
+            ds = _read(req, limits)
             _convert_all(ds, req.transfer_syntax)
+        except file_limits.LimitExceeded as refused:
+            return _quarantine(req, spool, queue, refused.reason, refused.status, clock,
+                               min_free_bytes)
         except Exception:  # any decoding problem of peer-supplied bytes
             return _refuse(req, spool, queue, "undecodable", clock, min_free_bytes)
         try:
@@ -493,7 +504,7 @@ def store_instance(
         if sop_class != req.sop_class_uid:  # PS3.4 B.2.3: 0xA900 (also when it is missing)
             return _refuse(req, spool, queue, "sop_class_mismatch", clock, min_free_bytes)
         try:
-            problem = check_instance(ds, req.transfer_syntax)
+            problem = check_instance(ds, req.transfer_syntax, limits)
         except Exception:
             problem = "undecodable"
         if problem:
@@ -547,7 +558,8 @@ def store_instance(
 
 def _refuse(req: StoreRequest, spool: Spool, queue: Queue, problem: str,
             clock: Callable[[], datetime], min_free_bytes: int) -> int:
-    status = STATUS_CANNOT_UNDERSTAND if problem == "undecodable" else STATUS_DATASET_MISMATCH
+    status = STATUS_CANNOT_UNDERSTAND if problem == "undecodable" else (
+        file_limits.status_for(problem) or STATUS_DATASET_MISMATCH)
     return _quarantine(req, spool, queue, problem, status, clock, min_free_bytes)
 
 

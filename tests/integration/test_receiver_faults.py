@@ -109,10 +109,10 @@ def test_bad_input_is_refused_quarantined_and_serving_continues(make_settings, t
     assert statuses["truncated"] in (0xC210, 0xA900)
     assert statuses["missing_uid"] == 0xA900
     assert statuses["pixel_length"] == 0xA900
-    assert statuses["absurd"] == 0xA900
+    assert statuses["absurd"] == 0xC220  # beyond [receiver] max_pixel_data_mb
     reasons = [q["reason"] for q in data["quarantine"]["recent"]]
     assert data["quarantine"]["count"] == 5
-    assert {"missing_uid", "pixel_data_length", "absurd_size"} <= set(reasons)
+    assert {"missing_uid", "pixel_data_length", "pixel_data_too_large"} <= set(reasons)
     for item in data["quarantine"]["recent"]:
         assert item["calling_ae"] == "FUZZER"
         assert item["path"] and Path(item["path"]).exists()
