@@ -23,7 +23,8 @@ Receivers
               A fresh data dir is used for every measurement (duplicates would be answered
               Success without storing).
     dicomai-Np  the same with ``[receiver] processes = N`` (``--dicomai-processes``, default
-              1,2): N receiver processes on the port; CPU is summed over all of them.
+              1): only for older copies (``--extra-dicomai``) that still had receiver
+              processes; the key is retired and ignored since 2026-12-03.
 
 Storage is cleared before every measurement (storescp: files removed; Orthanc: all
 patients deleted via REST; dicomai: restarted on a new data dir) and ``sync`` is called so
@@ -486,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--extra-dicomai", action="append", default=[], metavar="LABEL=PATH[@K=V,...]",
                     help="also bench a dicomai receiver imported from PATH (a prototype copy),"
                          " with extra environment variables K=V for its process")
-    ap.add_argument("--dicomai-processes", default="1,2", metavar="N[,N...]",
+    ap.add_argument("--dicomai-processes", default="1", metavar="N[,N...]",
                     help="bench dicomai with each of these [receiver] processes settings "
                          "(labels dicomai, dicomai-2p, ...)")
     ap.add_argument("--workdir", help="keep temp files here (default: a removed temp dir)")

@@ -75,7 +75,7 @@ def main() -> int:
         return wrapper
 
     last_end: dict[int, float] = {}
-    # Both C-STORE paths (pynetdicom's EVT_C_STORE and dicomai.fast_store) call
+    # Both C-STORE paths (pynetdicom's EVT_C_STORE and dicomai.ingest.fast_store) call
     # store_instance(req, ...); older copies only have the event handler handle_store.
     store_name = "store_instance" if hasattr(recv_mod, "store_instance") else "handle_store"
     orig_store = getattr(recv_mod, store_name)

@@ -81,7 +81,7 @@ class ReceiverSettings(_Section):
     tls_key_file: Path | None = None
     tls_ca_file: Path | None = None  # CA bundle to verify client certificates
     tls_require_client_cert: bool = False
-    #: Serve C-STORE PDUs without pynetdicom's DIMSE layer (dicomai.fast_store); false keeps
+    #: Serve C-STORE PDUs without pynetdicom's DIMSE layer (dicomai.ingest.fast_store); false keeps
     #: every message on pynetdicom's own path.
     fast_store: bool = True
     #: Maximum Length Received announced in the A-ASSOCIATE-AC (bytes): the largest P-DATA-TF
@@ -104,10 +104,17 @@ class ReceiverSettings(_Section):
     #: MiB of decoded pixel data of one instance (Rows x Columns x frames x samples x
     #: BitsAllocated / 8).
     max_pixel_data_mb: int = Field(default=4096, ge=1, le=1_048_576)
-    #: Receiver processes (dicomai.receiver_pool; the daemon hands each connection to the
-    #: least busy): one process stores about one instance at a time, so concurrent senders
-    #: want about one per core.
+    #: Retired (2026-12): several receiver processes measured no gain (bench/results/
+    #: ingest-2026-12-03-processes.json) and were removed. Still accepted so existing
+    #: configuration files load; a value other than 1 is logged as ignored at start.
     processes: int = Field(default=1, ge=1, le=64)
+    #: Pending connections the kernel queues before we accept them (listen(2) backlog).
+    listen_backlog: int = Field(default=128, ge=1, le=65535)
+    #: Connections that have not sent a complete A-ASSOCIATE-RQ yet, in total and per peer
+    #: address (dicomai.ingest.lobby): the oldest is dropped to make room for a new one.
+    #: They are dropped after acse_timeout_seconds and never count against max_associations.
+    max_pending_connections: int = Field(default=256, ge=1, le=100_000)
+    max_pending_per_address: int = Field(default=64, ge=1, le=100_000)
 
     @field_validator("ae_title")
     @classmethod
@@ -189,8 +196,17 @@ class WorkerSettings(_Section):
     #: How long a request may wait for other jobs' requests to join it (only while another
     #: job of the same model is running).
     batch_wait_ms: float = Field(default=5.0, ge=0, le=1000)
-    #: Processes that read, decode and preprocess a job's images; 0 = in the worker thread.
-    decode_processes: int = Field(default=0, ge=0, le=64)
+    #: Processes that read, decode and preprocess a job's images (dicomai.prepare): a decode
+    #: that passes its memory or time budget fails its job, not the daemon; 0 = in the worker
+    #: thread, without those budgets.
+    decode_processes: int = Field(default=1, ge=0, le=64)
+    #: Memory one decode process may take for decoding and preprocessing, in MiB, beyond what
+    #: it holds once started (its libraries): its data segment is limited to that
+    #: (RLIMIT_DATA); a decode that needs more fails its job.
+    decode_memory_mb: int = Field(default=4096, ge=64, le=1_048_576)
+    #: Seconds one image may take to read, decode and preprocess; beyond it the decode
+    #: process is replaced and the job fails (and is retried).
+    decode_timeout_seconds: float = Field(default=120.0, gt=0, le=86_400)
     #: A model that failed to load is tried again after this many seconds (doubling, at most
     #: 10 minutes); its studies stay queued meanwhile.
     model_retry_seconds: float = Field(default=30.0, gt=0)

@@ -25,7 +25,6 @@ from dicomai.metrics import MetricsServer, start_metrics_server
 from dicomai.migrations import upgrade
 from dicomai.queue import Queue
 from dicomai.receiver import Receiver
-from dicomai.receiver_pool import ReceiverPool
 from dicomai.scheduler import PROCESS_TOKEN, Scheduler, reclaim_dead_local, sweep_orphans
 from dicomai.sender import Sender
 from dicomai.store import Spool
@@ -60,7 +59,6 @@ class Daemon:
         self.models: ModelPool | None = None
         self.instance_name = f"{socket.gethostname()}:{os.getpid()}"
         self.receiver: Receiver | None = None
-        self.receiver_pool: ReceiverPool | None = None
         self.worker: Worker | None = None
         self.sender: Sender | None = None
         self.scheduler: Scheduler | None = None
@@ -90,12 +88,6 @@ class Daemon:
             configure_file_limits(FileLimits.from_settings(self.settings.receiver))
             self.receiver = Receiver(self.settings.receiver, self.spool, self.queue, self.clock)
             self.receiver.start()
-            extra = self.settings.receiver.processes - 1
-            if extra > 0:
-                self.receiver_pool = ReceiverPool(self.settings, extra)
-                self.receiver_pool.start()
-                self.receiver.set_connection_hooks(dispatch=self.receiver_pool.dispatch,
-                                                   done=self.receiver_pool.local_done)
             logger.info("receiving", extra=log_fields(
                 "daemon.receiving", port=self.receiver.port))
         from dicomai.worker import ModelPool, Worker  # torch: seconds to import
@@ -114,8 +106,6 @@ class Daemon:
             self.scheduler.start()
             if self.receiver is not None:
                 self.receiver.on_release = self.scheduler.wake
-            if self.receiver_pool is not None:
-                self.receiver_pool.on_release = self.scheduler.wake
         if self.settings.metrics.enabled:
             m = self.settings.metrics
             self.metrics_server = start_metrics_server(m.host, m.port, self.settings, self.engine)
@@ -130,8 +120,7 @@ class Daemon:
         if self.receiver is not None and self.receiver.server is not None:
             info["receiver"] = {"ae_title": self.settings.receiver.ae_title,
                                 "host": self.settings.receiver.host, "port": self.receiver.port,
-                                "processes": 1 + len(self.receiver_pool.pids
-                                                     if self.receiver_pool else [])}
+                                "processes": 1}
         if self.scheduler is not None:
             info["scheduler"] = "active" if self.scheduler.active else "standby"
         models = self.models
@@ -185,9 +174,6 @@ class Daemon:
         if self.models is not None:
             self.models.stop(0.0)  # no new model loads; one in progress ends on its own
         steps: list[tuple[str, Callable[[], None]]] = []
-        if self.receiver_pool is not None:
-            steps.append(("receiver processes",
-                          lambda: self.receiver_pool.stop(min(timeout, 10.0))))  # type: ignore[union-attr]
         if self.receiver is not None:
             steps.append(("receiver", lambda: self.receiver.stop(min(timeout, 10.0))))  # type: ignore[union-attr]
         if self.worker is not None:

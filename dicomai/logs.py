@@ -142,10 +142,8 @@ def configure(level: str = "INFO", fmt: str = "auto", file: str | None = None,
 
 def quiet_libraries() -> None:
     """Stop pynetdicom from logging request/response identifiers (they hold patient data)."""
-    from pynetdicom import _config
+    from dicomai.ingest.pynetdicom_seam import quiet_identifier_logging
 
-    _config.LOG_REQUEST_IDENTIFIERS = False
-    _config.LOG_RESPONSE_IDENTIFIERS = False
-    _config.LOG_HANDLER_LEVEL = "none"
+    quiet_identifier_logging()
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     logging.getLogger("highdicom").setLevel(logging.ERROR)

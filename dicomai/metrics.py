@@ -45,13 +45,11 @@ __all__ = [
     "DatabaseCollector",
     "GpuCollector",
     "MetricsServer",
-    "add_receiver_counts",
+    "observe_connection_dropped",
     "observe_instance",
     "observe_job",
     "observe_refused",
     "observe_send",
-    "receiver_delta",
-    "receiver_totals",
     "start_metrics_server",
 ]
 
@@ -81,6 +79,9 @@ _DURATION = Histogram(
     ["stage", "model"], registry=REGISTRY,
     buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 45, 60, 90, 120, 300, 600, 1800, 3600),
 )
+_DROPPED = Counter("dicomai_connections_dropped",
+                   "Connections the receiver dropped or refused, by reason (no patient data).",
+                   ["reason"], registry=REGISTRY)
 _SEND = Counter("dicomai_send", "Result objects sent, per destination and outcome "
                 "(sent, retry, refused).", ["destination", "outcome"], registry=REGISTRY)
 
@@ -113,44 +114,13 @@ def observe_refused(reason: str) -> None:
         logger.debug("metric update failed", exc_info=True)
 
 
-def receiver_totals() -> dict[str, Any]:
-    """This process's receiver counters: ``{"instances", "bytes", "refused": {reason: n}}``
-    (a receiver child process reports them to the daemon, see :func:`add_receiver_counts`)."""
-    out: dict[str, Any] = {"instances": 0.0, "bytes": 0.0, "refused": {}}
-    for counter in (_INSTANCES, _BYTES, _REFUSED):
-        for metric in counter.collect():
-            for sample in metric.samples:
-                if sample.name == "dicomai_instances_received_total":
-                    out["instances"] = sample.value
-                elif sample.name == "dicomai_bytes_received_total":
-                    out["bytes"] = sample.value
-                elif sample.name == "dicomai_instances_refused_total":
-                    out["refused"][sample.labels["reason"]] = sample.value
-    return out
-
-
-def add_receiver_counts(delta: dict[str, Any]) -> None:
-    """Add another receiver process's counts (a difference of two :func:`receiver_totals`)
-    to this process's counters, so that the daemon's ``/metrics`` covers its children."""
+def observe_connection_dropped(reason: str) -> None:
+    """The receiver dropped a connection before or instead of serving it (``timeout``,
+    ``evicted``, ``not_association``, ``stalled``, ``invalid_pdu``, ``local_limit``, ...)."""
     try:
-        if delta.get("instances", 0) > 0:
-            _INSTANCES.inc(delta["instances"])
-        if delta.get("bytes", 0) > 0:
-            _BYTES.inc(delta["bytes"])
-        for reason, n in (delta.get("refused") or {}).items():
-            if n > 0:
-                _REFUSED.labels(reason=_label(str(reason))).inc(n)
+        _DROPPED.labels(reason=_label(reason)).inc()
     except Exception:
         logger.debug("metric update failed", exc_info=True)
-
-
-def receiver_delta(new: dict[str, Any], old: dict[str, Any] | None) -> dict[str, Any]:
-    """``new`` minus ``old`` (both from :func:`receiver_totals`)."""
-    old = old or {"instances": 0.0, "bytes": 0.0, "refused": {}}
-    return {"instances": new.get("instances", 0) - old.get("instances", 0),
-            "bytes": new.get("bytes", 0) - old.get("bytes", 0),
-            "refused": {r: n - old.get("refused", {}).get(r, 0)
-                        for r, n in (new.get("refused") or {}).items()}}
 
 
 def observe_job(stage: str, model: str | None, seconds: float) -> None:

@@ -9,7 +9,6 @@ import socket
 import ssl
 import struct
 import threading
-import types
 from collections.abc import Callable
 from datetime import datetime
 from io import BytesIO
@@ -42,11 +41,15 @@ from pynetdicom.presentation import PresentationContext, StoragePresentationCont
 from pynetdicom.sop_class import Verification
 
 import dicomai.ingest.file_limits as file_limits
-from dicomai import __version__, audit, fastnet, metrics, uid_cache
-from dicomai.acceptor import AcceptorServer, HandedOffServer
+from dicomai import __version__, audit, metrics
 from dicomai.config import ReceiverSettings
 from dicomai.copies import MAX_COPY_BYTES, CopyFlusher
-from dicomai.fast_store import StoreRequest
+from dicomai.ingest import pynetdicom_seam as seam
+from dicomai.ingest import uid_cache
+from dicomai.ingest.fast_store import FastStore, StoreRequest
+from dicomai.ingest.listener import Listener, listener_class
+from dicomai.ingest.lobby import Lobby, LobbyLimits
+from dicomai.ingest.pdu_reader import PduReader
 from dicomai.logs import log_fields, uid_ref
 from dicomai.queue import InstanceRecord, OwnResultObject, Queue
 from dicomai.store import Spool, safe_uid
@@ -472,7 +475,7 @@ def store_instance(
     :func:`dicomai.ingest.file_limits.active`) are quarantined with a reason code and never
     stored as an instance; resource problems answer 0xA700 so the sender retries.
     Both C-STORE paths call this: pynetdicom's EVT_C_STORE (:func:`handle_store`) and the
-    fast path of :mod:`dicomai.fast_store`.
+    fast path of :mod:`dicomai.ingest.fast_store`.
     """
     try:
         min_free_bytes = floor()
@@ -586,43 +589,6 @@ def handle_echo(event: evt.Event) -> int:
     return STATUS_SUCCESS
 
 
-_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
-
-
-#: The buffer a read starts with; it grows (doubling) only as data actually arrives, so a
-#: PDU header announcing gigabytes allocates no more than what the peer really sends.
-_FIRST_BUFFER = 1 << 20
-
-
-def _recv_quickack(self: Any, nr_bytes: int) -> bytearray:
-    """AssociationSocket.recv replacement: whole reads into one buffer, and TCP_QUICKACK
-    re-armed after each read.
-
-    A sender that leaves Nagle's algorithm on waits for our ACK before sending the rest of a
-    small PDU; Linux delays that ACK by up to 40 ms unless QUICKACK is set again after every
-    read (it is not sticky). Measured in bench/ingest.py: small images from a Nagle sender
-    went from about 18 to about 140 per second.
-    """
-    sock = self.socket
-    buf = bytearray(min(nr_bytes, _FIRST_BUFFER))
-    got = 0
-    while got < nr_bytes:
-        if got == len(buf):  # full: grow, at most doubling (bounded by what arrived)
-            buf.extend(bytes(min(nr_bytes - got, len(buf))))
-        with memoryview(buf) as whole, whole[got:] as free:
-            n = sock.recv_into(free, len(buf) - got)
-        if _QUICKACK is not None:
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
-            except OSError:
-                pass
-        if not n:  # connection closed: return what we have (as pynetdicom does)
-            del buf[got:]
-            return buf
-        got += n
-    return buf
-
-
 def _misfit_store(assoc: Any, msg: Any, context_id: int) -> PresentationContext | None:
     """The accepted context of a C-STORE-RQ that pynetdicom would not answer as a Storage
     SCP must, else ``None`` (pynetdicom's own handling is right).
@@ -631,9 +597,9 @@ def _misfit_store(assoc: Any, msg: Any, context_id: int) -> PresentationContext 
     empty Affected SOP Instance UID reads as none), aborts the association when the
     Affected SOP Class UID names no SOP class it knows, and otherwise serves the request
     whatever context it arrived on."""
-    if not isinstance(msg, C_STORE) or msg.MessageID is None or assoc._sent_release:
+    if not isinstance(msg, C_STORE) or msg.MessageID is None or seam.release_started(assoc):
         return None  # not a request (a response has no Message ID), or ignored in a release
-    context = assoc._accepted_cx.get(context_id)
+    context = seam.accepted_context(assoc, context_id)
     if context is None or not context.transfer_syntax:
         return None  # pynetdicom aborts, as for any message on a context never accepted
     if msg.is_valid_request and str(msg.AffectedSOPClassUID) == str(context.abstract_syntax):
@@ -671,37 +637,16 @@ def _guard_store_requests(assoc: Any, store: Callable[[StoreRequest], int]) -> N
     """Answer every C-STORE-RQ that reaches pynetdicom's DIMSE layer (``fast_store =
     false``, or a request the fast path leaves to pynetdicom) as the fast path does: those of
     :func:`_misfit_store` by :func:`_answer_store`, the others by pynetdicom (EVT_C_STORE,
-    :func:`handle_store`). Wraps this association's ``_serve_request`` only."""
-    serve_request = assoc._serve_request
+    :func:`handle_store`)."""
 
-    def guarded(msg: Any, context_id: int) -> None:
+    def guarded(serve_request: Callable[[Any, int], None], msg: Any, context_id: int) -> None:
         context = _misfit_store(assoc, msg, context_id)
         if context is None:
             serve_request(msg, context_id)
         else:
             _answer_store(assoc, msg, context, store)
 
-    assoc._serve_request = guarded
-
-
-def _on_conn_open(event: evt.Event,
-                  serve_store: Callable[[StoreRequest], int] | None = None,
-                  store: Callable[[StoreRequest], int] | None = None) -> None:
-    """Per accepted connection: TCP_NODELAY, the quick-ACK reader, the event-driven reactors
-    of :mod:`dicomai.fastnet`, with ``serve_store`` the C-STORE fast path, and with ``store``
-    the answer to C-STORE requests pynetdicom would leave unanswered or abort on
-    (:func:`_guard_store_requests`). Instance-level only; pynetdicom itself is not modified."""
-    fastnet.install(event.assoc, serve_store)
-    if store is not None:
-        _guard_store_requests(event.assoc, store)
-    try:
-        asock = event.assoc.dul.socket
-        sock = asock.socket
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            asock.recv = types.MethodType(_recv_quickack, asock)
-    except (AttributeError, OSError):
-        pass
+    seam.wrap_serve_request(assoc, guarded)
 
 
 def _audit_association(event: evt.Event, accepted: bool) -> None:
@@ -755,13 +700,8 @@ class Receiver:
         queue: Queue,
         clock: Callable[[], datetime],
         ssl_context: Any = None,
-        *,
-        handoff_channel: socket.socket | None = None,
     ) -> None:
         self.settings = settings
-        #: In a receiver child process: the Unix socket the daemon passes connections over
-        #: (see :mod:`dicomai.acceptor`); the receiver then listens on no port itself.
-        self.handoff_channel = handoff_channel
         self.spool = spool
         self.queue = queue
         self.clock = clock
@@ -769,13 +709,17 @@ class Receiver:
         #: Free-space floor of the spool in bytes; below it C-STORE answers 0xA700.
         self.min_free_bytes = settings.min_free_disk_mb * 1024 * 1024
         self.ae: AE | None = None
-        self.server: AcceptorServer | None = None
+        self.server: Listener | None = None
+        #: Connections that have not associated yet (dicomai.ingest.lobby).
+        self.lobby: Lobby | None = None
         self._lock = threading.Lock()
         self._transfers: dict[int, dict[str, int]] = {}
+        #: Associations started and not finished yet, by id (for :meth:`_sweep`).
+        self._started: dict[int, Any] = {}
         #: Called after an association released and its studies were marked (the daemon
         #: wakes the scheduler with it so an early close need not wait for the next tick).
         self.on_release: Callable[[], None] | None = None
-        #: C-STORE requests served by the fast path (:mod:`dicomai.fast_store`) so far.
+        #: C-STORE requests served by the fast path (:mod:`dicomai.ingest.fast_store`) so far.
         self.fast_store_requests = 0
         #: Flushes the files of small instances committed with their bytes (dicomai.copies).
         self.copies = CopyFlusher(queue)
@@ -805,6 +749,42 @@ class Receiver:
         for cx in StoragePresentationContexts:
             ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
         return ae
+
+    def _prepare(self, assoc: Any, prefix: bytes) -> None:
+        """Set up a new association before it starts: our PDU reader (deadlines, size caps,
+        the bytes the lobby read), the C-STORE fast path, and the answer to C-STORE requests
+        pynetdicom would leave unanswered or abort on (:func:`_guard_store_requests`)."""
+        s = self.settings
+        try:
+            sock = assoc.dul.socket.socket
+            if not hasattr(sock, "pending"):  # TLS sockets: Nagle is moot for our writes
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except (AttributeError, OSError):
+            pass
+        fast = FastStore(assoc, self._serve_store) if s.fast_store else None
+        reader = PduReader(assoc, prefix=prefix, setup_timeout=s.acse_timeout_seconds,
+                           network_timeout=s.network_timeout_seconds,
+                           max_pdata=s.max_pdu_length, fast=fast)
+        reader.install()
+        assoc.dicomai_reader = reader  # for tests and diagnostics
+        assoc.dicomai_fast_store = fast
+        _guard_store_requests(assoc, self._store)
+        with self._lock:
+            self._started[id(assoc)] = assoc
+
+    def _sweep(self) -> None:
+        """Finish the bookkeeping of associations whose thread ended without an end event
+        (about once a second, on the lobby thread)."""
+        with self._lock:
+            ended = [a for a in self._started.values()
+                     if a.ident is not None and not a.is_alive()]
+            for assoc in ended:
+                del self._started[id(assoc)]
+        for assoc in ended:
+            self._finish(assoc, released=bool(assoc.is_released))
+            reader = getattr(assoc, "dicomai_reader", None)
+            if reader is not None:
+                reader.waker.close()
 
     def _serve_store(self, req: StoreRequest) -> int:
         """The fast path's store step (:func:`store_instance`, looked up at each call)."""
@@ -911,7 +891,11 @@ class Receiver:
         return any(ip in net for net in nets)
 
     def start(self) -> None:
-        """Bind and serve in background threads."""
+        """Bind and serve in background threads.
+
+        Raises :class:`~dicomai.ingest.pynetdicom_seam.SeamError` when the installed
+        pynetdicom is not the version our seam with it was written for."""
+        seam.check()
         uid_cache.install()  # standard UIDs of association requests converted once
         self.copies.start()
         try:
@@ -919,6 +903,10 @@ class Receiver:
         except OSError:  # e.g. disk full: each C-STORE tries again and answers 0xA700
             logger.warning("could not pre-create spool files", exc_info=True,
                            extra=log_fields("spool.slots_failed"))
+        s = self.settings
+        if s.processes != 1:
+            logger.warning("[receiver] processes is retired and ignored", extra=log_fields(
+                "config.retired_key", key="receiver.processes", value=s.processes))
         ae = self._make_ae()
 
         handlers = [
@@ -926,23 +914,23 @@ class Receiver:
             (evt.EVT_C_STORE, handle_store,
              [self.spool, self.queue, lambda: self.min_free_bytes, self.clock, self._tally,
               self.copies]),
-            (evt.EVT_CONN_OPEN, _on_conn_open,
-             [self._serve_store if self.settings.fast_store else None, self._store]),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, _on_rejected),
             (evt.EVT_RELEASED, self._on_ended),
             (evt.EVT_ABORTED, self._on_ended),
             (evt.EVT_CONN_CLOSE, self._on_ended),
         ]
-        address = (self.settings.host, self.settings.port)
-        # pynetdicom's start_server(block=False), with our server classes
-        server_class = AcceptorServer if self.handoff_channel is None else HandedOffServer
-        server = cast(AcceptorServer, ae.make_server(
-            address, evt_handlers=handlers,  # type: ignore[arg-type]
-            ssl_context=self._tls_context(), server_class=server_class))
-        if isinstance(server, HandedOffServer):
-            server.channel = self.handoff_channel
+        server = cast(Listener, ae.make_server(
+            (s.host, s.port), evt_handlers=handlers,  # type: ignore[arg-type]
+            server_class=listener_class(s.listen_backlog)))
         server.contexts = _SupportedContexts(server.contexts)
+        server.prepare = self._prepare
+        lobby = Lobby(LobbyLimits(setup_timeout=s.acse_timeout_seconds,
+                                  max_pending=s.max_pending_connections,
+                                  max_pending_per_address=s.max_pending_per_address),
+                      ssl_context=self._tls_context(), promote=server.start_association,
+                      tick=self._sweep)
+        server.lobby = lobby
 
         def verify_request(request: Any, client_address: tuple[str, int]) -> bool:
             allowed = self._peer_allowed(client_address[0])
@@ -954,39 +942,26 @@ class Receiver:
             return allowed
 
         server.verify_request = verify_request  # type: ignore[method-assign]
+        lobby.start()
         threading.Thread(target=server.serve_forever, name="receiver-acceptor",
                          daemon=True).start()
-        ae._servers.append(server)  # so that ae.shutdown() stops it too
+        seam.register_server(ae, server)  # so that ae.shutdown() stops it too
         with self._lock:
-            self.ae, self.server = ae, server
+            self.ae, self.server, self.lobby = ae, server, lobby
         logger.info("receiver listening", extra=log_fields(
-            "receiver.started", ae_title=self.settings.ae_title, host=self.settings.host,
-            port=self.port))
-
-    def set_connection_hooks(
-        self, *, dispatch: Callable[[socket.socket, tuple[Any, ...]], bool] | None = None,
-        done: Callable[[], None] | None = None, on_eof: Callable[[], None] | None = None,
-    ) -> None:
-        """After :meth:`start`: ``dispatch`` may hand each accepted connection to another
-        process (see :class:`dicomai.acceptor.AcceptorServer`), ``done`` is called when a
-        connection served here ends, ``on_eof`` when the hand-off channel closes."""
-        server = self.server
-        if server is None:
-            raise RuntimeError("receiver not started")
-        server.dispatch = dispatch
-        server.on_connection_done = done
-        if isinstance(server, HandedOffServer):
-            server.on_eof = on_eof
+            "receiver.started", ae_title=s.ae_title, host=s.host, port=self.port))
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop accepting, wait (bounded) for open associations, then shut down."""
         with self._lock:
-            ae, server = self.ae, self.server
-            self.ae = self.server = None
+            ae, server, lobby = self.ae, self.server, self.lobby
+            self.ae = self.server = self.lobby = None
         if server is None or ae is None:
             self.copies.stop(timeout)
             return
         server.shutdown()
+        if lobby is not None:
+            lobby.stop()
         deadline = self.clock().timestamp() + timeout
         # Wait for established associations only: a bare TCP connection (a port probe) that
         # never sent an association request would otherwise hold shutdown for acse_timeout.

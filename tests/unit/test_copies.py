@@ -21,7 +21,7 @@ from sqlalchemy.engine import Engine
 from dicomai import copies, receiver, synthetic
 from dicomai.copies import MAX_COPY_BYTES, CopyFlusher, restore_copies
 from dicomai.db import Instance, InstanceCopy, make_session_factory
-from dicomai.fast_store import StoreRequest
+from dicomai.ingest.fast_store import StoreRequest
 from dicomai.queue import Queue
 from dicomai.store import Spool
 

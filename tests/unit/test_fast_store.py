@@ -10,7 +10,7 @@ from pynetdicom.dimse_messages import C_ECHO_RQ, C_STORE_RQ, C_STORE_RSP
 from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 from pynetdicom.dsutils import decode, encode
 
-from dicomai.fast_store import StoreCommand, encode_store_response, parse_command, parse_pdvs
+from dicomai.ingest.fast_store import StoreCommand, encode_store_response, parse_command, parse_pdvs
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 

@@ -1,9 +1,10 @@
-"""The receiver's fast path: Core record with group commit, file meta bytes, fastnet reactors."""
+"""The receiver's fast path: Core record with group commit, file meta bytes, the PDU reader."""
 
 from __future__ import annotations
 
 import random
 import socket
+import struct
 import threading
 import time
 import warnings
@@ -24,8 +25,8 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import sessionmaker
 
-from dicomai import fastnet
 from dicomai.db import Base, Instance, Job, JobEvent, create_all, make_engine, make_session_factory
+from dicomai.ingest.pdu_reader import PduReader
 from dicomai.queue import InstanceRecord, JobState, Queue
 from dicomai.receiver import file_meta_bytes
 
@@ -94,9 +95,10 @@ def test_duplicates_and_own_results_are_answered_success_and_leave_one_copy(
         engine: Engine, tmp_path: Path) -> None:
     """Written first, then indexed: a duplicate's copy and a returned result of ours are
     removed again; neither opens a job or a second row."""
+    from dicomai.ingest.fast_store import StoreRequest
+
     from dicomai import receiver, synthetic
     from dicomai.db import ResultObject
-    from dicomai.fast_store import StoreRequest
     from dicomai.store import Spool
 
     queue = Queue(make_session_factory(engine))
@@ -152,15 +154,18 @@ def test_file_meta_bytes_match_pynetdicom(sop_class: str, sop: str, syntax: str)
     assert file_meta_bytes(sop_class, sop, syntax) == expected
 
 
-# -- fastnet ----------------------------------------------------------------------------------
+# -- the PDU reader on pynetdicom's own server --------------------------------------------
 
 
 @pytest.fixture
-def scp() -> Iterator[tuple[AE, int, list[bool]]]:
-    installed: list[bool] = []
+def scp() -> Iterator[tuple[AE, int, list[PduReader]]]:
+    readers: list[PduReader] = []
 
     def on_open(event: evt.Event) -> None:
-        installed.append(fastnet.install(event.assoc))
+        reader = PduReader(event.assoc, setup_timeout=1.0, network_timeout=1.0,
+                           max_pdata=16384)
+        reader.install()
+        readers.append(reader)
 
     ae = AE("FASTSCP")
     ae.add_supported_context(Verification)
@@ -168,7 +173,7 @@ def scp() -> Iterator[tuple[AE, int, list[bool]]]:
     ae.acse_timeout = 1.0  # a connection that never asks for an association waits this long
     server = ae.start_server(("127.0.0.1", 0), block=False,
                              evt_handlers=[(evt.EVT_CONN_OPEN, on_open)])
-    yield ae, int(server.server_address[1]), installed
+    yield ae, int(server.server_address[1]), readers
     ae.shutdown()
 
 
@@ -185,20 +190,20 @@ def _gone(ae: AE, within: float = 2.0) -> bool:
     return not ae.active_associations
 
 
-def test_fastnet_echo_and_release(scp: tuple[AE, int, list[bool]]) -> None:
-    ae, port, installed = scp
+def test_reader_echo_and_release(scp: tuple[AE, int, list[PduReader]]) -> None:
+    ae, port, readers = scp
     assoc = _requestor().associate("127.0.0.1", port)
     assert assoc.is_established
     for _ in range(20):
         assert assoc.send_c_echo().Status == 0x0000
     assoc.release()
     assert assoc.is_released
-    assert installed == [True]
+    assert len(readers) == 1 and readers[0].dropped is None
     assert _gone(ae)
 
 
-def test_fastnet_abort_and_dropped_connection(scp: tuple[AE, int, list[bool]]) -> None:
-    ae, port, installed = scp
+def test_reader_abort_and_dropped_connection(scp: tuple[AE, int, list[PduReader]]) -> None:
+    ae, port, readers = scp
     assoc = _requestor().associate("127.0.0.1", port)
     assert assoc.is_established
     assoc.abort()
@@ -207,13 +212,13 @@ def test_fastnet_abort_and_dropped_connection(scp: tuple[AE, int, list[bool]]) -
     with socket.create_connection(("127.0.0.1", port)):
         pass
     deadline = time.monotonic() + 2
-    while len(installed) < 2 and time.monotonic() < deadline:
+    while len(readers) < 2 and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert installed == [True, True]
+    assert len(readers) == 2
     assert _gone(ae, within=3.0)
 
 
-def test_fastnet_idle_timeout_aborts(scp: tuple[AE, int, list[bool]]) -> None:
+def test_reader_idle_timeout_aborts(scp: tuple[AE, int, list[PduReader]]) -> None:
     ae, port, _ = scp
     assoc = _requestor().associate("127.0.0.1", port)
     assert assoc.is_established
@@ -226,14 +231,21 @@ def test_fastnet_idle_timeout_aborts(scp: tuple[AE, int, list[bool]]) -> None:
     assert _gone(ae)
 
 
-def test_fastnet_refuses_unknown_version(monkeypatch: pytest.MonkeyPatch,
-                                         scp: tuple[AE, int, list[bool]]) -> None:
-    ae, port, installed = scp
-    monkeypatch.setattr(fastnet.pynetdicom, "__version__", "9.9.9")
-    assoc = _requestor().associate("127.0.0.1", port)
-    assert assoc.send_c_echo().Status == 0x0000
-    assoc.release()
-    assert installed == [False]
+def test_reader_drops_a_request_that_stalls_half_way(scp: tuple[AE, int, list[PduReader]]
+                                                      ) -> None:
+    """Half an A-ASSOCIATE-RQ, then silence: closed after the set-up timeout (1 s)."""
+    ae, port, readers = scp
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(struct.pack(">BBL", 0x01, 0, 200) + bytes(50))
+        sock.settimeout(5)
+        t0 = time.monotonic()
+        try:
+            while sock.recv(1024):
+                pass
+        except ConnectionResetError:
+            pass
+        assert 0.8 <= time.monotonic() - t0 < 3
+    assert readers[-1].dropped == "stalled"
     assert _gone(ae)
 
 

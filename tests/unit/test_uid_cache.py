@@ -1,4 +1,4 @@
-"""dicomai.uid_cache: standard UIDs of association requests are converted once, and
+"""dicomai.ingest.uid_cache: standard UIDs of association requests are converted once, and
 pynetdicom behaves as before (same results, same errors and warnings)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pynetdicom import AE, build_context, evt, utils
 from pynetdicom.presentation import PresentationContext, StoragePresentationContexts
 from pynetdicom.sop_class import CTImageStorage, Verification
 
-from dicomai import uid_cache
+from dicomai.ingest import uid_cache
 
 
 @pytest.fixture(autouse=True)

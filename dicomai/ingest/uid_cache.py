@@ -1,7 +1,7 @@
 """Standard DICOM UIDs converted once, for pynetdicom's association set-up.
 
 An A-ASSOCIATE-RQ from DCMTK's ``storescu`` proposes about 120 presentation contexts with
-three transfer syntaxes each. pynetdicom 3.0.4 converts and validates every UID in it several
+three transfer syntaxes each. pynetdicom converts and validates every UID in it several
 times over (``set_uid``, its UI validator, ``PresentationContext.add_transfer_syntax``):
 about 1,750 pydicom ``UID`` constructions per association, each with a regular-expression
 check. Measured with ``storescu`` sending one small image per association: the
@@ -23,15 +23,12 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
-import pynetdicom
 from pydicom.uid import UID
-from pynetdicom import _config
 from pynetdicom.presentation import PresentationContext
 
-__all__ = ["SUPPORTED_VERSION", "install", "installed"]
+from dicomai.ingest import pynetdicom_seam as seam
 
-#: The pynetdicom version whose functions are wrapped (another version is left alone).
-SUPPORTED_VERSION = "3.0.4"
+__all__ = ["install", "installed"]
 
 _DICOM_ROOT = "1.2.840.10008."
 #: Modules that imported ``set_uid`` by name (``from pynetdicom.utils import set_uid``).
@@ -91,8 +88,9 @@ def _wrap_add_transfer_syntax(original: Callable[[PresentationContext, Any], Non
             uid = _ACCEPTED.get(syntax)
             if uid is not None and uid.is_transfer_syntax:
                 # what pynetdicom does for a valid, conformant transfer syntax: append once
-                if uid not in self._transfer_syntax:
-                    self._transfer_syntax.append(uid)
+                syntaxes = seam.transfer_syntax_list(self)
+                if uid not in syntaxes:
+                    syntaxes.append(uid)
                 return
         original(self, syntax)
 
@@ -101,19 +99,18 @@ def _wrap_add_transfer_syntax(original: Callable[[PresentationContext, Any], Non
 
 
 def install() -> bool:
-    """Wrap pynetdicom's UID conversions (once per process); False on another version."""
+    """Wrap pynetdicom's UID conversions (once per process; the receiver checks the
+    pynetdicom version first, :func:`dicomai.ingest.pynetdicom_seam.check`)."""
     global _installed
     if _installed:
         return True
-    if pynetdicom.__version__ != SUPPORTED_VERSION:
-        return False
     utils = importlib.import_module("pynetdicom.utils")
     set_uid = _wrap_set_uid(utils.set_uid)
     for name in _SET_UID_MODULES:
         module = importlib.import_module(name)
         if getattr(module, "set_uid", None) is set_uid.__wrapped__:  # type: ignore[attr-defined]
             module.set_uid = set_uid  # type: ignore[attr-defined]
-    _config.VALIDATORS["UI"] = _wrap_validator(_config.VALIDATORS["UI"])
+    seam.set_ui_validator(_wrap_validator(seam.ui_validator()))
     PresentationContext.add_transfer_syntax = _wrap_add_transfer_syntax(  # type: ignore[method-assign]
         PresentationContext.add_transfer_syntax)
     _installed = True

@@ -1,36 +1,34 @@
 """C-STORE requests served straight from their P-DATA-TF PDUs (the receiver's fast path).
 
-For every C-STORE, pynetdicom 3.0.4 decodes each P-DATA-TF PDU into objects, copies its
-fragments into a message buffer, decodes the command set into a pydicom dataset, hands the
-message to the association thread, builds the response primitive, encodes its command set
-with pydicom again and hands it back to the network (DUL) thread to send: about 1 ms of
-interpreter time and two thread switches per image, as much as storing the image durably.
+For every C-STORE, pynetdicom decodes each P-DATA-TF PDU into objects, copies its fragments
+into a message buffer, decodes the command set into a pydicom dataset, hands the message to
+the association thread, builds the response primitive, encodes its command set with pydicom
+again and hands it back to the network (DUL) thread to send: about as much interpreter time
+per image as storing it durably, and two thread switches.
 
-:class:`FastStore` takes the network thread's place for the PDUs of C-STORE requests only:
+:class:`FastStore` serves the P-DATA-TF PDUs of C-STORE requests on the network thread
+instead; :class:`dicomai.ingest.pdu_reader.PduReader` offers it every P-DATA-TF PDU it reads
+in the established state (Sta6):
 
-- it reads each PDU itself; anything but a P-DATA-TF PDU in the established state (Sta6) is
-  decoded and queued exactly as pynetdicom's ``DULServiceProvider._read_pdu_data`` does;
 - a message starts on the fast path only when pynetdicom holds no partial message, the PDU
   begins with a complete C-STORE-RQ command set with a data set, and the presentation context
   was accepted with us as SCP, on an association pynetdicom has marked established (it does
   so just after sending the A-ASSOCIATE-AC: a first C-STORE arriving before that is served by
-  pynetdicom, after establishment, as it always was). Anything else (C-ECHO, an unexpected
-  command, a command split over PDUs, a release in progress) is left to pynetdicom, which
-  answers it as before;
+  pynetdicom, after establishment). Anything else (C-ECHO, an unexpected command, a command
+  split over PDUs, a release in progress) is left to pynetdicom, which answers it;
 - a C-STORE-RQ whose Affected SOP Class UID is not the context's abstract syntax, or whose
   Affected SOP Class or Instance UID is empty or absent, is taken here too: ``serve`` refuses
   it (with the context's abstract syntax in :attr:`StoreRequest.context_sop_class`) and the
-  refusal is answered like any other status. pynetdicom would answer no such request (it
-  drops one without a UID and aborts on an unknown SOP class); the receiver answers those
-  that still reach pynetdicom the same way (see :mod:`dicomai.receiver`);
-- the dataset fragments are kept as views of the received PDUs and joined once; the request
+  refusal is answered like any other status (the receiver answers those that reach
+  pynetdicom the same way, see :mod:`dicomai.receiver`);
+- the data set fragments are kept as views of the received PDUs and joined once; the request
   is passed to ``serve`` (:func:`dicomai.receiver.store_instance`) on the network thread, and
   the C-STORE-RSP is encoded here (Implicit VR Little Endian command set, one PDV) and sent.
 
-A PDV that breaks the message (a command fragment or another context inside a dataset,
-data after the last fragment, a malformed item) raises :class:`ProtocolError`; the reactor of
-:mod:`dicomai.fastnet` then aborts the association, as pynetdicom does with a PDU it cannot
-process. ``EVT_C_STORE`` and the DIMSE events are not triggered for the requests served here.
+A PDV that breaks the message (a command fragment or another context inside a data set,
+data after the last fragment, a malformed item) raises :class:`ProtocolError`; the reader
+then has the association aborted as for any invalid PDU. ``EVT_C_STORE`` and the DIMSE
+events are not triggered for the requests served here.
 """
 
 from __future__ import annotations
@@ -44,6 +42,8 @@ from typing import Any
 
 from pydicom.uid import UID
 
+from dicomai.ingest import pynetdicom_seam as seam
+
 __all__ = [
     "FastStore",
     "ProtocolError",
@@ -54,7 +54,6 @@ __all__ = [
     "parse_pdvs",
 ]
 
-_DUL_LOGGER = logging.getLogger("pynetdicom.dul")
 logger = logging.getLogger(__name__)
 
 _C_STORE_RQ = 0x0001
@@ -199,67 +198,12 @@ class FastStore:
         self.served = 0
         self._message: _Message | None = None
 
-    # -- the network thread's read step --------------------------------------------------
-    def transport_event(self) -> bool:
-        """``DULServiceProvider._is_transport_event`` with this class's PDU reader."""
-        dul = self.assoc.dul
-        if dul.state_machine.current_state == "Sta13":
-            return bool(dul._is_transport_event())
-        if dul.socket and dul.socket.ready:
-            self._read_pdu(dul)
-            return True
-        return False
+    def reset(self) -> None:
+        """Forget a message in progress (another PDU type came, e.g. an A-ABORT)."""
+        self._message = None
 
-    def _read_pdu(self, dul: Any) -> None:
-        """``DULServiceProvider._read_pdu_data`` of pynetdicom 3.0.4, P-DATA-TF PDUs of
-        C-STORE requests served here."""
-        try:
-            header = dul.socket.recv(6)
-        except (OSError, TimeoutError) as exc:
-            _DUL_LOGGER.error("Connection closed before the entire PDU was received")
-            _DUL_LOGGER.exception(exc)
-            dul.event_queue.put("Evt17")
-            return
-        try:
-            pdu_type, _, pdu_length = struct.unpack(">BBL", header)
-        except struct.error:
-            dul.event_queue.put("Evt17")
-            return
-        if pdu_type not in (0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07):
-            _DUL_LOGGER.error(f"Unknown PDU type received '0x{pdu_type:02X}'")
-            dul.event_queue.put("Evt19")
-            return
-        try:
-            body = dul.socket.recv(pdu_length)
-        except (OSError, TimeoutError) as exc:
-            _DUL_LOGGER.error("Connection closed before the entire PDU was received")
-            _DUL_LOGGER.exception(exc)
-            dul.event_queue.put("Evt17")
-            return
-        if len(body) != pdu_length:
-            _DUL_LOGGER.error(
-                f"The received PDU is shorter than expected ({6 + len(body)} of "
-                f"{6 + pdu_length} bytes received)")
-            dul.event_queue.put("Evt17")
-            return
-        if pdu_type == 0x04 and self._take(dul, body):
-            return
-        self._message = None  # e.g. an A-ABORT in the middle of a dataset: pynetdicom's now
-        try:
-            pdu, event = dul._decode_pdu(bytearray(header) + body)
-            dul.event_queue.put(event)
-        except Exception as exc:
-            _DUL_LOGGER.error("Unable to decode the received PDU data")
-            _DUL_LOGGER.exception(exc)
-            dul.event_queue.put("Evt19")
-            return
-        dul._recv_pdu.put(pdu)
-
-    # -- P-DATA-TF -------------------------------------------------------------------------
-    def _take(self, dul: Any, body: bytes | bytearray) -> bool:
-        """Serve the PDU here (True) or leave it to pynetdicom (False)."""
-        if dul.state_machine.current_state != "Sta6":
-            return False
+    def take(self, body: bytes | bytearray) -> bool:
+        """Serve this P-DATA-TF PDU body here (True) or leave it to pynetdicom (False)."""
         items = parse_pdvs(body)
         if items is None:
             if self._message is not None:
@@ -274,13 +218,15 @@ class FastStore:
         message = self._message
         for i, (context_id, control, data) in enumerate(items):
             if control & _PDV_COMMAND or context_id != message.context_id:
+                self._message = None
                 raise ProtocolError("unexpected PDV in a C-STORE dataset")
             message.fragments.append(data)
             if control & _PDV_LAST:
                 if i != len(items) - 1:
+                    self._message = None
                     raise ProtocolError("data after the last fragment of a C-STORE dataset")
                 self._message = None
-                self._finish(dul, message)
+                self._finish(message)
         return True
 
     def _start(self, item: tuple[int, int, memoryview]) -> _Message | None:
@@ -289,9 +235,10 @@ class FastStore:
         assoc = self.assoc
         if (control & (_PDV_COMMAND | _PDV_LAST)) != (_PDV_COMMAND | _PDV_LAST):
             return None
-        if assoc.dimse.message is not None or assoc._sent_release or not assoc.is_established:
+        if (seam.reassembling(assoc) or seam.release_started(assoc)
+                or not assoc.is_established):
             return None
-        context = assoc._accepted_cx.get(context_id)
+        context = seam.accepted_context(assoc, context_id)
         if context is None or not context.as_scp or not context.transfer_syntax:
             return None
         command = parse_command(data)
@@ -300,7 +247,7 @@ class FastStore:
         return _Message(context_id, UID(str(context.transfer_syntax[0])),
                         str(context.abstract_syntax), command)
 
-    def _finish(self, dul: Any, message: _Message) -> None:
+    def _finish(self, message: _Message) -> None:
         assoc = self.assoc
         dataset = BytesIO(b"".join(message.fragments))
         message.fragments.clear()
@@ -312,7 +259,7 @@ class FastStore:
             context_sop_class=message.abstract_syntax)
         try:
             status = self.serve(request)
-        except Exception:  # as pynetdicom answers a handler that raised
+        except Exception:  # answered as pynetdicom answers a handler that raised
             logger.exception("C-STORE fast path: store failed")
             status = _STATUS_HANDLER_FAILED
         if not assoc.is_established:
@@ -320,5 +267,5 @@ class FastStore:
         command = encode_store_response(message.command, status)
         pdv = struct.pack(">IBB", len(command) + 2, message.context_id,
                           _PDV_COMMAND | _PDV_LAST) + command
-        dul.socket.send(struct.pack(">BBL", 0x04, 0x00, len(pdv)) + pdv)
+        assoc.dul.socket.send(struct.pack(">BBL", 0x04, 0x00, len(pdv)) + pdv)
         self.served += 1
