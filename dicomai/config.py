@@ -109,7 +109,7 @@ class ReceiverSettings(_Section):
     #: configuration files load; a value other than 1 is logged as ignored at start.
     processes: int = Field(default=1, ge=1, le=64)
     #: Pending connections the kernel queues before we accept them (listen(2) backlog).
-    listen_backlog: int = Field(default=128, ge=1, le=65535)
+    listen_backlog: int = Field(default=512, ge=1, le=65535)
     #: Connections that have not sent a complete A-ASSOCIATE-RQ yet, in total and per peer
     #: address (dicomai.ingest.lobby): the oldest is dropped to make room for a new one.
     #: They are dropped after acse_timeout_seconds and never count against max_associations.

@@ -33,6 +33,8 @@ __all__ = ["Listener", "listener_class"]
 
 logger = logging.getLogger(__name__)
 
+#: Connections accepted at most per wake-up of the accept loop besides the first.
+_DRAIN_AT_MOST = 1024
 # A-ASSOCIATE-RJ: rejected-transient, service-provider (presentation), local limit exceeded.
 _BUSY = a_associate_rj(result=0x02, source=0x03, reason=0x02)
 
@@ -70,8 +72,30 @@ class Listener(ThreadedAssociationServer):
         self.rejected_busy = 0
 
     def get_request(self) -> tuple[socket.socket, Any]:
-        assert self.socket is not None
-        return self.socket.accept()  # nothing else here: TLS and the request in the lobby
+        """The next connection (TLS and the association request are the lobby's). The
+        connections queued behind it are accepted now too and go straight to the lobby: one
+        per wake-up of the accept loop would let a burst overflow the listen backlog, and a
+        peer whose connection attempt is dropped retries only after a second or more."""
+        listening = self.socket
+        assert listening is not None
+        first = listening.accept()
+        timeout = listening.gettimeout()
+        listening.settimeout(0.0)
+        try:
+            for _ in range(_DRAIN_AT_MOST):
+                try:
+                    conn, address = listening.accept()
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError:
+                    break
+                if self.verify_request(conn, address):
+                    self.process_request(conn, address)
+                else:
+                    self.shutdown_request(conn)
+        finally:
+            listening.settimeout(timeout)
+        return first
 
     def process_request(self, request: Any, client_address: Any) -> None:
         if self.lobby is None:
