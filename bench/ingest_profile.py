@@ -42,7 +42,13 @@ def main() -> int:
 
     import pynetdicom.events as pevents
 
-    import dicomai.receiver as recv_mod
+    try:  # the receive path's package (2026-12-03 on); older copies: dicomai.receiver
+        import dicomai.ingest.record as record_mod
+        import dicomai.ingest.scp as scp_mod
+        import dicomai.ingest.store_instance as recv_mod
+    except ImportError:
+        import dicomai.receiver as recv_mod
+        record_mod = scp_mod = recv_mod
     import dicomai.store as store_mod
     from dicomai.config import load_settings
     from dicomai.daemon import Daemon
@@ -95,6 +101,7 @@ def main() -> int:
                 acc["handle_store total"].append(t1 - t0)
 
     setattr(recv_mod, store_name, store)
+    setattr(scp_mod, store_name, store)  # the name the receiver calls
     for name, label in (("_read", "  dataset read (raw)"),
                         ("_check", "  convert all + check (overlaps the write)"),
                         ("_write_pending", "  _write_pending (write; fsync on io thread)")):
@@ -102,7 +109,7 @@ def main() -> int:
             setattr(recv_mod, name, timed(label, getattr(recv_mod, name)))
     if hasattr(Spool, "publish"):
         Spool.publish = timed("  spool.publish (rename + fsync dir)", Spool.publish)
-    recv_mod.extract_record = timed("  extract_record", recv_mod.extract_record)
+    recv_mod.extract_record = timed("  extract_record", record_mod.extract_record)
     pevents.Event._get_dataset = timed("  event.dataset decode", pevents.Event._get_dataset)
     pevents.Event.encoded_dataset = timed("  event.encoded_dataset()",
                                           pevents.Event.encoded_dataset)

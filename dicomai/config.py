@@ -350,7 +350,7 @@ class LoggingSettings(_Section):
     format: Literal["auto", "json", "text"] = "auto"  # auto: JSON under systemd, text on a tty
     file: Path | None = None
     levels: dict[str, Literal["DEBUG", "INFO", "WARNING", "ERROR"]] = Field(
-        default_factory=dict)  # per component, e.g. {"dicomai.receiver" = "DEBUG"}
+        default_factory=dict)  # per component, e.g. {"dicomai.ingest" = "DEBUG"}
 
 
 class MetricsSettings(_Section):

@@ -15,16 +15,16 @@ from typing import TYPE_CHECKING, Any
 
 from dicomai import audit
 from dicomai.config import Settings
-from dicomai.copies import restore_copies
 from dicomai.db import make_engine, make_session_factory, utcnow
+from dicomai.ingest.copies import restore_copies
 from dicomai.ingest.file_limits import FileLimits
 from dicomai.ingest.file_limits import configure as configure_file_limits
+from dicomai.ingest.scp import Receiver
 from dicomai.leadership import leadership_for
 from dicomai.logs import log_fields
 from dicomai.metrics import MetricsServer, start_metrics_server
 from dicomai.migrations import upgrade
 from dicomai.queue import Queue
-from dicomai.receiver import Receiver
 from dicomai.scheduler import PROCESS_TOKEN, Scheduler, reclaim_dead_local, sweep_orphans
 from dicomai.sender import Sender
 from dicomai.store import Spool

@@ -152,9 +152,9 @@ class Instance(Base):
 class InstanceCopy(Base):
     """The bytes of a small received instance, committed with its row before Success.
 
-    Its file is written at once but made durable later (``dicomai.copies``): one durable flush
-    per instance (the commit) instead of two. The row goes once the file is fsynced; after a
-    crash, the files of the rows left are written again from here.
+    Its file is written at once but made durable later (``dicomai.ingest.copies``): one
+    durable flush per instance (the commit) instead of two. The row goes once the file is
+    fsynced; after a crash, the files of the rows left are written again from here.
     """
 
     __tablename__ = "instance_copies"

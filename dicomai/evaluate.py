@@ -189,7 +189,7 @@ def _select(paths: Sequence[Path], headers: Sequence[Any], routes: Sequence[Rout
             fallback_rule: str, model: str) -> tuple[list[Path], bool]:
     """The files the production route would analyse; else the same series rule without the
     body part and description conditions (``routed`` False)."""
-    from dicomai.receiver import extract_record
+    from dicomai.ingest.record import extract_record
     from dicomai.routing import StudyInfo, select_route, summarise_series
 
     rows = []

@@ -103,7 +103,7 @@ def configure(level: str = "INFO", fmt: str = "auto", file: str | None = None,
               levels: dict[str, str] | None = None) -> None:
     """Apply the logging configuration once per process (idempotent).
 
-    ``levels`` sets per-component levels, e.g. ``{"dicomai.receiver": "DEBUG"}``.
+    ``levels`` sets per-component levels, e.g. ``{"dicomai.ingest": "DEBUG"}``.
     """
     formatter = resolve_format(fmt)
     handlers: dict[str, Any] = {

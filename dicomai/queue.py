@@ -159,7 +159,7 @@ class _FileLock:
 
     Processes that would otherwise meet in SQLite's busy handler (which sleeps and retries)
     wait in the kernel and continue as soon as the lock is released. Threads of one process
-    (the group commit's leader, the copy flusher of :mod:`dicomai.copies`) take a thread lock
+    (the group commit's leader, the copy flusher of :mod:`dicomai.ingest.copies`) take a thread lock
     first: ``flock`` does not exclude them from each other. Without a usable lock file only
     the thread lock is taken.
     """
@@ -544,7 +544,7 @@ class Queue:
                                                "data": copy, "made_at": now})
         return True, job_id
 
-    # -- instance copies (see dicomai.copies) --------------------------------------------
+    # -- instance copies (see dicomai.ingest.copies) --------------------------------------------
     def instance_copies(self, made_before: datetime | None = None,
                         limit: int = 1000) -> list[tuple[str, bytes]]:
         """``(path, bytes)`` of small instances whose files are not known durable yet (only

@@ -16,9 +16,9 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import case, delete, func, select
 
 from dicomai.config import RouteSettings, SchedulerSettings, Settings
-from dicomai.copies import restore_copies
 from dicomai.db import Instance, Job
 from dicomai.errors import StateConflict
+from dicomai.ingest.copies import restore_copies
 from dicomai.leadership import Leadership
 from dicomai.logs import log_fields
 from dicomai.queue import TERMINAL_STATES, JobState, Queue

@@ -65,7 +65,7 @@ class Spool:
                        sync: bool = True) -> tuple[Path, int]:
         """Write a received instance durably (data and size fsynced, in a file whose directory
         entry was made durable beforehand; with ``sync=False`` the caller makes the bytes
-        durable otherwise: see :mod:`dicomai.copies`); returns ``(path, size)``. The caller
+        durable otherwise: see :mod:`dicomai.ingest.copies`); returns ``(path, size)``. The caller
         indexes the path, or gives it back with :meth:`discard_instance`.
 
         Raises

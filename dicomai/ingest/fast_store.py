@@ -20,10 +20,11 @@ in the established state (Sta6):
   Affected SOP Class or Instance UID is empty or absent, is taken here too: ``serve`` refuses
   it (with the context's abstract syntax in :attr:`StoreRequest.context_sop_class`) and the
   refusal is answered like any other status (the receiver answers those that reach
-  pynetdicom the same way, see :mod:`dicomai.receiver`);
+  pynetdicom the same way, see :mod:`dicomai.ingest.scp`);
 - the data set fragments are kept as views of the received PDUs and joined once; the request
-  is passed to ``serve`` (:func:`dicomai.receiver.store_instance`) on the network thread, and
-  the C-STORE-RSP is encoded here (Implicit VR Little Endian command set, one PDV) and sent.
+  is passed to ``serve`` (:func:`dicomai.ingest.store_instance.store_instance`) on the
+  network thread, and the C-STORE-RSP is encoded here (Implicit VR Little Endian command
+  set, one PDV) and sent.
 
 A PDV that breaks the message (a command fragment or another context inside a data set,
 data after the last fragment, a malformed item) raises :class:`ProtocolError`; the reader

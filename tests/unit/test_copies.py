@@ -1,4 +1,4 @@
-"""dicomai.copies: a small instance is durable through its committed copy; its file is
+"""dicomai.ingest.copies: a small instance is durable through its committed copy; its file is
 flushed afterwards, and written again from the copy after a crash."""
 
 from __future__ import annotations
@@ -18,9 +18,11 @@ from pydicom.uid import UID, ExplicitVRLittleEndian
 from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 
-from dicomai import copies, receiver, synthetic
-from dicomai.copies import MAX_COPY_BYTES, CopyFlusher, restore_copies
+from dicomai import synthetic
 from dicomai.db import Instance, InstanceCopy, make_session_factory
+from dicomai.ingest import copies
+from dicomai.ingest import store_instance as storing
+from dicomai.ingest.copies import MAX_COPY_BYTES, CopyFlusher, restore_copies
 from dicomai.ingest.fast_store import StoreRequest
 from dicomai.queue import Queue
 from dicomai.store import Spool
@@ -51,7 +53,7 @@ def copies_in(engine: Engine) -> dict[str, bytes]:
 
 
 def store(req: StoreRequest, spool: Spool, queue: Queue, flusher: CopyFlusher | None) -> int:
-    return receiver.store_instance(req, spool, queue, lambda: 0, lambda: T0, None, flusher)
+    return storing.store_instance(req, spool, queue, lambda: 0, lambda: T0, None, flusher)
 
 
 def test_small_instance_committed_with_its_bytes_then_flushed(

@@ -27,8 +27,8 @@ from sqlalchemy.orm import sessionmaker
 
 from dicomai.db import Base, Instance, Job, JobEvent, create_all, make_engine, make_session_factory
 from dicomai.ingest.pdu_reader import PduReader
+from dicomai.ingest.store_instance import file_meta_bytes
 from dicomai.queue import InstanceRecord, JobState, Queue
-from dicomai.receiver import file_meta_bytes
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 
@@ -95,10 +95,10 @@ def test_duplicates_and_own_results_are_answered_success_and_leave_one_copy(
         engine: Engine, tmp_path: Path) -> None:
     """Written first, then indexed: a duplicate's copy and a returned result of ours are
     removed again; neither opens a job or a second row."""
-    from dicomai.ingest.fast_store import StoreRequest
-
-    from dicomai import receiver, synthetic
+    from dicomai import synthetic
     from dicomai.db import ResultObject
+    from dicomai.ingest import store_instance as storing
+    from dicomai.ingest.fast_store import StoreRequest
     from dicomai.store import Spool
 
     queue = Queue(make_session_factory(engine))
@@ -114,7 +114,7 @@ def test_duplicates_and_own_results_are_answered_success_and_leave_one_copy(
         return sorted(p for p in (tmp_path / "spool" / "incoming").rglob("*.dcm")
                       if p.stat().st_size)
 
-    assert receiver.store_instance(request(own), spool, queue, lambda: 0, lambda: T0) == 0
+    assert storing.store_instance(request(own), spool, queue, lambda: 0, lambda: T0) == 0
     job = queue.get_job(1)
     with queue.session() as s, s.begin():  # "own" is now one of our results
         s.add(ResultObject(job_id=job.id, destination="pacs", kind="SR",
@@ -124,7 +124,7 @@ def test_duplicates_and_own_results_are_answered_success_and_leave_one_copy(
     first = files()
     assert len(first) == 1
     for ds in (own, other, own, other):  # a duplicate, our result, again both
-        assert receiver.store_instance(request(ds), spool, queue, lambda: 0, lambda: T0) == 0
+        assert storing.store_instance(request(ds), spool, queue, lambda: 0, lambda: T0) == 0
     assert files() == first
     with engine.connect() as conn:
         assert conn.scalar(select(func.count()).select_from(Instance)) == 1
@@ -266,15 +266,16 @@ def read(raw: bytes) -> Dataset:
 
 
 def test_convert_all_skips_only_elements_that_converted_before() -> None:
-    from dicomai import receiver, synthetic
+    from dicomai import synthetic
+    from dicomai.ingest import record
 
-    receiver._CONVERTED.clear()
+    record._CONVERTED.clear()
     good = encoded(synthetic.make_xray("chest", rows=16, cols=16, seed=3))
-    receiver._convert_all(read(good), ExplicitVRLittleEndian)
-    cached = len(receiver._CONVERTED)
+    record.convert_all(read(good), ExplicitVRLittleEndian)
+    cached = len(record._CONVERTED)
     assert cached >= 15  # the numbers (US, DS, IS) of the header; text is not converted here
-    receiver._convert_all(read(good), ExplicitVRLittleEndian)  # again: nothing new
-    assert len(receiver._CONVERTED) == cached
+    record.convert_all(read(good), ExplicitVRLittleEndian)  # again: nothing new
+    assert len(record._CONVERTED) == cached
     # The same header with one broken element: PixelRepresentation (US) of 3 bytes, then a
     # WindowCenter whose VR is garbage. Each still raises, every time.
     element = b"\x28\x00\x03\x01US\x02\x00\x00\x00"
@@ -284,13 +285,13 @@ def test_convert_all_skips_only_elements_that_converted_before() -> None:
     for broken in (odd_us, bad_vr, odd_us):
         with warnings.catch_warnings(), pytest.raises(Exception):  # noqa: B017
             warnings.simplefilter("ignore")
-            receiver._convert_all(read(broken), ExplicitVRLittleEndian)
+            record.convert_all(read(broken), ExplicitVRLittleEndian)
     # Another character set is another encoding: converted again, not skipped.
     ds = read(good)
     ds.SpecificCharacterSet = "ISO_IR 100"
-    before = len(receiver._CONVERTED)
-    receiver._convert_all(ds, ExplicitVRLittleEndian)
-    assert len(receiver._CONVERTED) > before
+    before = len(record._CONVERTED)
+    record.convert_all(ds, ExplicitVRLittleEndian)
+    assert len(record._CONVERTED) > before
 
 
 @pytest.mark.parametrize("vr", ["AE", "AS", "CS", "DA", "DT", "LO", "LT", "PN", "SH", "ST",
@@ -301,9 +302,9 @@ def test_converting_text_dates_and_times_cannot_fail(vr: str, charset: str) -> N
     settings, raises for no bytes at all (undecodable text is replaced, with a warning)."""
     from pydicom.dataelem import RawDataElement
 
-    from dicomai import receiver
+    from dicomai.ingest import record
 
-    assert vr in receiver._never_failing_vrs()
+    assert vr in record.never_failing_vrs()
     rng = random.Random(f"{vr}-{charset}")
     samples = [b"", b"\\\\", b"\x00" * 9, bytes(range(256)), b"\xff\xfe\x00\x1b$B\x1b(B\\",
                *(bytes(rng.randrange(256) for _ in range(rng.randrange(1, 80)))
@@ -321,7 +322,8 @@ def test_converting_text_dates_and_times_cannot_fail(vr: str, charset: str) -> N
 def test_convert_all_skips_text_but_still_converts_numbers() -> None:
     """Garbage text passes (its conversion cannot fail), but an IS whose integer cannot
     exist still raises (pydicom: OverflowError), so the instance is refused at once."""
-    from dicomai import receiver, synthetic
+    from dicomai import synthetic
+    from dicomai.ingest import record
 
     good = encoded(synthetic.make_xray("chest", rows=16, cols=16, seed=4))
     instance_number = b"\x20\x00\x13\x00IS\x02\x001 "
@@ -330,12 +332,12 @@ def test_convert_all_skips_text_but_still_converts_numbers() -> None:
     at = good.index(b"\x08\x00\x60\x00CS\x02\x00") + 8  # Modality: 2 bytes of garbage
     bad_text = good[:at] + b"\xff\xfe" + good[at + 2:]
     assert bad_is != good and bad_text != good
-    receiver._CONVERTED.clear()
+    record._CONVERTED.clear()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        receiver._convert_all(read(bad_text), ExplicitVRLittleEndian)
+        record.convert_all(read(bad_text), ExplicitVRLittleEndian)
         with pytest.raises(OverflowError):
-            receiver._convert_all(read(bad_is), ExplicitVRLittleEndian)
+            record.convert_all(read(bad_is), ExplicitVRLittleEndian)
 
 
 def test_sqlite_record_statements_store_exactly_what_core_stores(tmp_path: Path) -> None:
@@ -389,33 +391,35 @@ def test_sqlite_record_statements_store_exactly_what_core_stores(tmp_path: Path)
 
 
 def test_extract_record_from_cached_values_equals_a_cold_extraction() -> None:
-    from dicomai import receiver, synthetic
+    from dicomai import synthetic
+    from dicomai.ingest import record
 
     series = [encoded(ds) for ds in synthetic.make_head_ct(4, rows=16, cols=16)]
     series += [encoded(synthetic.make_xray("chest", rows=16, cols=16, seed=s)) for s in (1, 2)]
     cold = []
     for raw in series:
-        receiver._VALUES.clear()
-        cold.append(receiver.extract_record(read(raw), ExplicitVRLittleEndian, "1.2.3"))
-    warm = [receiver.extract_record(read(raw), ExplicitVRLittleEndian, "1.2.3")
+        record._VALUES.clear()
+        cold.append(record.extract_record(read(raw), ExplicitVRLittleEndian, "1.2.3"))
+    warm = [record.extract_record(read(raw), ExplicitVRLittleEndian, "1.2.3")
             for raw in series]
     assert warm == cold
     assert len({r.sop_instance_uid for r in warm}) == 6
     assert [r.instance_number for r in warm[:4]] == [1, 2, 3, 4]
     assert len({r.slice_position for r in warm[:4]}) == 4
-    assert receiver._VALUES  # the second pass was served from the cache
+    assert record._VALUES  # the second pass was served from the cache
 
 
 def test_conversion_caches_keep_no_patient_identity() -> None:
-    from dicomai import receiver, synthetic
+    from dicomai import synthetic
+    from dicomai.ingest import record
 
-    receiver._CONVERTED.clear()
-    receiver._VALUES.clear()
+    record._CONVERTED.clear()
+    record._VALUES.clear()
     ds = synthetic.make_xray("chest", rows=16, cols=16, seed=5)
     raw = read(encoded(ds))
-    receiver._convert_all(raw, ExplicitVRLittleEndian)
-    receiver.extract_record(read(encoded(ds)), ExplicitVRLittleEndian, "1.2.3")
-    keys = [*receiver._CONVERTED, *receiver._VALUES]
+    record.convert_all(raw, ExplicitVRLittleEndian)
+    record.extract_record(read(encoded(ds)), ExplicitVRLittleEndian, "1.2.3")
+    keys = [*record._CONVERTED, *record._VALUES]
     assert keys and all(key[0] >> 16 != 0x0010 and key[1] != "PN" for key in keys)
     name = str(ds.PatientName).encode()
     assert not any(name in key[2] for key in keys)
@@ -427,7 +431,7 @@ def test_supported_contexts_copy_is_as_independent_as_deepcopy() -> None:
 
     from pynetdicom.presentation import build_context
 
-    from dicomai.receiver import _SupportedContexts
+    from dicomai.ingest.scp import _SupportedContexts
 
     original = [build_context("1.2.840.10008.5.1.4.1.1.2",
                               [ExplicitVRLittleEndian, ImplicitVRLittleEndian])]
