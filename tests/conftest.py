@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import socket
@@ -23,7 +24,8 @@ DEFAULT_CONFIG = REPO / "config" / "dicomai.toml"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Skip marked tests whose external tool is missing (CI installs them all)."""
+    """Skip marked tests whose external tool is missing (CI installs them all); keep the viewer
+    tests together."""
     needs = {
         "dcmtk": shutil.which("storescu") and shutil.which("echoscu"),
         "orthanc": shutil.which("Orthanc"),
@@ -33,6 +35,25 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         for marker, available in needs.items():
             if marker in item.keywords and not available:
                 item.add_marker(pytest.mark.skip(reason=f"{marker} tools not installed"))
+        if "viewers" in item.keywords:
+            # One Orthanc, OHIF server and Chromium per session (tests/viewers/conftest.py):
+            # with pytest-xdist (`make test`, --dist loadgroup) all viewer tests go to one worker.
+            item.add_marker(pytest.mark.xdist_group("viewers"))
+    if _xdist_workers(config):
+        # Longest first: the viewer group and the slow tests are handed out before the many
+        # short ones, so that no worker is left with a long test while the other one is idle.
+        items.sort(key=lambda item: 0 if "viewers" in item.keywords
+                   else 1 if "slow" in item.keywords or "validators" in item.keywords else 2)
+
+
+def _xdist_workers(config: pytest.Config) -> int:
+    """How many pytest-xdist workers this run has (0 without xdist)."""
+    if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+        return int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    try:
+        return int(config.getoption("numprocesses") or 0)
+    except (ValueError, TypeError):
+        return 0
 
 
 def free_port() -> int:
@@ -42,8 +63,33 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def tcp_listen(port: int) -> bool | None:
+    """Whether a socket listens on ``port``, read from /proc/net (no connection is made);
+    None where there is no /proc/net/tcp."""
+    found = False
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except FileNotFoundError:
+            continue
+        found = True
+        for line in lines:
+            fields = line.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # LISTEN
+                return True
+    return False if found else None
+
+
 def listening(port: int, host: str = "127.0.0.1") -> bool:
-    """Whether something accepts TCP connections on ``port`` (a plain connect, no DICOM)."""
+    """Whether something accepts TCP connections on ``port`` (no DICOM).
+
+    Read from /proc/net where there is one: a probing connect that sends no A-ASSOCIATE-RQ
+    keeps one of the daemon's association threads waiting ``acse_timeout_seconds`` (30 s by
+    default), and the daemon's stop waits for that thread. Elsewhere a plain connect.
+    """
+    state = tcp_listen(port)
+    if state is not None:
+        return state
     try:
         with socket.create_connection((host, port), timeout=1):
             return True
@@ -66,10 +112,19 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, interval: floa
 
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The three reference models, built once per test session."""
-    out = tmp_path_factory.mktemp("models")
-    for name, ref in REFERENCE_MODELS.items():
-        build_reference(name, out / ref.filename)
+    """The three reference models, built once per test run: pytest-xdist workers share the
+    run's base folder (the first worker builds them, under a lock, the others wait)."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # <basetemp>/popen-gwN for a worker: the run's own folder above
+    out = root / "models"
+    with open(root / "models.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out / ".built").exists():
+            out.mkdir(exist_ok=True)
+            for name, ref in REFERENCE_MODELS.items():
+                build_reference(name, out / ref.filename)
+            (out / ".built").touch()
     return out
 
 

@@ -21,31 +21,17 @@ from dicomai.config import Settings, load_settings
 from dicomai.models.reference import REFERENCE_MODELS
 from dicomai.scu import echo
 from dicomai.status import collect
-from tests.conftest import DEFAULT_CONFIG, free_port, wait_for
+from tests.conftest import DEFAULT_CONFIG, free_port, tcp_listen, wait_for
 
 #: One response line per C-STORE in `storescu -v` output.
 _STORE_RSP = re.compile(r"Received Store Response \(([^)]*)\)")
-
-
-def _tcp_listen(port: int) -> bool:
-    """A socket listens on ``port`` (from /proc/net, without connecting to it)."""
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except FileNotFoundError:
-            continue
-        for line in lines:
-            local, state = line.split()[1], line.split()[3]
-            if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:
-                return True
-    return False
 
 
 def _listening(port: int) -> bool:
     """The port listens and answers C-ECHO. (Probing with a bare TCP connect would leave an
     acceptor thread waiting acse_timeout seconds for an A-ASSOCIATE-RQ, which holds up the
     receiver's stop; probing with C-ECHO alone logs a connection error per refused try.)"""
-    return _tcp_listen(port) and echo("127.0.0.1", port, called_ae="DICOMAI", timeout=5) == 0
+    return bool(tcp_listen(port)) and echo("127.0.0.1", port, called_ae="DICOMAI", timeout=5) == 0
 
 
 def _keep_routes(text: str, keep: set[str]) -> str:
