@@ -166,7 +166,7 @@ def main() -> int:
             acc.clear()
             last_end.clear()
             ddir = tmp / f"{name}-{phase}"
-            cfg = Path(recv_mod.__file__).parents[1] / "config" / "dicomai.toml"
+            cfg = Path(recv_mod.__file__).parents[2 if "ingest" in recv_mod.__name__ else 1] / "config" / "dicomai.toml"
             settings = load_settings(cfg, environ={}, overrides={
                 "general": {"data_dir": str(ddir)},
                 "receiver": {"port": 0, "min_free_disk_mb": 0, "host": "127.0.0.1"}})

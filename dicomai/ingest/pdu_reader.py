@@ -49,7 +49,7 @@ __all__ = ["MAX_ASSOCIATION_PDU", "MAX_OTHER_PDU", "WAIT", "PduReader", "Waker"]
 logger = logging.getLogger(__name__)
 
 #: Longest wait for the next PDU in one reactor loop, in seconds.
-WAIT = 0.02
+WAIT = 0.05
 #: Largest A-ASSOCIATE-RQ/AC/RJ PDU body accepted (bytes).
 MAX_ASSOCIATION_PDU = 1 << 20
 #: Largest A-RELEASE / A-ABORT PDU body accepted (their bodies are 4 bytes).

@@ -25,6 +25,13 @@ What is relied on (pynetdicom 3.0.4):
   ``event_queue``.
 - ``DULServiceProvider._kill_thread`` is the reactor's stop flag; ``to_provider_queue`` holds
   the primitives the association wants sent.
+- ``Association.run_reactor`` runs ``self._run_reactor()`` once an acceptor is established:
+  we replace it per instance with :func:`serve_association`, our own loop, which waits on an
+  event instead of waking every millisecond. It relies on ``_kill`` (stop flag),
+  ``_reactor_checkpoint``/``_is_paused`` (the pause pynetdicom's ``send_*`` methods ask
+  for), ``dimse.msg_queue``/``dimse.get_msg`` (complete DIMSE messages), ``dul.to_user_queue``
+  (ACSE primitives), ``acse.is_release_requested``/``is_aborted``/``send_release``,
+  ``dul.receive_pdu`` and ``network_timeout_response``.
 - ``Association._serve_request(msg, context_id)`` serves one received DIMSE request;
   ``_accepted_cx`` maps accepted context IDs to contexts; ``_sent_release`` is set once the
   association started a release; ``dimse.message`` is a message being reassembled.
@@ -39,12 +46,14 @@ What is relied on (pynetdicom 3.0.4):
 
 from __future__ import annotations
 
+import functools
 import queue
+import threading
 from collections.abc import Callable
 from typing import Any
 
 import pynetdicom
-from pynetdicom import _config
+from pynetdicom import _config, evt
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.presentation import PresentationContext
@@ -62,7 +71,9 @@ __all__ = [
     "reassembling",
     "register_server",
     "release_started",
+    "replace_association_loop",
     "replace_read_step",
+    "serve_association",
     "set_ui_validator",
     "stop_requested",
     "transfer_syntax_list",
@@ -108,6 +119,8 @@ def check() -> None:
              "DULServiceProvider.receive_pdu changed")
     _require(_calls(Association._run_reactor, "_serve_request", "get_msg"),
              "Association._run_reactor no longer serves requests through _serve_request")
+    _require(_calls(Association.run_reactor, "_run_reactor", "is_acceptor"),
+             "Association.run_reactor no longer runs _run_reactor")
     _require(_calls(RequestHandler._create_association, "set_socket", "_server"),
              "RequestHandler._create_association changed")
     from pynetdicom import AE
@@ -120,8 +133,13 @@ def check() -> None:
     _require(isinstance(dul._recv_pdu, queue.Queue), "DUL._recv_pdu is not a queue")
     _require(type(dul.to_provider_queue) is queue.Queue, "DUL.to_provider_queue is not a Queue")
     _require(isinstance(dul.state_machine.current_state, str), "no state machine state")
-    for name in ("_accepted_cx", "_sent_release", "_serve_request", "dimse"):
+    for name in ("_accepted_cx", "_sent_release", "_serve_request", "dimse", "_kill",
+                 "_reactor_checkpoint", "_is_paused", "network_timeout_response"):
         _require(hasattr(assoc, name), f"Association has no {name}")
+    _require(type(assoc.dimse.msg_queue) is queue.Queue, "DIMSE msg_queue is not a Queue")
+    _require(type(dul.to_user_queue) is queue.Queue, "DUL.to_user_queue is not a Queue")
+    for name in ("is_release_requested", "is_aborted", "send_release"):
+        _require(callable(getattr(assoc.acse, name, None)), f"ACSE has no {name}")
     _require(isinstance(assoc._accepted_cx, dict), "Association._accepted_cx is not a dict")
     _require(hasattr(assoc.dimse, "message"), "DIMSE provider has no message")
     _require(isinstance(getattr(ae, "_servers", None), list), "AE._servers is not a list")
@@ -190,13 +208,7 @@ def wake_on_send(assoc: Any, wake: Callable[[], None]) -> None:
     waiting in our reader sends it at once), and when the DUL is told to stop. Call before
     the association starts."""
     dul = assoc.dul
-    replacement = _NotifyingQueue(wake)
-    while True:
-        try:
-            replacement.put_nowait(dul.to_provider_queue.get_nowait())
-        except queue.Empty:
-            break
-    dul.to_provider_queue = replacement
+    _notify_on_put(dul, "to_provider_queue", wake)
     kill, stop = dul.kill_dul, dul.stop_dul
 
     def kill_dul() -> None:
@@ -212,6 +224,74 @@ def wake_on_send(assoc: Any, wake: Callable[[], None]) -> None:
 
 
 # -- the association side ----------------------------------------------------------------------
+
+def _notify_on_put(owner: Any, name: str, notify: Callable[[], None]) -> None:
+    """Replace the queue ``owner.<name>`` by a :class:`_NotifyingQueue` (items kept)."""
+    old = getattr(owner, name)
+    new = _NotifyingQueue(notify)
+    while True:
+        try:
+            new.put_nowait(old.get_nowait())
+        except queue.Empty:
+            break
+    setattr(owner, name, new)
+
+
+def replace_association_loop(assoc: Any, poll: float) -> None:
+    """Serve this acceptor association with :func:`serve_association` (before it starts)."""
+    wake = threading.Event()
+    _notify_on_put(assoc.dimse, "msg_queue", wake.set)
+    _notify_on_put(assoc.dul, "to_user_queue", wake.set)
+    assoc._run_reactor = functools.partial(serve_association, assoc, wake, poll)
+
+
+def serve_association(assoc: Any, wake: threading.Event, poll: float) -> None:
+    """An established acceptor association's loop, ours: it sleeps until the DIMSE layer has
+    a complete message or an ACSE primitive arrives (``wake``), or ``poll`` seconds pass (for
+    the idle timer and the DUL thread's end), and ends the association the way pynetdicom
+    does (the same responses and events)."""
+    assoc._is_paused = False
+    while not assoc._kill:
+        if assoc.dimse.msg_queue.empty():
+            wake.wait(poll)
+        wake.clear()
+        # A send_*() call of ours on this association pauses the loop until it is done.
+        assoc._is_paused = True
+        assoc._reactor_checkpoint.wait()
+        assoc._is_paused = False
+        context_id, msg = assoc.dimse.get_msg(block=False)
+        if msg:
+            assoc._serve_request(msg, context_id)
+        if _finished(assoc):
+            return
+
+
+def _finished(assoc: Any) -> bool:
+    """End the association if the peer released or aborted it, the network thread ended, or
+    it was idle too long; True when it ended."""
+    if assoc.is_established and assoc.acse.is_release_requested():
+        assoc.acse.send_release(is_response=True)
+        assoc.is_released, assoc.is_established = True, False
+        evt.trigger(assoc, evt.EVT_RELEASED, {})
+    elif assoc.acse.is_aborted():
+        assoc.dul.receive_pdu(wait=False)  # the A-ABORT's EVT_ACSE_RECV, for subscribers
+        assoc.is_aborted, assoc.is_established = True, False
+        evt.trigger(assoc, evt.EVT_ABORTED, {})
+    elif not assoc.dul.is_alive():
+        pass
+    elif assoc.dul.idle_timer_expired():
+        if assoc.network_timeout_response == "A-RELEASE":
+            assoc._is_paused = True
+            assoc._reactor_checkpoint.wait()
+            assoc.release()
+            assoc._is_paused = False
+        else:
+            assoc.abort()
+    else:
+        return False
+    assoc.kill()
+    return True
+
 
 def accepted_context(assoc: Any, context_id: int) -> Any | None:
     """The accepted presentation context with this ID, or None."""

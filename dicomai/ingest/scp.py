@@ -62,6 +62,9 @@ __all__ = ["IMPLEMENTATION_CLASS_UID", "TRANSFER_SYNTAXES", "Receiver", "handle_
 logger = logging.getLogger(__name__)
 
 IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.8.498.1.71"
+#: Longest sleep of an association's thread with nothing to do (it wakes at once for a
+#: message, a release or an abort; this bounds how late it sees the idle timer).
+_ASSOCIATION_POLL = 0.05
 IMPLEMENTATION_VERSION_NAME = f"DICOMAI_{__version__}"[:16]
 
 #: Accepted transfer syntaxes; instances are stored exactly as received.
@@ -265,6 +268,7 @@ class Receiver:
                            network_timeout=s.network_timeout_seconds,
                            max_pdata=s.max_pdu_length, fast=fast)
         reader.install()
+        seam.replace_association_loop(assoc, poll=_ASSOCIATION_POLL)
         assoc.dicomai_reader = reader  # for tests and diagnostics
         assoc.dicomai_fast_store = fast
         _guard_store_requests(assoc, self._store)
@@ -327,17 +331,37 @@ class Receiver:
         assoc.join(timeout)
         self._finish(assoc, released=bool(assoc.is_released))
 
-    def _finish(self, assoc: Any, *, released: bool) -> None:
-        """One audit event per study the association delivered, and, on a release, the
-        early-close mark of those studies (once per association: the first caller pops)."""
+    def open_transfer(self, key: int) -> None:
+        """Start counting the studies a transfer delivers (an association, or a STOW-RS
+        request of :mod:`dicomai.ingest.stow_server`): :meth:`tally` counts its instances,
+        :meth:`close_transfer` ends it. Keys must be unique among open transfers."""
         with self._lock:
-            per_study = self._transfers.pop(id(assoc), None)
-            # A study another open association is still delivering is not released yet.
+            self._transfers.setdefault(key, {})
+
+    def tally(self, key: int, study_uid: str) -> None:
+        """One more instance of ``study_uid`` stored by transfer ``key``."""
+        self._tally(key, study_uid)
+
+    def close_transfer(self, key: int, *, released: bool) -> dict[str, int] | None:
+        """End transfer ``key``: its instances per study (``None`` when it was closed
+        already: the first caller pops), and, when ``released`` (an association released,
+        a STOW-RS request answered), the early-close mark of its studies that no other open
+        transfer is still delivering. A study arriving partly over DIMSE and partly over
+        DICOMweb is one study: both kinds of transfer are counted here."""
+        with self._lock:
+            per_study = self._transfers.pop(key, None)
+            # A study another open transfer is still delivering is not released yet.
             still_open = {uid for other in self._transfers.values() for uid in other}
-        if per_study is None:
-            return
         if per_study and released:
             self._released([uid for uid in per_study if uid not in still_open])
+        return per_study
+
+    def _finish(self, assoc: Any, *, released: bool) -> None:
+        """One audit event per study the association delivered, and, on a release, the
+        early-close mark of those studies (once per association)."""
+        per_study = self.close_transfer(id(assoc), released=released)
+        if per_study is None:
+            return
         req, acc = assoc.requestor, assoc.acceptor
         if per_study or released:
             logger.info("association ended", extra=log_fields(
