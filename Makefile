@@ -7,8 +7,11 @@ setup:
 demo: setup
 	.venv/bin/dicomai demo
 
+# Two pytest-xdist workers (CI has 2 cores): much of the suite waits on daemons, peers and
+# timers rather than computing. TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
 test: setup
-	.venv/bin/python -m pytest -q
+	.venv/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 serve: setup
 	.venv/bin/dicomai serve
