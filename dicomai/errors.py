@@ -4,6 +4,8 @@ from __future__ import annotations
 
 __all__ = [
     "ConfigError",
+    "DecodeFailed",
+    "DecodeOverBudget",
     "DicomAIError",
     "InferenceError",
     "Interrupted",
@@ -37,6 +39,11 @@ class RetryableError(DicomAIError):
     """A transient failure (network, 0xA7xx, database busy, CUDA OOM): try again later."""
 
 
+class DecodeFailed(RetryableError):
+    """A decode process died or passed its time budget while decoding an image of the job
+    (it is replaced; the job is retried)."""
+
+
 class SendError(RetryableError):
     """Sending to a destination failed in a way that may succeed later."""
 
@@ -51,6 +58,11 @@ class PermanentError(DicomAIError):
 
 class UnsupportedInput(PermanentError):
     """The input cannot be analysed: no pixel data, unsupported syntax or photometric, shape."""
+
+
+class DecodeOverBudget(PermanentError):
+    """Decoding an image needed more memory than a decode process may take
+    (``[worker] decode_memory_mb``)."""
 
 
 class ModelLoadError(PermanentError):

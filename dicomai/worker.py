@@ -26,7 +26,7 @@ from dicomai.logs import log_fields, uid_ref
 from dicomai.models.backend import ModelBackend, TorchScriptBackend
 from dicomai.models.reference import ensure_model_file
 from dicomai.models.registry import ModelRegistry
-from dicomai.prepare import DecodePool, PreparedInputs
+from dicomai.prepare import DecodePool, PreparedInputs, renderer
 from dicomai.queue import JobState, Queue, ResultState, RetryPolicy
 from dicomai.results import ResultOptions, build_failure_notice, build_results
 from dicomai.scheduler import claimer_name
@@ -35,6 +35,9 @@ from dicomai.store import Spool
 __all__ = ["ModelPool", "Worker", "options_for"]
 
 logger = logging.getLogger(__name__)
+
+#: Values at least this long are read when used, when decode processes read the pixels.
+_DEFER_BYTES = 64 * 1024
 
 
 def options_for(dest: DestinationSettings) -> ResultOptions:
@@ -184,8 +187,10 @@ class Worker:
     """Runs jobs: QUEUED → RUNNING → OUTBOX (or back to QUEUED / FAILED).
 
     With ``[worker] max_batch`` > 0, concurrent jobs of one model share model calls through a
-    :class:`~dicomai.batching.BatchingPredictor` per model; with ``decode_processes`` > 0,
-    a job's images are read, decoded and preprocessed in a :class:`~dicomai.prepare.DecodePool`.
+    :class:`~dicomai.batching.BatchingPredictor` per model; with ``decode_processes`` > 0 (the
+    default), a job's images are read, decoded and preprocessed in a
+    :class:`~dicomai.prepare.DecodePool`, within ``decode_memory_mb`` and
+    ``decode_timeout_seconds`` per image.
     """
 
     def __init__(
@@ -227,8 +232,10 @@ class Worker:
             import torch
 
             torch.set_num_threads(self.settings.worker.torch_threads)
-        if self.settings.worker.decode_processes and self.decode_pool is None:
-            self.decode_pool = DecodePool(self.settings.worker.decode_processes)
+        w = self.settings.worker
+        if w.decode_processes and self.decode_pool is None:
+            self.decode_pool = DecodePool(w.decode_processes, memory_mb=w.decode_memory_mb,
+                                          timeout_seconds=w.decode_timeout_seconds)
         for i in range(self.settings.worker.threads):
             t = threading.Thread(target=self._loop, name=f"worker-{i}", daemon=True)
             t.start()
@@ -438,7 +445,11 @@ class Worker:
         futures = pool.submit(paths, spec.task, spec.preprocessing) if pool else None
         prepared: PreparedInputs | None = None
         try:
-            datasets = [pydicom.dcmread(p) for p in paths]
+            # With decode processes, values as large as pixel data are read from the file
+            # only if used here: decoding and the key images' pictures happen in the decode
+            # processes, so this process reads the headers only.
+            datasets = [pydicom.dcmread(p, defer_size=_DEFER_BYTES if pool else None)
+                        for p in paths]
             if futures is not None:
                 prepared = PreparedInputs(datasets, futures, self._stop.is_set)
             with self._predictor(job.model, backend) as predictor:
@@ -447,6 +458,8 @@ class Worker:
         finally:
             for fut in futures or ():
                 fut.cancel()  # only what has not started: after an error or interruption
+        # Key images for the Secondary Captures are drawn in the decode processes too.
+        render = renderer(pool, datasets, paths, self._stop.is_set) if pool else None
         previous = [
             (self.queue.study_uid(job), r.series_instance_uid, r.sop_class_uid,
              r.sop_instance_uid)
@@ -464,7 +477,8 @@ class Worker:
                 continue
             options = options_for(self.settings.destination(dest_name))
             if options not in built:
-                objects = build_results(datasets, findings, options, previous_sr_refs=previous)
+                objects = build_results(datasets, findings, options, previous_sr_refs=previous,
+                                        render=render)
                 files = []
                 for index, ds in enumerate(objects):
                     kind = _kind(ds)

@@ -17,7 +17,7 @@ from dicomai.results.codes import CodeStatus, LabelCode, table_for
 from dicomai.results.common import check_findings, check_sources
 from dicomai.results.ko import build_ko
 from dicomai.results.regions import locate
-from dicomai.results.sc import HEATMAP_CHOICES, build_sc_series
+from dicomai.results.sc import HEATMAP_CHOICES, Renderer, build_sc_series
 from dicomai.results.seg import build_seg
 from dicomai.results.sr import SR_CLASSES, build_sr
 from dicomai.results.text_sr import build_failure_text_sr, build_text_sr
@@ -94,6 +94,7 @@ def build_results(
     options: ResultOptions = ResultOptions(),
     *,
     previous_sr_refs: Sequence[tuple[str, str, str, str]] = (),
+    render: Renderer | None = None,
 ) -> list[Dataset]:
     """Result objects of one model run over one study.
 
@@ -109,6 +110,9 @@ def build_results(
     previous_sr_refs
         ``(study_uid, series_uid, sop_class_uid, sop_instance_uid)`` of earlier SRs that this
         one amends (Predecessor Documents Sequence).
+    render
+        Gives the picture of a key image for its SC instead of
+        :func:`~dicomai.results.sc.render_key_image` in this thread.
 
     Returns
     -------
@@ -157,6 +161,7 @@ def build_results(
                 series_number=base + 2,
                 max_images=limit,
                 heatmap=options.sc_heatmap,
+                render=render,
             )
         )
     if options.emit_ko:

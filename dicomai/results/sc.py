@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import highdicom as hd
+import numpy as np
 import pydicom.uid
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
@@ -31,9 +32,11 @@ from dicomai.results.regions import analysed_frame
 __all__ = [
     "HEATMAP_CHOICES",
     "SC_SERIES_DESCRIPTION",
+    "Renderer",
     "build_sc",
     "build_sc_series",
     "caption_lines",
+    "render_key_image",
 ]
 
 SC_SERIES_DESCRIPTION = "AI OVERLAY - NOT FOR DIAGNOSTIC USE"
@@ -57,6 +60,18 @@ _PAIRED = frozenset(
 _TASK_BODY_PART = {Task.CHEST_XRAY: "CHEST", Task.HEAD_CT_ICH: "HEAD", Task.BONE_XRAY: "EXTREMITY"}
 
 
+#: Gives the picture of a key image's frame (0-based): uint8 RGB, at most the SC's size.
+Renderer = Callable[[Dataset, int], np.ndarray]
+
+
+def render_key_image(src: Dataset, frame: int) -> np.ndarray:
+    """The picture an SC shows of ``src``'s ``frame`` (0-based): as a viewer shows it
+    (:func:`~dicomai.results.display.display_rgb`, decoded no larger than needed), scaled to
+    the SC's size."""
+    rgb = display_rgb(src, frame=frame, max_side=MAX_SIDE)  # no larger than the SC needs
+    return resize_rgb(rgb, fit_size(int(src.Rows), int(src.Columns)))
+
+
 def build_sc_series(
     sources: Sequence[Dataset],
     findings: Findings,
@@ -64,6 +79,7 @@ def build_sc_series(
     series_number: int,
     max_images: int,
     heatmap: str = "positive",
+    render: Renderer | None = None,
 ) -> list[Dataset]:
     """One SC per key image (most suspicious first, at most ``max_images``), in one series.
 
@@ -79,6 +95,9 @@ def build_sc_series(
         Most SC images.
     heatmap
         One of :data:`HEATMAP_CHOICES`.
+    render
+        Gives a key image's picture instead of :func:`render_key_image` in this thread (the
+        worker renders in its decode processes).
 
     Returns
     -------
@@ -110,6 +129,7 @@ def build_sc_series(
             series_number=series_number,
             index=index,
             heatmap=heatmap,
+            render=render,
         )
         for index, uid in enumerate(findings.key_image_uids[:max_images])
     ]
@@ -125,6 +145,7 @@ def build_sc(
     series_number: int,
     index: int,
     heatmap: str = "positive",
+    render: Renderer | None = None,
 ) -> Dataset:
     """One SC image of ``src`` (first frame if multi-frame), at most MAX_SIDE pixels a side.
 
@@ -146,6 +167,8 @@ def build_sc(
         0-based position in the series.
     heatmap
         One of :data:`HEATMAP_CHOICES`.
+    render
+        Gives the picture of ``src`` instead of :func:`render_key_image`.
 
     Returns
     -------
@@ -155,7 +178,7 @@ def build_sc(
     model = findings.model
     uid = str(src.SOPInstanceUID)
     frame = analysed_frame(src)
-    rgb = display_rgb(src, frame=frame - 1, max_side=MAX_SIDE)  # no larger than the SC needs
+    rgb = (render or render_key_image)(src, frame - 1)
     size = fit_size(int(src.Rows), int(src.Columns))
     heat = _heat_layer(findings, table, uid, heatmap)
     lines = caption_lines(findings, table, uid, heat is not None, heatmap)
