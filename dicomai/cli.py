@@ -193,7 +193,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     print(f"  receiver: {settings.receiver.ae_title}@{settings.receiver.host}:"
           f"{settings.receiver.port}")
     for d in settings.destinations:
-        print(f"  destination {d.name}: {d.ae_title}@{d.host}:{d.port} (SR {d.sr_sop_class})")
+        problems.extend(_destination_lines(settings, d))
     for r in settings.routes:
         print(f"  route {r.name}: {'/'.join(r.modality)} {'/'.join(r.body_part) or '*'} "
               f"-> {r.model} -> {', '.join(r.destinations)}")
@@ -217,6 +217,26 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     for p in problems:
         print(f"error: {p}", file=sys.stderr)
     return EXIT_STARTUP if problems else EXIT_OK
+
+
+def _destination_lines(settings: Settings, d: Any) -> list[str]:
+    """Print a destination (never a secret); return the problems of the files it names."""
+    from dicomai.dicomweb.auth import file_problem, secret_file_problem
+
+    if d.kind == "dicomweb":
+        tls = ("" if not d.url.startswith("https:") else
+               f", CA {settings.resolve(d.ca_file)}" if d.ca_file else
+               ", TLS verified" if d.verify else ", TLS NOT VERIFIED")
+        auth = f"auth {d.auth}" + (f" as {d.user}" if d.user else "")
+        print(f"  destination {d.name}: STOW-RS {d.url} ({auth}{tls}, SR {d.sr_sop_class})")
+    else:
+        print(f"  destination {d.name}: {d.ae_title}@{d.host}:{d.port} (SR {d.sr_sop_class})")
+    problems = []
+    for key, path, secret in d.files():
+        problem = (secret_file_problem if secret else file_problem)(settings.resolve(path))
+        if problem:
+            problems.append(f"destination {d.name}: {key}: {problem}")
+    return problems
 
 
 def _mask(url: str) -> str:
@@ -676,11 +696,13 @@ def cmd_echo(args: argparse.Namespace) -> int:
         print(f"dicomai echo: no destination named {args.destination!r} (known: {names})",
               file=sys.stderr)
         return EXIT_USAGE
+    if dest.kind == "dicomweb":
+        return _echo_dicomweb(settings, dest, args.timeout)
     where = f"{dest.name} ({dest.ae_title}@{dest.host}:{dest.port}, calling AE " \
             f"{settings.sender.ae_title})"
     t0 = time.perf_counter()
     try:
-        status = echo(dest.host, dest.port, called_ae=dest.ae_title,
+        status = echo(dest.host, int(dest.port or 0), called_ae=dest.ae_title,
                       calling_ae=settings.sender.ae_title, timeout=args.timeout)
     except Exception as exc:  # name resolution and socket errors come in several types
         print(f"{where}: C-ECHO failed: {type(exc).__name__}: {exc}", file=sys.stderr)
@@ -694,6 +716,26 @@ def cmd_echo(args: argparse.Namespace) -> int:
               f"rejected or no answer within {args.timeout:g} s)", file=sys.stderr)
     else:
         print(f"{where}: C-ECHO answered status 0x{status:04X}", file=sys.stderr)
+    return EXIT_RUNTIME
+
+
+def _echo_dicomweb(settings: Settings, dest: Any, timeout: float) -> int:
+    """The DICOMweb counterpart of C-ECHO: a QIDO-RS search for one study, with the
+    destination's credentials and TLS settings."""
+    import dataclasses
+
+    from dicomai.dicomweb.stow_client import probe
+    from dicomai.sender import stow_target
+
+    target = dataclasses.replace(stow_target(dest, settings), timeout=timeout)
+    where = f"{dest.name} (DICOMweb {dest.url}, auth {dest.auth})"
+    t0 = time.perf_counter()
+    status, error = probe(target)
+    ms = (time.perf_counter() - t0) * 1000
+    if error is None:
+        print(f"{where}: QIDO-RS answered HTTP {status} in {ms:.0f} ms")
+        return EXIT_OK
+    print(f"{where}: QIDO-RS failed: {error}", file=sys.stderr)
     return EXIT_RUNTIME
 
 
@@ -938,7 +980,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_studies)
 
-    s = sub.add_parser("echo", help="C-ECHO a configured destination (exit 1 if it fails)")
+    s = sub.add_parser("echo", help="C-ECHO a configured destination, a QIDO-RS search for a "
+                                    "DICOMweb one (exit 1 if it fails)")
     s.add_argument("destination", help="a [[destinations]] name, e.g. pacs")
     s.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
     s.set_defaults(func=cmd_echo)

@@ -9,9 +9,11 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from dicomai.dicomweb.auth import check_auth_fields
 from dicomai.errors import ConfigError
 
 __all__ = [
@@ -235,12 +237,33 @@ class SenderSettings(_Section):
 
 
 class DestinationSettings(_Section):
-    """A DICOM node results are sent to (usually the PACS)."""
+    """A node results are sent to (usually the PACS): over DIMSE (C-STORE) or DICOMweb
+    (STOW-RS). Relative file paths resolve against ``general.data_dir``."""
 
     name: str
-    ae_title: str
-    host: str
-    port: int = Field(ge=1, le=65535)
+    #: "dimse": C-STORE to ae_title@host:port; "dicomweb": STOW-RS to url.
+    kind: Literal["dimse", "dicomweb"] = "dimse"
+    # -- DIMSE (kind = "dimse" only, and required there)
+    ae_title: str = ""
+    host: str = ""
+    port: int | None = Field(default=None, ge=1, le=65535)
+    # -- DICOMweb (kind = "dicomweb" only)
+    #: The DICOMweb service root, e.g. "https://pacs.example.org/dicom-web"; results are
+    #: POSTed to {url}/studies. No credentials in it: they go in auth.
+    url: str = ""
+    #: none, basic (user + password_file) or bearer (token_file); the files hold the secret
+    #: alone and are read again when they change (dicomai.dicomweb.auth).
+    auth: Literal["none", "basic", "bearer"] = "none"
+    user: str = ""
+    password_file: Path | None = None
+    token_file: Path | None = None
+    #: CA bundle (PEM) to verify an https server with, instead of the system's.
+    ca_file: Path | None = None
+    #: Verify an https server's certificate (false only for a test bench).
+    verify: bool = True
+    # -- both kinds
+    #: Seconds to connect, and to wait for each answer; default [sender] timeout_seconds.
+    timeout_seconds: float | None = Field(default=None, gt=0)
     sr_sop_class: Literal["comprehensive3d", "comprehensive", "enhanced", "none"] = (
         "comprehensive3d"
     )
@@ -256,7 +279,66 @@ class DestinationSettings(_Section):
     @field_validator("ae_title")
     @classmethod
     def _ae(cls, value: str) -> str:
-        return _check_ae(value, "destinations.ae_title")
+        return _check_ae(value, "destinations.ae_title") if value else value
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        value = value.strip()
+        if not value:
+            return value
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("url must be an http:// or https:// URL with a host")
+        if parts.username is not None or parts.password is not None:
+            raise ValueError("url must not hold credentials: use auth, user and "
+                             "password_file (or token_file)")
+        if parts.query or parts.fragment:
+            raise ValueError("url must be the service root, without ?query or #fragment")
+        try:
+            parts.port  # noqa: B018  (raises on a port out of range)
+        except ValueError as exc:
+            raise ValueError(f"url has an invalid port: {exc}") from exc
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _kind(self) -> DestinationSettings:
+        dimse = {"ae_title": self.ae_title, "host": self.host, "port": self.port}
+        web = {"url": self.url, "auth": self.auth != "none", "user": self.user,
+               "password_file": self.password_file, "token_file": self.token_file,
+               "ca_file": self.ca_file, "verify": not self.verify}
+        if self.kind == "dimse":
+            if missing := [k for k, v in dimse.items() if not v]:
+                raise ValueError(f"destination {self.name!r} (kind \"dimse\") needs "
+                                 f"{', '.join(missing)}")
+            if extra := [k for k, v in web.items() if v]:
+                raise ValueError(f"destination {self.name!r}: {', '.join(extra)} only apply to "
+                                 f"kind = \"dicomweb\"")
+            return self
+        if not self.url:
+            raise ValueError(f"destination {self.name!r} (kind \"dicomweb\") needs url")
+        if extra := [k for k, v in dimse.items() if v]:
+            raise ValueError(f"destination {self.name!r}: {', '.join(extra)} only apply to "
+                             f"kind = \"dimse\"")
+        try:
+            check_auth_fields(self.auth, user=self.user, password_file=self.password_file,
+                              token_file=self.token_file)
+        except ValueError as exc:
+            raise ValueError(f"destination {self.name!r}: {exc}") from exc
+        if self.ca_file is not None and not self.url.startswith("https:"):
+            raise ValueError(f"destination {self.name!r}: ca_file needs an https:// url")
+        return self
+
+    def files(self) -> list[tuple[str, Path, bool]]:
+        """(key, path, holds a secret) of the files this destination reads."""
+        return [(k, p, secret) for k, p, secret in (
+            ("password_file", self.password_file, True), ("token_file", self.token_file, True),
+            ("ca_file", self.ca_file, False)) if p is not None]
+
+    @property
+    def address(self) -> str:
+        """Where results go, without credentials: ae@host:port, or the URL."""
+        return self.url if self.kind == "dicomweb" else f"{self.ae_title}@{self.host}:{self.port}"
 
 
 class RouteSettings(_Section):

@@ -1,4 +1,11 @@
-"""Sender: C-STORE SCU returning results to destinations, with retries kept in the database."""
+"""Sender: results returned to destinations, over C-STORE or STOW-RS, with retries kept in the
+database.
+
+A job's pending objects are grouped by destination; each destination gets one association
+(:func:`send_objects`) or one STOW-RS request (:func:`send_objects_stow`), all destinations of a
+job in parallel. Whatever the kind, each object ends sent, retried, refused or skipped, and the
+job's next state, backoff, give-up and audit follow from those outcomes alone.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +19,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
+from urllib.parse import urlsplit
 
 import pydicom
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -19,13 +27,15 @@ from pynetdicom import AE, evt
 
 from dicomai import audit, metrics
 from dicomai.config import DestinationSettings, Settings
+from dicomai.dicomweb import stow_client
+from dicomai.dicomweb.auth import credentials, file_problem, secret_file_problem
 from dicomai.errors import StateConflict
 from dicomai.logs import log_fields
 from dicomai.queue import JobState, Queue, ResultState, RetryPolicy
 from dicomai.scheduler import claimer_name
 
 __all__ = ["Outcome", "SendCancel", "SendItem", "SendReport", "Sender", "classify_status",
-           "send_objects"]
+           "send_objects", "send_objects_stow", "stow_target"]
 
 logger = logging.getLogger(__name__)
 
@@ -152,7 +162,7 @@ def send_objects(
         return report
     handlers: list[Any] = [(evt.EVT_CONN_OPEN, cancel.track)] if cancel is not None else []
     try:
-        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title,
+        assoc = ae.associate(dest.host, int(dest.port or 0), ae_title=dest.ae_title,
                              evt_handlers=handlers)
     except Exception as exc:  # socket errors surface in several types
         report.error = f"association failed: {type(exc).__name__}"
@@ -199,6 +209,77 @@ def send_objects(
     return report
 
 
+_VERDICT = {
+    stow_client.Verdict.STORED: Outcome.SENT,
+    stow_client.Verdict.RETRY: Outcome.RETRY,
+    stow_client.Verdict.REFUSED: Outcome.REFUSED,
+}
+
+
+def stow_target(dest: DestinationSettings, settings: Settings) -> stow_client.StowTarget:
+    """The STOW-RS target of a DICOMweb destination (files resolved against data_dir)."""
+
+    def resolved(path: Any) -> Any:
+        return None if path is None else settings.resolve(path)
+
+    verify: bool | str = str(resolved(dest.ca_file)) if dest.ca_file else dest.verify
+    if verify is False:
+        import urllib3
+
+        # The operator turned verification off for this destination; said once at start
+        # (dicomai.daemon), not on every request.
+        urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
+    creds = credentials(dest.auth, user=dest.user, password_file=resolved(dest.password_file),
+                        token_file=resolved(dest.token_file))
+    return stow_client.StowTarget(
+        dest.url, creds, verify,
+        dest.timeout_seconds or settings.sender.timeout_seconds)
+
+
+def send_objects_stow(
+    dest: DestinationSettings, items: Sequence[SendItem], *, target: stow_client.StowTarget,
+    cancel: SendCancel | None = None,
+) -> SendReport:
+    """Send files to a DICOMweb destination in one STOW-RS request; outcomes per object."""
+    report = SendReport()
+    datasets: list[pydicom.Dataset] = []
+    by_uid: dict[str, SendItem] = {}
+    for item in items:
+        try:
+            ds = pydicom.dcmread(item.path)
+            uid = str(ds.SOPInstanceUID)
+        except Exception as exc:  # a result file that cannot be read now may be later
+            report.outcomes[item.result_id] = (Outcome.RETRY, None, type(exc).__name__)
+            continue
+        datasets.append(ds)
+        by_uid[uid] = item
+    if not datasets:
+        report.error = "no readable result file"
+        return report
+    result = stow_client.store(target, datasets,
+                               cancelled=(lambda: cancel.cancelled) if cancel else None)
+    report.error = result.error
+    for uid, item in by_uid.items():
+        v = result.instances[uid]
+        if v.verdict is stow_client.Verdict.CLASS_REFUSED:
+            outcome = Outcome.SKIPPED if item.optional else Outcome.REFUSED
+        else:
+            outcome = _VERDICT[v.verdict]
+        error = None if outcome is Outcome.SENT else (v.detail or result.error)
+        report.outcomes[item.result_id] = (outcome, v.reason, error)
+    if result.auth_problem:
+        logger.warning("DICOMweb destination refused our credentials or they cannot be read",
+                       extra=log_fields("send.auth_problem", destination=dest.name,
+                                        http_status=result.http_status, error=result.error))
+    return report
+
+
+def _audit_address(dest: DestinationSettings) -> str:
+    if dest.kind == "dicomweb":
+        return urlsplit(dest.url).netloc  # host[:port]; a url holds no credentials
+    return f"{dest.host}:{dest.port}"
+
+
 class Sender:
     """Delivers OUTBOX jobs: OUTBOX → SENDING → DONE (or OUTBOX with backoff, or FAILED)."""
 
@@ -221,9 +302,23 @@ class Sender:
         self._wake = threading.Event()
         queue.subscribe(JobState.OUTBOX, self._wake)
         self._threads: list[threading.Thread] = []
+        #: STOW-RS targets by destination settings: one per destination (its secret files
+        #: are re-read on change), a new one when a reload changes the destination.
+        self._targets: dict[DestinationSettings, stow_client.StowTarget] = {}
+        self._targets_lock = threading.Lock()
 
     def start(self) -> None:
         """Start the claim loops in background threads."""
+        for dest in self.settings.destinations:
+            if dest.kind == "dicomweb" and not dest.verify and not dest.ca_file:
+                logger.warning("TLS certificates of this destination are not verified",
+                               extra=log_fields("send.tls_unverified", destination=dest.name))
+            for key, path, secret in dest.files():
+                check = secret_file_problem if secret else file_problem
+                problem = check(self.settings.resolve(path))
+                if problem:  # sends retry until it is fixed; the file is read at each send
+                    logger.warning("destination file unusable", extra=log_fields(
+                        "send.file_problem", destination=dest.name, key=key, problem=problem))
         for i in range(self.settings.sender.threads):
             t = threading.Thread(target=self._loop, name=f"sender-{i}", daemon=True)
             t.start()
@@ -288,13 +383,29 @@ class Sender:
         audit.instances_transferred(
             received=False, study_uid=study_uid, count=sent if report.all_sent else len(items),
             source_ae=self.settings.sender.ae_title, source_address="",
-            destination_ae=dest.ae_title, destination_address=f"{dest.host}:{dest.port}",
+            destination_ae=dest.ae_title, destination_address=_audit_address(dest),
             outcome=audit.OUTCOME_SUCCESS if report.all_sent else audit.OUTCOME_SERIOUS_FAILURE,
             reason=report.error)
         event = "send.completed" if report.all_sent else "send.failed"
         logger.log(logging.INFO if report.all_sent else logging.WARNING, "results sent",
                    extra=log_fields(event, job_id=job_id, destination=dest.name,
                                     objects=len(items), sent=sent, error=report.error))
+
+    def _target(self, dest: DestinationSettings) -> stow_client.StowTarget:
+        with self._targets_lock:
+            target = self._targets.get(dest)
+            if target is None:
+                target = self._targets[dest] = stow_target(dest, self.settings)
+            return target
+
+    def _send(self, dest: DestinationSettings, items: Sequence[SendItem]) -> SendReport:
+        """One destination's share of a job, over its kind of transport."""
+        if dest.kind == "dicomweb":
+            return send_objects_stow(dest, items, target=self._target(dest),
+                                     cancel=self._cancel)
+        return send_objects(dest, items, calling_ae=self.settings.sender.ae_title,
+                            timeout=dest.timeout_seconds or self.settings.sender.timeout_seconds,
+                            cancel=self._cancel)
 
     def deliver(self, job_id: int, send_attempts: int) -> None:
         """Send every pending object of a SENDING job and choose its next state."""
@@ -321,10 +432,7 @@ class Sender:
         with ThreadPoolExecutor(max_workers=max(1, len(by_dest)),
                                 thread_name_prefix="send") as pool:
             futures = {
-                pool.submit(send_objects, self.settings.destination(name), items,
-                            calling_ae=self.settings.sender.ae_title,
-                            timeout=self.settings.sender.timeout_seconds,
-                            cancel=self._cancel): name
+                pool.submit(self._send, self.settings.destination(name), items): name
                 for name, items in by_dest.items()
             }
             for future in as_completed(futures):

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from sqlalchemy import func, inspect, or_, select
 from sqlalchemy.engine import Engine
@@ -117,11 +118,26 @@ def _disk(settings: Settings) -> dict[str, Any]:
 
 
 def _dest(d: Any, stats: dict[str, Any]) -> dict[str, Any]:
-    return {"name": d.name, "ae_title": d.ae_title, "host": d.host, "port": d.port,
+    """One destination's entry: ``kind`` "dimse" (ae_title, host, port) or "dicomweb" (url;
+    host and port are the URL's, ae_title is null). Never credentials: a url holds none."""
+    host, port, url = d.host, d.port, None
+    if d.kind == "dicomweb":
+        parts = urlsplit(d.url)
+        host, url = parts.hostname, d.url
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    return {"name": d.name, "kind": d.kind, "ae_title": d.ae_title or None, "host": host,
+            "port": port, "url": url,
             "pending": stats.get("pending", 0), "sent": stats.get("sent", 0),
             "failed": stats.get("failed", 0), "skipped": stats.get("skipped", 0),
             "last_sent_at": stats.get("last_sent_at"),
             "last_error": stats.get("last_error")}
+
+
+def _dest_address(dst: dict[str, Any]) -> str:
+    """How status shows where a destination is."""
+    if dst.get("kind") == "dicomweb":
+        return f"STOW-RS {dst['url']}"
+    return f"{dst['ae_title']}@{dst['host']}:{dst['port']}"
 
 
 def _models(settings: Settings, beats: list[ComponentHeartbeat]) -> list[dict[str, Any]]:
@@ -553,7 +569,7 @@ def render_rich(data: dict[str, Any], health: dict[str, Any] | None = None) -> A
     for col in ("name", "address", "last success", "backlog", "sent", "failed", "last error"):
         dt.add_column(col, overflow="fold")
     for dst in data["destinations"]:
-        dt.add_row(dst["name"], f"{dst['ae_title']}@{dst['host']}:{dst['port']}",
+        dt.add_row(dst["name"], _dest_address(dst),
                    dst.get("last_sent_at") or "never", str(dst["pending"]), str(dst["sent"]),
                    str(dst["failed"]), dst["last_error"] or "-")
     parts.append(dt)
@@ -638,7 +654,7 @@ def render_text(data: dict[str, Any], health: dict[str, Any] | None = None) -> s
         lines.append("")
     lines.append("destinations:")
     for dst in data["destinations"]:
-        lines.append(f"  {dst['name']}: {dst['ae_title']}@{dst['host']}:{dst['port']} "
+        lines.append(f"  {dst['name']}: {_dest_address(dst)} "
                      f"sent={dst['sent']} pending={dst['pending']} failed={dst['failed']}"
                      + (f" last_success={dst['last_sent_at']}" if dst.get("last_sent_at")
                         else "")

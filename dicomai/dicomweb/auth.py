@@ -9,7 +9,8 @@ rotated by replacing the file, without a restart or reload.
 * A server asks :meth:`HttpCredentials.accepts` whether a request's ``Authorization`` header
   matches (compared in constant time).
 * :func:`check_auth_fields` is the shape check a settings model calls; :func:`secret_file_problem`
-  the existence check ``dicomai check-config`` makes.
+  (and :func:`file_problem` for a CA bundle or certificate) the check ``dicomai check-config``
+  makes.
 
 Nothing here logs or formats a secret: errors name the file, never its content.
 """
@@ -33,6 +34,7 @@ __all__ = [
     "SecretUnavailable",
     "check_auth_fields",
     "credentials",
+    "file_problem",
     "secret_file_problem",
 ]
 
@@ -72,12 +74,8 @@ def check_auth_fields(scheme: str, *, user: str, password_file: Path | None,
         raise ValueError("user must not contain ':' (HTTP basic authentication)")
 
 
-def secret_file_problem(path: Path) -> str | None:
-    """What keeps ``path`` from serving as a secret file, or None when it can be read.
-
-    Checked by ``dicomai check-config``; at send or receive time the same faults raise
-    :class:`SecretUnavailable` instead.
-    """
+def file_problem(path: Path) -> str | None:
+    """What keeps ``path`` from being read as a file (a CA bundle, a certificate), or None."""
     try:
         st = path.stat()
     except FileNotFoundError:
@@ -88,6 +86,17 @@ def secret_file_problem(path: Path) -> str | None:
         return f"{path} is not a regular file"
     if not os.access(path, os.R_OK):
         return f"{path} is not readable by this user"
+    return None
+
+
+def secret_file_problem(path: Path) -> str | None:
+    """What keeps ``path`` from serving as a secret file, or None when it can be read.
+
+    Checked by ``dicomai check-config``; at send or receive time the same faults raise
+    :class:`SecretUnavailable` instead.
+    """
+    if problem := file_problem(path):
+        return problem
     try:
         _read_secret(path)
     except SecretUnavailable as exc:

@@ -186,7 +186,8 @@ class PduReader:
         if isinstance(sock, ssl.SSLSocket) and sock.pending():
             return True
         try:
-            ready, _, _ = select.select([sock, self.waker], [], [], wait)
+            watched: list[Any] = [sock, self.waker]
+            ready, _, _ = select.select(watched, [], [], wait)
         except (OSError, ValueError):  # closed meanwhile: the next read reports it
             return True
         if self.waker in ready:

@@ -167,7 +167,7 @@ def replace_read_step(assoc: Any, read_step: Callable[[], bool]) -> None:
     dul._run_loop_delay = _LOOP_DELAY
 
 
-def pass_pdu_to_pynetdicom(assoc: Any, raw: bytes) -> str:
+def pass_pdu_to_pynetdicom(assoc: Any, raw: bytes | bytearray) -> str:
     """Decode one received PDU with pynetdicom and queue it for its state machine, as its own
     reader does; returns the event name (``Evt19``, an invalid PDU, when decoding failed)."""
     dul = assoc.dul

@@ -74,7 +74,9 @@ def getter(ds: Dataset, transfer_syntax: str) -> Callable[[str], Any]:
 
     def get(keyword: str) -> Any:
         tag = _tag(keyword)
-        raw = ds.get_item(tag) if tag is not None else None
+        if tag is None:
+            return None
+        raw = ds.get_item(tag)
         if raw is None:
             return None
         key = _cache_key(tag, raw, encoding) if isinstance(raw, RawDataElement) else None

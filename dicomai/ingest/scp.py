@@ -36,7 +36,6 @@ from pydicom.uid import JPEGLossless as JPEGLosslessP14
 from pynetdicom import AE, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.presentation import PresentationContext, StoragePresentationContexts
-from pynetdicom.sop_class import Verification
 
 from dicomai import __version__, audit
 from dicomai.config import ReceiverSettings
@@ -62,6 +61,8 @@ __all__ = ["IMPLEMENTATION_CLASS_UID", "TRANSFER_SYNTAXES", "Receiver", "handle_
 logger = logging.getLogger(__name__)
 
 IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.8.498.1.71"
+#: The Verification SOP Class (C-ECHO).
+VERIFICATION = UID("1.2.840.10008.1.1")
 #: Longest sleep of an association's thread with nothing to do (it wakes at once for a
 #: message, a release or an abort; this bounds how late it sees the idle timer).
 _ASSOCIATION_POLL = 0.05
@@ -247,9 +248,9 @@ class Receiver:
         # Announced in the A-ASSOCIATE-AC (PS3.8 D.1, Maximum Length Received): the largest
         # P-DATA-TF PDU a conformant peer sends us; never 0 ("no maximum").
         ae.maximum_pdu_size = s.max_pdu_length
-        ae.add_supported_context(Verification)
+        ae.add_supported_context(VERIFICATION)
         for cx in StoragePresentationContexts:
-            ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
+            ae.add_supported_context(cast(str, cx.abstract_syntax), TRANSFER_SYNTAXES)
         return ae
 
     def _prepare(self, assoc: Any, prefix: bytes) -> None:

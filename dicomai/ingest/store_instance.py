@@ -16,13 +16,14 @@ from collections.abc import Callable
 from datetime import datetime
 from io import BytesIO
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from pydicom.dataset import Dataset
 from pydicom.uid import (
     UID,
 )
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, evt
+from pynetdicom.dimse_primitives import C_STORE
 
 import dicomai.ingest.file_limits as file_limits
 from dicomai import audit, metrics
@@ -222,7 +223,7 @@ def _read(req: StoreRequest, limits: file_limits.FileLimits | None = None) -> Da
 
 def request_from_event(event: evt.Event) -> StoreRequest:
     """A :class:`StoreRequest` for an EVT_C_STORE event of pynetdicom."""
-    assoc, request = event.assoc, event.request
+    assoc, request = event.assoc, cast(C_STORE, event.request)
     dataset = request.DataSet if request.DataSet is not None else BytesIO()
     return StoreRequest(
         calling_ae=assoc.requestor.ae_title.strip(), peer=str(assoc.requestor.address),
@@ -264,8 +265,8 @@ def store_instance(
         try:
             ds = _read(req, limits)
             convert_all(ds, req.transfer_syntax)
-        except file_limits.LimitExceeded as refused:
-            return _quarantine(req, spool, queue, refused.reason, refused.status, clock,
+        except file_limits.LimitExceeded as exceeded:
+            return _quarantine(req, spool, queue, exceeded.reason, exceeded.status, clock,
                                min_free_bytes)
         except Exception:  # any decoding problem of peer-supplied bytes
             return _refuse(req, spool, queue, "undecodable", clock, min_free_bytes)

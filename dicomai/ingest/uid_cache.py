@@ -111,7 +111,8 @@ def install() -> bool:
         if getattr(module, "set_uid", None) is set_uid.__wrapped__:  # type: ignore[attr-defined]
             module.set_uid = set_uid  # type: ignore[attr-defined]
     seam.set_ui_validator(_wrap_validator(seam.ui_validator()))
-    PresentationContext.add_transfer_syntax = _wrap_add_transfer_syntax(  # type: ignore[method-assign]
+    # mypy: a plain function is assigned where a method was declared (it works as one).
+    PresentationContext.add_transfer_syntax = _wrap_add_transfer_syntax(  # type: ignore[method-assign,assignment]
         PresentationContext.add_transfer_syntax)
     _installed = True
     return True
