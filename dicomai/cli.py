@@ -192,6 +192,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     print(f"  database: {_mask(settings.database_url)}")
     print(f"  receiver: {settings.receiver.ae_title}@{settings.receiver.host}:"
           f"{settings.receiver.port}")
+    _limit_lines(settings)
     for d in settings.destinations:
         problems.extend(_destination_lines(settings, d))
     for r in settings.routes:
@@ -237,6 +238,27 @@ def _destination_lines(settings: Settings, d: Any) -> list[str]:
         if problem:
             problems.append(f"destination {d.name}: {key}: {problem}")
     return problems
+
+
+def _limit_lines(settings: Settings) -> None:
+    """Print what one received data set may cost ([receiver] limits, refused beyond) and how
+    images are decoded ([worker] decode_*); warn when a frame the receiver accepts cannot be
+    decoded within a decode process's memory (its job would fail)."""
+    r, w = settings.receiver, settings.worker
+    print(f"  file limits: inflated {r.max_inflated_mb} MiB, {r.max_elements} elements, "
+          f"nesting {r.max_nesting_depth}, frame {r.max_frame_megapixels} Mpixel, "
+          f"pixel data {r.max_pixel_data_mb} MiB")
+    if not w.decode_processes:
+        print("  decoding: in the worker thread, without memory or time limits")
+        return
+    print(f"  decoding: {w.decode_processes} process(es), {w.decode_memory_mb} MiB and "
+          f"{w.decode_timeout_seconds:g} s per image")
+    # A 16-bit frame decoded, then as float32 for preprocessing: 6 bytes a pixel at least.
+    frame_mb = r.max_frame_megapixels * 1_000_000 * 6 // (1024 * 1024)
+    if frame_mb > w.decode_memory_mb:
+        print(f"warning: a frame of max_frame_megapixels ({r.max_frame_megapixels} Mpixel) "
+              f"needs about {frame_mb} MiB to decode, more than decode_memory_mb: such "
+              "images are received but their jobs fail", file=sys.stderr)
 
 
 def _mask(url: str) -> str:

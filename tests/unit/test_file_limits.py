@@ -308,3 +308,24 @@ def test_real_jpeg_and_jpeg_ls_frames_match_their_headers() -> None:
                        data=ds.PixelData) is None, rel
         assert _pixels(rows + 1, columns, bits=int(ds.BitsAllocated), syntax=syntax,
                        data=ds.PixelData) == "codestream_mismatch", rel
+
+
+def test_check_config_validates_and_shows_the_limits(tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    from dicomai import cli
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[receiver]\nmax_nesting_depth = 0\n")
+    assert cli.main(["--config", str(bad), "check-config"]) == 3
+    assert "receiver.max_nesting_depth" in capsys.readouterr().err
+    bad.write_text("[worker]\ndecode_timeout_seconds = 0\n")
+    assert cli.main(["--config", str(bad), "check-config"]) == 3
+    assert "worker.decode_timeout_seconds" in capsys.readouterr().err
+    good = tmp_path / "good.toml"
+    good.write_text("[receiver]\nmax_elements = 100000\nmax_frame_megapixels = 1000\n")
+    assert cli.main(["--config", str(good), "check-config"]) == 0
+    out = capsys.readouterr()
+    assert "file limits: inflated 512 MiB, 100000 elements, nesting 32, frame 1000 Mpixel, " \
+           "pixel data 4096 MiB" in out.out
+    assert "decoding: 1 process(es), 4096 MiB and 120 s per image" in out.out
+    assert "needs about 5722 MiB to decode" in out.err  # a warning, not an error
