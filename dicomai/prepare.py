@@ -324,7 +324,7 @@ class _Slot:
 
 
 def _result(fut: Future[Prepared], should_stop: Callable[[], bool] | None,
-            on_stop: Callable[[], None]) -> np.ndarray:
+            on_stop: Callable[[], object]) -> np.ndarray:
     """The array ``fut`` gives, waiting while ``should_stop`` says no (else ``on_stop`` and
     :class:`Interrupted`); ``UnsupportedInput`` where the work found the input unusable."""
     while True:
