@@ -20,6 +20,7 @@ __all__ = [
     "OUTCOME_SUCCESS",
     "association",
     "configure",
+    "http_caller",
     "instances_transferred",
     "security_alert",
 ]
@@ -107,6 +108,19 @@ def association(*, accepted: bool, calling_ae: str, called_ae: str, peer: str, l
           OUTCOME_SUCCESS if accepted else OUTCOME_MINOR_FAILURE,
           [_participant(calling_ae, peer, requestor=True, role=None),
            _participant(called_ae, local, requestor=False, role=None)],
+          event_type=_code("110122", "Login"), description=reason)
+
+
+def http_caller(*, accepted: bool, user: str, peer: str, local: str,
+                reason: str | None = None) -> None:
+    """An HTTP (DICOMweb) request was let in or turned away at the door (User Authentication
+    / Login, as for an association): ``user`` is the authenticated user name, or ``-``."""
+    caller = {"UserID": user or "-", "UserIsRequestor": True, "NetworkAccessPointID": peer,
+              "NetworkAccessPointTypeCode": "2"}
+    server = {"UserID": "DICOMweb", "UserIsRequestor": False, "NetworkAccessPointID": local,
+              "NetworkAccessPointTypeCode": "2"}
+    _emit(_code("110114", "User Authentication"), "E",
+          OUTCOME_SUCCESS if accepted else OUTCOME_MINOR_FAILURE, [caller, server],
           event_type=_code("110122", "Login"), description=reason)
 
 

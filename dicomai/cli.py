@@ -193,6 +193,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     print(f"  receiver: {settings.receiver.ae_title}@{settings.receiver.host}:"
           f"{settings.receiver.port}")
     _limit_lines(settings)
+    problems.extend(_dicomweb_lines(settings))
     for d in settings.destinations:
         problems.extend(_destination_lines(settings, d))
     for r in settings.routes:
@@ -237,6 +238,35 @@ def _destination_lines(settings: Settings, d: Any) -> list[str]:
         problem = (secret_file_problem if secret else file_problem)(settings.resolve(path))
         if problem:
             problems.append(f"destination {d.name}: {key}: {problem}")
+    return problems
+
+
+def _dicomweb_lines(settings: Settings) -> list[str]:
+    """Print the STOW-RS receiver ([dicomweb]; never a secret); when it is enabled, return the
+    problems of the files it names (password or token file, TLS certificate and key)."""
+    from dicomai.dicomweb.auth import secret_file_problem
+
+    w = settings.dicomweb
+    if not w.enabled:
+        print("  dicomweb: disabled")
+        return []
+    scheme = "https" if w.tls_cert_file else "http"
+    auth = f"auth {w.auth}" + (f" as {w.user}" if w.user else "")
+    peers = ", ".join(w.allowed_peer_addresses) or "any address"
+    print(f"  dicomweb: STOW-RS {scheme}://{w.host}:{w.port}{w.path}/studies ({auth}, "
+          f"from {peers})")
+    problems = []
+    for key, path, secret in (("password_file", w.password_file, True),
+                              ("token_file", w.token_file, True),
+                              ("tls_cert_file", w.tls_cert_file, False),
+                              ("tls_key_file", w.tls_key_file, False)):
+        if path is None:
+            continue
+        full = settings.resolve(path)
+        problem = secret_file_problem(full) if secret else (
+            None if full.is_file() else f"{full} does not exist or is not a file")
+        if problem:
+            problems.append(f"dicomweb: {key}: {problem}")
     return problems
 
 

@@ -21,6 +21,7 @@ __all__ = [
     "AuditSettings",
     "DatabaseSettings",
     "DestinationSettings",
+    "DicomWebSettings",
     "GeneralSettings",
     "LoggingSettings",
     "MetricsSettings",
@@ -145,6 +146,66 @@ class ReceiverSettings(_Section):
     @classmethod
     def _allowed(cls, value: list[str]) -> list[str]:
         return [_check_ae(v, "receiver.allowed_calling_ae_titles entry") for v in value]
+
+
+class DicomWebSettings(_Section):
+    """The DICOMweb STOW-RS receiver (HTTP), beside the DIMSE one; off by default.
+
+    ``POST {path}/studies`` and ``POST {path}/studies/{study}`` store each instance of a
+    ``multipart/related; type="application/dicom"`` body as a C-STORE would
+    (dicomai.ingest.stow_server). Relative file paths resolve against ``general.data_dir``.
+    """
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    #: Service root, e.g. "/dicomweb": the routes are {path}/studies[/{study}]; "" = "/".
+    path: str = "/dicomweb"
+    #: How callers authenticate: none, basic (user and the password in password_file) or
+    #: bearer (the token in token_file). The files are read again when they change.
+    auth: Literal["none", "basic", "bearer"] = "none"
+    user: str = ""
+    password_file: Path | None = None
+    token_file: Path | None = None
+    #: Set both to serve HTTPS only.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    allowed_peer_addresses: list[str] = Field(default_factory=list)  # IPs/CIDRs; empty = any
+    #: A request body larger than this is refused (413); 0 = no limit.
+    max_request_mb: int = Field(default=0, ge=0)
+    #: One part (instance) larger than this fails (0xA700) and is not stored.
+    max_instance_mb: int = Field(default=4096, ge=1, le=1_048_576)
+    #: Requests served at once; more are answered 503.
+    max_connections: int = Field(default=32, ge=1, le=10_000)
+    #: A request whose body stops coming for this long is dropped (what came before stays).
+    network_timeout_seconds: float = Field(default=60.0, gt=0)
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        value = value.strip().rstrip("/")
+        if value and (not value.startswith("/") or not re.fullmatch(r"[A-Za-z0-9_./~-]*", value)
+                      or "//" in value):
+            raise ValueError('path must be empty or start with "/" (letters, digits, _ . - ~ /)')
+        return value
+
+    @field_validator("allowed_peer_addresses")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for item in value:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"not an IP address or network: {item!r}") from exc
+        return value
+
+    @model_validator(mode="after")
+    def _auth_and_tls(self) -> DicomWebSettings:
+        check_auth_fields(self.auth, user=self.user, password_file=self.password_file,
+                          token_file=self.token_file)
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file must be set together")
+        return self
 
 
 class DatabaseSettings(_Section):
@@ -456,6 +517,7 @@ class Settings(_Section):
 
     general: GeneralSettings = Field(default_factory=GeneralSettings)
     receiver: ReceiverSettings = Field(default_factory=ReceiverSettings)
+    dicomweb: DicomWebSettings = Field(default_factory=DicomWebSettings)
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     spool: SpoolSettings = Field(default_factory=SpoolSettings)
     scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)

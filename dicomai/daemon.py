@@ -30,6 +30,7 @@ from dicomai.sender import Sender
 from dicomai.store import Spool
 
 if TYPE_CHECKING:  # imported in start(), after the receiver listens: it brings in torch
+    from dicomai.ingest.stow_server import DicomWebReceiver
     from dicomai.worker import ModelPool, Worker
 
 __all__ = ["ROLES", "Daemon"]
@@ -59,6 +60,8 @@ class Daemon:
         self.models: ModelPool | None = None
         self.instance_name = f"{socket.gethostname()}:{os.getpid()}"
         self.receiver: Receiver | None = None
+        #: The STOW-RS receiver ([dicomweb] enabled), storing through ``receiver``.
+        self.dicomweb: DicomWebReceiver | None = None
         self.worker: Worker | None = None
         self.sender: Sender | None = None
         self.scheduler: Scheduler | None = None
@@ -90,6 +93,11 @@ class Daemon:
             self.receiver.start()
             logger.info("receiving", extra=log_fields(
                 "daemon.receiving", port=self.receiver.port))
+            if self.settings.dicomweb.enabled:
+                from dicomai.ingest.stow_server import DicomWebReceiver
+
+                self.dicomweb = DicomWebReceiver(self.settings, self.receiver, self.clock)
+                self.dicomweb.start()
         from dicomai.worker import ModelPool, Worker  # torch: seconds to import
 
         self.models = ModelPool(self.settings)
@@ -121,6 +129,12 @@ class Daemon:
             info["receiver"] = {"ae_title": self.settings.receiver.ae_title,
                                 "host": self.settings.receiver.host, "port": self.receiver.port,
                                 "processes": 1}
+            web = self.settings.dicomweb
+            info["receiver"]["dicomweb"] = (
+                {"enabled": True, "host": web.host, "port": self.dicomweb.port,
+                 "path": web.path or "/", "tls": web.tls_cert_file is not None,
+                 "auth": web.auth}
+                if self.dicomweb is not None else {"enabled": False})
         if self.scheduler is not None:
             info["scheduler"] = "active" if self.scheduler.active else "standby"
         models = self.models
@@ -145,10 +159,11 @@ class Daemon:
 
         Routes, destinations, models (thresholds, files: the new model is loaded before the old
         is released), worker, sender, scheduler, audit and logging levels take effect at once.
-        ``[general]``, ``[receiver]``, ``[database]`` and ``[spool]`` need a restart: their old
+        ``[general]``, ``[receiver]``, ``[dicomweb]``, ``[database]`` and ``[spool]`` need a
+        restart (the password or token files are read again on change, without one): their old
         values stay, and a warning names them. Returns those sections.
         """
-        fixed = ("general", "receiver", "database", "spool")
+        fixed = ("general", "receiver", "dicomweb", "database", "spool")
         needs_restart = [k for k in fixed if getattr(new, k) != getattr(self.settings, k)]
         merged = new.model_copy(update={k: getattr(self.settings, k) for k in fixed})
         if self.models is not None:
@@ -174,6 +189,8 @@ class Daemon:
         if self.models is not None:
             self.models.stop(0.0)  # no new model loads; one in progress ends on its own
         steps: list[tuple[str, Callable[[], None]]] = []
+        if self.dicomweb is not None:  # first: it stores through the receiver's flusher
+            steps.append(("dicomweb", lambda: self.dicomweb.stop(min(timeout, 10.0))))  # type: ignore[union-attr]
         if self.receiver is not None:
             steps.append(("receiver", lambda: self.receiver.stop(min(timeout, 10.0))))  # type: ignore[union-attr]
         if self.worker is not None:

@@ -6,7 +6,9 @@ The components call four small functions, each cheap and never raising:
   an object refused, by reason code);
 - :func:`observe_job` (worker and sender: seconds of a stage: ``inference``, ``send`` or
   ``end_to_end``, per model);
-- :func:`observe_send` (sender: one result object's outcome per destination).
+- :func:`observe_send` (sender: one result object's outcome per destination);
+- :func:`observe_http_request` (DICOMweb receiver: a STOW-RS request answered, by HTTP
+  status; its instances are counted by :func:`observe_instance` as any other).
 
 :func:`start_metrics_server` serves :data:`REGISTRY` over HTTP (127.0.0.1 by default) and adds
 the database-backed gauges (studies per state, queue depth, destination backlog, quarantine,
@@ -46,6 +48,7 @@ __all__ = [
     "GpuCollector",
     "MetricsServer",
     "observe_connection_dropped",
+    "observe_http_request",
     "observe_instance",
     "observe_job",
     "observe_refused",
@@ -82,6 +85,9 @@ _DURATION = Histogram(
 _DROPPED = Counter("dicomai_connections_dropped",
                    "Connections the receiver dropped or refused, by reason (no patient data).",
                    ["reason"], registry=REGISTRY)
+_HTTP_REQUESTS = Counter("dicomai_http_requests",
+                         "STOW-RS requests the DICOMweb receiver answered, by HTTP status.",
+                         ["status"], registry=REGISTRY)
 _SEND = Counter("dicomai_send", "Result objects sent, per destination and outcome "
                 "(sent, retry, refused).", ["destination", "outcome"], registry=REGISTRY)
 
@@ -119,6 +125,16 @@ def observe_connection_dropped(reason: str) -> None:
     ``evicted``, ``not_association``, ``stalled``, ``invalid_pdu``, ``local_limit``, ...)."""
     try:
         _DROPPED.labels(reason=_label(reason)).inc()
+    except Exception:
+        logger.debug("metric update failed", exc_info=True)
+
+
+def observe_http_request(status: int) -> None:
+    """The DICOMweb receiver answered a request with HTTP ``status`` (a client that went away
+    before its answer counts as 499, as in common web servers' logs)."""
+    try:
+        code = int(status)
+        _HTTP_REQUESTS.labels(status=str(code) if 100 <= code <= 599 else "other").inc()
     except Exception:
         logger.debug("metric update failed", exc_info=True)
 

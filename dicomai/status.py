@@ -525,7 +525,8 @@ def render_rich(data: dict[str, Any], health: dict[str, Any] | None = None) -> A
     for c in d["components"]:
         rec = c.get("receiver")
         comps.add_row(c["name"], ",".join(c.get("roles", [])),
-                      f"{rec['ae_title']}@{rec['host']}:{rec['port']}" if rec else "-",
+                      f"{rec['ae_title']}@{rec['host']}:{rec['port']}{_dicomweb_where(rec)}"
+                      if rec else "-",
                       (c.get("beat_at") or "-") + ("" if c.get("fresh", True) else " (stale)"))
     if d["components"]:
         parts.append(comps)
@@ -608,6 +609,17 @@ def render_rich(data: dict[str, Any], health: dict[str, Any] | None = None) -> A
     return Group(*parts)
 
 
+def _dicomweb_where(receiver: dict[str, Any]) -> str:
+    """``", STOW-RS http://host:port/path"`` for a component whose DICOMweb receiver is on
+    (the ``dicomweb`` field of its receiver info), else empty."""
+    web = receiver.get("dicomweb") or {}
+    if not web.get("enabled"):
+        return ""
+    host = f"[{web['host']}]" if ":" in str(web["host"]) else web["host"]
+    path = "" if web.get("path") in (None, "/") else web["path"]
+    return f", STOW-RS {'https' if web.get('tls') else 'http'}://{host}:{web['port']}{path}"
+
+
 def _study_note(s: dict[str, Any]) -> str:
     note = ", ".join(s["positive_findings"]) or ("none" if s["state"] == "done" else "")
     if s["last_error"] and s["state"] not in ("done",):
@@ -626,7 +638,8 @@ def render_text(data: dict[str, Any], health: dict[str, Any] | None = None) -> s
     lines.append(f"dicomai daemon: {state}" + (f" (last heartbeat {age}s ago)" if age else ""))
     for c in d["components"]:
         rec = c.get("receiver")
-        where = f" listening {rec['ae_title']}@{rec['host']}:{rec['port']}" if rec else ""
+        where = f" listening {rec['ae_title']}@{rec['host']}:{rec['port']}" \
+            f"{_dicomweb_where(rec)}" if rec else ""
         lines.append(f"  {c['name']} roles={','.join(c.get('roles', []))}{where}")
     if health is not None:
         lines.append("health: " + ("healthy" if health["healthy"] else "UNHEALTHY"))
