@@ -164,12 +164,12 @@ def read_store_response(http_status: int, response: pydicom.Dataset | None,
         if not has_answer:
             result.error = f"HTTP {http_status} without a Store Instances Response we can read"
     elif http_status >= 500 or http_status in RETRY_STATUSES:
-        fallback = InstanceVerdict(Verdict.RETRY, None, f"HTTP {http_status}")
         result.error = f"HTTP {http_status}"
         if http_status in (401, 403):
             result.auth_problem = True
             result.error = (f"HTTP {http_status}: the archive refused our credentials "
                             f"(check auth, user, password_file or token_file)")
+        fallback = InstanceVerdict(Verdict.RETRY, None, result.error)
     else:
         fallback = InstanceVerdict(Verdict.REFUSED, None, f"HTTP {http_status}")
         result.error = f"HTTP {http_status}"
@@ -222,9 +222,11 @@ def _response_dataset(response: requests.Response) -> pydicom.Dataset | None:
         return None
 
 
-def _all(sent: Sequence[str], verdict: InstanceVerdict, error: str, *,
+def _all(sent: Sequence[str], verdict: Verdict, error: str, *,
          auth_problem: bool = False) -> StowResult:
-    return StowResult(None, {uid: verdict for uid in sent}, error, auth_problem)
+    """The same verdict for every instance of a request that got no answer we can read."""
+    return StowResult(None, {uid: InstanceVerdict(verdict, None, error) for uid in sent},
+                      error, auth_problem)
 
 
 def _post(target: StowTarget, datasets: Sequence[pydicom.Dataset]) -> StowResult:
@@ -243,20 +245,17 @@ def _post(target: StowTarget, datasets: Sequence[pydicom.Dataset]) -> StowResult
         try:
             parsed = client.store_instances(list(datasets))
         except SecretUnavailable as exc:
-            return _all(sent, InstanceVerdict(Verdict.RETRY, None, "credentials unavailable"),
-                        str(exc), auth_problem=True)
+            return _all(sent, Verdict.RETRY, str(exc), auth_problem=True)
         except requests.HTTPError:
             pass  # 4xx/5xx: read from the captured answer below
         except requests.Timeout:
-            return _all(sent, InstanceVerdict(Verdict.RETRY, None, "timed out"),
-                        f"no answer within {target.timeout:g} s")
+            return _all(sent, Verdict.RETRY, f"no answer within {target.timeout:g} s")
         except requests.RequestException as exc:
-            return _all(sent, InstanceVerdict(Verdict.RETRY, None, "not sent"),
-                        f"connection failed: {type(exc).__name__}")
+            return _all(sent, Verdict.RETRY, f"connection failed: {type(exc).__name__}")
         except ValueError:
             pass  # an answer in a media type the library does not read: ours below
         if not captured:
-            return _all(sent, InstanceVerdict(Verdict.RETRY, None, "no answer"), "no answer")
+            return _all(sent, Verdict.RETRY, "no answer")
         response = captured[-1]
         dataset = _response_dataset(response)
         if dataset is None and parsed is not None and len(parsed):
@@ -276,8 +275,7 @@ def store(target: StowTarget, datasets: Sequence[pydicom.Dataset], *,
     if cancelled is None:
         return _post(target, datasets)
     if cancelled():
-        return _all(sent, InstanceVerdict(Verdict.RETRY, None, "not sent"),
-                    "not sent: shutting down")
+        return _all(sent, Verdict.RETRY, "not sent: shutting down")
     box: list[StowResult] = []
 
     def run() -> None:
@@ -286,14 +284,12 @@ def store(target: StowTarget, datasets: Sequence[pydicom.Dataset], *,
         except Exception as exc:  # reported as the request's error, the job retried
             logger.exception("STOW-RS request failed", extra=log_fields(
                 "send.stow_error", error=type(exc).__name__))
-            box.append(_all(sent, InstanceVerdict(Verdict.RETRY, None, "error"),
-                            f"error: {type(exc).__name__}"))
+            box.append(_all(sent, Verdict.RETRY, f"error: {type(exc).__name__}"))
 
     worker = threading.Thread(target=run, name="stow", daemon=True)
     worker.start()
     while worker.is_alive():
         worker.join(poll)
         if worker.is_alive() and cancelled():
-            return _all(sent, InstanceVerdict(Verdict.RETRY, None, "cut short"),
-                        "cut short: shutting down")
+            return _all(sent, Verdict.RETRY, "cut short: shutting down")
     return box[0]

@@ -125,6 +125,7 @@ def test_http_statuses_without_a_response_body(uids, status, verdict):
     result = read_store_response(status, None, [sr])
     assert result.instances[sr].verdict is verdict
     assert result.error.startswith(f"HTTP {status}")
+    assert result.instances[sr].detail.startswith(f"HTTP {status}")
     assert result.auth_problem is (status in (401, 403))
 
 
