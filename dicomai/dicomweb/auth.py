@@ -148,6 +148,8 @@ class SecretFile:
         """
         try:
             st = self.path.stat()
+        except FileNotFoundError as exc:
+            raise SecretUnavailable(f"secret file {self.path} does not exist") from exc
         except OSError as exc:
             raise SecretUnavailable(f"secret file {self.path} cannot be read: "
                                     f"{exc.strerror}") from exc

@@ -53,6 +53,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+# dicomweb-client retries through ``retrying``, which logs each failed attempt with its
+# traceback at WARNING; its retries are off here and each failure is logged once, by us.
+logging.getLogger("retrying").setLevel(logging.ERROR)
 
 #: Failure Reasons meaning "the archive already holds this instance": 0x0111 is PS3.7's
 #: Duplicate SOP Instance; 45070 (0xB00E) is what Azure's DICOM service answers for a SOP
@@ -178,9 +181,27 @@ def read_store_response(http_status: int, response: pydicom.Dataset | None,
     return result
 
 
+class _VerifyingAdapter(requests.adapters.HTTPAdapter):
+    """Sends with the destination's TLS verification whatever the environment says:
+    requests lets REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE override a session's ``verify``
+    (a CA bundle or False set for this destination would be ignored)."""
+
+    def __init__(self, verify: bool | str) -> None:
+        super().__init__()
+        self._verify = verify
+
+    def send(self, request: requests.PreparedRequest, *args: Any, **kwargs: Any
+             ) -> requests.Response:
+        kwargs["verify"] = self._verify
+        return super().send(request, *args, **kwargs)
+
+
 def _session(target: StowTarget) -> requests.Session:
     session = requests.Session()
     session.verify = target.verify
+    adapter = _VerifyingAdapter(target.verify)
+    session.mount("https://", adapter)
+    session.mount("http://", adapter)
     session.auth = _Authorization(target.credentials)
     session.headers["Accept"] = JSON_TYPES[0]
     return session
