@@ -9,6 +9,9 @@
   archive is up.
 * An archive that holds the request (a tiny HTTP server of this test) delays no DIMSE
   destination of the same job.
+* The deploy/orthanc DICOMweb variant as shipped (orthanc-dicomweb-results.json with
+  dicomai-dicomweb-destination.toml): Orthanc forwards a study over DIMSE, takes the results
+  over STOW-RS with basic authentication, and does not send them back.
 """
 
 from __future__ import annotations
@@ -17,7 +20,10 @@ import base64
 import http.server
 import itertools
 import json
+import shutil
+import subprocess
 import threading
+import tomllib
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -42,6 +48,7 @@ pytestmark = [
                        reason=f"{DICOMWEB_PLUGIN} missing (apt: orthanc-dicomweb)"),
 ]
 
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "orthanc"
 RESULT_MODALITIES = {"SR", "OT"}  # chest X-ray defaults: Comprehensive 3D SR and SC
 
 
@@ -370,3 +377,76 @@ def test_a_slow_archive_does_not_hold_back_a_dimse_destination(make_settings, tm
         archive.shutdown()
         archive.server_close()
         pacs.stop()
+
+
+class DeployedOrthanc(WebOrthanc):
+    """Orthanc configured from deploy/orthanc/orthanc-dicomweb-results.json as shipped, except
+    ports and stable age (each replaced line must exist once)."""
+
+    def __init__(self, root: Path, dicomai_port: int) -> None:
+        self.root = root
+        self.http_port = free_port()
+        self.dicom_port = free_port()
+        root.mkdir(parents=True, exist_ok=True)
+        text = (DEPLOY / "orthanc-dicomweb-results.json").read_text()
+        for old, new in {
+            '"HttpPort" : 8042,': f'"HttpPort" : {self.http_port},',
+            '"DicomPort" : 4242,': f'"DicomPort" : {self.dicom_port},',
+            '"Port" : 11112,': f'"Port" : {dicomai_port},',
+            '"StableAge" : 30,': '"StableAge" : 2,',
+        }.items():
+            assert text.count(old) == 1, f"orthanc-dicomweb-results.json lacks {old!r}"
+            text = text.replace(old, new)
+        assert text.count('"dicomai" : "change-me"') == 1
+        self.users = {"dicomai": "change-me"}
+        self.config = root / "orthanc.json"
+        self.config.write_text(text)
+        shutil.copy(DEPLOY / "dicomai-forward.lua", root / "dicomai-forward.lua")
+        self.log = root / "orthanc.log"
+        self.proc = None
+
+
+@pytest.mark.dcmtk
+def test_the_deploy_variant_takes_results_over_stow_and_sends_none_back(make_settings,
+                                                                        tmp_path):
+    dicomai_port = free_port()
+    orthanc = DeployedOrthanc(tmp_path / "orthanc", dicomai_port)
+    (entry,) = tomllib.loads((DEPLOY / "dicomai-dicomweb-destination.toml").read_text())[
+        "destinations"]
+    assert entry["url"] == "http://127.0.0.1:8042/dicom-web" and entry["user"] == "dicomai"
+    password = tmp_path / "orthanc.password"
+    password.write_text("change-me\n")
+    entry.update(url=f"http://127.0.0.1:{orthanc.http_port}/dicom-web", password_file=password)
+    settings = make_settings(None, receiver={"port": dicomai_port,
+                                             "allowed_calling_ae_titles": ["ORTHANC"]})
+    settings = settings.model_copy(update={
+        "destinations": [DestinationSettings(**entry)],
+        "routes": [r for r in settings.routes if r.model == "chest-xray"]})
+    chest = _chest(seed=105)
+    uid = str(chest.StudyInstanceUID)
+    try:
+        with running_daemon(settings) as daemon:
+            orthanc.start()
+            run = subprocess.run(
+                ["storescu", "-aet", "MODALITY", "-aec", "ORTHANC", "127.0.0.1",
+                 str(orthanc.dicom_port), *map(str, synthetic.write_study([chest],
+                                                                         tmp_path / "cx"))],
+                capture_output=True, timeout=60)
+            assert run.returncode == 0, run.stderr.decode(errors="replace")
+            status = _wait_state(daemon, uid, "done")
+            (study_id,) = orthanc.study_ids(uid)
+            assert orthanc.study_modalities(uid) == {"DX": 1, "SR": 1, "OT": 1}
+            # The results made the study stable again: the Lua script saw them, sent nothing.
+            lines = orthanc.wait(lambda: len(orthanc.forward_lines(study_id)) >= 2 and
+                                 orthanc.forward_lines(study_id), 30, "second stable event")
+            assert lines[:2] == ["0 from dicomai (not sent), 0 forwarded before, sent 1",
+                                 "2 from dicomai (not sent), 1 forwarded before, sent 0"]
+            again = _study(settings, daemon.engine, uid)
+            assert again["generation"] == 1 and again["job_id"] == status["job_id"]
+            # The results came over HTTP (the plugin), not from a DICOM peer.
+            for s in orthanc.series(study_id):
+                if s["MainDicomTags"]["Modality"] in RESULT_MODALITIES:
+                    meta = orthanc.get(f"/instances/{s['Instances'][0]}/metadata?expand")
+                    assert meta["Origin"] == "Plugins" and not meta.get("RemoteAET")
+    finally:
+        orthanc.stop()
