@@ -8,10 +8,11 @@ demo: setup
 	.venv/bin/dicomai demo
 
 # Two pytest-xdist workers (CI has 2 cores): much of the suite waits on daemons, peers and
-# timers rather than computing. TEST_WORKERS=0 runs it in one process.
+# timers rather than computing. Each test file runs on one worker, the long files handed out
+# first (tests/conftest.py orders them). TEST_WORKERS=0 runs it in one process.
 TEST_WORKERS ?= 2
 test: setup
-	.venv/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
+	.venv/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 serve: setup
 	.venv/bin/dicomai serve

@@ -24,8 +24,8 @@ DEFAULT_CONFIG = REPO / "config" / "dicomai.toml"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Skip marked tests whose external tool is missing (CI installs them all); keep the viewer
-    tests together."""
+    """Skip marked tests whose external tool is missing (CI installs them all); under
+    pytest-xdist, hand out the long test files first."""
     needs = {
         "dcmtk": shutil.which("storescu") and shutil.which("echoscu"),
         "orthanc": shutil.which("Orthanc"),
@@ -35,15 +35,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         for marker, available in needs.items():
             if marker in item.keywords and not available:
                 item.add_marker(pytest.mark.skip(reason=f"{marker} tools not installed"))
-        if "viewers" in item.keywords:
-            # One Orthanc, OHIF server and Chromium per session (tests/viewers/conftest.py):
-            # with pytest-xdist (`make test`, --dist loadgroup) all viewer tests go to one worker.
-            item.add_marker(pytest.mark.xdist_group("viewers"))
     if _xdist_workers(config):
-        # Longest first: the viewer group and the slow tests are handed out before the many
-        # short ones, so that no worker is left with a long test while the other one is idle.
-        items.sort(key=lambda item: 0 if "viewers" in item.keywords
-                   else 1 if "slow" in item.keywords or "validators" in item.keywords else 2)
+        # `make test` runs --dist loadfile: each file's tests run on one worker, in order (a
+        # module-scoped fixture is set up once; tests/hostile's last test follows its attacks;
+        # the viewer tests share one Orthanc, OHIF server and Chromium). Longest first: the
+        # viewer file and the files with slow tests are handed out before the many short ones,
+        # so that no worker is left with a long file while the other one is idle.
+        rank: dict[str, int] = {}
+        for item in items:
+            module = item.nodeid.split("::")[0]
+            rank[module] = min(rank.get(module, 2), 0 if "viewers" in item.keywords else 1
+                               if "slow" in item.keywords or "validators" in item.keywords
+                               else 2)
+        items.sort(key=lambda item: rank[item.nodeid.split("::")[0]])
 
 
 def _xdist_workers(config: pytest.Config) -> int:
