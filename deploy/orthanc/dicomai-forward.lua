@@ -20,8 +20,13 @@
 -- study later are forwarded on their own; dicomai analyses them as a new generation.
 -- A failed send marks nothing and logs a warning; the study is forwarded again at its next
 -- change, or by hand: POST /modalities/dicomai/store with the instance IDs.
+-- With dicomai-forward-stow.lua loaded first, the send is a STOW-RS request to dicomai's
+-- DICOMweb receiver (POST /dicom-web/servers/<name>/stow) instead of a C-STORE association.
 
 local MODALITY = 'dicomai'                 -- name of the entry in "DicomModalities"
+-- Over DICOMweb instead: the name of dicomai's entry in "DicomWeb" > "Servers", set by
+-- dicomai-forward-stow.lua when it is loaded first; nil (DIMSE) otherwise.
+local STOW_SERVER = DICOMAI_FORWARD_STOW_SERVER
 local MARK = 'ForwardedToDicomai'          -- name declared in "UserMetadata"
 local RESULT_SERIES = { 'AI RESULT', 'AI OVERLAY', 'AI REGIONS', 'AI KEY IMAGES',
                         'AI NOT COMPLETED' }
@@ -82,7 +87,11 @@ function OnStableStudy(studyId, tags, metadata)
    end
 
    local body = DumpJson({ Resources = send, Synchronous = true }, true)
-   if RestApiPost('/modalities/' .. MODALITY .. '/store', body) == nil then
+   local target = '/modalities/' .. MODALITY .. '/store'
+   if STOW_SERVER ~= nil then
+      target = '/dicom-web/servers/' .. STOW_SERVER .. '/stow'
+   end
+   if RestApiPost(target, body) == nil then
       print(summary .. 'FAILED to send ' .. #send .. '; sent again at the next change')
       return
    end

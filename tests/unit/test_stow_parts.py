@@ -132,6 +132,8 @@ def test_content_types():
             boundary_of(bad)
     with pytest.raises(BadRequest):
         boundary_of('multipart/related; type="application/dicom"')
+    long = "e248bc21-c43f-4500-b676-ee4e3ded85a1-e248bc21-c43f-4500-b676-ee4e3ded85a1"
+    assert boundary_of(f"multipart/related; boundary={long}") == long.encode()  # Orthanc's
     ct = parse_content_type('a/b; x="q\\"uoted"; Y=2')
     assert ct.media_type == "a/b" and ct.params == {"x": 'q"uoted', "y": "2"}
 
