@@ -99,6 +99,8 @@ class _Transfer:
     study: str | None
     outcomes: list[Outcome] = field(default_factory=list)
     received_bytes: int = 0
+    #: The store of the part before the one being read (at most one per request).
+    pending: asyncio.Future[Outcome] | None = None
 
 
 def _is_uid(value: str) -> bool:
@@ -289,7 +291,31 @@ class DicomWebReceiver:
     # -- the body ----------------------------------------------------------------------------
     async def _receive(self, request: Request, boundary: bytes, transfer: _Transfer,
                        limit: int) -> tuple[int, bytes | None]:
-        """Read the body, storing each part once complete; (HTTP status, response body)."""
+        """Read the body, storing each part once complete; (HTTP status, response body).
+
+        A part is stored on the pool while the next one is read (one store at a time per
+        request, in order); every store has ended before the answer is built."""
+        try:
+            verdict = await self._read_body(request, boundary, transfer, limit)
+        finally:
+            if transfer.pending is not None:  # the last part's store
+                transfer.outcomes.append(await transfer.pending)
+                transfer.pending = None
+        outcomes = transfer.outcomes
+        if verdict in (408, _CLIENT_GONE):
+            return verdict, None  # nobody to answer, or a client that stalled
+        if verdict is not None:
+            return verdict, response_body(outcomes)
+        if not outcomes:
+            return 400, None  # no part at all
+        if all(not o.stored and not o.sop_instance_uid for o in outcomes):
+            return 400, response_body(outcomes)  # nothing in it was DICOM
+        return http_status(outcomes), response_body(outcomes)
+
+    async def _read_body(self, request: Request, boundary: bytes, transfer: _Transfer,
+                         limit: int) -> int | None:
+        """Read and parse the body, handing each complete part to :meth:`_store_part`;
+        ``None`` once it ended with its closing boundary, else the status that ends it."""
         reader = PartReader(boundary, self.settings.max_instance_mb * 1024 * 1024)
         timeout = self.settings.network_timeout_seconds
         loop = asyncio.get_running_loop()
@@ -298,31 +324,29 @@ class DicomWebReceiver:
             try:
                 message = await asyncio.wait_for(receive(), timeout)
             except TimeoutError:
-                return 408, None
+                return 408
             if message["type"] == "http.disconnect":
-                return _CLIENT_GONE, None
+                return _CLIENT_GONE
             chunk = message.get("body", b"")
             transfer.received_bytes += len(chunk)
             if limit and transfer.received_bytes > limit:
-                return 413, response_body(transfer.outcomes)
+                return 413
             try:
                 parts = reader.feed(chunk)
             except BadRequest:
-                return 400, response_body(transfer.outcomes)
+                return 400
             for part in parts:
-                transfer.outcomes.append(await loop.run_in_executor(
-                    self._pool, self._store_part, part, transfer))
+                if transfer.pending is not None:
+                    transfer.outcomes.append(await transfer.pending)
+                transfer.pending = loop.run_in_executor(
+                    self._pool, self._store_part, part, transfer)
             if not message.get("more_body", False):
                 break
         try:
             reader.finish()
         except BadRequest:
-            return 400, response_body(transfer.outcomes)
-        if not transfer.outcomes:
-            return 400, None  # no part at all
-        if all(not o.stored and not o.sop_instance_uid for o in transfer.outcomes):
-            return 400, response_body(transfer.outcomes)  # nothing in it was DICOM
-        return http_status(transfer.outcomes), response_body(transfer.outcomes)
+            return 400
+        return None
 
     def _store_part(self, part: Part, transfer: _Transfer) -> Outcome:
         """Store one complete part as a C-STORE; never raises."""
