@@ -11,7 +11,7 @@ import shutil
 import socket
 import ssl
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -403,6 +403,34 @@ def probe_receiver(host: str, port: int, ae_title: str, *,
     return False, f"{where} accepts TCP but gives no DICOM answer"
 
 
+def _check_dicomweb(component: dict[str, Any], add: Callable[..., None], *, probe: bool,
+                    timeout: float) -> None:
+    """The "dicomweb" check of a component whose STOW-RS receiver is on: its port accepts a
+    TCP connection (no request is sent: nothing is logged or audited as a caller)."""
+    web = component["receiver"].get("dicomweb") or {}
+    if not web.get("enabled"):
+        return
+    where = f"STOW-RS {web['host']}:{web['port']}{'' if web.get('path') == '/' else web['path']}"
+    if not probe:
+        add("dicomweb", True, f"{where} (reported by heartbeat; not probed)")
+        return
+    comp_host = component["name"].partition("@")[2].rpartition(":")[0]
+    local = _connect_host(str(web["host"])) in ("127.0.0.1", "::1", "localhost")
+    if local and comp_host and comp_host != socket.gethostname():
+        add("dicomweb", None, f"{where} on host {comp_host}; not probed from here",
+            critical=False)
+        return
+    try:
+        with socket.create_connection((_connect_host(str(web["host"])), int(web["port"])),
+                                      timeout=timeout):
+            pass
+    except OSError as exc:
+        add("dicomweb", False, f"{where}: TCP connect failed "
+                               f"({exc.strerror or type(exc).__name__})")
+        return
+    add("dicomweb", True, f"{where} accepts connections")
+
+
 def check_health(data: dict[str, Any], settings: Settings | None = None, *,
                  probe: bool = True, timeout: float = 3.0, calling_ae: str | None = None,
                  cache: dict[Any, Any] | None = None, cache_seconds: float = 30.0
@@ -471,6 +499,8 @@ def check_health(data: dict[str, Any], settings: Settings | None = None, *,
             if cache is not None:
                 cache[key] = (time.monotonic(), ok, detail)
         add("receiver", ok, detail)
+    for c in receivers:
+        _check_dicomweb(c, add, probe=probe, timeout=timeout)
     for role in ROLES[1:]:
         running = [c for c in fresh if role in c.get("roles", [])]
         add(role, bool(running), f"running in {', '.join(c['name'] for c in running)}"

@@ -19,7 +19,7 @@ from dicomai import synthetic
 from dicomai.db import Instance, QuarantineEntry, Study
 from dicomai.ingest.part10 import read_file_meta
 from dicomai.ingest.store_instance import file_meta_bytes
-from dicomai.status import collect, render_text
+from dicomai.status import check_health, collect, render_text
 from tests.conftest import DEFAULT_CONFIG, free_port, running_daemon, wait_for
 from tests.stow_client import (
     BOUNDARY,
@@ -92,6 +92,13 @@ def test_stored_like_a_cstore_and_reported(stow_settings, tmp_path):
                        "tls": False, "auth": "none"}
         assert component["receiver"]["port"] == daemon.receiver.port  # DIMSE fields unchanged
         assert f"STOW-RS http://127.0.0.1:{port}/dicomweb" in render_text(status)
+        (check,) = [c for c in check_health(status, daemon.settings)["checks"]
+                    if c["name"] == "dicomweb"]
+        assert check["ok"] is True and check["critical"]
+        daemon.dicomweb.stop()  # the HTTP receiver gone, the heartbeat still says it is on
+        (check,) = [c for c in check_health(status, daemon.settings)["checks"]
+                    if c["name"] == "dicomweb"]
+        assert check["ok"] is False and "connect failed" in check["detail"]
     audit = [json.loads(line) for line in
              (settings.general.data_dir / "audit.log").read_text().splitlines()]
     logins = [a for a in audit if a["EventIdentification"]["EventID"]["code"] == "110114"
