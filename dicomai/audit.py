@@ -50,9 +50,9 @@ def configure(file: Path | None, *, syslog: bool = False, syslog_address: str = 
               site: str = "dicomai") -> None:
     """Send audit events to ``file`` (JSON lines) and optionally to syslog (RFC 5424 facility
     auth). Idempotent: earlier handlers are replaced."""
-    for handler in list(_LOGGER.handlers):
-        _LOGGER.removeHandler(handler)
-        handler.close()
+    for old in list(_LOGGER.handlers):
+        _LOGGER.removeHandler(old)
+        old.close()
     _SOURCE["AuditEnterpriseSiteID"] = site
     _LOGGER.setLevel(logging.INFO)
     if file is not None:

@@ -192,7 +192,7 @@ def _select(paths: Sequence[Path], headers: Sequence[Any], routes: Sequence[Rout
     from dicomai.ingest.record import extract_record
     from dicomai.routing import StudyInfo, select_route, summarise_series
 
-    rows = []
+    rows: list[dict[str, Any]] = []
     for path, ds in zip(paths, headers, strict=True):
         rec = extract_record(ds, "", str(ds.get("SOPClassUID", "")))
         rows.append({"path": path, "series_instance_uid": rec.series_instance_uid,

@@ -113,9 +113,9 @@ def resize(image: np.ndarray, size: int) -> np.ndarray:
     tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
     if tensor.ndim == 2:
         tensor = tensor[None]
-    out = F.interpolate(tensor[None], size=(size, size), mode="bilinear", antialias=True,
-                        align_corners=False)
-    return out[0].numpy()
+    resized = F.interpolate(tensor[None], size=(size, size), mode="bilinear", antialias=True,
+                            align_corners=False)
+    return resized[0].numpy()
 
 
 def _normalise(channels: np.ndarray, pre: PreprocessingSettings) -> np.ndarray:

@@ -10,7 +10,9 @@ from pathlib import Path
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 from pynetdicom.presentation import StoragePresentationContexts
-from pynetdicom.sop_class import Verification
+from pynetdicom.transport import ThreadedAssociationServer
+
+_VERIFICATION = "1.2.840.10008.1.1"  # the Verification SOP Class (C-ECHO)
 
 __all__ = ["LocalPacs", "ReceivedObject"]
 
@@ -49,7 +51,7 @@ class LocalPacs:
         self.received: list[ReceivedObject] = []
         self._lock = threading.Lock()
         self._ae: AE | None = None
-        self._server = None
+        self._server: ThreadedAssociationServer | None = None
 
     @property
     def port(self) -> int:
@@ -78,10 +80,10 @@ class LocalPacs:
     def start(self) -> LocalPacs:
         """Start listening; returns self."""
         ae = AE(ae_title=self.ae_title)
-        ae.add_supported_context(Verification)
+        ae.add_supported_context(_VERIFICATION)
         for cx in StoragePresentationContexts:
             if cx.abstract_syntax not in self.refuse_sop_classes:
-                ae.add_supported_context(cx.abstract_syntax)
+                ae.add_supported_context(str(cx.abstract_syntax))
         self._server = ae.start_server((self.host, self.requested_port), block=False,
                                        evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
         self._ae = ae

@@ -216,7 +216,9 @@ class _RecordStatements:
 
     def insert(self, conn: Connection, name: str, params: dict[str, Any]) -> int:
         """Run an INSERT; the new row's primary key."""
-        return int(conn.execute(self._statements[name], params).inserted_primary_key[0])
+        key = conn.execute(self._statements[name], params).inserted_primary_key
+        assert key is not None
+        return int(key[0])
 
 
 class _SqliteRecordStatements(_RecordStatements):
@@ -294,10 +296,12 @@ def _open_generation(conn: Connection, study_id: int, now: datetime) -> int:
     """A new RECEIVING job (the study's next generation) holding one instance; its
     ``instance.first`` job event."""
     generation = (conn.execute(_MAX_GENERATION, {"b_study": study_id}).scalar() or 0) + 1
-    job_id = conn.execute(insert(Job), {
+    key = conn.execute(insert(Job), {
         "study_id": study_id, "generation": generation, "state": "receiving",
         "created_at": now, "updated_at": now, "last_instance_at": now, "instance_count": 1,
-    }).inserted_primary_key[0]
+    }).inserted_primary_key
+    assert key is not None
+    job_id = key[0]
     conn.execute(insert(JobEvent), {"job_id": job_id, "src": None, "dst": "receiving",
                                     "at": now, "reason": "instance.first"})
     return int(job_id)
@@ -871,12 +875,12 @@ class Queue:
                 for job in s.scalars(select(Job).where(Job.id.in_(list(job_ids)))):
                     out[job.id] = job
             for uid in study_uids:
-                job = s.scalar(
+                latest = s.scalar(
                     select(Job).join(Study, Study.id == Job.study_id)
                     .where(Study.study_instance_uid == uid)
                     .order_by(Job.generation.desc()).limit(1))
-                if job is not None:
-                    out[job.id] = job
+                if latest is not None:
+                    out[latest.id] = latest
             if states:
                 for job in s.scalars(select(Job).where(Job.state.in_([x.value for x in states]))):
                     out[job.id] = job

@@ -26,9 +26,13 @@ class StoreResult:
 
 
 def _nodelay(event: evt.Event) -> None:
+    asock = event.assoc.dul.socket
+    sock = asock.socket if asock is not None else None
+    if sock is None:
+        return
     try:
-        event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except (AttributeError, OSError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:
         pass
 
 

@@ -488,11 +488,11 @@ class Worker:
                     self.spool.write_atomic(path, buf.getvalue())
                     files.append((kind, ds, str(path)))
                 built[options] = files
-            for kind, ds, path in built[options]:
+            for kind, ds, written in built[options]:
                 rows.append(ResultObject(
                     job_id=job_id, destination=dest_name, kind=kind,
                     sop_class_uid=str(ds.SOPClassUID), sop_instance_uid=str(ds.SOPInstanceUID),
-                    series_instance_uid=str(ds.SeriesInstanceUID), path=path,
+                    series_instance_uid=str(ds.SeriesInstanceUID), path=written,
                     state=ResultState.PENDING))
         elapsed = time.perf_counter() - t0
         with self.queue.session() as s, s.begin():
