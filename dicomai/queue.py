@@ -673,8 +673,13 @@ class Queue:
                 if dst is S.RUNNING:
                     fields["attempts"] = job.attempts + 1
                 try:
+                    # updated_at as the row's version: on SQLite the SELECT above runs outside
+                    # the write transaction, so another claimer may have claimed, sent and put
+                    # the job back (with a later not_before) in between; a state-only guard
+                    # would then claim it before its backoff is over.
                     self._cas(s, job.id, src, dst, {"state": dst.value, "updated_at": now,
-                                                     **fields}, "claim", now)
+                                                     **fields}, "claim", now,
+                              guard={"updated_at": job.updated_at})
                 except StateConflict:
                     continue
                 s.flush()

@@ -278,7 +278,7 @@ def test_archive_down_backoff_give_up_then_retry_command(make_settings, tmp_path
             times = [e.at for e in events if e.reason in ("retry.send",
                                                           "send.attempts_exhausted")]
             gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(times)]
-            assert gaps[0] >= 0.5 and gaps[1] >= 1.0, gaps
+            assert gaps[0] >= 0.5 and gaps[1] >= 1.0, (gaps, "; ".join(f"{e.reason} {e.at.time()}" for e in events))
             rows = daemon.queue.results_for(status["job_id"])
             assert {r.state for r in rows} == {"pending"}
 
