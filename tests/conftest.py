@@ -50,6 +50,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         items.sort(key=lambda item: rank[item.nodeid.split("::")[0]])
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """With pytest-xdist workers, share the cores among them: each worker (and each daemon it
+    starts, which inherits the environment) gets cores / workers PyTorch (OpenMP) threads
+    instead of all of them, so that two inferences at once do not oversubscribe the cores."""
+    workers = _xdist_workers(config)
+    if workers and not os.environ.get("PYTEST_XDIST_WORKER"):  # the controller, before spawning
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+
+
 def _xdist_workers(config: pytest.Config) -> int:
     """How many pytest-xdist workers this run has (0 without xdist)."""
     if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
