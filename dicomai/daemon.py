@@ -254,8 +254,8 @@ class Daemon:
                                          extra=log_fields("daemon.reload_failed"))
         finally:
             self.stop(max(10.0, self.settings.worker.heartbeat_seconds * 3))
-            for sig, old in previous.items():
-                signal.signal(sig, old)
+            for number, old in previous.items():
+                signal.signal(number, old)
         if self.worker is not None and self.worker.busy():
             # A model call that does not return in time: leave now rather than let the
             # interpreter tear torch down under it. The job stays RUNNING and is reclaimed

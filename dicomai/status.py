@@ -376,7 +376,10 @@ def probe_receiver(host: str, port: int, ae_title: str, *,
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.add_requested_context("1.2.840.10008.1.1")
     try:
-        assoc = ae.associate(target, port, ae_title=ae_title, tls_args=tls_args)
+        # tls_args' server name None: no SNI and no name check (pynetdicom passes it through
+        # to wrap_socket, whose type allows None; pynetdicom's annotation does not).
+        assoc = ae.associate(target, port, ae_title=ae_title,
+                             tls_args=tls_args)  # type: ignore[arg-type]
         if assoc.is_established:
             rsp = assoc.send_c_echo()
             assoc.release()
@@ -523,7 +526,7 @@ def _fmt_s(value: float | None) -> str:
 def render_rich(data: dict[str, Any], health: dict[str, Any] | None = None) -> Any:
     """A rich renderable (panels and tables) of :func:`collect` (+ :func:`check_health`)."""
     from rich import box
-    from rich.console import Group
+    from rich.console import Group, JustifyMethod
     from rich.panel import Panel
     from rich.table import Table
     from rich.text import Text
@@ -584,9 +587,11 @@ def render_rich(data: dict[str, Any], health: dict[str, Any] | None = None) -> A
 
     if data["studies"]:
         st = Table(box=box.SIMPLE, title="recent studies", title_justify="left")
-        for col, just in (("job", "right"), ("gen", "right"), ("state", "left"),
-                          ("route", "left"), ("model", "left"), ("inst", "right"),
-                          ("latency", "right"), ("findings / error", "left")):
+        columns: tuple[tuple[str, JustifyMethod], ...] = (
+            ("job", "right"), ("gen", "right"), ("state", "left"), ("route", "left"),
+            ("model", "left"), ("inst", "right"), ("latency", "right"),
+            ("findings / error", "left"))
+        for col, just in columns:
             st.add_column(col, justify=just, overflow="fold")
         for s in data["studies"]:
             style = {"failed": "red", "done": "green", "skipped": "dim"}.get(s["state"])
