@@ -1,5 +1,5 @@
 # The two commands of the README. Each does its own set-up first (scripts/setup.sh).
-.PHONY: setup demo test serve
+.PHONY: setup demo test lint serve
 
 setup:
 	bash scripts/setup.sh
@@ -11,8 +11,14 @@ demo: setup
 # timers rather than computing. Each test file runs on one worker, the long files handed out
 # first (tests/conftest.py orders them). TEST_WORKERS=0 runs it in one process.
 TEST_WORKERS ?= 2
-test: setup
+test: setup lint
 	.venv/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+
+# Lint, format and type checks of the package: zero findings, or the test run stops here.
+lint: setup
+	.venv/bin/ruff check dicomai
+	.venv/bin/ruff format --check dicomai
+	.venv/bin/mypy dicomai
 
 serve: setup
 	.venv/bin/dicomai serve

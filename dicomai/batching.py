@@ -85,8 +85,9 @@ class BatchingPredictor:
     again on its own, so an error reaches only the caller whose input caused it.
     """
 
-    def __init__(self, backend: object, *, max_batch: int, max_wait_ms: float = 0.0,
-                 name: str | None = None) -> None:
+    def __init__(
+        self, backend: object, *, max_batch: int, max_wait_ms: float = 0.0, name: str | None = None
+    ) -> None:
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError('Argument "max_batch" must be an int >= 1.')
         if not max_wait_ms >= 0:
@@ -102,8 +103,9 @@ class BatchingPredictor:
         self._closed = False
         self.calls = 0  #: merged model calls made (for tests and the benchmark)
         self.images = 0  #: images run
-        self._thread = threading.Thread(target=self._loop, name=f"batcher-{self._name}",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._loop, name=f"batcher-{self._name}", daemon=True
+        )
         self._thread.start()
 
     # -- the Predictor protocol --------------------------------------------------------
@@ -181,8 +183,12 @@ class BatchingPredictor:
             self._cond.notify_all()
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout)
-        logger.info("batcher stopped", extra=log_fields(
-            "batching.stopped", model=self._name, calls=self.calls, images=self.images))
+        logger.info(
+            "batcher stopped",
+            extra=log_fields(
+                "batching.stopped", model=self._name, calls=self.calls, images=self.images
+            ),
+        )
 
     # -- callers -----------------------------------------------------------------------
     def _release(self, session: int) -> None:
@@ -190,8 +196,9 @@ class BatchingPredictor:
             self._active.pop(session, None)
             self._cond.notify_all()
 
-    def _submit(self, batch: np.ndarray, *, session: int | None,
-                should_stop: Callable[[], bool] | None) -> Output:
+    def _submit(
+        self, batch: np.ndarray, *, session: int | None, should_stop: Callable[[], bool] | None
+    ) -> Output:
         if not isinstance(batch, np.ndarray):
             raise TypeError('Argument "batch" must be a numpy array.')
         if batch.ndim != 4 or batch.shape[0] < 1:
@@ -241,8 +248,12 @@ class BatchingPredictor:
                 same = [r for r in self._pending if r.shape == first.shape]
                 count = sum(len(r.batch) for r in same)
                 wait = first.enqueued + self._max_wait - time.monotonic()
-                if (count >= self._max_batch or wait <= 0 or self._closed
-                        or not self._busy_elsewhere()):
+                if (
+                    count >= self._max_batch
+                    or wait <= 0
+                    or self._closed
+                    or not self._busy_elsewhere()
+                ):
                     break
                 self._cond.wait(wait)
             taken: list[_Request] = []
@@ -261,8 +272,9 @@ class BatchingPredictor:
             try:
                 taken = self._take()
             except Exception:  # never leave callers hanging on a batcher bug
-                logger.exception("batcher failed", extra=log_fields(
-                    "batching.error", model=self._name))
+                logger.exception(
+                    "batcher failed", extra=log_fields("batching.error", model=self._name)
+                )
                 continue
             if taken is None:
                 return
@@ -277,12 +289,16 @@ class BatchingPredictor:
         sizes = [len(r.batch) for r in taken]
         try:
             probs, cams = self._backend.predict(  # type: ignore[attr-defined]
-                np.concatenate([r.batch for r in taken]))
+                np.concatenate([r.batch for r in taken])
+            )
         except Exception:
             # Split up: each request alone, so that only the bad one gets the error.
-            logger.warning("merged batch failed, running its requests one by one",
-                           extra=log_fields("batching.split", model=self._name,
-                                            requests=len(taken), images=sum(sizes)))
+            logger.warning(
+                "merged batch failed, running its requests one by one",
+                extra=log_fields(
+                    "batching.split", model=self._name, requests=len(taken), images=sum(sizes)
+                ),
+            )
             for r in taken:
                 self._run_one(r)
             return
@@ -290,7 +306,7 @@ class BatchingPredictor:
         self.images += sum(sizes)
         start = 0
         for r, n in zip(taken, sizes, strict=True):
-            r.finish((probs[start:start + n], None if cams is None else cams[start:start + n]))
+            r.finish((probs[start : start + n], None if cams is None else cams[start : start + n]))
             start += n
 
     def _run_one(self, request: _Request) -> None:
@@ -307,8 +323,9 @@ class BatchingPredictor:
 class BoundPredictor:
     """One job's view of a :class:`BatchingPredictor` (see :meth:`BatchingPredictor.bind`)."""
 
-    def __init__(self, batcher: BatchingPredictor, session: int,
-                 should_stop: Callable[[], bool] | None) -> None:
+    def __init__(
+        self, batcher: BatchingPredictor, session: int, should_stop: Callable[[], bool] | None
+    ) -> None:
         self._batcher = batcher
         self._session = session
         self._should_stop = should_stop
@@ -331,8 +348,7 @@ class BoundPredictor:
     def predict(self, batch: np.ndarray) -> Output:
         """As :meth:`BatchingPredictor.predict`; raises :class:`Interrupted` when the job's
         ``should_stop`` turns True while it waits."""
-        return self._batcher._submit(batch, session=self._session,
-                                     should_stop=self._should_stop)
+        return self._batcher._submit(batch, session=self._session, should_stop=self._should_stop)
 
     def release(self) -> None:
         """The job is done with the model: the batcher no longer waits for it."""

@@ -23,8 +23,17 @@ __all__ = ["main"]
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, EXIT_STARTUP = 0, 1, 2, 3
 #: dicomai.queue.JobState values (not imported: keeps `dicomai --help` light).
-JOB_STATES = ("receiving", "queued", "running", "outbox", "sending", "done", "skipped",
-              "failed", "cancelled")
+JOB_STATES = (
+    "receiving",
+    "queued",
+    "running",
+    "outbox",
+    "sending",
+    "done",
+    "skipped",
+    "failed",
+    "cancelled",
+)
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -35,8 +44,9 @@ def _configure_logs(settings: Settings, fmt: str | None = None) -> None:
     from dicomai.logs import configure
 
     log = settings.logging
-    configure(log.level, fmt or log.format, str(log.file) if log.file else None,
-              levels=dict(log.levels))
+    configure(
+        log.level, fmt or log.format, str(log.file) if log.file else None, levels=dict(log.levels)
+    )
 
 
 # -- serve -------------------------------------------------------------------------------
@@ -65,17 +75,23 @@ def _console(stderr: bool = False) -> Any:
 
     stream = sys.stderr if stderr else sys.stdout
     tty = hasattr(stream, "isatty") and stream.isatty()
-    return Console(file=stream, width=None if tty else 200, soft_wrap=False,
-                   highlight=False)
+    return Console(file=stream, width=None if tty else 200, soft_wrap=False, highlight=False)
 
 
-def _status_frame(args: argparse.Namespace, settings: Settings,
-                  cache: dict[Any, Any] | None = None) -> tuple[dict, dict]:
+def _status_frame(
+    args: argparse.Namespace, settings: Settings, cache: dict[Any, Any] | None = None
+) -> tuple[dict, dict]:
     from dicomai.status import check_health, collect
 
     data = collect(settings, limit=args.limit)
-    health = check_health(data, settings, probe=True, timeout=args.probe_timeout,
-                          calling_ae=args.probe_ae, cache=cache)
+    health = check_health(
+        data,
+        settings,
+        probe=True,
+        timeout=args.probe_timeout,
+        calling_ae=args.probe_ae,
+        cache=cache,
+    )
     return data, health
 
 
@@ -89,8 +105,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             print("dicomai status: --watch and --check cannot be combined", file=sys.stderr)
             return EXIT_USAGE
         if args.watch <= 0:
-            print("dicomai status: --watch needs a positive number of seconds",
-                  file=sys.stderr)
+            print("dicomai status: --watch needs a positive number of seconds", file=sys.stderr)
             return EXIT_USAGE
         return _status_watch(args, settings)
     data, health = _status_frame(args, settings)
@@ -123,8 +138,9 @@ def _status_watch(args: argparse.Namespace, settings: Settings) -> int:
         data, health = _status_frame(args, settings, probes)
         if args.json:
             return json.dumps({**data, "health": health})
-        head = Text(f"{data['generated_at']}  refreshing every {args.watch:g}s; Ctrl-C stops",
-                    style="dim")
+        head = Text(
+            f"{data['generated_at']}  refreshing every {args.watch:g}s; Ctrl-C stops", style="dim"
+        )
         if args.plain:
             return f"{head.plain}\n{render_text(data, health)}\n"
         return Group(head, render_rich(data, health))
@@ -133,8 +149,9 @@ def _status_watch(args: argparse.Namespace, settings: Settings) -> int:
         if console.is_terminal and not args.json and not args.plain:
             from rich.live import Live
 
-            with Live(console=console, auto_refresh=False, screen=False,
-                      vertical_overflow="visible") as live:
+            with Live(
+                console=console, auto_refresh=False, screen=False, vertical_overflow="visible"
+            ) as live:
                 while True:
                     live.update(frame(), refresh=True)
                     frames += 1
@@ -169,13 +186,20 @@ def cmd_db(args: argparse.Namespace) -> int:
     try:
         if args.db_cmd == "upgrade":
             before, after = upgrade(engine)
-            print(f"database {_mask(settings.database_url)}: "
-                  + (f"upgraded {before or 'empty'} -> {after}" if before != after
-                     else f"already at {after}"))
+            print(
+                f"database {_mask(settings.database_url)}: "
+                + (
+                    f"upgraded {before or 'empty'} -> {after}"
+                    if before != after
+                    else f"already at {after}"
+                )
+            )
             return EXIT_OK
         current, head = current_revision(engine), head_revision()
-        print(f"database {_mask(settings.database_url)}: revision {current or 'none'} "
-              f"(this version needs {head})")
+        print(
+            f"database {_mask(settings.database_url)}: revision {current or 'none'} "
+            f"(this version needs {head})"
+        )
         return EXIT_OK if current == head else EXIT_RUNTIME
     finally:
         engine.dispose()
@@ -190,22 +214,29 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     print(f"config: {Path(args.config) if args.config else default_config_path()} (valid)")
     print(f"  data_dir: {settings.general.data_dir}")
     print(f"  database: {_mask(settings.database_url)}")
-    print(f"  receiver: {settings.receiver.ae_title}@{settings.receiver.host}:"
-          f"{settings.receiver.port}")
+    print(
+        f"  receiver: {settings.receiver.ae_title}@{settings.receiver.host}:"
+        f"{settings.receiver.port}"
+    )
     _limit_lines(settings)
     problems.extend(_dicomweb_lines(settings))
     for d in settings.destinations:
         problems.extend(_destination_lines(settings, d))
     for r in settings.routes:
-        print(f"  route {r.name}: {'/'.join(r.modality)} {'/'.join(r.body_part) or '*'} "
-              f"-> {r.model} -> {', '.join(r.destinations)}")
+        print(
+            f"  route {r.name}: {'/'.join(r.modality)} {'/'.join(r.body_part) or '*'} "
+            f"-> {r.model} -> {', '.join(r.destinations)}"
+        )
     for name, m in settings.models.items():
         path = settings.model_path(name)
         if not path.exists():
             from dicomai.models.reference import REFERENCE_MODELS
 
-            note = "missing (reference model, built on first use)" if name in REFERENCE_MODELS \
+            note = (
+                "missing (reference model, built on first use)"
+                if name in REFERENCE_MODELS
                 else "MISSING"
+            )
             if name not in REFERENCE_MODELS:
                 problems.append(f"model {name}: file {path} missing")
             print(f"  model {name}: {path} {note}")
@@ -226,9 +257,15 @@ def _destination_lines(settings: Settings, d: Any) -> list[str]:
     from dicomai.dicomweb.auth import file_problem, secret_file_problem
 
     if d.kind == "dicomweb":
-        tls = ("" if not d.url.startswith("https:") else
-               f", CA {settings.resolve(d.ca_file)}" if d.ca_file else
-               ", TLS verified" if d.verify else ", TLS NOT VERIFIED")
+        tls = (
+            ""
+            if not d.url.startswith("https:")
+            else f", CA {settings.resolve(d.ca_file)}"
+            if d.ca_file
+            else ", TLS verified"
+            if d.verify
+            else ", TLS NOT VERIFIED"
+        )
         auth = f"auth {d.auth}" + (f" as {d.user}" if d.user else "")
         print(f"  destination {d.name}: STOW-RS {d.url} ({auth}{tls}, SR {d.sr_sop_class})")
     else:
@@ -253,18 +290,24 @@ def _dicomweb_lines(settings: Settings) -> list[str]:
     scheme = "https" if w.tls_cert_file else "http"
     auth = f"auth {w.auth}" + (f" as {w.user}" if w.user else "")
     peers = ", ".join(w.allowed_peer_addresses) or "any address"
-    print(f"  dicomweb: STOW-RS {scheme}://{w.host}:{w.port}{w.path}/studies ({auth}, "
-          f"from {peers})")
+    print(
+        f"  dicomweb: STOW-RS {scheme}://{w.host}:{w.port}{w.path}/studies ({auth}, from {peers})"
+    )
     problems = []
-    for key, path, secret in (("password_file", w.password_file, True),
-                              ("token_file", w.token_file, True),
-                              ("tls_cert_file", w.tls_cert_file, False),
-                              ("tls_key_file", w.tls_key_file, False)):
+    for key, path, secret in (
+        ("password_file", w.password_file, True),
+        ("token_file", w.token_file, True),
+        ("tls_cert_file", w.tls_cert_file, False),
+        ("tls_key_file", w.tls_key_file, False),
+    ):
         if path is None:
             continue
         full = settings.resolve(path)
-        problem = secret_file_problem(full) if secret else (
-            None if full.is_file() else f"{full} does not exist or is not a file")
+        problem = (
+            secret_file_problem(full)
+            if secret
+            else (None if full.is_file() else f"{full} does not exist or is not a file")
+        )
         if problem:
             problems.append(f"dicomweb: {key}: {problem}")
     return problems
@@ -275,20 +318,27 @@ def _limit_lines(settings: Settings) -> None:
     images are decoded ([worker] decode_*); warn when a frame the receiver accepts cannot be
     decoded within a decode process's memory (its job would fail)."""
     r, w = settings.receiver, settings.worker
-    print(f"  file limits: inflated {r.max_inflated_mb} MiB, {r.max_elements} elements, "
-          f"nesting {r.max_nesting_depth}, frame {r.max_frame_megapixels} Mpixel, "
-          f"pixel data {r.max_pixel_data_mb} MiB")
+    print(
+        f"  file limits: inflated {r.max_inflated_mb} MiB, {r.max_elements} elements, "
+        f"nesting {r.max_nesting_depth}, frame {r.max_frame_megapixels} Mpixel, "
+        f"pixel data {r.max_pixel_data_mb} MiB"
+    )
     if not w.decode_processes:
         print("  decoding: in the worker thread, without memory or time limits")
         return
-    print(f"  decoding: {w.decode_processes} process(es), {w.decode_memory_mb} MiB and "
-          f"{w.decode_timeout_seconds:g} s per image")
+    print(
+        f"  decoding: {w.decode_processes} process(es), {w.decode_memory_mb} MiB and "
+        f"{w.decode_timeout_seconds:g} s per image"
+    )
     # A 16-bit frame decoded, then as float32 for preprocessing: 6 bytes a pixel at least.
     frame_mb = r.max_frame_megapixels * 1_000_000 * 6 // (1024 * 1024)
     if frame_mb > w.decode_memory_mb:
-        print(f"warning: a frame of max_frame_megapixels ({r.max_frame_megapixels} Mpixel) "
-              f"needs about {frame_mb} MiB to decode, more than decode_memory_mb: such "
-              "images are received but their jobs fail", file=sys.stderr)
+        print(
+            f"warning: a frame of max_frame_megapixels ({r.max_frame_megapixels} Mpixel) "
+            f"needs about {frame_mb} MiB to decode, more than decode_memory_mb: such "
+            "images are received but their jobs fail",
+            file=sys.stderr,
+        )
 
 
 def _mask(url: str) -> str:
@@ -315,8 +365,12 @@ def cmd_models(args: argparse.Namespace) -> int:
         return _models_evaluate(args)
     if args.models_cmd == "export":
         out = export_state_dict(
-            args.architecture, args.state_dict, args.out, name=args.name,
-            version=args.version, labels=args.labels.split(",") if args.labels else None,
+            args.architecture,
+            args.state_dict,
+            args.out,
+            name=args.name,
+            version=args.version,
+            labels=args.labels.split(",") if args.labels else None,
             description=args.description,
         )
         print(f"exported {out} sha256={sha256_file(str(out))}")
@@ -331,21 +385,33 @@ def cmd_models(args: argparse.Namespace) -> int:
             path = settings.model_path(name)
             t0 = time.perf_counter()
             build_reference(name, path)
-            print(f"built {name}: {path} sha256={sha256_file(str(path))} "
-                  f"({time.perf_counter() - t0:.1f}s)")
+            print(
+                f"built {name}: {path} sha256={sha256_file(str(path))} "
+                f"({time.perf_counter() - t0:.1f}s)"
+            )
         return EXIT_OK
     failures = 0
     rows = []
     for name, m in settings.models.items():
         path = settings.model_path(name)
-        row = {"name": name, "task": m.task, "version": m.version, "path": str(path),
-               "device": m.device, "present": path.exists()}
+        row = {
+            "name": name,
+            "task": m.task,
+            "version": m.version,
+            "path": str(path),
+            "device": m.device,
+            "present": path.exists(),
+        }
         if path.exists():
             digest = sha256_file(str(path))
             meta = read_metadata(path)
-            row.update(sha256=digest, architecture=meta.get("architecture"),
-                       weights=meta.get("weights"), description=meta.get("description"),
-                       labels=meta.get("labels"))
+            row.update(
+                sha256=digest,
+                architecture=meta.get("architecture"),
+                weights=meta.get("weights"),
+                description=meta.get("description"),
+                labels=meta.get("labels"),
+            )
             if m.sha256 and m.sha256 != digest:
                 row["error"] = "sha256 mismatch"
                 failures += 1
@@ -358,9 +424,14 @@ def cmd_models(args: argparse.Namespace) -> int:
             try:
                 from dicomai.models.backend import TorchScriptBackend
 
-                TorchScriptBackend.load(path, name=name, version=m.version,
-                                        expected_sha256=m.sha256 or None, device="cpu",
-                                        labels=tuple(m.labels) or None)
+                TorchScriptBackend.load(
+                    path,
+                    name=name,
+                    version=m.version,
+                    expected_sha256=m.sha256 or None,
+                    device="cpu",
+                    labels=tuple(m.labels) or None,
+                )
                 row["verified"] = True
             except DicomAIError as exc:
                 row["error"] = str(exc)
@@ -370,12 +441,15 @@ def cmd_models(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
     else:
         for r in rows:
-            status = r.get("error") or ("verified" if r.get("verified") else
-                                        r.get("note") or "present")
+            status = r.get("error") or (
+                "verified" if r.get("verified") else r.get("note") or "present"
+            )
             print(f"{r['name']:<12} {r['version']:<16} {r['task']:<12} {status}")
             if r.get("sha256"):
-                print(f"{'':<12} sha256={r['sha256']} {r.get('architecture')} "
-                      f"weights={r.get('weights')}")
+                print(
+                    f"{'':<12} sha256={r['sha256']} {r.get('architecture')} "
+                    f"weights={r.get('weights')}"
+                )
                 print(f"{'':<12} {r.get('description')}")
     return EXIT_RUNTIME if failures else EXIT_OK
 
@@ -394,26 +468,42 @@ def _models_evaluate(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     if args.model not in settings.models:
-        print(f"dicomai models evaluate: no model named {args.model!r} (configured: "
-              f"{', '.join(settings.models) or 'none'})", file=sys.stderr)
+        print(
+            f"dicomai models evaluate: no model named {args.model!r} (configured: "
+            f"{', '.join(settings.models) or 'none'})",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
     if args.device:
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", args.device):
-            print("dicomai models evaluate: --device must be auto, cpu, cuda or cuda:N",
-                  file=sys.stderr)
+            print(
+                "dicomai models evaluate: --device must be auto, cpu, cuda or cuda:N",
+                file=sys.stderr,
+            )
             return EXIT_USAGE
         spec = settings.models[args.model].model_copy(update={"device": args.device})
         settings = settings.model_copy(update={"models": {**settings.models, args.model: spec}})
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        console=_console(stderr=True), transient=True)
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        console=_console(stderr=True),
+        transient=True,
+    )
     try:
         with progress:
             task = progress.add_task(f"evaluating {args.model}", total=None)
             report = evaluate(
-                settings, args.model, Path(args.directory), Path(args.labels),
-                subgroups=args.subgroups, resamples=args.bootstrap, seed=args.seed,
+                settings,
+                args.model,
+                Path(args.directory),
+                Path(args.labels),
+                subgroups=args.subgroups,
+                resamples=args.bootstrap,
+                seed=args.seed,
                 target_sensitivity=args.target_sensitivity if args.suggest_thresholds else None,
-                progress=lambda done, total: progress.update(task, completed=done, total=total))
+                progress=lambda done, total: progress.update(task, completed=done, total=total),
+            )
     except EvaluationError as exc:
         print(f"dicomai models evaluate: {exc}", file=sys.stderr)
         return EXIT_USAGE if exc.usage else EXIT_RUNTIME
@@ -446,8 +536,7 @@ def _on_jobs(args: argparse.Namespace, action: Callable[..., str]) -> int:
         upgrade(engine)
         queue = Queue(make_session_factory(engine))
         states = [JobState.FAILED] if getattr(args, "all_failed", False) else []
-        jobs = queue.jobs_for(job_ids=args.job or [], study_uids=args.study or [],
-                              states=states)
+        jobs = queue.jobs_for(job_ids=args.job or [], study_uids=args.study or [], states=states)
         if not jobs:
             print("no matching job", file=sys.stderr)
             return EXIT_RUNTIME
@@ -467,8 +556,9 @@ def cmd_retry(args: argparse.Namespace) -> int:
     if not (args.job or args.study or args.all_failed):
         print("dicomai retry: give --job, --study or --all-failed", file=sys.stderr)
         return EXIT_USAGE
-    return _on_jobs(args, lambda queue, job, now:
-                    f"job {job.id}: failed -> {queue.retry(job.id, now).value}")
+    return _on_jobs(
+        args, lambda queue, job, now: f"job {job.id}: failed -> {queue.retry(job.id, now).value}"
+    )
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
@@ -503,8 +593,10 @@ def parse_since(text: str, now: datetime) -> datetime:
     try:
         value = datetime.fromisoformat(text.strip())
     except ValueError:
-        raise ValueError(f"--since {text!r}: give a duration such as 90m, 2h or 7d, or an ISO "
-                         "date/time such as 2024-05-01 or 2024-05-01T08:00") from None
+        raise ValueError(
+            f"--since {text!r}: give a duration such as 90m, 2h or 7d, or an ISO "
+            "date/time such as 2024-05-01 or 2024-05-01T08:00"
+        ) from None
     return value.astimezone(UTC) if value.tzinfo is None else value
 
 
@@ -562,10 +654,14 @@ def cmd_studies(args: argparse.Namespace) -> int:
         try:
             q = select(Job, Study.study_instance_uid).join(Study, Study.id == Job.study_id)
             if not args.all_generations:
-                latest = (select(Job.study_id, func.max(Job.generation).label("gen"))
-                          .group_by(Job.study_id).subquery())
-                q = q.join(latest, (latest.c.study_id == Job.study_id)
-                           & (latest.c.gen == Job.generation))
+                latest = (
+                    select(Job.study_id, func.max(Job.generation).label("gen"))
+                    .group_by(Job.study_id)
+                    .subquery()
+                )
+                q = q.join(
+                    latest, (latest.c.study_id == Job.study_id) & (latest.c.gen == Job.generation)
+                )
             if args.state:
                 q = q.where(Job.state.in_(args.state))
             if args.route:
@@ -575,15 +671,22 @@ def cmd_studies(args: argparse.Namespace) -> int:
             with engine.connect() as conn:
                 for job in conn.execute(q.order_by(Job.id.desc()).limit(args.limit)):
                     findings = job.findings or {}
-                    rows.append({
-                        "study_instance_uid": job.study_instance_uid, "job_id": job.id,
-                        "generation": job.generation, "state": job.state, "route": job.route,
-                        "model": job.model, "instances": job.instance_count,
-                        "received_at": _iso(job.created_at),
-                        "finished_at": _iso(job.finished_at),
-                        "latency_seconds": _latency(job),
-                        "positive_findings": findings.get("positive", []),
-                        "last_error": job.last_error})
+                    rows.append(
+                        {
+                            "study_instance_uid": job.study_instance_uid,
+                            "job_id": job.id,
+                            "generation": job.generation,
+                            "state": job.state,
+                            "route": job.route,
+                            "model": job.model,
+                            "instances": job.instance_count,
+                            "received_at": _iso(job.created_at),
+                            "finished_at": _iso(job.finished_at),
+                            "latency_seconds": _latency(job),
+                            "positive_findings": findings.get("positive", []),
+                            "last_error": job.last_error,
+                        }
+                    )
         finally:
             engine.dispose()
     if args.json:
@@ -595,22 +698,44 @@ def cmd_studies(args: argparse.Namespace) -> int:
     from rich import box
     from rich.table import Table
 
-    table = Table(box=box.SIMPLE, title=f"{len(rows)} stud{'y' if len(rows) == 1 else 'ies'}"
-                  f" (newest first{'' if args.all_generations else ', latest generation'})",
-                  title_justify="left")
-    for col in ("job", "gen", "study", "state", "route", "inst", "received (UTC)",
-                "latency", "findings / error"):
-        table.add_column(col, overflow="fold", no_wrap=col in ("study", "received (UTC)"),
-                         justify="right" if col in ("job", "gen", "inst", "latency") else "left")
+    table = Table(
+        box=box.SIMPLE,
+        title=f"{len(rows)} stud{'y' if len(rows) == 1 else 'ies'}"
+        f" (newest first{'' if args.all_generations else ', latest generation'})",
+        title_justify="left",
+    )
+    for col in (
+        "job",
+        "gen",
+        "study",
+        "state",
+        "route",
+        "inst",
+        "received (UTC)",
+        "latency",
+        "findings / error",
+    ):
+        table.add_column(
+            col,
+            overflow="fold",
+            no_wrap=col in ("study", "received (UTC)"),
+            justify="right" if col in ("job", "gen", "inst", "latency") else "left",
+        )
     for r in rows:
         note = ", ".join(r["positive_findings"]) or ("none" if r["state"] == "done" else "")
         if r["last_error"] and r["state"] != "done":
             note = f"{note} {r['last_error']}".strip()
-        table.add_row(str(r["job_id"]), str(r["generation"]), r["study_instance_uid"],
-                      r["state"], r["route"] or "-", str(r["instances"]),
-                      (r["received_at"] or "-")[:19].replace("T", " "),
-                      "-" if r["latency_seconds"] is None else f"{r['latency_seconds']:.1f}s",
-                      note)
+        table.add_row(
+            str(r["job_id"]),
+            str(r["generation"]),
+            r["study_instance_uid"],
+            r["state"],
+            r["route"] or "-",
+            str(r["instances"]),
+            (r["received_at"] or "-")[:19].replace("T", " "),
+            "-" if r["latency_seconds"] is None else f"{r['latency_seconds']:.1f}s",
+            note,
+        )
     _console().print(table)
     return EXIT_OK
 
@@ -622,33 +747,56 @@ def _study_show(args: argparse.Namespace, settings: Settings) -> int:
 
     engine = _read_engine(settings)
     if engine is None:
-        print(f"dicomai studies show: no study with StudyInstanceUID {args.uid} "
-              "(no database yet)", file=sys.stderr)
+        print(
+            f"dicomai studies show: no study with StudyInstanceUID {args.uid} (no database yet)",
+            file=sys.stderr,
+        )
         return EXIT_RUNTIME
     try:
         with engine.connect() as conn:
-            study = conn.execute(select(Study).where(
-                Study.study_instance_uid == args.uid.strip())).first()
+            study = conn.execute(
+                select(Study).where(Study.study_instance_uid == args.uid.strip())
+            ).first()
             if study is None:
-                print(f"dicomai studies show: no study with StudyInstanceUID {args.uid}",
-                      file=sys.stderr)
+                print(
+                    f"dicomai studies show: no study with StudyInstanceUID {args.uid}",
+                    file=sys.stderr,
+                )
                 return EXIT_RUNTIME
-            jobs = conn.execute(select(Job).where(Job.study_id == study.id)
-                                .order_by(Job.generation)).all()
+            jobs = conn.execute(
+                select(Job).where(Job.study_id == study.id).order_by(Job.generation)
+            ).all()
             job_ids = [j.id for j in jobs]
             gen_of = {j.id: j.generation for j in jobs}
             series = conn.execute(
-                select(Instance.series_instance_uid, Instance.modality, Instance.body_part,
-                       Instance.series_description, func.min(Instance.view_position),
-                       func.count(), func.min(Instance.series_number))
+                select(
+                    Instance.series_instance_uid,
+                    Instance.modality,
+                    Instance.body_part,
+                    Instance.series_description,
+                    func.min(Instance.view_position),
+                    func.count(),
+                    func.min(Instance.series_number),
+                )
                 .where(Instance.study_id == study.id)
-                .group_by(Instance.series_instance_uid, Instance.modality, Instance.body_part,
-                          Instance.series_description)
-                .order_by(func.min(Instance.series_number))).all()
-            results = conn.execute(select(ResultObject).where(ResultObject.job_id.in_(job_ids))
-                                   .order_by(ResultObject.job_id, ResultObject.id)).all()
-            events = conn.execute(select(JobEvent).where(JobEvent.job_id.in_(job_ids))
-                                  .order_by(JobEvent.at, JobEvent.id)).all()
+                .group_by(
+                    Instance.series_instance_uid,
+                    Instance.modality,
+                    Instance.body_part,
+                    Instance.series_description,
+                )
+                .order_by(func.min(Instance.series_number))
+            ).all()
+            results = conn.execute(
+                select(ResultObject)
+                .where(ResultObject.job_id.in_(job_ids))
+                .order_by(ResultObject.job_id, ResultObject.id)
+            ).all()
+            events = conn.execute(
+                select(JobEvent)
+                .where(JobEvent.job_id.in_(job_ids))
+                .order_by(JobEvent.at, JobEvent.id)
+            ).all()
     finally:
         engine.dispose()
     data = {
@@ -656,25 +804,66 @@ def _study_show(args: argparse.Namespace, settings: Settings) -> int:
         "first_received_at": _iso(study.first_received_at),
         "last_received_at": _iso(study.last_received_at),
         "calling_ae_title": study.calling_ae_title,
-        "series": [{"series_instance_uid": s[0], "modality": s[1], "body_part": s[2],
-                    "description": s[3], "view_position": s[4], "instances": s[5],
-                    "series_number": s[6]} for s in series],
-        "jobs": [{
-            "job_id": j.id, "generation": j.generation, "state": j.state, "route": j.route,
-            "model": j.model, "instances": j.instance_count, "attempts": j.attempts,
-            "send_attempts": j.send_attempts, "received_at": _iso(j.created_at),
-            "closed_at": _iso(j.closed_at), "finished_at": _iso(j.finished_at),
-            "latency_seconds": _latency(j), "inference_seconds": j.inference_seconds,
-            "next_attempt_at": _iso(j.not_before), "claimed_by": j.claimed_by,
-            "destinations": j.destinations, "findings": j.findings, "last_error": j.last_error,
-        } for j in jobs],
-        "results": [{"job_id": r.job_id, "destination": r.destination, "kind": r.kind,
-                     "sop_instance_uid": r.sop_instance_uid, "state": r.state,
-                     "status": None if r.status_code is None else f"0x{r.status_code:04X}",
-                     "attempts": r.attempts, "sent_at": _iso(r.sent_at),
-                     "last_error": r.last_error} for r in results],
-        "timeline": [{"at": _iso(e.at), "job_id": e.job_id, "generation": gen_of[e.job_id],
-                      "src": e.src, "dst": e.dst, "reason": e.reason} for e in events],
+        "series": [
+            {
+                "series_instance_uid": s[0],
+                "modality": s[1],
+                "body_part": s[2],
+                "description": s[3],
+                "view_position": s[4],
+                "instances": s[5],
+                "series_number": s[6],
+            }
+            for s in series
+        ],
+        "jobs": [
+            {
+                "job_id": j.id,
+                "generation": j.generation,
+                "state": j.state,
+                "route": j.route,
+                "model": j.model,
+                "instances": j.instance_count,
+                "attempts": j.attempts,
+                "send_attempts": j.send_attempts,
+                "received_at": _iso(j.created_at),
+                "closed_at": _iso(j.closed_at),
+                "finished_at": _iso(j.finished_at),
+                "latency_seconds": _latency(j),
+                "inference_seconds": j.inference_seconds,
+                "next_attempt_at": _iso(j.not_before),
+                "claimed_by": j.claimed_by,
+                "destinations": j.destinations,
+                "findings": j.findings,
+                "last_error": j.last_error,
+            }
+            for j in jobs
+        ],
+        "results": [
+            {
+                "job_id": r.job_id,
+                "destination": r.destination,
+                "kind": r.kind,
+                "sop_instance_uid": r.sop_instance_uid,
+                "state": r.state,
+                "status": None if r.status_code is None else f"0x{r.status_code:04X}",
+                "attempts": r.attempts,
+                "sent_at": _iso(r.sent_at),
+                "last_error": r.last_error,
+            }
+            for r in results
+        ],
+        "timeline": [
+            {
+                "at": _iso(e.at),
+                "job_id": e.job_id,
+                "generation": gen_of[e.job_id],
+                "src": e.src,
+                "dst": e.dst,
+                "reason": e.reason,
+            }
+            for e in events
+        ],
     }
     if args.json:
         print(json.dumps(data, indent=2))
@@ -688,41 +877,83 @@ def _print_study(data: dict[str, Any], events: Sequence[Any]) -> None:
     from rich.table import Table
 
     console = _console()
-    console.print(f"[bold]study {data['study_instance_uid']}[/]  first received "
-                  f"{data['first_received_at']}, last {data['last_received_at']} "
-                  f"from {data['calling_ae_title'] or '-'}")
+    console.print(
+        f"[bold]study {data['study_instance_uid']}[/]  first received "
+        f"{data['first_received_at']}, last {data['last_received_at']} "
+        f"from {data['calling_ae_title'] or '-'}"
+    )
     t = Table(box=box.SIMPLE, title="series", title_justify="left")
     for col in ("no.", "series", "modality", "body part", "view", "images", "description"):
         t.add_column(col, overflow="fold", no_wrap=col == "series")
     for s in data["series"]:
-        t.add_row(str(s["series_number"] if s["series_number"] is not None else "-"),
-                  s["series_instance_uid"], s["modality"] or "-", s["body_part"] or "-",
-                  s["view_position"] or "-", str(s["instances"]), s["description"] or "-")
+        t.add_row(
+            str(s["series_number"] if s["series_number"] is not None else "-"),
+            s["series_instance_uid"],
+            s["modality"] or "-",
+            s["body_part"] or "-",
+            s["view_position"] or "-",
+            str(s["instances"]),
+            s["description"] or "-",
+        )
     console.print(t)
     t = Table(box=box.SIMPLE, title="jobs (one per generation)", title_justify="left")
-    for col in ("job", "gen", "state", "route", "model", "inst", "tries", "sends", "latency",
-                "inference", "findings", "last error"):
+    for col in (
+        "job",
+        "gen",
+        "state",
+        "route",
+        "model",
+        "inst",
+        "tries",
+        "sends",
+        "latency",
+        "inference",
+        "findings",
+        "last error",
+    ):
         t.add_column(col, overflow="fold")
     for j in data["jobs"]:
         f = j["findings"] or {}
-        t.add_row(str(j["job_id"]), str(j["generation"]), j["state"], j["route"] or "-",
-                  j["model"] or "-", str(j["instances"]), str(j["attempts"]),
-                  str(j["send_attempts"]),
-                  "-" if j["latency_seconds"] is None else f"{j['latency_seconds']:.1f}s",
-                  "-" if j["inference_seconds"] is None else f"{j['inference_seconds']:.2f}s",
-                  ", ".join(f.get("positive", [])) or ("none" if f else "-"),
-                  (j["last_error"] or "-") + (f" (next attempt {j['next_attempt_at']})"
-                                              if j["next_attempt_at"] else ""))
+        t.add_row(
+            str(j["job_id"]),
+            str(j["generation"]),
+            j["state"],
+            j["route"] or "-",
+            j["model"] or "-",
+            str(j["instances"]),
+            str(j["attempts"]),
+            str(j["send_attempts"]),
+            "-" if j["latency_seconds"] is None else f"{j['latency_seconds']:.1f}s",
+            "-" if j["inference_seconds"] is None else f"{j['inference_seconds']:.2f}s",
+            ", ".join(f.get("positive", [])) or ("none" if f else "-"),
+            (j["last_error"] or "-")
+            + (f" (next attempt {j['next_attempt_at']})" if j["next_attempt_at"] else ""),
+        )
     console.print(t)
     if data["results"]:
         t = Table(box=box.SIMPLE, title="result objects", title_justify="left")
-        for col in ("job", "destination", "kind", "state", "status", "tries", "sent at",
-                    "last error"):
+        for col in (
+            "job",
+            "destination",
+            "kind",
+            "state",
+            "status",
+            "tries",
+            "sent at",
+            "last error",
+        ):
             t.add_column(col, overflow="fold")
         for r in data["results"]:
-            t.add_row(str(r["job_id"]), r["destination"], r["kind"], r["state"],
-                      r["status"] or "-", str(r["attempts"]), r["sent_at"] or "-",
-                      r["last_error"] or "-")
+            t.add_row(
+                str(r["job_id"]),
+                r["destination"],
+                r["kind"],
+                r["state"],
+                r["status"] or "-",
+                str(r["attempts"]),
+                r["sent_at"] or "-",
+                r["last_error"] or "-",
+            )
         console.print(t)
     t = Table(box=box.SIMPLE, title="timeline", title_justify="left")
     for col in ("at", "+s", "job", "gen", "transition", "reason"):
@@ -730,8 +961,14 @@ def _print_study(data: dict[str, Any], events: Sequence[Any]) -> None:
     first = events[0].at if events else None
     for e, row in zip(events, data["timeline"], strict=True):
         offset = (e.at - first).total_seconds() if first else 0.0
-        t.add_row(row["at"], f"{offset:.1f}", str(row["job_id"]), str(row["generation"]),
-                  f"{row['src'] or '-'} -> {row['dst']}", row["reason"] or "-")
+        t.add_row(
+            row["at"],
+            f"{offset:.1f}",
+            str(row["job_id"]),
+            str(row["generation"]),
+            f"{row['src'] or '-'} -> {row['dst']}",
+            row["reason"] or "-",
+        )
     console.print(t)
 
 
@@ -745,17 +982,26 @@ def cmd_echo(args: argparse.Namespace) -> int:
         dest = settings.destination(args.destination)
     except KeyError:
         names = ", ".join(d.name for d in settings.destinations) or "none configured"
-        print(f"dicomai echo: no destination named {args.destination!r} (known: {names})",
-              file=sys.stderr)
+        print(
+            f"dicomai echo: no destination named {args.destination!r} (known: {names})",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
     if dest.kind == "dicomweb":
         return _echo_dicomweb(settings, dest, args.timeout)
-    where = f"{dest.name} ({dest.ae_title}@{dest.host}:{dest.port}, calling AE " \
-            f"{settings.sender.ae_title})"
+    where = (
+        f"{dest.name} ({dest.ae_title}@{dest.host}:{dest.port}, calling AE "
+        f"{settings.sender.ae_title})"
+    )
     t0 = time.perf_counter()
     try:
-        status = echo(dest.host, int(dest.port or 0), called_ae=dest.ae_title,
-                      calling_ae=settings.sender.ae_title, timeout=args.timeout)
+        status = echo(
+            dest.host,
+            int(dest.port or 0),
+            called_ae=dest.ae_title,
+            calling_ae=settings.sender.ae_title,
+            timeout=args.timeout,
+        )
     except Exception as exc:  # name resolution and socket errors come in several types
         print(f"{where}: C-ECHO failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_RUNTIME
@@ -764,8 +1010,11 @@ def cmd_echo(args: argparse.Namespace) -> int:
         print(f"{where}: C-ECHO success in {ms:.0f} ms")
         return EXIT_OK
     if status is None:
-        print(f"{where}: C-ECHO failed: no association (connection refused, association "
-              f"rejected or no answer within {args.timeout:g} s)", file=sys.stderr)
+        print(
+            f"{where}: C-ECHO failed: no association (connection refused, association "
+            f"rejected or no answer within {args.timeout:g} s)",
+            file=sys.stderr,
+        )
     else:
         print(f"{where}: C-ECHO answered status 0x{status:04X}", file=sys.stderr)
     return EXIT_RUNTIME
@@ -803,16 +1052,20 @@ def parse_target(text: str) -> tuple[str, str, int]:
     return m.group("ae").strip(), m.group("host").strip("[]"), int(m.group("port"))
 
 
-def _dicom_files(paths: Sequence[str]) -> tuple[list[tuple[Path, str, str]],
-                                                 list[tuple[Path, str]], int]:
+def _dicom_files(
+    paths: Sequence[str],
+) -> tuple[list[tuple[Path, str, str]], list[tuple[Path, str]], int]:
     """(sendable (path, sop class, syntax), failures (path, why), skipped in folders)."""
     import pydicom
 
     found: list[tuple[Path, bool]] = []
     for p in map(Path, paths):
         if p.is_dir():
-            found.extend((f, False) for f in sorted(p.rglob("*"))
-                         if f.is_file() and not f.name.startswith("."))
+            found.extend(
+                (f, False)
+                for f in sorted(p.rglob("*"))
+                if f.is_file() and not f.name.startswith(".")
+            )
         else:
             found.append((p, True))
     ok: list[tuple[Path, str, str]] = []
@@ -820,8 +1073,9 @@ def _dicom_files(paths: Sequence[str]) -> tuple[list[tuple[Path, str, str]],
     skipped = 0
     for path, explicit in found:
         try:
-            meta = pydicom.dcmread(path, stop_before_pixels=True,
-                                   specific_tags=["SOPClassUID"]).file_meta
+            meta = pydicom.dcmread(
+                path, stop_before_pixels=True, specific_tags=["SOPClassUID"]
+            ).file_meta
             sop_class = str(meta.MediaStorageSOPClassUID)
             syntax = str(meta.TransferSyntaxUID)
         except Exception:  # not DICOM, or no file meta
@@ -860,11 +1114,17 @@ def cmd_send(args: argparse.Namespace) -> int:
             return EXIT_USAGE
     else:
         r = _settings(args).receiver
-        called, host, port = r.ae_title, {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"
-                                          }.get(r.host, r.host), r.port
+        called, host, port = (
+            r.ae_title,
+            {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(r.host, r.host),
+            r.port,
+        )
         if port == 0:
-            print("dicomai send: the configured receiver port is 0 (any free port); "
-                  "give --to AE@host:port", file=sys.stderr)
+            print(
+                "dicomai send: the configured receiver port is 0 (any free port); "
+                "give --to AE@host:port",
+                file=sys.stderr,
+            )
             return EXIT_USAGE
     files, failures, skipped = _dicom_files(args.paths)
     target = f"{called}@{host}:{port}"
@@ -882,8 +1142,14 @@ def cmd_send(args: argparse.Namespace) -> int:
         contexts.add(pair)
         batches[-1].append(item)
     sent = 0
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TimeElapsedColumn(), console=_console(stderr=True), transient=False)
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=_console(stderr=True),
+        transient=False,
+    )
     with progress:
         task = progress.add_task(f"C-STORE to {target}", total=len(files))
         for batch in batches:
@@ -894,8 +1160,11 @@ def cmd_send(args: argparse.Namespace) -> int:
             try:
                 assoc = ae.associate(host, port, ae_title=called)
                 if not assoc.is_established:
-                    why = "association rejected" if assoc.is_rejected else \
-                        "no association (refused, aborted or timed out)"
+                    why = (
+                        "association rejected"
+                        if assoc.is_rejected
+                        else "no association (refused, aborted or timed out)"
+                    )
                     failures.extend((b[0], why) for b in batch)
                     progress.advance(task, len(batch))
                     continue
@@ -910,8 +1179,9 @@ def cmd_send(args: argparse.Namespace) -> int:
                     if status is not None and (status == 0 or status & 0xF000 == 0xB000):
                         sent += 1
                     else:
-                        failures.append((path, "no response" if status is None
-                                         else f"status 0x{status:04X}"))
+                        failures.append(
+                            (path, "no response" if status is None else f"status 0x{status:04X}")
+                        )
                     progress.advance(task)
                 if assoc.is_established:
                     assoc.release()
@@ -936,8 +1206,7 @@ def cmd_purge(args: argparse.Namespace) -> int:
     from dicomai.store import Spool
 
     settings = _settings(args)
-    days = settings.spool.retention_days if args.older_than_days is None \
-        else args.older_than_days
+    days = settings.spool.retention_days if args.older_than_days is None else args.older_than_days
     if days < 0:
         print("dicomai purge: --older-than-days must not be negative", file=sys.stderr)
         return EXIT_USAGE
@@ -946,8 +1215,13 @@ def cmd_purge(args: argparse.Namespace) -> int:
         print("nothing to purge (no database yet)")
         return EXIT_OK
     try:
-        items = purge_finished(Queue(make_session_factory(engine)), Spool(settings.spool_path),
-                               utcnow(), days, dry_run=args.dry_run)
+        items = purge_finished(
+            Queue(make_session_factory(engine)),
+            Spool(settings.spool_path),
+            utcnow(),
+            days,
+            dry_run=args.dry_run,
+        )
     finally:
         engine.dispose()
     if not items:
@@ -955,13 +1229,17 @@ def cmd_purge(args: argparse.Namespace) -> int:
         return EXIT_OK
     verb = "would remove" if args.dry_run else "removed"
     for item in items:
-        print(f"{verb} study #{item.study_id} (jobs {', '.join(map(str, item.job_ids))}, "
-              f"finished {_iso(item.finished_at)}): {item.instance_files} instance file(s), "
-              f"{item.result_folders} results folder(s), {item.size_bytes / 1e6:.1f} MB")
-    print(f"{verb} {sum(i.instance_files for i in items)} instance file(s) and "
-          f"{sum(i.result_folders for i in items)} results folder(s) of {len(items)} "
-          f"stud{'y' if len(items) == 1 else 'ies'}, "
-          f"{sum(i.size_bytes for i in items) / 1e6:.1f} MB")
+        print(
+            f"{verb} study #{item.study_id} (jobs {', '.join(map(str, item.job_ids))}, "
+            f"finished {_iso(item.finished_at)}): {item.instance_files} instance file(s), "
+            f"{item.result_folders} results folder(s), {item.size_bytes / 1e6:.1f} MB"
+        )
+    print(
+        f"{verb} {sum(i.instance_files for i in items)} instance file(s) and "
+        f"{sum(i.result_folders for i in items)} results folder(s) of {len(items)} "
+        f"stud{'y' if len(items) == 1 else 'ies'}, "
+        f"{sum(i.size_bytes for i in items) / 1e6:.1f} MB"
+    )
     return EXIT_OK
 
 
@@ -978,8 +1256,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     p = argparse.ArgumentParser(prog="dicomai", description=__doc__)
     p.add_argument("--version", action="version", version=f"dicomai {__version__}")
-    p.add_argument("--config", help="config file (default $DICOMAI_CONFIG or "
-                                    "config/dicomai.toml)")
+    p.add_argument("--config", help="config file (default $DICOMAI_CONFIG or config/dicomai.toml)")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="run the daemon")
@@ -990,17 +1267,40 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="one JSON object for scripts")
     s.add_argument("--plain", action="store_true", help="plain text instead of tables")
     s.add_argument("--limit", type=int, default=20, help="recent studies to list")
-    s.add_argument("--check", action="store_true",
-                   help="exit 1 when unhealthy: heartbeat stale, receiver not answering "
-                        "C-ECHO, database unreachable or free disk below the floor")
-    s.add_argument("--watch", nargs="?", type=float, const=2.0, default=None,
-                   metavar="SECONDS", help="redraw every SECONDS (default 2) until Ctrl-C")
-    s.add_argument("--iterations", type=int, default=0, metavar="N",
-                   help="with --watch: stop after N refreshes (0 = until Ctrl-C)")
-    s.add_argument("--probe-timeout", type=float, default=3.0, metavar="SECONDS",
-                   help="timeout of the receiver probe (C-ECHO)")
-    s.add_argument("--probe-ae", metavar="AE",
-                   help="calling AE title of the receiver probe (default [sender] ae_title)")
+    s.add_argument(
+        "--check",
+        action="store_true",
+        help="exit 1 when unhealthy: heartbeat stale, receiver not answering "
+        "C-ECHO, database unreachable or free disk below the floor",
+    )
+    s.add_argument(
+        "--watch",
+        nargs="?",
+        type=float,
+        const=2.0,
+        default=None,
+        metavar="SECONDS",
+        help="redraw every SECONDS (default 2) until Ctrl-C",
+    )
+    s.add_argument(
+        "--iterations",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --watch: stop after N refreshes (0 = until Ctrl-C)",
+    )
+    s.add_argument(
+        "--probe-timeout",
+        type=float,
+        default=3.0,
+        metavar="SECONDS",
+        help="timeout of the receiver probe (C-ECHO)",
+    )
+    s.add_argument(
+        "--probe-ae",
+        metavar="AE",
+        help="calling AE title of the receiver probe (default [sender] ae_title)",
+    )
     s.set_defaults(func=cmd_status)
 
     s = sub.add_parser("retry", help="retry failed jobs (re-send results or re-analyse)")
@@ -1014,17 +1314,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--study", action="append", help="StudyInstanceUID (its latest generation)")
     s.set_defaults(func=cmd_cancel)
 
-    s = sub.add_parser("studies", help="list studies; `studies show UID`: jobs and timeline",
-                       description="List studies (latest generation, newest first), or show "
-                                   "one study's series, jobs, result objects and timeline.")
-    s.add_argument("--state", action="append", choices=JOB_STATES,
-                   help="only this state (repeatable)")
+    s = sub.add_parser(
+        "studies",
+        help="list studies; `studies show UID`: jobs and timeline",
+        description="List studies (latest generation, newest first), or show "
+        "one study's series, jobs, result objects and timeline.",
+    )
+    s.add_argument(
+        "--state", action="append", choices=JOB_STATES, help="only this state (repeatable)"
+    )
     s.add_argument("--route", action="append", help="only this route (repeatable)")
-    s.add_argument("--since", help="received since: a duration (90m, 2h, 7d) or an ISO "
-                                   "date/time (local time unless it has an offset)")
+    s.add_argument(
+        "--since",
+        help="received since: a duration (90m, 2h, 7d) or an ISO "
+        "date/time (local time unless it has an offset)",
+    )
     s.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
-    s.add_argument("--all-generations", action="store_true",
-                   help="every generation, not only each study's latest")
+    s.add_argument(
+        "--all-generations",
+        action="store_true",
+        help="every generation, not only each study's latest",
+    )
     s.add_argument("--json", action="store_true")
     ssub = s.add_subparsers(dest="studies_cmd", metavar="{show}")
     m = ssub.add_parser("show", help="one study: series, jobs, result objects, timeline")
@@ -1032,23 +1342,32 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_studies)
 
-    s = sub.add_parser("echo", help="C-ECHO a configured destination, a QIDO-RS search for a "
-                                    "DICOMweb one (exit 1 if it fails)")
+    s = sub.add_parser(
+        "echo",
+        help="C-ECHO a configured destination, a QIDO-RS search for a "
+        "DICOMweb one (exit 1 if it fails)",
+    )
     s.add_argument("destination", help="a [[destinations]] name, e.g. pacs")
     s.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
     s.set_defaults(func=cmd_echo)
 
     s = sub.add_parser("send", help="C-STORE DICOM files/folders to the receiver or --to")
     s.add_argument("paths", nargs="+", metavar="PATH", help="files or folders (recursive)")
-    s.add_argument("--to", metavar="AE@HOST:PORT",
-                   help="destination (default: this configuration's receiver)")
+    s.add_argument(
+        "--to", metavar="AE@HOST:PORT", help="destination (default: this configuration's receiver)"
+    )
     s.add_argument("--calling-ae", default="DICOMAI-SCU", help="our AE title (DICOMAI-SCU)")
     s.add_argument("--timeout", type=float, default=30.0, help="network timeout, seconds")
     s.set_defaults(func=cmd_send)
 
     s = sub.add_parser("purge", help="delete spool files of studies finished long ago")
-    s.add_argument("--older-than-days", type=float, default=None, metavar="N",
-                   help="finished more than N days ago (default [spool] retention_days)")
+    s.add_argument(
+        "--older-than-days",
+        type=float,
+        default=None,
+        metavar="N",
+        help="finished more than N days ago (default [spool] retention_days)",
+    )
     s.add_argument("--dry-run", action="store_true", help="only list what would be removed")
     s.set_defaults(func=cmd_purge)
 
@@ -1076,36 +1395,55 @@ def build_parser() -> argparse.ArgumentParser:
     m = msub.add_parser("build-reference", help="(re)build the untrained reference models")
     m.add_argument("names", nargs="*", help="model names (default: all reference models)")
     m = msub.add_parser("export", help="TorchScript file from a state dict (your weights)")
-    m.add_argument("--architecture", required=True,
-                   choices=["densenet121", "resnet18", "densenet169"])
+    m.add_argument(
+        "--architecture", required=True, choices=["densenet121", "resnet18", "densenet169"]
+    )
     m.add_argument("--state-dict", required=True, help="PyTorch state dict (.pth/.pt)")
     m.add_argument("--out", required=True, help="output TorchScript file")
     m.add_argument("--name", required=True)
     m.add_argument("--version", required=True)
     m.add_argument("--labels", help="comma-separated labels (default: the architecture's)")
-    m.add_argument("--description", required=True,
-                   help="what these weights are (shown in every result object)")
+    m.add_argument(
+        "--description", required=True, help="what these weights are (shown in every result object)"
+    )
     m = msub.add_parser(
-        "evaluate", help="AUROC, sensitivity, specificity of a model on a labelled set",
+        "evaluate",
+        help="AUROC, sensitivity, specificity of a model on a labelled set",
         description="Run a configured model on the studies under DIRECTORY (DICOM files, any "
-                    "layout) and compare with LABELS: a CSV with study_instance_uid,label,"
-                    "value (0/1) rows, or a study_instance_uid column and one 0/1 column per "
-                    "label. Reports per-label AUROC, sensitivity and specificity at the "
-                    "configured thresholds with bootstrap 95% confidence intervals.")
+        "layout) and compare with LABELS: a CSV with study_instance_uid,label,"
+        "value (0/1) rows, or a study_instance_uid column and one 0/1 column per "
+        "label. Reports per-label AUROC, sensitivity and specificity at the "
+        "configured thresholds with bootstrap 95% confidence intervals.",
+    )
     m.add_argument("directory", help="folder with the studies' DICOM files")
     m.add_argument("--model", required=True, help="a configured model name")
     m.add_argument("--labels", required=True, help="labels CSV")
-    m.add_argument("--suggest-thresholds", action="store_true",
-                   help="suggest per-label thresholds reaching --target-sensitivity")
-    m.add_argument("--target-sensitivity", type=float, default=0.9,
-                   help="sensitivity the suggested thresholds reach (default 0.9)")
-    m.add_argument("--subgroups", action="store_true",
-                   help="figures per PatientSex, age band, Manufacturer and ViewPosition")
+    m.add_argument(
+        "--suggest-thresholds",
+        action="store_true",
+        help="suggest per-label thresholds reaching --target-sensitivity",
+    )
+    m.add_argument(
+        "--target-sensitivity",
+        type=float,
+        default=0.9,
+        help="sensitivity the suggested thresholds reach (default 0.9)",
+    )
+    m.add_argument(
+        "--subgroups",
+        action="store_true",
+        help="figures per PatientSex, age band, Manufacturer and ViewPosition",
+    )
     m.add_argument("--html", metavar="PATH", help="write an HTML report with ROC curves")
     m.add_argument("--json", metavar="PATH", help="write the full report as JSON")
     m.add_argument("--scores-csv", metavar="PATH", help="write per-study scores")
-    m.add_argument("--bootstrap", type=int, default=1000, metavar="N",
-                   help="bootstrap resamples for the 95%% CIs (default 1000; 0: none)")
+    m.add_argument(
+        "--bootstrap",
+        type=int,
+        default=1000,
+        metavar="N",
+        help="bootstrap resamples for the 95%% CIs (default 1000; 0: none)",
+    )
     m.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     m.add_argument("--device", help="override the model's device (auto, cpu, cuda, cuda:N)")
     s.set_defaults(func=cmd_models)

@@ -184,8 +184,11 @@ class DicomWebSettings(_Section):
     @classmethod
     def _path(cls, value: str) -> str:
         value = value.strip().rstrip("/")
-        if value and (not value.startswith("/") or not re.fullmatch(r"[A-Za-z0-9_./~-]*", value)
-                      or "//" in value):
+        if value and (
+            not value.startswith("/")
+            or not re.fullmatch(r"[A-Za-z0-9_./~-]*", value)
+            or "//" in value
+        ):
             raise ValueError('path must be empty or start with "/" (letters, digits, _ . - ~ /)')
         return value
 
@@ -201,8 +204,9 @@ class DicomWebSettings(_Section):
 
     @model_validator(mode="after")
     def _auth_and_tls(self) -> DicomWebSettings:
-        check_auth_fields(self.auth, user=self.user, password_file=self.password_file,
-                          token_file=self.token_file)
+        check_auth_fields(
+            self.auth, user=self.user, password_file=self.password_file, token_file=self.token_file
+        )
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("tls_cert_file and tls_key_file must be set together")
         return self
@@ -352,8 +356,9 @@ class DestinationSettings(_Section):
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("url must be an http:// or https:// URL with a host")
         if parts.username is not None or parts.password is not None:
-            raise ValueError("url must not hold credentials: use auth, user and "
-                             "password_file (or token_file)")
+            raise ValueError(
+                "url must not hold credentials: use auth, user and password_file (or token_file)"
+            )
         if parts.query or parts.fragment:
             raise ValueError("url must be the service root, without ?query or #fragment")
         try:
@@ -365,25 +370,38 @@ class DestinationSettings(_Section):
     @model_validator(mode="after")
     def _kind(self) -> DestinationSettings:
         dimse = {"ae_title": self.ae_title, "host": self.host, "port": self.port}
-        web = {"url": self.url, "auth": self.auth != "none", "user": self.user,
-               "password_file": self.password_file, "token_file": self.token_file,
-               "ca_file": self.ca_file, "verify": not self.verify}
+        web = {
+            "url": self.url,
+            "auth": self.auth != "none",
+            "user": self.user,
+            "password_file": self.password_file,
+            "token_file": self.token_file,
+            "ca_file": self.ca_file,
+            "verify": not self.verify,
+        }
         if self.kind == "dimse":
             if missing := [k for k, v in dimse.items() if not v]:
-                raise ValueError(f"destination {self.name!r} (kind \"dimse\") needs "
-                                 f"{', '.join(missing)}")
+                raise ValueError(
+                    f'destination {self.name!r} (kind "dimse") needs {", ".join(missing)}'
+                )
             if extra := [k for k, v in web.items() if v]:
-                raise ValueError(f"destination {self.name!r}: {', '.join(extra)} only apply to "
-                                 f"kind = \"dicomweb\"")
+                raise ValueError(
+                    f'destination {self.name!r}: {", ".join(extra)} only apply to kind = "dicomweb"'
+                )
             return self
         if not self.url:
-            raise ValueError(f"destination {self.name!r} (kind \"dicomweb\") needs url")
+            raise ValueError(f'destination {self.name!r} (kind "dicomweb") needs url')
         if extra := [k for k, v in dimse.items() if v]:
-            raise ValueError(f"destination {self.name!r}: {', '.join(extra)} only apply to "
-                             f"kind = \"dimse\"")
+            raise ValueError(
+                f'destination {self.name!r}: {", ".join(extra)} only apply to kind = "dimse"'
+            )
         try:
-            check_auth_fields(self.auth, user=self.user, password_file=self.password_file,
-                              token_file=self.token_file)
+            check_auth_fields(
+                self.auth,
+                user=self.user,
+                password_file=self.password_file,
+                token_file=self.token_file,
+            )
         except ValueError as exc:
             raise ValueError(f"destination {self.name!r}: {exc}") from exc
         if self.ca_file is not None and not self.url.startswith("https:"):
@@ -392,9 +410,15 @@ class DestinationSettings(_Section):
 
     def files(self) -> list[tuple[str, Path, bool]]:
         """(key, path, holds a secret) of the files this destination reads."""
-        return [(k, p, secret) for k, p, secret in (
-            ("password_file", self.password_file, True), ("token_file", self.token_file, True),
-            ("ca_file", self.ca_file, False)) if p is not None]
+        return [
+            (k, p, secret)
+            for k, p, secret in (
+                ("password_file", self.password_file, True),
+                ("token_file", self.token_file, True),
+                ("ca_file", self.ca_file, False),
+            )
+            if p is not None
+        ]
 
     @property
     def address(self) -> str:
@@ -493,7 +517,8 @@ class LoggingSettings(_Section):
     format: Literal["auto", "json", "text"] = "auto"  # auto: JSON under systemd, text on a tty
     file: Path | None = None
     levels: dict[str, Literal["DEBUG", "INFO", "WARNING", "ERROR"]] = Field(
-        default_factory=dict)  # per component, e.g. {"dicomai.ingest" = "DEBUG"}
+        default_factory=dict
+    )  # per component, e.g. {"dicomai.ingest" = "DEBUG"}
 
 
 class MetricsSettings(_Section):
@@ -579,7 +604,8 @@ class Settings(_Section):
             update["device"] = self.worker.device
         if self.worker.batch_size:
             update["preprocessing"] = spec.preprocessing.model_copy(
-                update={"batch_size": self.worker.batch_size})
+                update={"batch_size": self.worker.batch_size}
+            )
         return spec.model_copy(update=update) if update else spec
 
     def model_path(self, name: str) -> Path:

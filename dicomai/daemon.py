@@ -53,8 +53,11 @@ class Daemon:
         self.settings = settings
         self.roles = tuple(r for r in ROLES if r in set(roles))
         self.clock = clock
-        self.engine = make_engine(settings.database_url, echo=settings.database.echo,
-                                  busy_timeout=settings.database.busy_timeout_seconds)
+        self.engine = make_engine(
+            settings.database_url,
+            echo=settings.database.echo,
+            busy_timeout=settings.database.busy_timeout_seconds,
+        )
         self.queue = Queue(make_session_factory(self.engine))
         self.spool = Spool(settings.spool_path)
         self.models: ModelPool | None = None
@@ -78,11 +81,13 @@ class Daemon:
         self.spool.start()
         restore_copies(self.queue)  # small instances' files a machine crash may have cut
         a = self.settings.audit
-        audit.configure(self.settings.resolve(a.file) if a.file and str(a.file) else None,
-                        syslog=a.syslog, syslog_address=a.syslog_address,
-                        site=self.settings.general.site_name)
-        reclaim_dead_local(self.queue, socket.gethostname(), self.clock(),
-                           own_token=PROCESS_TOKEN)
+        audit.configure(
+            self.settings.resolve(a.file) if a.file and str(a.file) else None,
+            syslog=a.syslog,
+            syslog_address=a.syslog_address,
+            site=self.settings.general.site_name,
+        )
+        reclaim_dead_local(self.queue, socket.gethostname(), self.clock(), own_token=PROCESS_TOKEN)
         if "scheduler" in self.roles:
             self.queue.restart_quiet_clocks(self.clock())
             sweep_orphans(self.queue, self.spool)
@@ -91,8 +96,7 @@ class Daemon:
             configure_file_limits(FileLimits.from_settings(self.settings.receiver))
             self.receiver = Receiver(self.settings.receiver, self.spool, self.queue, self.clock)
             self.receiver.start()
-            logger.info("receiving", extra=log_fields(
-                "daemon.receiving", port=self.receiver.port))
+            logger.info("receiving", extra=log_fields("daemon.receiving", port=self.receiver.port))
             if self.settings.dicomweb.enabled:
                 from dicomai.ingest.stow_server import DicomWebReceiver
 
@@ -118,31 +122,48 @@ class Daemon:
             m = self.settings.metrics
             self.metrics_server = start_metrics_server(m.host, m.port, self.settings, self.engine)
         self._beat()
-        self._beat_thread = threading.Thread(target=self._beat_loop, name="heartbeat",
-                                             daemon=True)
+        self._beat_thread = threading.Thread(target=self._beat_loop, name="heartbeat", daemon=True)
         self._beat_thread.start()
         logger.info("daemon started", extra=log_fields("daemon.started", roles=list(self.roles)))
 
     def _beat(self) -> None:
         info: dict[str, Any] = {"pid": os.getpid(), "roles": list(self.roles)}
         if self.receiver is not None and self.receiver.server is not None:
-            info["receiver"] = {"ae_title": self.settings.receiver.ae_title,
-                                "host": self.settings.receiver.host, "port": self.receiver.port,
-                                "processes": 1}
+            info["receiver"] = {
+                "ae_title": self.settings.receiver.ae_title,
+                "host": self.settings.receiver.host,
+                "port": self.receiver.port,
+                "processes": 1,
+            }
             web = self.settings.dicomweb
             info["receiver"]["dicomweb"] = (
-                {"enabled": True, "host": web.host, "port": self.dicomweb.port,
-                 "path": web.path or "/", "tls": web.tls_cert_file is not None,
-                 "auth": web.auth}
-                if self.dicomweb is not None else {"enabled": False})
+                {
+                    "enabled": True,
+                    "host": web.host,
+                    "port": self.dicomweb.port,
+                    "path": web.path or "/",
+                    "tls": web.tls_cert_file is not None,
+                    "auth": web.auth,
+                }
+                if self.dicomweb is not None
+                else {"enabled": False}
+            )
         if self.scheduler is not None:
             info["scheduler"] = "active" if self.scheduler.active else "standby"
         models = self.models
-        info["models"] = {} if models is None else {
-            name: {"version": b.identity.version, "sha256": b.identity.sha256,
-                   "device": b.device, "description": b.identity.description}
-            for name, b in models.loaded().items()
-        }
+        info["models"] = (
+            {}
+            if models is None
+            else {
+                name: {
+                    "version": b.identity.version,
+                    "sha256": b.identity.sha256,
+                    "device": b.device,
+                    "description": b.identity.description,
+                }
+                for name, b in models.loaded().items()
+            }
+        )
         if models is not None and models.states():
             info["models_not_ready"] = models.states()  # loading, or failed with its error
         self.queue.beat(f"daemon@{self.instance_name}", "daemon", self.clock(), info)
@@ -172,12 +193,20 @@ class Daemon:
         for component in (self.worker, self.sender, self.scheduler):
             if component is not None:
                 component.settings = merged
-        logger.info("configuration reloaded", extra=log_fields(
-            "daemon.reloaded", restart_needed=needs_restart, routes=len(merged.routes),
-            destinations=len(merged.destinations)))
+        logger.info(
+            "configuration reloaded",
+            extra=log_fields(
+                "daemon.reloaded",
+                restart_needed=needs_restart,
+                routes=len(merged.routes),
+                destinations=len(merged.destinations),
+            ),
+        )
         if needs_restart:
-            logger.warning("some changes need a restart", extra=log_fields(
-                "daemon.reload_partial", sections=needs_restart))
+            logger.warning(
+                "some changes need a restart",
+                extra=log_fields("daemon.reload_partial", sections=needs_restart),
+            )
         return needs_restart
 
     def stop(self, timeout: float = 30.0) -> None:
@@ -202,9 +231,14 @@ class Daemon:
         for name, step in steps:
             t0 = time.perf_counter()
             step()
-            logger.info("component stopped", extra=log_fields(
-                "daemon.component_stopped", component=name,
-                seconds=round(time.perf_counter() - t0, 3)))
+            logger.info(
+                "component stopped",
+                extra=log_fields(
+                    "daemon.component_stopped",
+                    component=name,
+                    seconds=round(time.perf_counter() - t0, 3),
+                ),
+            )
         self.spool.close()  # unused pre-created files of this process
         self._beat_stop.set()
         if self._beat_thread is not None:  # a beat in progress holds a connection
@@ -218,8 +252,11 @@ class Daemon:
         self.engine.dispose()
         logger.info("daemon stopped", extra=log_fields("daemon.stopped"))
 
-    def run(self, stop_event: threading.Event | None = None,
-            reload_settings: Callable[[], Settings] | None = None) -> int:
+    def run(
+        self,
+        stop_event: threading.Event | None = None,
+        reload_settings: Callable[[], Settings] | None = None,
+    ) -> int:
         """Start, wait for ``stop_event`` (or SIGTERM/SIGINT), stop; returns the exit code.
 
         SIGHUP calls ``reload_settings`` (re-reading the config file) and :meth:`reload`.
@@ -250,8 +287,10 @@ class Daemon:
                     try:
                         self.reload(reload_settings())
                     except Exception:  # a bad file must not take the daemon down
-                        logger.exception("configuration reload failed; keeping the old one",
-                                         extra=log_fields("daemon.reload_failed"))
+                        logger.exception(
+                            "configuration reload failed; keeping the old one",
+                            extra=log_fields("daemon.reload_failed"),
+                        )
         finally:
             self.stop(max(10.0, self.settings.worker.heartbeat_seconds * 3))
             for number, old in previous.items():
@@ -260,8 +299,9 @@ class Daemon:
             # A model call that does not return in time: leave now rather than let the
             # interpreter tear torch down under it. The job stays RUNNING and is reclaimed
             # at the next start (same host) or after stale_claim_seconds.
-            logger.warning("exiting with a model run still in progress",
-                           extra=log_fields("daemon.forced_exit"))
+            logger.warning(
+                "exiting with a model run still in progress", extra=log_fields("daemon.forced_exit")
+            )
             logging.shutdown()
             os._exit(0)
         return 0

@@ -160,7 +160,8 @@ class InstanceCopy(Base):
     __tablename__ = "instance_copies"
 
     instance_id: Mapped[int] = mapped_column(
-        ForeignKey("instances.id", ondelete="CASCADE"), primary_key=True)
+        ForeignKey("instances.id", ondelete="CASCADE"), primary_key=True
+    )
     path: Mapped[str] = mapped_column(Text)
     data: Mapped[bytes] = mapped_column(LargeBinary)
     made_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

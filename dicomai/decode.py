@@ -74,8 +74,17 @@ class J2KHeader:
 
     __slots__ = ("columns", "levels", "precision", "rows", "signed", "x_offset", "y_offset")
 
-    def __init__(self, *, columns: int, rows: int, x_offset: int, y_offset: int,
-                 precision: int, signed: bool, levels: int) -> None:
+    def __init__(
+        self,
+        *,
+        columns: int,
+        rows: int,
+        x_offset: int,
+        y_offset: int,
+        precision: int,
+        signed: bool,
+        levels: int,
+    ) -> None:
         self.columns, self.rows = columns, rows
         self.x_offset, self.y_offset = x_offset, y_offset
         self.precision, self.signed, self.levels = precision, signed, levels
@@ -84,8 +93,10 @@ class J2KHeader:
         """``(rows, columns)`` of the image decoded at resolution ``level`` (ISO 15444-1 B.5)."""
         scale = 1 << level
         x1, y1 = self.x_offset + self.columns, self.y_offset + self.rows
-        return (_ceil_div(y1, scale) - _ceil_div(self.y_offset, scale),
-                _ceil_div(x1, scale) - _ceil_div(self.x_offset, scale))
+        return (
+            _ceil_div(y1, scale) - _ceil_div(self.y_offset, scale),
+            _ceil_div(x1, scale) - _ceil_div(self.x_offset, scale),
+        )
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -103,7 +114,8 @@ def j2k_header(codestream: bytes) -> J2KHeader | None:
     try:
         (lsiz,) = struct.unpack_from(">H", codestream, 4)
         (_, xsiz, ysiz, xosiz, yosiz, _, _, _, _, csiz) = struct.unpack_from(
-            ">HIIIIIIIIH", codestream, 6)
+            ">HIIIIIIIIH", codestream, 6
+        )
         if csiz != 1 or lsiz < 41:
             return None
         ssiz, xrsiz, yrsiz = struct.unpack_from(">BBB", codestream, 6 + 36)
@@ -126,8 +138,15 @@ def j2k_header(codestream: bytes) -> J2KHeader | None:
         return None
     if levels is None or xsiz <= xosiz or ysiz <= yosiz:
         return None
-    return J2KHeader(columns=xsiz - xosiz, rows=ysiz - yosiz, x_offset=xosiz, y_offset=yosiz,
-                     precision=(ssiz & 0x7F) + 1, signed=bool(ssiz & 0x80), levels=levels)
+    return J2KHeader(
+        columns=xsiz - xosiz,
+        rows=ysiz - yosiz,
+        x_offset=xosiz,
+        y_offset=yosiz,
+        precision=(ssiz & 0x7F) + 1,
+        signed=bool(ssiz & 0x80),
+        levels=levels,
+    )
 
 
 def j2k_level(header: J2KHeader, min_side: int) -> int:
@@ -176,7 +195,9 @@ def decode_reduced(ds: Dataset, min_side: int, *, frame: int = 0) -> Reduced | N
         if int(ds.get("SamplesPerPixel", 1)) != 1 or "PixelData" not in ds:
             return None
         if str(ds.get("PhotometricInterpretation", "")).strip() not in (
-                "MONOCHROME1", "MONOCHROME2"):
+            "MONOCHROME1",
+            "MONOCHROME2",
+        ):
             return None
         frames = int(ds.get("NumberOfFrames", 1) or 1)
         data = get_frame(ds.PixelData, frame, number_of_frames=frames)
@@ -196,9 +217,13 @@ def _j2k_reduced(ds: Dataset, codestream: bytes, min_side: int) -> Reduced | Non
         return None
     signed = int(ds.get("PixelRepresentation", 0)) == 1
     bits_allocated = int(ds.BitsAllocated)
-    if (header.signed != signed or header.precision > int(ds.BitsStored)
-            or header.precision > 16 or bits_allocated not in (8, 16)
-            or header.precision > bits_allocated):
+    if (
+        header.signed != signed
+        or header.precision > int(ds.BitsStored)
+        or header.precision > 16
+        or bits_allocated not in (8, 16)
+        or header.precision > bits_allocated
+    ):
         return None
     level = j2k_level(header, min_side)
     if level == 0:

@@ -45,34 +45,50 @@ def demo_settings(base: Settings, data_dir: Path, pacs_port: int) -> Settings:
     }
     dests = [
         DestinationSettings.model_validate(
-            {**d.model_dump(), "host": "127.0.0.1", "port": pacs_port, "ae_title": "PACS"})
+            {**d.model_dump(), "host": "127.0.0.1", "port": pacs_port, "ae_title": "PACS"}
+        )
         for d in base.destinations
     ]
-    return base.model_copy(update={
-        "general": GeneralSettings(data_dir=data_dir, site_name=base.general.site_name),
-        "database": base.database.model_copy(update={"url": ""}),
-        "receiver": ReceiverSettings.model_validate(
-            {**base.receiver.model_dump(), "host": "127.0.0.1", "port": 0,
-             "allowed_calling_ae_titles": [], "min_free_disk_mb": 0}),
-        "scheduler": SchedulerSettings.model_validate(
-            {**base.scheduler.model_dump(), "study_quiet_seconds": _DEMO_QUIET_SECONDS,
-             "poll_seconds": 0.5}),
-        "logging": LoggingSettings(level="WARNING", format="text"),
-        "models": models,
-        "destinations": dests,
-    })
+    return base.model_copy(
+        update={
+            "general": GeneralSettings(data_dir=data_dir, site_name=base.general.site_name),
+            "database": base.database.model_copy(update={"url": ""}),
+            "receiver": ReceiverSettings.model_validate(
+                {
+                    **base.receiver.model_dump(),
+                    "host": "127.0.0.1",
+                    "port": 0,
+                    "allowed_calling_ae_titles": [],
+                    "min_free_disk_mb": 0,
+                }
+            ),
+            "scheduler": SchedulerSettings.model_validate(
+                {
+                    **base.scheduler.model_dump(),
+                    "study_quiet_seconds": _DEMO_QUIET_SECONDS,
+                    "poll_seconds": 0.5,
+                }
+            ),
+            "logging": LoggingSettings(level="WARNING", format="text"),
+            "models": models,
+            "destinations": dests,
+        }
+    )
 
 
-def run_demo(base: Settings, *, keep: bool = False, timeout: float = 600.0,
-             verbose: bool = False) -> int:
+def run_demo(
+    base: Settings, *, keep: bool = False, timeout: float = 600.0, verbose: bool = False
+) -> int:
     """Run the demo; returns 0 when every routed sample came back as SR + SC."""
     from dicomai.logs import configure
 
     configure("INFO" if verbose else "WARNING", "text")
     data_dir = Path(tempfile.mkdtemp(prefix="dicomai-demo-"))
     print(f"dicomai demo: data directory {data_dir}")
-    print("Models are UNTRAINED REFERENCE MODELS: their findings are meaningless and NOT FOR "
-          "DIAGNOSTIC USE.")
+    print(
+        "Models are UNTRAINED REFERENCE MODELS: their findings are meaningless and NOT FOR "
+        "DIAGNOSTIC USE."
+    )
     pacs = LocalPacs(ae_title="PACS").start()
     daemon: Daemon | None = None
     try:
@@ -85,21 +101,31 @@ def run_demo(base: Settings, *, keep: bool = False, timeout: float = 600.0,
         daemon.start()
         assert daemon.receiver is not None
         port = daemon.receiver.port
-        print(f"daemon listening as {settings.receiver.ae_title}@127.0.0.1:{port}; "
-              f"local PACS as PACS@127.0.0.1:{pacs.port}; quiet period "
-              f"{_DEMO_QUIET_SECONDS:.0f}s")
-        studies = demo_studies(data_dir / "samples", uid_seed=uuid.uuid4().hex,
-                               include_unroutable=True)
+        print(
+            f"daemon listening as {settings.receiver.ae_title}@127.0.0.1:{port}; "
+            f"local PACS as PACS@127.0.0.1:{pacs.port}; quiet period "
+            f"{_DEMO_QUIET_SECONDS:.0f}s"
+        )
+        studies = demo_studies(
+            data_dir / "samples", uid_seed=uuid.uuid4().hex, include_unroutable=True
+        )
         sent_at: dict[str, float] = {}
         kinds: dict[str, tuple[str, str]] = {}
         for study in studies:
             uid = str(pydicom.dcmread(study.files[0], stop_before_pixels=True).StudyInstanceUID)
-            result = send_files(study.files, "127.0.0.1", port,
-                                called_ae=settings.receiver.ae_title, calling_ae="DEMO-SCU")
+            result = send_files(
+                study.files,
+                "127.0.0.1",
+                port,
+                called_ae=settings.receiver.ae_title,
+                calling_ae="DEMO-SCU",
+            )
             sent_at[uid] = time.monotonic()
             kinds[uid] = (study.kind, study.description)
-            print(f"  sent {study.kind:<11} {len(study.files):>3} instance(s): "
-                  f"{'ok' if result.ok else 'FAILED'}")
+            print(
+                f"  sent {study.kind:<11} {len(study.files):>3} instance(s): "
+                f"{'ok' if result.ok else 'FAILED'}"
+            )
             if not result.ok:
                 return 1
         deadline = time.monotonic() + timeout
@@ -126,12 +152,19 @@ def run_demo(base: Settings, *, keep: bool = False, timeout: float = 600.0,
             shutil.rmtree(data_dir, ignore_errors=True)
 
 
-def _report(data: dict, kinds: dict[str, tuple[str, str]], sent_at: dict[str, float],
-            done_at: dict[str, float], pacs: LocalPacs) -> int:
+def _report(
+    data: dict,
+    kinds: dict[str, tuple[str, str]],
+    sent_at: dict[str, float],
+    done_at: dict[str, float],
+    pacs: LocalPacs,
+) -> int:
     by_uid = {s["study_instance_uid"]: s for s in data["studies"]}
     print()
-    print(f"{'study':<12} {'kind':<11} {'state':<8} {'route':<10} {'SR':>2} {'SC':>2} "
-          f"{'seconds':>7}  findings (score >= threshold; untrained model)")
+    print(
+        f"{'study':<12} {'kind':<11} {'state':<8} {'route':<10} {'SR':>2} {'SC':>2} "
+        f"{'seconds':>7}  findings (score >= threshold; untrained model)"
+    )
     ok = True
     for uid, (kind, _desc) in kinds.items():
         s = by_uid.get(uid, {})
@@ -149,14 +182,22 @@ def _report(data: dict, kinds: dict[str, tuple[str, str]], sent_at: dict[str, fl
         else:
             findings = "-"
         state = s.get("state", "missing")
-        print(f"{uid[-12:]:<12} {kind:<11} {state:<8} {s.get('route') or '-':<10} "
-              f"{n_sr:>2} {n_sc:>2} {secs:>7.1f}  {findings}")
+        print(
+            f"{uid[-12:]:<12} {kind:<11} {state:<8} {s.get('route') or '-':<10} "
+            f"{n_sr:>2} {n_sc:>2} {secs:>7.1f}  {findings}"
+        )
         if kind == "unroutable":
             ok &= state == "skipped"
         else:
             ok &= state == "done" and n_sr >= 1 and n_sc >= 1
     print()
-    print("demo " + ("succeeded: every routed study came back as SR + SC in its own study"
-                     if ok else "FAILED: see the table above (dicomai demo --verbose)"))
+    print(
+        "demo "
+        + (
+            "succeeded: every routed study came back as SR + SC in its own study"
+            if ok
+            else "FAILED: see the table above (dicomai demo --verbose)"
+        )
+    )
     sys.stdout.flush()
     return 0 if ok else 1

@@ -55,10 +55,18 @@ __all__ = [
 
 #: Subgroup attributes: report key -> how it is read from the first analysed image.
 SUBGROUP_ATTRIBUTES = ("sex", "age_band", "manufacturer", "view_position")
-_AGE_BANDS = ((0, 18, "0-17"), (18, 40, "18-39"), (40, 60, "40-59"), (60, 80, "60-79"),
-              (80, 200, "80+"))
-_FALLBACK_RULE = {"chest_xray": "xray_frontal", "bone_xray": "xray_frontal",
-                  "head_ct_ich": "ct_axial_most_slices"}
+_AGE_BANDS = (
+    (0, 18, "0-17"),
+    (18, 40, "18-39"),
+    (40, 60, "40-59"),
+    (60, 80, "60-79"),
+    (80, 200, "80+"),
+)
+_FALLBACK_RULE = {
+    "chest_xray": "xray_frontal",
+    "bone_xray": "xray_frontal",
+    "head_ct_ich": "ct_axial_most_slices",
+}
 
 
 class EvaluationError(DicomAIError):
@@ -93,32 +101,43 @@ def load_labels(path: Path, known_labels: Sequence[str]) -> dict[str, dict[str, 
     columns = [c.strip() for c in reader.fieldnames or []]
     reader.fieldnames = columns
     if "study_instance_uid" not in columns:
-        raise EvaluationError(f"labels file {path}: no study_instance_uid column "
-                              f"(columns: {', '.join(columns) or 'none'})")
+        raise EvaluationError(
+            f"labels file {path}: no study_instance_uid column "
+            f"(columns: {', '.join(columns) or 'none'})"
+        )
     long_form = set(columns) == {"study_instance_uid", "label", "value"}
     label_columns = [] if long_form else [c for c in columns if c != "study_instance_uid"]
     known = set(known_labels)
     unknown = sorted(set(label_columns) - known)
     if unknown:
-        raise EvaluationError(f"labels file {path}: the model has no label(s) "
-                              f"{', '.join(unknown)} (it has: {', '.join(known_labels)})")
+        raise EvaluationError(
+            f"labels file {path}: the model has no label(s) "
+            f"{', '.join(unknown)} (it has: {', '.join(known_labels)})"
+        )
     out: dict[str, dict[str, int]] = {}
     for line_no, row in enumerate(reader, start=2):
         uid = (row.get("study_instance_uid") or "").strip()
         if not uid:
             continue
-        items = [((row.get("label") or "").strip(), row.get("value"))] if long_form else \
-            [(c, row.get(c)) for c in label_columns]
+        items = (
+            [((row.get("label") or "").strip(), row.get("value"))]
+            if long_form
+            else [(c, row.get(c)) for c in label_columns]
+        )
         for label, raw in items:
             value = (raw or "").strip()
             if value == "":
                 continue
             if long_form and label not in known:
-                raise EvaluationError(f"labels file {path} line {line_no}: the model has no "
-                                      f"label {label!r} (it has: {', '.join(known_labels)})")
+                raise EvaluationError(
+                    f"labels file {path} line {line_no}: the model has no "
+                    f"label {label!r} (it has: {', '.join(known_labels)})"
+                )
             if value not in ("0", "1", "0.0", "1.0"):
-                raise EvaluationError(f"labels file {path} line {line_no}: value {value!r} "
-                                      f"for {label}: expected 0 or 1")
+                raise EvaluationError(
+                    f"labels file {path} line {line_no}: value {value!r} "
+                    f"for {label}: expected 0 or 1"
+                )
             out.setdefault(uid, {})[label] = int(float(value))
     if not out:
         raise EvaluationError(f"labels file {path} holds no label")
@@ -138,8 +157,9 @@ def scan_studies(directory: Path) -> tuple[dict[str, list[Path]], int]:
         if not path.is_file() or path.name.startswith("."):
             continue
         try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True,
-                                 specific_tags=["StudyInstanceUID", "Rows"])
+            ds = pydicom.dcmread(
+                path, stop_before_pixels=True, specific_tags=["StudyInstanceUID", "Rows"]
+            )
             uid = str(ds.StudyInstanceUID)
             if "Rows" not in ds:
                 raise ValueError("no image")
@@ -156,8 +176,11 @@ def age_band(patient_age: str | None) -> str:
     if not m:
         return "unknown"
     years = int(m.group(1)) if m.group(2) in ("Y", "") else 0
-    return next(name for low, high, name in _AGE_BANDS if low <= years < high) \
-        if years < 200 else "unknown"
+    return (
+        next(name for low, high, name in _AGE_BANDS if low <= years < high)
+        if years < 200
+        else "unknown"
+    )
 
 
 def _attributes(ds: Any) -> dict[str, str]:
@@ -185,8 +208,13 @@ class LabelledStudy:
     error: str | None = None
 
 
-def _select(paths: Sequence[Path], headers: Sequence[Any], routes: Sequence[RouteSettings],
-            fallback_rule: str, model: str) -> tuple[list[Path], bool]:
+def _select(
+    paths: Sequence[Path],
+    headers: Sequence[Any],
+    routes: Sequence[RouteSettings],
+    fallback_rule: str,
+    model: str,
+) -> tuple[list[Path], bool]:
     """The files the production route would analyse; else the same series rule without the
     body part and description conditions (``routed`` False)."""
     from dicomai.ingest.record import extract_record
@@ -195,20 +223,32 @@ def _select(paths: Sequence[Path], headers: Sequence[Any], routes: Sequence[Rout
     rows: list[dict[str, Any]] = []
     for path, ds in zip(paths, headers, strict=True):
         rec = extract_record(ds, "", str(ds.get("SOPClassUID", "")))
-        rows.append({"path": path, "series_instance_uid": rec.series_instance_uid,
-                     "modality": rec.modality, "body_part": rec.body_part,
-                     "series_number": rec.series_number, "image_type": rec.image_type,
-                     "view_position": rec.view_position,
-                     "study_description": rec.study_description,
-                     "series_description": rec.series_description,
-                     "orientation": rec.orientation})
+        rows.append(
+            {
+                "path": path,
+                "series_instance_uid": rec.series_instance_uid,
+                "modality": rec.modality,
+                "body_part": rec.body_part,
+                "series_number": rec.series_number,
+                "image_type": rec.image_type,
+                "view_position": rec.view_position,
+                "study_description": rec.study_description,
+                "series_description": rec.series_description,
+                "orientation": rec.orientation,
+            }
+        )
     study = StudyInfo(study_instance_uid="", series=tuple(summarise_series(rows)))
     decision = select_route(study, routes)
     routed = decision is not None
     if decision is None:
-        anything = RouteSettings(name="evaluate", model=model, destinations=[],
-                                 modality=sorted({str(r["modality"]) for r in rows}),
-                                 series_rule=fallback_rule)  # type: ignore[arg-type]
+        anything = RouteSettings(
+            name="evaluate",
+            model=model,
+            destinations=[],
+            modality=sorted({str(r["modality"]) for r in rows}),
+            # a series rule name taken from the route; pydantic validates it at run time
+            series_rule=fallback_rule,  # type: ignore[arg-type]
+        )
         decision = select_route(study, [anything])
     if decision is None:
         return [], False
@@ -216,9 +256,14 @@ def _select(paths: Sequence[Path], headers: Sequence[Any], routes: Sequence[Rout
     return [r["path"] for r in rows if r["series_instance_uid"] in chosen], routed
 
 
-def score_studies(settings: Settings, model: str, studies: Mapping[str, Sequence[Path]],
-                  labels: Mapping[str, dict[str, int]], *,
-                  progress: Callable[[int, int], None] | None = None) -> list[LabelledStudy]:
+def score_studies(
+    settings: Settings,
+    model: str,
+    studies: Mapping[str, Sequence[Path]],
+    labels: Mapping[str, dict[str, int]],
+    *,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[LabelledStudy]:
     """Run ``model`` on every labelled study found; one :class:`LabelledStudy` each."""
     import pydicom
 
@@ -274,8 +319,9 @@ def auroc(y: Sequence[int] | np.ndarray, scores: Sequence[float] | np.ndarray) -
     return float((r[y_arr].sum() - n1 * (n1 + 1) / 2.0) / (n1 * n0))
 
 
-def roc_curve(y: Sequence[int] | np.ndarray, scores: Sequence[float] | np.ndarray
-              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def roc_curve(
+    y: Sequence[int] | np.ndarray, scores: Sequence[float] | np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(false positive rate, true positive rate, threshold) at each distinct score, from
     (0, 0) at threshold +inf; "positive" means score >= threshold."""
     y_arr = np.asarray(y, dtype=bool)
@@ -287,8 +333,9 @@ def roc_curve(y: Sequence[int] | np.ndarray, scores: Sequence[float] | np.ndarra
     return fpr, tpr, np.concatenate([[np.inf], thresholds])
 
 
-def sensitivity_specificity(y: np.ndarray, scores: np.ndarray, threshold: float
-                            ) -> dict[str, float | None]:
+def sensitivity_specificity(
+    y: np.ndarray, scores: np.ndarray, threshold: float
+) -> dict[str, float | None]:
     """Sensitivity, specificity, PPV and NPV with "positive" = score >= threshold."""
     y_arr = np.asarray(y, dtype=bool)
     pred = np.asarray(scores, dtype=np.float64) >= threshold
@@ -300,13 +347,21 @@ def sensitivity_specificity(y: np.ndarray, scores: np.ndarray, threshold: float
     def ratio(a: int, b: int) -> float | None:
         return a / b if b else None
 
-    return {"sensitivity": ratio(tp, tp + fn), "specificity": ratio(tn, tn + fp),
-            "ppv": ratio(tp, tp + fp), "npv": ratio(tn, tn + fn),
-            "tp": tp, "fp": fp, "tn": tn, "fn": fn}
+    return {
+        "sensitivity": ratio(tp, tp + fn),
+        "specificity": ratio(tn, tn + fp),
+        "ppv": ratio(tp, tp + fp),
+        "npv": ratio(tn, tn + fn),
+        "tp": tp,
+        "fp": fp,
+        "tn": tn,
+        "fn": fn,
+    }
 
 
-def suggest_threshold(y: np.ndarray, scores: np.ndarray, target_sensitivity: float
-                      ) -> dict[str, float | None] | None:
+def suggest_threshold(
+    y: np.ndarray, scores: np.ndarray, target_sensitivity: float
+) -> dict[str, float | None] | None:
     """The highest threshold whose sensitivity reaches ``target_sensitivity`` (so the best
     specificity there), rounded down to 4 decimals; None without positives."""
     y_arr = np.asarray(y, dtype=bool)
@@ -317,8 +372,11 @@ def suggest_threshold(y: np.ndarray, scores: np.ndarray, target_sensitivity: flo
         if (s[y_arr] >= t).mean() >= target_sensitivity - 1e-12:
             threshold = max(math.floor(float(t) * 1e4 + 1e-9) / 1e4, 1e-4)
             stats = sensitivity_specificity(y_arr, s, threshold)
-            return {"threshold": threshold, "sensitivity": stats["sensitivity"],
-                    "specificity": stats["specificity"]}
+            return {
+                "threshold": threshold,
+                "sensitivity": stats["sensitivity"],
+                "specificity": stats["specificity"],
+            }
     return None  # pragma: no cover - the lowest score always reaches sensitivity 1
 
 
@@ -335,8 +393,9 @@ def _ci(values: Iterable[float | None]) -> list[float] | None:
     return [round(float(np.percentile(vals, 2.5)), 4), round(float(np.percentile(vals, 97.5)), 4)]
 
 
-def _figures(y: np.ndarray, s: np.ndarray, threshold: float, boot: np.ndarray,
-             mask: np.ndarray) -> dict[str, Any]:
+def _figures(
+    y: np.ndarray, s: np.ndarray, threshold: float, boot: np.ndarray, mask: np.ndarray
+) -> dict[str, Any]:
     """Point estimates, and bootstrap CIs over the studies selected by ``mask``.
 
     ``boot`` holds resampled indices into all analysed studies; each resample keeps the
@@ -363,20 +422,37 @@ def _figures(y: np.ndarray, s: np.ndarray, threshold: float, boot: np.ndarray,
         return None if value is None else round(float(value), 4)
 
     return {
-        "n": int(mask.sum()), "positives": int(y_m.sum()), "negatives": int((~y_m).sum()),
-        "auroc": r4(a), "auroc_ci": _ci(auc_boot),
+        "n": int(mask.sum()),
+        "positives": int(y_m.sum()),
+        "negatives": int((~y_m).sum()),
+        "auroc": r4(a),
+        "auroc_ci": _ci(auc_boot),
         "threshold": threshold,
-        "sensitivity": r4(stats["sensitivity"]), "sensitivity_ci": _ci(sens_boot),
-        "specificity": r4(stats["specificity"]), "specificity_ci": _ci(spec_boot),
-        "ppv": r4(stats["ppv"]), "npv": r4(stats["npv"]),
-        "tp": stats["tp"], "fp": stats["fp"], "tn": stats["tn"], "fn": stats["fn"],
+        "sensitivity": r4(stats["sensitivity"]),
+        "sensitivity_ci": _ci(sens_boot),
+        "specificity": r4(stats["specificity"]),
+        "specificity_ci": _ci(spec_boot),
+        "ppv": r4(stats["ppv"]),
+        "npv": r4(stats["npv"]),
+        "tp": stats["tp"],
+        "fp": stats["fp"],
+        "tn": stats["tn"],
+        "fn": stats["fn"],
     }
 
 
-def evaluate(settings: Settings, model: str, directory: Path, labels_csv: Path, *,
-             subgroups: bool = False, target_sensitivity: float | None = None,
-             resamples: int = 1000, seed: int = 0,
-             progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+def evaluate(
+    settings: Settings,
+    model: str,
+    directory: Path,
+    labels_csv: Path,
+    *,
+    subgroups: bool = False,
+    target_sensitivity: float | None = None,
+    resamples: int = 1000,
+    seed: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
     """Score the labelled studies under ``directory`` and compute the report (JSON-ready).
 
     Raises
@@ -385,8 +461,10 @@ def evaluate(settings: Settings, model: str, directory: Path, labels_csv: Path, 
         Unknown model, bad labels file or directory, or no labelled study found.
     """
     if model not in settings.models:
-        raise EvaluationError(f"no model named {model!r} in the configuration "
-                              f"(configured: {', '.join(settings.models) or 'none'})")
+        raise EvaluationError(
+            f"no model named {model!r} in the configuration "
+            f"(configured: {', '.join(settings.models) or 'none'})"
+        )
     if target_sensitivity is not None and not 0 < target_sensitivity <= 1:
         raise EvaluationError("--target-sensitivity must be in (0, 1]")
     if resamples < 0:
@@ -407,8 +485,11 @@ def evaluate(settings: Settings, model: str, directory: Path, labels_csv: Path, 
     studies, skipped_files = scan_studies(directory)
     found = [uid for uid in labels if uid in studies]
     if not found:
-        raise EvaluationError(f"none of the {len(labels)} labelled studies is in {directory} "
-                              f"({len(studies)} studies found there)", usage=False)
+        raise EvaluationError(
+            f"none of the {len(labels)} labelled studies is in {directory} "
+            f"({len(studies)} studies found there)",
+            usage=False,
+        )
     cases = score_studies(settings, model, studies, labels, progress=progress)
     analysed = [c for c in cases if c.scores is not None]
     from dicomai.findings import sha256_file
@@ -435,8 +516,14 @@ def evaluate(settings: Settings, model: str, directory: Path, labels_csv: Path, 
                 values = np.array([c.attributes.get(attr, "unknown") for c in analysed])
                 for value in sorted(set(values[labelled].tolist())):
                     mask = labelled & (values == value)
-                    subgroup_rows.append({"attribute": attr, "value": value, "label": label,
-                                          **_figures(y, s, threshold, boot, mask)})
+                    subgroup_rows.append(
+                        {
+                            "attribute": attr,
+                            "value": value,
+                            "label": label,
+                            **_figures(y, s, threshold, boot, mask),
+                        }
+                    )
     excluded: dict[str, int] = {}
     for c in cases:
         if c.error:
@@ -444,24 +531,41 @@ def evaluate(settings: Settings, model: str, directory: Path, labels_csv: Path, 
             excluded[key] = excluded.get(key, 0) + 1
     return {
         "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "model": {"name": model, "version": spec.version, "task": spec.task,
-                  "path": str(path), "sha256": sha256_file(str(path)) if path.exists()
-                  else None, "device": spec.device,
-                  "description": _description(path)},
-        "data": {"directory": str(directory), "labels_file": str(labels_csv),
-                 "studies_found": len(studies), "labelled": len(labels),
-                 "labelled_not_found": len(labels) - len(found),
-                 "analysed": len(analysed), "not_analysed": len(cases) - len(analysed),
-                 "not_analysed_reasons": excluded,
-                 "analysed_without_route_match": sum(1 for c in analysed if not c.routed),
-                 "files_skipped": skipped_files},
+        "model": {
+            "name": model,
+            "version": spec.version,
+            "task": spec.task,
+            "path": str(path),
+            "sha256": sha256_file(str(path)) if path.exists() else None,
+            "device": spec.device,
+            "description": _description(path),
+        },
+        "data": {
+            "directory": str(directory),
+            "labels_file": str(labels_csv),
+            "studies_found": len(studies),
+            "labelled": len(labels),
+            "labelled_not_found": len(labels) - len(found),
+            "analysed": len(analysed),
+            "not_analysed": len(cases) - len(analysed),
+            "not_analysed_reasons": excluded,
+            "analysed_without_route_match": sum(1 for c in analysed if not c.routed),
+            "files_skipped": skipped_files,
+        },
         "bootstrap": {"resamples": resamples, "seed": seed, "confidence": 0.95},
         "target_sensitivity": target_sensitivity,
         "labels": per_label,
         "subgroups": subgroup_rows,
         "roc": roc,
-        "scores": [{"study_instance_uid": c.study_instance_uid, "scores": c.scores,
-                    "labels": c.labels, "error": c.error} for c in cases],
+        "scores": [
+            {
+                "study_instance_uid": c.study_instance_uid,
+                "scores": c.scores,
+                "labels": c.labels,
+                "error": c.error,
+            }
+            for c in cases
+        ],
     }
 
 
@@ -476,12 +580,15 @@ def _description(path: Path) -> str | None:
 
 def suggested_thresholds_toml(report: Mapping[str, Any]) -> str | None:
     """``[models.NAME]`` + ``thresholds = {...}`` for the suggested operating points."""
-    items = [(r["label"], r["suggested"]["threshold"]) for r in report["labels"]
-             if r.get("suggested")]
+    items = [
+        (r["label"], r["suggested"]["threshold"]) for r in report["labels"] if r.get("suggested")
+    ]
     if not items:
         return None
-    body = ", ".join(f'{label} = {t:.4f}' if re.fullmatch(r"[A-Za-z0-9_-]+", label)
-                     else f'"{label}" = {t:.4f}' for label, t in items)
+    body = ", ".join(
+        f"{label} = {t:.4f}" if re.fullmatch(r"[A-Za-z0-9_-]+", label) else f'"{label}" = {t:.4f}'
+        for label, t in items
+    )
     return f"[models.{report['model']['name']}]\nthresholds = {{ {body} }}"
 
 
@@ -504,38 +611,76 @@ def render_table(report: Mapping[str, Any]) -> Any:
     from rich.text import Text
 
     m, d, b = report["model"], report["data"], report["bootstrap"]
-    parts: list[Any] = [Text(
-        f"{m['name']} {m['version']} on {d['analysed']} studies "
-        f"({d['not_analysed']} not analysed, {d['labelled_not_found']} labelled but not "
-        f"found, {d['analysed_without_route_match']} analysed without a route match); "
-        f"95% CI from {b['resamples']} bootstrap resamples (seed {b['seed']})")]
+    parts: list[Any] = [
+        Text(
+            f"{m['name']} {m['version']} on {d['analysed']} studies "
+            f"({d['not_analysed']} not analysed, {d['labelled_not_found']} labelled but not "
+            f"found, {d['analysed_without_route_match']} analysed without a route match); "
+            f"95% CI from {b['resamples']} bootstrap resamples (seed {b['seed']})"
+        )
+    ]
     t = Table(box=box.SIMPLE, title="per label", title_justify="left")
-    cols = ["label", "n", "pos", "AUROC (95% CI)", "threshold", "sensitivity (95% CI)",
-            "specificity (95% CI)", "PPV", "NPV"]
+    cols = [
+        "label",
+        "n",
+        "pos",
+        "AUROC (95% CI)",
+        "threshold",
+        "sensitivity (95% CI)",
+        "specificity (95% CI)",
+        "PPV",
+        "NPV",
+    ]
     suggest = report.get("target_sensitivity") is not None
     if suggest:
         cols += [f"suggested @ sens {report['target_sensitivity']:g}", "sens", "spec"]
     for c in cols:
         t.add_column(c, justify="left" if c == "label" else "right")
     for r in report["labels"]:
-        row = [r["label"], str(r["n"]), str(r["positives"]), _with_ci(r["auroc"], r["auroc_ci"]),
-               f"{r['threshold']:g}", _with_ci(r["sensitivity"], r["sensitivity_ci"]),
-               _with_ci(r["specificity"], r["specificity_ci"]), _f(r["ppv"]), _f(r["npv"])]
+        row = [
+            r["label"],
+            str(r["n"]),
+            str(r["positives"]),
+            _with_ci(r["auroc"], r["auroc_ci"]),
+            f"{r['threshold']:g}",
+            _with_ci(r["sensitivity"], r["sensitivity_ci"]),
+            _with_ci(r["specificity"], r["specificity_ci"]),
+            _f(r["ppv"]),
+            _f(r["npv"]),
+        ]
         if suggest:
             sg = r.get("suggested") or {}
-            row += [_f(sg.get("threshold"), 4), _f(sg.get("sensitivity")),
-                    _f(sg.get("specificity"))]
+            row += [
+                _f(sg.get("threshold"), 4),
+                _f(sg.get("sensitivity")),
+                _f(sg.get("specificity")),
+            ]
         t.add_row(*row)
     parts.append(t)
     if report["subgroups"]:
         st = Table(box=box.SIMPLE, title="subgroups", title_justify="left")
-        for c in ("attribute", "value", "label", "n", "pos", "AUROC (95% CI)",
-                  "sensitivity", "specificity"):
+        for c in (
+            "attribute",
+            "value",
+            "label",
+            "n",
+            "pos",
+            "AUROC (95% CI)",
+            "sensitivity",
+            "specificity",
+        ):
             st.add_column(c, justify="right" if c in ("n", "pos") else "left")
         for r in report["subgroups"]:
-            st.add_row(r["attribute"], r["value"], r["label"], str(r["n"]), str(r["positives"]),
-                       _with_ci(r["auroc"], r["auroc_ci"]), _f(r["sensitivity"]),
-                       _f(r["specificity"]))
+            st.add_row(
+                r["attribute"],
+                r["value"],
+                r["label"],
+                str(r["n"]),
+                str(r["positives"]),
+                _with_ci(r["auroc"], r["auroc_ci"]),
+                _f(r["sensitivity"]),
+                _f(r["specificity"]),
+            )
         parts.append(st)
     toml = suggested_thresholds_toml(report)
     if toml:
@@ -555,15 +700,31 @@ def _roc_png(label: str, roc: Mapping[str, Sequence[float]], row: Mapping[str, A
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     ax.plot([0, 1], [0, 1], linestyle=":", color="grey", linewidth=1)
-    ax.plot(roc["fpr"], roc["tpr"], drawstyle="default", color="#1f5fa8", linewidth=2,
-            label=f"AUROC {_f(row['auroc'])}")
+    ax.plot(
+        roc["fpr"],
+        roc["tpr"],
+        drawstyle="default",
+        color="#1f5fa8",
+        linewidth=2,
+        label=f"AUROC {_f(row['auroc'])}",
+    )
     if row["sensitivity"] is not None and row["specificity"] is not None:
-        ax.plot([1 - row["specificity"]], [row["sensitivity"]], "o", color="#c0392b",
-                label=f"threshold {row['threshold']:g}")
+        ax.plot(
+            [1 - row["specificity"]],
+            [row["sensitivity"]],
+            "o",
+            color="#c0392b",
+            label=f"threshold {row['threshold']:g}",
+        )
     sg = row.get("suggested")
     if sg and sg.get("sensitivity") is not None and sg.get("specificity") is not None:
-        ax.plot([1 - sg["specificity"]], [sg["sensitivity"]], "s", color="#27ae60",
-                label=f"suggested {sg['threshold']:.4f}")
+        ax.plot(
+            [1 - sg["specificity"]],
+            [sg["sensitivity"]],
+            "s",
+            color="#27ae60",
+            label=f"suggested {sg['threshold']:.4f}",
+        )
     ax.set_xlim(-0.01, 1.01)
     ax.set_ylim(-0.01, 1.01)
     ax.set_xlabel("1 - specificity")
@@ -587,42 +748,87 @@ def write_html(report: Mapping[str, Any], path: Path) -> Path:
         body = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rows)
         return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
-    headers = ["label", "n", "positives", "AUROC (95% CI)", "threshold",
-               "sensitivity (95% CI)", "specificity (95% CI)", "PPV", "NPV"]
+    headers = [
+        "label",
+        "n",
+        "positives",
+        "AUROC (95% CI)",
+        "threshold",
+        "sensitivity (95% CI)",
+        "specificity (95% CI)",
+        "PPV",
+        "NPV",
+    ]
     if suggest:
-        headers += [f"suggested threshold (sensitivity {report['target_sensitivity']:g})",
-                    "sensitivity", "specificity"]
+        headers += [
+            f"suggested threshold (sensitivity {report['target_sensitivity']:g})",
+            "sensitivity",
+            "specificity",
+        ]
     rows = []
     for r in report["labels"]:
-        row = [r["label"], str(r["n"]), str(r["positives"]), _with_ci(r["auroc"], r["auroc_ci"]),
-               f"{r['threshold']:g}", _with_ci(r["sensitivity"], r["sensitivity_ci"]),
-               _with_ci(r["specificity"], r["specificity_ci"]), _f(r["ppv"]), _f(r["npv"])]
+        row = [
+            r["label"],
+            str(r["n"]),
+            str(r["positives"]),
+            _with_ci(r["auroc"], r["auroc_ci"]),
+            f"{r['threshold']:g}",
+            _with_ci(r["sensitivity"], r["sensitivity_ci"]),
+            _with_ci(r["specificity"], r["specificity_ci"]),
+            _f(r["ppv"]),
+            _f(r["npv"]),
+        ]
         if suggest:
             sg = r.get("suggested") or {}
-            row += [_f(sg.get("threshold"), 4), _f(sg.get("sensitivity")),
-                    _f(sg.get("specificity"))]
+            row += [
+                _f(sg.get("threshold"), 4),
+                _f(sg.get("sensitivity")),
+                _f(sg.get("specificity")),
+            ]
         rows.append(row)
     figures = "".join(
         f'<figure><img alt="ROC curve of {e(r["label"])}" src="data:image/png;base64,'
         f'{_roc_png(r["label"], report["roc"][r["label"]], r)}"></figure>'
-        for r in report["labels"])
+        for r in report["labels"]
+    )
     sub = ""
     if report["subgroups"]:
-        sub = "<h2>Subgroups</h2>" + table(
-            ["attribute", "value", "label", "n", "positives", "AUROC (95% CI)",
-             "sensitivity (95% CI)", "specificity (95% CI)"],
-            [[r["attribute"], r["value"], r["label"], str(r["n"]), str(r["positives"]),
-              _with_ci(r["auroc"], r["auroc_ci"]),
-              _with_ci(r["sensitivity"], r["sensitivity_ci"]),
-              _with_ci(r["specificity"], r["specificity_ci"])] for r in report["subgroups"]]
-        ) + "<p>Small subgroups give wide intervals; a dash means the subgroup lacks " \
+        sub = (
+            "<h2>Subgroups</h2>"
+            + table(
+                [
+                    "attribute",
+                    "value",
+                    "label",
+                    "n",
+                    "positives",
+                    "AUROC (95% CI)",
+                    "sensitivity (95% CI)",
+                    "specificity (95% CI)",
+                ],
+                [
+                    [
+                        r["attribute"],
+                        r["value"],
+                        r["label"],
+                        str(r["n"]),
+                        str(r["positives"]),
+                        _with_ci(r["auroc"], r["auroc_ci"]),
+                        _with_ci(r["sensitivity"], r["sensitivity_ci"]),
+                        _with_ci(r["specificity"], r["specificity_ci"]),
+                    ]
+                    for r in report["subgroups"]
+                ],
+            )
+            + "<p>Small subgroups give wide intervals; a dash means the subgroup lacks "
             "positives or negatives for that figure.</p>"
+        )
     toml = suggested_thresholds_toml(report)
     toml_html = f"<h2>Suggested thresholds</h2><pre>{e(toml)}</pre>" if toml else ""
     reasons = ", ".join(f"{k}: {v}" for k, v in d["not_analysed_reasons"].items()) or "none"
     doc = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
-<title>dicomai evaluation: {e(m['name'])} {e(m['version'])}</title>
+<title>dicomai evaluation: {e(m["name"])} {e(m["version"])}</title>
 <style>
 body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; }}
 table {{ border-collapse: collapse; margin: 1em 0; }}
@@ -632,18 +838,18 @@ th {{ background: #f2f2f2; }}
 figure {{ display: inline-block; margin: 0.5em; }}
 .note {{ color: #555; }}
 </style></head><body>
-<h1>Evaluation of {e(m['name'])} {e(m['version'])}</h1>
-<p class="note">Generated {e(report['generated_at'])} by dicomai. Model file
-{e(m['path'])}, SHA-256 {e(str(m['sha256']))}, device {e(m['device'])}.<br>
-{e(str(m['description'] or ''))}</p>
+<h1>Evaluation of {e(m["name"])} {e(m["version"])}</h1>
+<p class="note">Generated {e(report["generated_at"])} by dicomai. Model file
+{e(m["path"])}, SHA-256 {e(str(m["sha256"]))}, device {e(m["device"])}.<br>
+{e(str(m["description"] or ""))}</p>
 <h2>Data</h2>
-<p>{d['analysed']} studies analysed of {d['labelled']} labelled ({d['labelled_not_found']}
-labelled but not found under {e(d['directory'])}; {d['not_analysed']} not analysed: {e(reasons)};
-{d['analysed_without_route_match']} analysed without matching the model's route;
-{d['files_skipped']} files skipped as not DICOM images).</p>
+<p>{d["analysed"]} studies analysed of {d["labelled"]} labelled ({d["labelled_not_found"]}
+labelled but not found under {e(d["directory"])}; {d["not_analysed"]} not analysed: {e(reasons)};
+{d["analysed_without_route_match"]} analysed without matching the model's route;
+{d["files_skipped"]} files skipped as not DICOM images).</p>
 <p>A study is positive for a label when its study-level score reaches the threshold.
-95% confidence intervals are percentiles of {b['resamples']} study-level bootstrap
-resamples (seed {b['seed']}).</p>
+95% confidence intervals are percentiles of {b["resamples"]} study-level bootstrap
+resamples (seed {b["seed"]}).</p>
 <h2>Per label</h2>
 {table(headers, rows)}
 {toml_html}
@@ -663,11 +869,22 @@ def write_scores_csv(report: Mapping[str, Any], path: Path) -> Path:
     labels = [r["label"] for r in report["labels"]]
     with open(path, "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
-        w.writerow(["study_instance_uid", *(f"score_{x}" for x in labels),
-                    *(f"label_{x}" for x in labels), "error"])
+        w.writerow(
+            [
+                "study_instance_uid",
+                *(f"score_{x}" for x in labels),
+                *(f"label_{x}" for x in labels),
+                "error",
+            ]
+        )
         for s in report["scores"]:
             scores = s["scores"] or {}
-            w.writerow([s["study_instance_uid"],
-                        *("" if x not in scores else f"{scores[x]:.6f}" for x in labels),
-                        *(s["labels"].get(x, "") for x in labels), s["error"] or ""])
+            w.writerow(
+                [
+                    s["study_instance_uid"],
+                    *("" if x not in scores else f"{scores[x]:.6f}" for x in labels),
+                    *(s["labels"].get(x, "") for x in labels),
+                    s["error"] or "",
+                ]
+            )
     return Path(path)

@@ -55,8 +55,7 @@ def _libc_function(name: str, *argtypes: Any) -> Any:
 
 
 _MALLOC_TRIM: Callable[[int], int] | None = _libc_function("malloc_trim", ctypes.c_size_t)
-_MALLOPT: Callable[[int, int], int] | None = _libc_function("mallopt", ctypes.c_int,
-                                                            ctypes.c_int)
+_MALLOPT: Callable[[int, int], int] | None = _libc_function("mallopt", ctypes.c_int, ctypes.c_int)
 
 
 def limit_arenas(arenas: int = ARENAS, environ: Mapping[str, str] = os.environ) -> bool:
@@ -79,9 +78,12 @@ class HeapTrimmer:
     """Rate-limited :func:`trim` for a loop: :meth:`after_work` after each unit of work,
     :meth:`on_idle` when there is none (trims once per idle spell)."""
 
-    def __init__(self, min_interval: float = MIN_INTERVAL,
-                 clock: Callable[[], float] = time.monotonic,
-                 trim_fn: Callable[[], bool] = trim) -> None:
+    def __init__(
+        self,
+        min_interval: float = MIN_INTERVAL,
+        clock: Callable[[], float] = time.monotonic,
+        trim_fn: Callable[[], bool] = trim,
+    ) -> None:
         self.min_interval = min_interval
         self._clock = clock
         self._trim = trim_fn
@@ -110,6 +112,12 @@ class HeapTrimmer:
         self._last = self._clock()
         self._dirty = False
         self.trims += 1
-        logger.debug("heap trimmed", extra=log_fields(
-            "heap.trimmed", released=released, ms=round(1000 * (time.perf_counter() - started), 2)))
+        logger.debug(
+            "heap trimmed",
+            extra=log_fields(
+                "heap.trimmed",
+                released=released,
+                ms=round(1000 * (time.perf_counter() - started), 2),
+            ),
+        )
         return True

@@ -113,8 +113,9 @@ def resize(image: np.ndarray, size: int) -> np.ndarray:
     tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
     if tensor.ndim == 2:
         tensor = tensor[None]
-    resized = F.interpolate(tensor[None], size=(size, size), mode="bilinear", antialias=True,
-                            align_corners=False)
+    resized = F.interpolate(
+        tensor[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False
+    )
     return resized[0].numpy()
 
 
@@ -156,7 +157,8 @@ def _modality(arr: np.ndarray, ds: Dataset) -> np.ndarray:
             out = pydicom.pixels.apply_modality_lut(arr.astype(np.float64), ds)
             out = np.asarray(out, dtype=np.float64)
             finite = bool(np.isfinite(out).all()) and (
-                out.size == 0 or float(np.abs(out).max()) < np.finfo(np.float32).max)
+                out.size == 0 or float(np.abs(out).max()) < np.finfo(np.float32).max
+            )
     except Exception as exc:
         raise UnsupportedInput("modality LUT could not be applied") from exc
     if not finite:
@@ -249,7 +251,9 @@ def preprocessor_for(task: Task) -> Callable[[Dataset, PreprocessingSettings], n
 
 
 def _run_batches(
-    predictor: Predictor, inputs: list[np.ndarray], batch_size: int,
+    predictor: Predictor,
+    inputs: list[np.ndarray],
+    batch_size: int,
     should_stop: Callable[[], bool] | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     probs, cams = [], []

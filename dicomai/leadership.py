@@ -14,8 +14,13 @@ from sqlalchemy.engine import Connection, Engine
 
 from dicomai.logs import log_fields
 
-__all__ = ["ADVISORY_LOCK_KEY", "FileLeadership", "Leadership", "PostgresLeadership",
-           "leadership_for"]
+__all__ = [
+    "ADVISORY_LOCK_KEY",
+    "FileLeadership",
+    "Leadership",
+    "PostgresLeadership",
+    "leadership_for",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -55,13 +60,15 @@ class PostgresLeadership:
                     self._conn.execute(text("SELECT 1"))
                     return True
                 except Exception:  # connection lost: so is the lock
-                    logger.warning("scheduler leadership lost",
-                                   extra=log_fields("scheduler.leadership_lost"))
+                    logger.warning(
+                        "scheduler leadership lost", extra=log_fields("scheduler.leadership_lost")
+                    )
                     self._drop()
             conn = self.engine.connect()
             try:
-                got = bool(conn.execute(text("SELECT pg_try_advisory_lock(:k)"),
-                                        {"k": self.key}).scalar())
+                got = bool(
+                    conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": self.key}).scalar()
+                )
                 conn.commit()
             except Exception:
                 conn.close()
@@ -70,8 +77,10 @@ class PostgresLeadership:
                 conn.close()
                 return False
             self._conn = conn
-            logger.info("scheduler leadership taken",
-                        extra=log_fields("scheduler.leadership_taken", pid=os.getpid()))
+            logger.info(
+                "scheduler leadership taken",
+                extra=log_fields("scheduler.leadership_taken", pid=os.getpid()),
+            )
             return True
 
     def _drop(self) -> None:

@@ -38,10 +38,15 @@ class LocalPacs:
     context), like a PACS that does not support them.
     """
 
-    def __init__(self, ae_title: str = "PACS", host: str = "127.0.0.1", port: int = 0,
-                 store_dir: Path | None = None,
-                 status_fn: Callable[[Dataset], int] | None = None,
-                 refuse_sop_classes: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        ae_title: str = "PACS",
+        host: str = "127.0.0.1",
+        port: int = 0,
+        store_dir: Path | None = None,
+        status_fn: Callable[[Dataset], int] | None = None,
+        refuse_sop_classes: Sequence[str] = (),
+    ) -> None:
         self.ae_title = ae_title
         self.host = host
         self.requested_port = port
@@ -69,12 +74,17 @@ class LocalPacs:
                 self.store_dir.mkdir(parents=True, exist_ok=True)
                 ds.save_as(self.store_dir / f"{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
             with self._lock:
-                self.received.append(ReceivedObject(
-                    sop_class_uid=str(ds.SOPClassUID), sop_instance_uid=str(ds.SOPInstanceUID),
-                    study_instance_uid=str(ds.StudyInstanceUID),
-                    series_instance_uid=str(ds.SeriesInstanceUID),
-                    modality=str(ds.get("Modality", "")),
-                    calling_ae_title=event.assoc.requestor.ae_title.strip(), dataset=ds))
+                self.received.append(
+                    ReceivedObject(
+                        sop_class_uid=str(ds.SOPClassUID),
+                        sop_instance_uid=str(ds.SOPInstanceUID),
+                        study_instance_uid=str(ds.StudyInstanceUID),
+                        series_instance_uid=str(ds.SeriesInstanceUID),
+                        modality=str(ds.get("Modality", "")),
+                        calling_ae_title=event.assoc.requestor.ae_title.strip(),
+                        dataset=ds,
+                    )
+                )
         return status
 
     def start(self) -> LocalPacs:
@@ -84,8 +94,11 @@ class LocalPacs:
         for cx in StoragePresentationContexts:
             if cx.abstract_syntax not in self.refuse_sop_classes:
                 ae.add_supported_context(str(cx.abstract_syntax))
-        self._server = ae.start_server((self.host, self.requested_port), block=False,
-                                       evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
+        self._server = ae.start_server(
+            (self.host, self.requested_port),
+            block=False,
+            evt_handlers=[(evt.EVT_C_STORE, self._on_store)],
+        )
         self._ae = ae
         return self
 
@@ -101,8 +114,9 @@ class LocalPacs:
     def objects(self, study_uid: str | None = None) -> list[ReceivedObject]:
         """Received objects, optionally of one study."""
         with self._lock:
-            return [o for o in self.received
-                    if study_uid is None or o.study_instance_uid == study_uid]
+            return [
+                o for o in self.received if study_uid is None or o.study_instance_uid == study_uid
+            ]
 
     def __enter__(self) -> LocalPacs:
         return self.start()

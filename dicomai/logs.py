@@ -99,8 +99,12 @@ def resolve_format(fmt: str) -> str:
     return "text"
 
 
-def configure(level: str = "INFO", fmt: str = "auto", file: str | None = None,
-              levels: dict[str, str] | None = None) -> None:
+def configure(
+    level: str = "INFO",
+    fmt: str = "auto",
+    file: str | None = None,
+    levels: dict[str, str] | None = None,
+) -> None:
     """Apply the logging configuration once per process (idempotent).
 
     ``levels`` sets per-component levels, e.g. ``{"dicomai.ingest": "DEBUG"}``.

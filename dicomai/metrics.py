@@ -69,27 +69,44 @@ _known: dict[str, frozenset[str]] = {}  # "model"/"destination" -> configured na
 #: The registry every dicomai metric lives in (not prometheus_client's global one).
 REGISTRY = CollectorRegistry(auto_describe=True)
 
-_INSTANCES = Counter("dicomai_instances_received", "Instances stored by the receiver.",
-                     registry=REGISTRY)
-_BYTES = Counter("dicomai_bytes_received", "Bytes of instances stored by the receiver.",
-                 registry=REGISTRY)
-_REFUSED = Counter("dicomai_instances_refused", "Objects refused by the receiver, by reason code.",
-                   ["reason"], registry=REGISTRY)
+_INSTANCES = Counter(
+    "dicomai_instances_received", "Instances stored by the receiver.", registry=REGISTRY
+)
+_BYTES = Counter(
+    "dicomai_bytes_received", "Bytes of instances stored by the receiver.", registry=REGISTRY
+)
+_REFUSED = Counter(
+    "dicomai_instances_refused",
+    "Objects refused by the receiver, by reason code.",
+    ["reason"],
+    registry=REGISTRY,
+)
 _DURATION = Histogram(
     "dicomai_job_duration_seconds",
     "Seconds per job and stage: inference (model run and result building), send (one "
     "delivery attempt), end_to_end (last instance received to results accepted).",
-    ["stage", "model"], registry=REGISTRY,
+    ["stage", "model"],
+    registry=REGISTRY,
     buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 45, 60, 90, 120, 300, 600, 1800, 3600),
 )
-_DROPPED = Counter("dicomai_connections_dropped",
-                   "Connections the receiver dropped or refused, by reason (no patient data).",
-                   ["reason"], registry=REGISTRY)
-_HTTP_REQUESTS = Counter("dicomai_http_requests",
-                         "STOW-RS requests the DICOMweb receiver answered, by HTTP status.",
-                         ["status"], registry=REGISTRY)
-_SEND = Counter("dicomai_send", "Result objects sent, per destination and outcome "
-                "(sent, retry, refused).", ["destination", "outcome"], registry=REGISTRY)
+_DROPPED = Counter(
+    "dicomai_connections_dropped",
+    "Connections the receiver dropped or refused, by reason (no patient data).",
+    ["reason"],
+    registry=REGISTRY,
+)
+_HTTP_REQUESTS = Counter(
+    "dicomai_http_requests",
+    "STOW-RS requests the DICOMweb receiver answered, by HTTP status.",
+    ["status"],
+    registry=REGISTRY,
+)
+_SEND = Counter(
+    "dicomai_send",
+    "Result objects sent, per destination and outcome (sent, retry, refused).",
+    ["destination", "outcome"],
+    registry=REGISTRY,
+)
 
 
 def _label(value: object, kind: str | None = None) -> str:
@@ -142,12 +159,14 @@ def observe_http_request(status: int) -> None:
 def observe_job(stage: str, model: str | None, seconds: float) -> None:
     """A job spent ``seconds`` in ``stage`` (one of :data:`STAGES`) with ``model``."""
     if stage not in STAGES:
-        logger.warning("unknown metrics stage", extra=log_fields("metrics.bad_stage",
-                                                                 stage=str(stage)[:32]))
+        logger.warning(
+            "unknown metrics stage", extra=log_fields("metrics.bad_stage", stage=str(stage)[:32])
+        )
         return
     try:
         _DURATION.labels(stage=stage, model=_label(model, "model")).observe(
-            max(0.0, float(seconds)))
+            max(0.0, float(seconds))
+        )
     except Exception:
         logger.debug("metric update failed", exc_info=True)
 
@@ -155,8 +174,7 @@ def observe_job(stage: str, model: str | None, seconds: float) -> None:
 def observe_send(destination: str, outcome: str) -> None:
     """One result object's delivery to ``destination`` ended with ``outcome``."""
     try:
-        _SEND.labels(destination=_label(destination, "destination"),
-                     outcome=_label(outcome)).inc()
+        _SEND.labels(destination=_label(destination, "destination"), outcome=_label(outcome)).inc()
     except Exception:
         logger.debug("metric update failed", exc_info=True)
 
@@ -180,74 +198,105 @@ class DatabaseCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         from dicomai.db import ComponentHeartbeat, Job, QuarantineEntry, ResultObject, utcnow
 
-        up = GaugeMetricFamily("dicomai_database_up",
-                               "1 when the database answered this scrape.")
+        up = GaugeMetricFamily("dicomai_database_up", "1 when the database answered this scrape.")
         try:
             with self.engine.connect() as conn:
-                latest = (select(Job.study_id, func.max(Job.generation).label("gen"))
-                          .group_by(Job.study_id).subquery())
-                by_latest = dict(conn.execute(
-                    select(Job.state, func.count()).join(
-                        latest, (latest.c.study_id == Job.study_id)
-                        & (latest.c.gen == Job.generation)).group_by(Job.state)).all())
-                depth = dict(conn.execute(
-                    select(Job.state, func.count()).where(Job.state.in_(_ACTIVE_STATES))
-                    .group_by(Job.state)).all())
-                backlog = dict(conn.execute(
-                    select(ResultObject.destination, func.count())
-                    .where(ResultObject.state == "pending")
-                    .group_by(ResultObject.destination)).all())
-                quarantine = dict(conn.execute(
-                    select(QuarantineEntry.reason, func.count())
-                    .group_by(QuarantineEntry.reason)).all())
+                latest = (
+                    select(Job.study_id, func.max(Job.generation).label("gen"))
+                    .group_by(Job.study_id)
+                    .subquery()
+                )
+                by_latest = dict(
+                    conn.execute(
+                        select(Job.state, func.count())
+                        .join(
+                            latest,
+                            (latest.c.study_id == Job.study_id) & (latest.c.gen == Job.generation),
+                        )
+                        .group_by(Job.state)
+                    ).all()
+                )
+                depth = dict(
+                    conn.execute(
+                        select(Job.state, func.count())
+                        .where(Job.state.in_(_ACTIVE_STATES))
+                        .group_by(Job.state)
+                    ).all()
+                )
+                backlog = dict(
+                    conn.execute(
+                        select(ResultObject.destination, func.count())
+                        .where(ResultObject.state == "pending")
+                        .group_by(ResultObject.destination)
+                    ).all()
+                )
+                quarantine = dict(
+                    conn.execute(
+                        select(QuarantineEntry.reason, func.count()).group_by(
+                            QuarantineEntry.reason
+                        )
+                    ).all()
+                )
                 last_beat = conn.scalar(select(func.max(ComponentHeartbeat.beat_at)))
         except Exception as exc:  # any driver error: report it as a gauge, not a 500
-            logger.warning("metrics: database unavailable", extra=log_fields(
-                "metrics.db_error", error=type(exc).__name__))
+            logger.warning(
+                "metrics: database unavailable",
+                extra=log_fields("metrics.db_error", error=type(exc).__name__),
+            )
             up.add_metric([], 0)
             yield up
             return
         up.add_metric([], 1)
         yield up
-        studies = GaugeMetricFamily("dicomai_studies", "Studies by the state of their latest "
-                                    "generation.", labels=["state"])
+        studies = GaugeMetricFamily(
+            "dicomai_studies", "Studies by the state of their latest generation.", labels=["state"]
+        )
         for state in _STATES:
             studies.add_metric([state], by_latest.get(state, 0))
         yield studies
-        queue = GaugeMetricFamily("dicomai_queue_depth", "Jobs in each non-terminal state.",
-                                  labels=["state"])
+        queue = GaugeMetricFamily(
+            "dicomai_queue_depth", "Jobs in each non-terminal state.", labels=["state"]
+        )
         for state in _ACTIVE_STATES:
             queue.add_metric([state], depth.get(state, 0))
         yield queue
-        dest = GaugeMetricFamily("dicomai_destination_backlog",
-                                 "Result objects waiting to be sent, per destination.",
-                                 labels=["destination"])
+        dest = GaugeMetricFamily(
+            "dicomai_destination_backlog",
+            "Result objects waiting to be sent, per destination.",
+            labels=["destination"],
+        )
         for d in self.settings.destinations:
             dest.add_metric([_label(d.name)], backlog.get(d.name, 0))
         yield dest
-        quar = GaugeMetricFamily("dicomai_quarantined_objects",
-                                 "Refused objects kept in quarantine, by reason code.",
-                                 labels=["reason"])
+        quar = GaugeMetricFamily(
+            "dicomai_quarantined_objects",
+            "Refused objects kept in quarantine, by reason code.",
+            labels=["reason"],
+        )
         for reason, n in sorted(quarantine.items()):
             quar.add_metric([_label(reason)], n)
         yield quar
         if last_beat is not None:
             if last_beat.tzinfo is None:  # a raw aggregate: SQLite returns naive UTC
                 last_beat = last_beat.replace(tzinfo=UTC)
-            age = GaugeMetricFamily("dicomai_heartbeat_age_seconds",
-                                    "Seconds since the newest component heartbeat.")
+            age = GaugeMetricFamily(
+                "dicomai_heartbeat_age_seconds", "Seconds since the newest component heartbeat."
+            )
             age.add_metric([], max(0.0, (utcnow() - last_beat) / timedelta(seconds=1)))
             yield age
         try:
             free = shutil.disk_usage(self.settings.spool_path).free
         except OSError:
             return
-        disk = GaugeMetricFamily("dicomai_spool_free_bytes", "Free bytes on the spool's "
-                                 "file system.")
+        disk = GaugeMetricFamily(
+            "dicomai_spool_free_bytes", "Free bytes on the spool's file system."
+        )
         disk.add_metric([], free)
         yield disk
-        floor = GaugeMetricFamily("dicomai_spool_min_free_bytes", "The receiver's free-space "
-                                  "floor ([receiver] min_free_disk_mb) in bytes.")
+        floor = GaugeMetricFamily(
+            "dicomai_spool_min_free_bytes",
+            "The receiver's free-space floor ([receiver] min_free_disk_mb) in bytes.",
+        )
         floor.add_metric([], self.settings.receiver.min_free_disk_mb * 1024 * 1024)
         yield floor
 
@@ -263,14 +312,16 @@ class GpuCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         torch = sys.modules.get("torch")
         try:
-            if torch is None or not torch.cuda.is_available() or \
-                    not torch.cuda.is_initialized():
+            if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
                 return
-            allocated = GaugeMetricFamily("dicomai_gpu_memory_bytes",
-                                          "GPU memory allocated by tensors.", labels=["device"])
-            reserved = GaugeMetricFamily("dicomai_gpu_memory_reserved_bytes",
-                                         "GPU memory reserved by the caching allocator.",
-                                         labels=["device"])
+            allocated = GaugeMetricFamily(
+                "dicomai_gpu_memory_bytes", "GPU memory allocated by tensors.", labels=["device"]
+            )
+            reserved = GaugeMetricFamily(
+                "dicomai_gpu_memory_reserved_bytes",
+                "GPU memory reserved by the caching allocator.",
+                labels=["device"],
+            )
             for i in range(torch.cuda.device_count()):
                 allocated.add_metric([f"cuda:{i}"], torch.cuda.memory_allocated(i))
                 reserved.add_metric([f"cuda:{i}"], torch.cuda.memory_reserved(i))
@@ -321,8 +372,12 @@ class MetricsServer:
         logger.info("metrics server stopped", extra=log_fields("metrics.stopped"))
 
 
-def start_metrics_server(host: str = "127.0.0.1", port: int = 9464, settings: Settings | None
-                         = None, engine: Engine | None = None) -> MetricsServer:
+def start_metrics_server(
+    host: str = "127.0.0.1",
+    port: int = 9464,
+    settings: Settings | None = None,
+    engine: Engine | None = None,
+) -> MetricsServer:
     """Serve :data:`REGISTRY` at ``http://host:port/metrics`` from a background thread.
 
     With ``settings`` and ``engine``, the database-backed gauges are added (and removed again
@@ -348,6 +403,7 @@ def start_metrics_server(host: str = "127.0.0.1", port: int = 9464, settings: Se
             REGISTRY.unregister(collector)
         raise
     server = MetricsServer(httpd=httpd, thread=thread, collector=collector, host=host)
-    logger.info("metrics server listening", extra=log_fields(
-        "metrics.started", host=host, port=server.port))
+    logger.info(
+        "metrics server listening", extra=log_fields("metrics.started", host=host, port=server.port)
+    )
     return server

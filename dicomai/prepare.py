@@ -206,8 +206,12 @@ class _Slot:
     def _start(self) -> None:
         ctx = multiprocessing.get_context("spawn")
         parent, child = ctx.Pipe()
-        process = ctx.Process(target=_serve, args=(child, self.pool.memory_mb),
-                              name=f"dicomai-decode-{self.index}", daemon=True)
+        process = ctx.Process(
+            target=_serve,
+            args=(child, self.pool.memory_mb),
+            name=f"dicomai-decode-{self.index}",
+            daemon=True,
+        )
         started = time.monotonic()
         process.start()
         child.close()
@@ -218,15 +222,23 @@ class _Slot:
         except (EOFError, OSError) as exc:
             process.join(1.0)
             raise DecodeFailed(
-                f"a decode process died while starting (exit code {process.exitcode})") from exc
+                f"a decode process died while starting (exit code {process.exitcode})"
+            ) from exc
         except DecodeFailed:
             process.kill()
             process.join(5.0)
             raise
         self.process, self.conn = process, parent
-        logger.info("decode process started", extra=log_fields(
-            "decode_pool.process_started", slot=self.index, pid=process.pid,
-            seconds=round(time.monotonic() - started, 2), memory_mb=self.pool.memory_mb))
+        logger.info(
+            "decode process started",
+            extra=log_fields(
+                "decode_pool.process_started",
+                slot=self.index,
+                pid=process.pid,
+                seconds=round(time.monotonic() - started, 2),
+                memory_mb=self.pool.memory_mb,
+            ),
+        )
 
     def _stop_process(self, kill: bool) -> None:
         process, conn = self.process, self.conn
@@ -252,16 +264,22 @@ class _Slot:
         self._stop_process(kill=True)
         with self.pool._lock:
             self.pool.restarts += 1
-        logger.warning("decode process replaced", extra=log_fields(
-            "decode_pool.replaced", slot=self.index, reason=why, exit_code=exitcode))
+        logger.warning(
+            "decode process replaced",
+            extra=log_fields(
+                "decode_pool.replaced", slot=self.index, reason=why, exit_code=exitcode
+            ),
+        )
 
     # -- loop --------------------------------------------------------------------------
     def _run(self) -> None:
         try:
             self._start()
         except DecodeFailed:
-            logger.exception("decode process failed to start", extra=log_fields(
-                "decode_pool.start_failed", slot=self.index))
+            logger.exception(
+                "decode process failed to start",
+                extra=log_fields("decode_pool.start_failed", slot=self.index),
+            )
         while True:
             request = self.pool._requests.get()
             if request is None:
@@ -307,24 +325,28 @@ class _Slot:
             self._replace("died")
             raise DecodeFailed(
                 f"the decode process died while decoding an image (exit code {exitcode}); "
-                "it was replaced") from None
+                "it was replaced"
+            ) from None
         if answer is None:
             self._replace("timeout")
             raise DecodeFailed(
                 f"decoding an image took more than {timeout:g} s ([worker] "
-                "decode_timeout_seconds); the decode process was replaced")
+                "decode_timeout_seconds); the decode process was replaced"
+            )
         kind, value = answer
         if kind == "memory":
             raise DecodeOverBudget(
                 f"decoding an image needed more than {self.pool.memory_mb} MB ([worker] "
-                "decode_memory_mb)")
+                "decode_memory_mb)"
+            )
         if kind == "error":
             raise DecodeFailed(f"decoding an image failed ({value})")
         return kind, value
 
 
-def _result(fut: Future[Prepared], should_stop: Callable[[], bool] | None,
-            on_stop: Callable[[], object]) -> np.ndarray:
+def _result(
+    fut: Future[Prepared], should_stop: Callable[[], bool] | None, on_stop: Callable[[], object]
+) -> np.ndarray:
     """The array ``fut`` gives, waiting while ``should_stop`` says no (else ``on_stop`` and
     :class:`Interrupted`); ``UnsupportedInput`` where the work found the input unusable."""
     while True:
@@ -342,9 +364,12 @@ def _result(fut: Future[Prepared], should_stop: Callable[[], bool] | None,
     return value
 
 
-def renderer(pool: DecodePool, datasets: Sequence[Dataset], paths: Sequence[str],
-             should_stop: Callable[[], bool] | None = None) -> Callable[[Dataset, int],
-                                                                          np.ndarray]:
+def renderer(
+    pool: DecodePool,
+    datasets: Sequence[Dataset],
+    paths: Sequence[str],
+    should_stop: Callable[[], bool] | None = None,
+) -> Callable[[Dataset, int], np.ndarray]:
     """A :data:`~dicomai.results.sc.Renderer` that draws the key images of a job (its
     ``datasets``, read from ``paths``) in the pool's processes, within their limits, instead
     of decoding them in the worker's process."""
@@ -370,8 +395,12 @@ class PreparedInputs:
         Checked while waiting; True raises :class:`Interrupted`.
     """
 
-    def __init__(self, datasets: Sequence[Dataset], futures: Sequence[Future[Prepared]],
-                 should_stop: Callable[[], bool] | None = None) -> None:
+    def __init__(
+        self,
+        datasets: Sequence[Dataset],
+        futures: Sequence[Future[Prepared]],
+        should_stop: Callable[[], bool] | None = None,
+    ) -> None:
         if len(datasets) != len(futures):
             raise ValueError('Arguments "datasets" and "futures" must have the same length.')
         self._by_id = {id(ds): fut for ds, fut in zip(datasets, futures, strict=True)}
@@ -412,8 +441,9 @@ class DecodePool:
         Time one image may take (None: unlimited).
     """
 
-    def __init__(self, processes: int, *, memory_mb: int | None = None,
-                 timeout_seconds: float | None = None) -> None:
+    def __init__(
+        self, processes: int, *, memory_mb: int | None = None, timeout_seconds: float | None = None
+    ) -> None:
         if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
             raise ValueError('Argument "processes" must be an int >= 1.')
         if memory_mb is not None and memory_mb < 1:
@@ -430,16 +460,23 @@ class DecodePool:
         self._slots = [_Slot(self, i) for i in range(processes)]
         for slot in self._slots:  # each starts its process in the background
             slot.thread.start()
-        logger.info("decode processes starting", extra=log_fields(
-            "decode_pool.started", processes=processes, memory_mb=memory_mb,
-            timeout_seconds=timeout_seconds))
+        logger.info(
+            "decode processes starting",
+            extra=log_fields(
+                "decode_pool.started",
+                processes=processes,
+                memory_mb=memory_mb,
+                timeout_seconds=timeout_seconds,
+            ),
+        )
 
     def pids(self) -> list[int]:
         """Process ids of the decode processes running now."""
         return [s.process.pid for s in self._slots if s.process is not None and not s._ended()]
 
-    def submit(self, paths: Sequence[str], task: Task | str,
-               pre: PreprocessingSettings) -> list[Future[Prepared]]:
+    def submit(
+        self, paths: Sequence[str], task: Task | str, pre: PreprocessingSettings
+    ) -> list[Future[Prepared]]:
         """Queue every file of ``paths``; one future per path, in order."""
         futures: list[Future[Prepared]] = []
         for path in paths:

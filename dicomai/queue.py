@@ -137,13 +137,18 @@ _KNOWN = select(
 _OWN_RESULT = select(ResultObject.id).where(ResultObject.sop_instance_uid == bindparam("b_sop"))
 _INSTANCE_JOB = select(Instance.job_id).where(Instance.sop_instance_uid == bindparam("b_sop"))
 _TOUCH_STUDY = (
-    update(Study).where(Study.study_instance_uid == bindparam("b_uid"))
-    .values(last_received_at=bindparam("b_now", type_=UTCDateTime)).returning(Study.id)
+    update(Study)
+    .where(Study.study_instance_uid == bindparam("b_uid"))
+    .values(last_received_at=bindparam("b_now", type_=UTCDateTime))
+    .returning(Study.id)
 )
 _TOUCH_JOB = (
-    update(Job).where(Job.study_id == bindparam("b_study"), Job.state == "receiving")
-    .values(last_instance_at=bindparam("b_now", type_=UTCDateTime),
-            instance_count=Job.instance_count + 1)
+    update(Job)
+    .where(Job.study_id == bindparam("b_study"), Job.state == "receiving")
+    .values(
+        last_instance_at=bindparam("b_now", type_=UTCDateTime),
+        instance_count=Job.instance_count + 1,
+    )
     .returning(Job.id)
 )
 _MAX_GENERATION = select(func.max(Job.generation)).where(Job.study_id == bindparam("b_study"))
@@ -177,8 +182,10 @@ class _FileLock:
                 self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
             except OSError:
                 self._failed = True
-                logger.warning("no record lock file; SQLite's busy handler only",
-                               extra=log_fields("queue.record_lock_unavailable"))
+                logger.warning(
+                    "no record lock file; SQLite's busy handler only",
+                    extra=log_fields("queue.record_lock_unavailable"),
+                )
         if self._fd is not None:
             try:
                 fcntl.flock(self._fd, fcntl.LOCK_EX)
@@ -203,10 +210,14 @@ class _RecordStatements:
 
     def __init__(self) -> None:
         self._statements: dict[str, Any] = {
-            "known": _KNOWN, "own_result": _OWN_RESULT, "instance_job": _INSTANCE_JOB,
+            "known": _KNOWN,
+            "own_result": _OWN_RESULT,
+            "instance_job": _INSTANCE_JOB,
             "touch_study": _TOUCH_STUDY,
-            "touch_job": _TOUCH_JOB, "insert_study": insert(Study),
-            "insert_instance": insert(Instance), "insert_copy": insert(InstanceCopy),
+            "touch_job": _TOUCH_JOB,
+            "insert_study": insert(Study),
+            "insert_instance": insert(Instance),
+            "insert_copy": insert(InstanceCopy),
         }
 
     def row(self, conn: Connection, name: str, params: dict[str, Any]) -> tuple[Any, ...] | None:
@@ -233,11 +244,22 @@ class _SqliteRecordStatements(_RecordStatements):
         for name, stmt in self._statements.items():
             keys = None
             if name == "insert_study":
-                keys = ["study_instance_uid", "first_received_at", "last_received_at",
-                        "calling_ae_title"]
+                keys = [
+                    "study_instance_uid",
+                    "first_received_at",
+                    "last_received_at",
+                    "calling_ae_title",
+                ]
             elif name == "insert_instance":
-                keys = [*_record_columns(), "study_id", "job_id", "path", "size_bytes",
-                        "calling_ae_title", "received_at"]
+                keys = [
+                    *_record_columns(),
+                    "study_id",
+                    "job_id",
+                    "path",
+                    "size_bytes",
+                    "calling_ae_title",
+                    "received_at",
+                ]
             elif name == "insert_copy":
                 keys = ["instance_id", "path", "data", "made_at"]
             compiled = stmt.compile(dialect=dialect, column_keys=keys)
@@ -254,8 +276,9 @@ class _SqliteRecordStatements(_RecordStatements):
         try:
             for key, processor, default in order:
                 value = params.get(key, default)
-                args.append(processor(value) if processor is not None and value is not None
-                            else value)
+                args.append(
+                    processor(value) if processor is not None and value is not None else value
+                )
         except Exception as exc:  # as Core reports a value its type refuses
             raise StatementError(str(exc), sql, params, exc) from exc
         cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
@@ -296,14 +319,24 @@ def _open_generation(conn: Connection, study_id: int, now: datetime) -> int:
     """A new RECEIVING job (the study's next generation) holding one instance; its
     ``instance.first`` job event."""
     generation = (conn.execute(_MAX_GENERATION, {"b_study": study_id}).scalar() or 0) + 1
-    key = conn.execute(insert(Job), {
-        "study_id": study_id, "generation": generation, "state": "receiving",
-        "created_at": now, "updated_at": now, "last_instance_at": now, "instance_count": 1,
-    }).inserted_primary_key
+    key = conn.execute(
+        insert(Job),
+        {
+            "study_id": study_id,
+            "generation": generation,
+            "state": "receiving",
+            "created_at": now,
+            "updated_at": now,
+            "last_instance_at": now,
+            "instance_count": 1,
+        },
+    ).inserted_primary_key
     assert key is not None
     job_id = key[0]
-    conn.execute(insert(JobEvent), {"job_id": job_id, "src": None, "dst": "receiving",
-                                    "at": now, "reason": "instance.first"})
+    conn.execute(
+        insert(JobEvent),
+        {"job_id": job_id, "src": None, "dst": "receiving", "at": now, "reason": "instance.first"},
+    )
     return int(job_id)
 
 
@@ -378,12 +411,17 @@ class Queue:
         self._engine: Engine | None = session_factory.kw.get("bind")
         self._group = _GroupCommit(self._record_batch)
         sqlite = self._engine is not None and self._engine.dialect.name == "sqlite"
-        self._stmts = (_SqliteRecordStatements(self._engine.dialect)  # type: ignore[union-attr]
-                       if sqlite else _RecordStatements())
+        self._stmts = (
+            _SqliteRecordStatements(self._engine.dialect)  # type: ignore[union-attr]
+            if sqlite
+            else _RecordStatements()
+        )
         database = self._engine.url.database if sqlite else None  # type: ignore[union-attr]
         self._writer_lock: contextlib.AbstractContextManager[Any] = (
-            _FileLock(f"{database}.record-lock") if database and database != ":memory:"
-            else contextlib.nullcontext())
+            _FileLock(f"{database}.record-lock")
+            if database and database != ":memory:"
+            else contextlib.nullcontext()
+        )
         #: In-process wake-ups: events set after a job entered a state (see :meth:`subscribe`).
         self._subscribers: dict[JobState, list[threading.Event]] = {}
 
@@ -417,7 +455,7 @@ class Queue:
         found: set[str] = set()
         with self._sessions() as s:
             for start in range(0, len(paths), 500):
-                chunk = list(paths[start:start + 500])
+                chunk = list(paths[start : start + 500])
                 found.update(s.scalars(select(Instance.path).where(Instance.path.in_(chunk))))
         return found
 
@@ -431,7 +469,12 @@ class Queue:
         return "own_result" if own else None
 
     def record_instance(
-        self, rec: InstanceRecord, path: str, size_bytes: int, calling_ae: str, now: datetime,
+        self,
+        rec: InstanceRecord,
+        path: str,
+        size_bytes: int,
+        calling_ae: str,
+        now: datetime,
         copy: bytes | None = None,
     ) -> tuple[bool, int]:
         """Index a stored instance and attach it to its study's RECEIVING job.
@@ -473,12 +516,15 @@ class Queue:
         if len(batch) > 1:
             try:
                 with self._begin() as conn:
-                    results = [self._record_instance(conn, self._stmts, *item.args,
-                                                     look_first=False)
-                               for item in batch]
+                    results = [
+                        self._record_instance(conn, self._stmts, *item.args, look_first=False)
+                        for item in batch
+                    ]
             except Exception:  # a race or a duplicate in the batch: each on its own below
-                logger.debug("group commit fell back", extra=log_fields(
-                    "instance.group_commit_fallback", size=len(batch)))
+                logger.debug(
+                    "group commit fell back",
+                    extra=log_fields("instance.group_commit_fallback", size=len(batch)),
+                )
             else:
                 for item, result in zip(batch, results, strict=True):
                     item.result = result
@@ -489,16 +535,31 @@ class Queue:
             except Exception as exc:  # re-raised in the caller's thread
                 item.error = exc
 
-    def _record_one(self, rec: InstanceRecord, path: str, size_bytes: int, calling_ae: str,
-                    now: datetime, copy: bytes | None) -> tuple[bool, int]:
+    def _record_one(
+        self,
+        rec: InstanceRecord,
+        path: str,
+        size_bytes: int,
+        calling_ae: str,
+        now: datetime,
+        copy: bytes | None,
+    ) -> tuple[bool, int]:
         """One instance in its own transaction; the first attempt does not look for a
         duplicate first: the unique SOP Instance UID makes it fail and the retry looks."""
         for attempt in range(5):
             try:
                 with self._begin() as conn:
-                    return self._record_instance(conn, self._stmts, rec, path, size_bytes,
-                                                 calling_ae, now, copy,
-                                                 look_first=attempt > 0)
+                    return self._record_instance(
+                        conn,
+                        self._stmts,
+                        rec,
+                        path,
+                        size_bytes,
+                        calling_ae,
+                        now,
+                        copy,
+                        look_first=attempt > 0,
+                    )
             except (IntegrityError, StateConflict):
                 # A concurrent association created the same study/job/instance, or the
                 # instance is a duplicate: read again.
@@ -518,9 +579,18 @@ class Queue:
         return _session_connection(self._sessions, begin=True)
 
     @staticmethod
-    def _record_instance(conn: Connection, stmts: _RecordStatements, rec: InstanceRecord,
-                         path: str, size_bytes: int, calling_ae: str, now: datetime,
-                         copy: bytes | None = None, *, look_first: bool) -> tuple[bool, int]:
+    def _record_instance(
+        conn: Connection,
+        stmts: _RecordStatements,
+        rec: InstanceRecord,
+        path: str,
+        size_bytes: int,
+        calling_ae: str,
+        now: datetime,
+        copy: bytes | None = None,
+        *,
+        look_first: bool,
+    ) -> tuple[bool, int]:
         if stmts.row(conn, "own_result", {"b_sop": rec.sop_instance_uid}) is not None:
             raise OwnResultObject(rec.sop_instance_uid)
         if look_first:
@@ -531,26 +601,45 @@ class Queue:
         if touched is not None:
             study_id = int(touched[0])
         else:
-            study_id = stmts.insert(conn, "insert_study", {
-                "study_instance_uid": rec.study_instance_uid, "first_received_at": now,
-                "last_received_at": now, "calling_ae_title": calling_ae,
-            })
+            study_id = stmts.insert(
+                conn,
+                "insert_study",
+                {
+                    "study_instance_uid": rec.study_instance_uid,
+                    "first_received_at": now,
+                    "last_received_at": now,
+                    "calling_ae_title": calling_ae,
+                },
+            )
         # Only a job still RECEIVING is touched: if the scheduler closed it meanwhile, this
         # instance belongs to the next generation.
         job = stmts.row(conn, "touch_job", {"b_study": study_id, "b_now": now})
         job_id = int(job[0]) if job is not None else _open_generation(conn, study_id, now)
-        instance_id = stmts.insert(conn, "insert_instance", {
-            **_instance_fields(rec), "study_id": study_id, "job_id": job_id, "path": path,
-            "size_bytes": size_bytes, "calling_ae_title": calling_ae, "received_at": now,
-        })
+        instance_id = stmts.insert(
+            conn,
+            "insert_instance",
+            {
+                **_instance_fields(rec),
+                "study_id": study_id,
+                "job_id": job_id,
+                "path": path,
+                "size_bytes": size_bytes,
+                "calling_ae_title": calling_ae,
+                "received_at": now,
+            },
+        )
         if copy is not None:
-            stmts.insert(conn, "insert_copy", {"instance_id": instance_id, "path": path,
-                                               "data": copy, "made_at": now})
+            stmts.insert(
+                conn,
+                "insert_copy",
+                {"instance_id": instance_id, "path": path, "data": copy, "made_at": now},
+            )
         return True, job_id
 
     # -- instance copies (see dicomai.ingest.copies) --------------------------------------------
-    def instance_copies(self, made_before: datetime | None = None,
-                        limit: int = 1000) -> list[tuple[str, bytes]]:
+    def instance_copies(
+        self, made_before: datetime | None = None, limit: int = 1000
+    ) -> list[tuple[str, bytes]]:
         """``(path, bytes)`` of small instances whose files are not known durable yet (only
         those committed before ``made_before``, if given), oldest first."""
         stmt = select(InstanceCopy.path, InstanceCopy.data).order_by(InstanceCopy.made_at)
@@ -564,21 +653,39 @@ class Queue:
         dropped = 0
         with self._writer_lock:
             for start in range(0, len(paths), 500):
-                chunk = list(paths[start:start + 500])
+                chunk = list(paths[start : start + 500])
                 with self._begin() as conn:
                     dropped += conn.execute(
-                        delete(InstanceCopy).where(InstanceCopy.path.in_(chunk))).rowcount
+                        delete(InstanceCopy).where(InstanceCopy.path.in_(chunk))
+                    ).rowcount
         return dropped
 
-    def quarantine(self, *, reason: str, status_code: int, calling_ae: str, peer: str,
-                   sop_class_uid: str, path: str | None, size_bytes: int,
-                   now: datetime) -> None:
+    def quarantine(
+        self,
+        *,
+        reason: str,
+        status_code: int,
+        calling_ae: str,
+        peer: str,
+        sop_class_uid: str,
+        path: str | None,
+        size_bytes: int,
+        now: datetime,
+    ) -> None:
         """Record a refused object."""
         with self._sessions.begin() as s:
-            s.add(QuarantineEntry(reason=reason, status_code=status_code,
-                                  calling_ae_title=calling_ae, peer_address=peer,
-                                  sop_class_uid=sop_class_uid, path=path,
-                                  size_bytes=size_bytes, received_at=now))
+            s.add(
+                QuarantineEntry(
+                    reason=reason,
+                    status_code=status_code,
+                    calling_ae_title=calling_ae,
+                    peer_address=peer,
+                    sop_class_uid=sop_class_uid,
+                    path=path,
+                    size_bytes=size_bytes,
+                    received_at=now,
+                )
+            )
 
     # -- transitions -------------------------------------------------------------------
     def transition(
@@ -622,8 +729,9 @@ class Queue:
                 sa_event.listen(session, "after_commit", lambda _s: self._notify(dst), once=True)
         logger.info(
             "job state changed",
-            extra=log_fields("job.transition", job_id=job_id, src=src.value, dst=dst.value,
-                             reason=reason),
+            extra=log_fields(
+                "job.transition", job_id=job_id, src=src.value, dst=dst.value, reason=reason
+            ),
         )
 
     @staticmethod
@@ -646,7 +754,12 @@ class Queue:
         s.add(JobEvent(job_id=job_id, src=src.value, dst=dst.value, at=now, reason=reason))
 
     def claim_next(
-        self, src: JobState, dst: JobState, claimer: str, now: datetime, *,
+        self,
+        src: JobState,
+        dst: JobState,
+        claimer: str,
+        now: datetime,
+        *,
         models: Sequence[str] | None = None,
     ) -> Job | None:
         """Claim the most urgent due job in ``src`` and move it to ``dst``.
@@ -677,15 +790,24 @@ class Queue:
                     # the write transaction, so another claimer may have claimed, sent and put
                     # the job back (with a later not_before) in between; a state-only guard
                     # would then claim it before its backoff is over.
-                    self._cas(s, job.id, src, dst, {"state": dst.value, "updated_at": now,
-                                                     **fields}, "claim", now,
-                              guard={"updated_at": job.updated_at})
+                    self._cas(
+                        s,
+                        job.id,
+                        src,
+                        dst,
+                        {"state": dst.value, "updated_at": now, **fields},
+                        "claim",
+                        now,
+                        guard={"updated_at": job.updated_at},
+                    )
                 except StateConflict:
                     continue
                 s.flush()
                 s.refresh(job)
-            logger.info("job claimed", extra=log_fields("job.claimed", job_id=job.id,
-                                                          state=dst.value, claimer=claimer))
+            logger.info(
+                "job claimed",
+                extra=log_fields("job.claimed", job_id=job.id, state=dst.value, claimer=claimer),
+            )
             return job
         return None
 
@@ -717,9 +839,7 @@ class Queue:
         with self._sessions() as s:
             q = select(Instance).where(Instance.study_id == study_id)
             if up_to_generation is not None:
-                q = q.join(Job, Job.id == Instance.job_id).where(
-                    Job.generation <= up_to_generation
-                )
+                q = q.join(Job, Job.id == Instance.job_id).where(Job.generation <= up_to_generation)
             return list(s.scalars(q.order_by(Instance.id)))
 
     def restart_quiet_clocks(self, now: datetime) -> int:
@@ -727,7 +847,8 @@ class Queue:
         modality's silence, and its sender may still be about to resume)."""
         with self._sessions.begin() as s:
             result = s.execute(
-                update(Job).where(Job.state == S.RECEIVING.value, Job.last_instance_at < now)
+                update(Job)
+                .where(Job.state == S.RECEIVING.value, Job.last_instance_at < now)
                 .values(last_instance_at=now)
             )
             return int(result.rowcount or 0)  # type: ignore[attr-defined]
@@ -735,8 +856,9 @@ class Queue:
     def jobs_of_study(self, study_id: int) -> list[Job]:
         """Every job (generation) of a study, oldest first."""
         with self._sessions() as s:
-            return list(s.scalars(select(Job).where(Job.study_id == study_id)
-                                  .order_by(Job.generation)))
+            return list(
+                s.scalars(select(Job).where(Job.study_id == study_id).order_by(Job.generation))
+            )
 
     def receiving_jobs_quiet_since(self, cutoff: datetime) -> list[Job]:
         """RECEIVING jobs whose last instance arrived before ``cutoff``."""
@@ -760,8 +882,10 @@ class Queue:
         with self._sessions.begin() as s:
             studies = select(Study.id).where(Study.study_instance_uid.in_(list(study_uids)))
             result = s.execute(
-                update(Job).where(Job.state == S.RECEIVING.value, Job.study_id.in_(studies))
-                .values(released_at=now).execution_options(synchronize_session=False)
+                update(Job)
+                .where(Job.state == S.RECEIVING.value, Job.study_id.in_(studies))
+                .values(released_at=now)
+                .execution_options(synchronize_session=False)
             )
             return int(result.rowcount or 0)  # type: ignore[attr-defined]
 
@@ -769,15 +893,22 @@ class Queue:
         """RECEIVING jobs whose sender released its association at or before ``cutoff`` and
         sent nothing after that release."""
         with self._sessions() as s:
-            return list(s.scalars(
-                select(Job).where(Job.state == S.RECEIVING.value,
-                                  Job.released_at.is_not(None),
-                                  Job.released_at >= Job.last_instance_at,
-                                  Job.released_at <= cutoff)
-                .order_by(Job.id)))
+            return list(
+                s.scalars(
+                    select(Job)
+                    .where(
+                        Job.state == S.RECEIVING.value,
+                        Job.released_at.is_not(None),
+                        Job.released_at >= Job.last_instance_at,
+                        Job.released_at <= cutoff,
+                    )
+                    .order_by(Job.id)
+                )
+            )
 
-    def receiving_jobs_complete(self, single_image_modalities: Sequence[str]
-                                ) -> list[tuple[Job, str]]:
+    def receiving_jobs_complete(
+        self, single_image_modalities: Sequence[str]
+    ) -> list[tuple[Job, str]]:
         """RECEIVING jobs whose study may be complete, with why.
 
         ``"announced"``: every instance of the study carries ImagesInAcquisition and each
@@ -789,29 +920,44 @@ class Queue:
         with self._sessions() as s:
             receiving = select(Job.study_id).where(Job.state == S.RECEIVING.value)
             rows = s.execute(
-                select(Instance.study_id, func.count(), func.count(Instance.images_in_acquisition),
-                       func.max(Instance.images_in_acquisition), func.min(Instance.modality))
+                select(
+                    Instance.study_id,
+                    func.count(),
+                    func.count(Instance.images_in_acquisition),
+                    func.max(Instance.images_in_acquisition),
+                    func.min(Instance.modality),
+                )
                 .where(Instance.study_id.in_(receiving))
-                .group_by(Instance.study_id, Instance.series_instance_uid,
-                          Instance.acquisition_number)
+                .group_by(
+                    Instance.study_id, Instance.series_instance_uid, Instance.acquisition_number
+                )
             ).all()
             for study_id, n, known, expected, modality in rows:
                 groups.setdefault(int(study_id), []).append(
-                    (int(n), int(known), None if expected is None else int(expected),
-                     str(modality or "")))
+                    (
+                        int(n),
+                        int(known),
+                        None if expected is None else int(expected),
+                        str(modality or ""),
+                    )
+                )
             single = {m.upper() for m in single_image_modalities}
             why: dict[int, str] = {}
             for study_id, parts in groups.items():
-                if all(known == n and expected is not None and n >= expected > 0
-                       for n, known, expected, _ in parts):
+                if all(
+                    known == n and expected is not None and n >= expected > 0
+                    for n, known, expected, _ in parts
+                ):
                     why[study_id] = "announced"
                 elif len(parts) == 1 and parts[0][0] == 1 and parts[0][3].upper() in single:
                     why[study_id] = "single_image"
             if not why:
                 return []
             jobs = s.scalars(
-                select(Job).where(Job.state == S.RECEIVING.value, Job.study_id.in_(list(why)))
-                .order_by(Job.id))
+                select(Job)
+                .where(Job.state == S.RECEIVING.value, Job.study_id.in_(list(why)))
+                .order_by(Job.id)
+            )
             return [(job, why[job.study_id]) for job in jobs]
 
     def stale_claims(self, state: JobState, cutoff: datetime) -> list[Job]:
@@ -843,9 +989,9 @@ class Queue:
         with self._sessions() as s:
             return list(
                 s.scalars(
-                    select(ResultObject).where(ResultObject.job_id == job_id).order_by(
-                        ResultObject.id
-                    )
+                    select(ResultObject)
+                    .where(ResultObject.job_id == job_id)
+                    .order_by(ResultObject.id)
                 )
             )
 
@@ -856,8 +1002,15 @@ class Queue:
         session.flush()
         session.add_all(rows)
 
-    def mark_result(self, result_id: int, *, state: str, status_code: int | None,
-                    error: str | None, now: datetime) -> None:
+    def mark_result(
+        self,
+        result_id: int,
+        *,
+        state: str,
+        status_code: int | None,
+        error: str | None,
+        now: datetime,
+    ) -> None:
         """Record one object's delivery outcome."""
         with self._sessions.begin() as s:
             row = s.get(ResultObject, result_id)
@@ -871,8 +1024,13 @@ class Queue:
                 row.sent_at = now
 
     # -- operator actions --------------------------------------------------------------
-    def jobs_for(self, *, job_ids: Sequence[int] = (), study_uids: Sequence[str] = (),
-                 states: Sequence[JobState] = ()) -> list[Job]:
+    def jobs_for(
+        self,
+        *,
+        job_ids: Sequence[int] = (),
+        study_uids: Sequence[str] = (),
+        states: Sequence[JobState] = (),
+    ) -> list[Job]:
         """Jobs by id, by study (its latest generation) or by state."""
         with self._sessions() as s:
             out: dict[int, Job] = {}
@@ -881,9 +1039,12 @@ class Queue:
                     out[job.id] = job
             for uid in study_uids:
                 latest = s.scalar(
-                    select(Job).join(Study, Study.id == Job.study_id)
+                    select(Job)
+                    .join(Study, Study.id == Job.study_id)
                     .where(Study.study_instance_uid == uid)
-                    .order_by(Job.generation.desc()).limit(1))
+                    .order_by(Job.generation.desc())
+                    .limit(1)
+                )
                 if latest is not None:
                     out[latest.id] = latest
             if states:
@@ -910,12 +1071,18 @@ class Queue:
             dst = S.OUTBOX if results and unsent and not notice else S.QUEUED
             for r in unsent:
                 r.state, r.last_error = ResultState.PENDING, None
-            fields: dict[str, Any] = {"not_before": None, "claimed_by": None, "finished_at": None,
-                                      "last_error": None, "send_attempts": 0}
+            fields: dict[str, Any] = {
+                "not_before": None,
+                "claimed_by": None,
+                "finished_at": None,
+                "last_error": None,
+                "send_attempts": 0,
+            }
             if dst is S.QUEUED:
                 fields.update(attempts=0, findings=None)
-            self.transition(job_id, S.FAILED, dst, reason="operator.retry", now=now, session=s,
-                            **fields)
+            self.transition(
+                job_id, S.FAILED, dst, reason="operator.retry", now=now, session=s, **fields
+            )
             return dst
 
     def cancel(self, job_id: int, now: datetime) -> None:
@@ -932,8 +1099,11 @@ class Queue:
         with self._sessions.begin() as s:
             row = s.get(ComponentHeartbeat, component)
             if row is None:
-                s.add(ComponentHeartbeat(component=component, role=role, started_at=now,
-                                         beat_at=now, info=info))
+                s.add(
+                    ComponentHeartbeat(
+                        component=component, role=role, started_at=now, beat_at=now, info=info
+                    )
+                )
             else:
                 row.beat_at = now
                 row.info = info

@@ -42,8 +42,15 @@ logger = logging.getLogger(__name__)
 COPY_MAX_AGE_SECONDS = 60.0
 
 _ROUTING_COLUMNS = (
-    "series_instance_uid", "modality", "body_part", "series_number", "image_type",
-    "view_position", "study_description", "series_description", "orientation",
+    "series_instance_uid",
+    "modality",
+    "body_part",
+    "series_number",
+    "image_type",
+    "view_position",
+    "study_description",
+    "series_description",
+    "orientation",
 )
 
 
@@ -60,13 +67,15 @@ def close_quiet_studies(
     jobs = queue.receiving_jobs_quiet_since(now - timedelta(seconds=quiet_seconds))
     closed = sum(_close(queue, job, routes, now) for job in jobs)
     if closed:
-        logger.info("quiet studies closed", extra=log_fields(
-            "scheduler.closed", jobs=closed, cause="quiet"))
+        logger.info(
+            "quiet studies closed", extra=log_fields("scheduler.closed", jobs=closed, cause="quiet")
+        )
     return closed
 
 
-def close_early_studies(queue: Queue, routes: Sequence[RouteSettings], now: datetime,
-                        settings: SchedulerSettings) -> int:
+def close_early_studies(
+    queue: Queue, routes: Sequence[RouteSettings], now: datetime, settings: SchedulerSettings
+) -> int:
     """Close RECEIVING jobs before their quiet period where that is safe.
 
     * released: the sender released the association that delivered the study's latest
@@ -102,13 +111,15 @@ def close_early_studies(queue: Queue, routes: Sequence[RouteSettings], now: date
             closed["complete"] += _close(queue, job, routes, now, cause="complete")
     total = sum(closed.values())
     if total:
-        logger.info("studies closed early", extra=log_fields("scheduler.closed", jobs=total,
-                                                             **closed))
+        logger.info(
+            "studies closed early", extra=log_fields("scheduler.closed", jobs=total, **closed)
+        )
     return total
 
 
-def _close(queue: Queue, job: Job, routes: Sequence[RouteSettings], now: datetime,
-           cause: str = "quiet") -> int:
+def _close(
+    queue: Queue, job: Job, routes: Sequence[RouteSettings], now: datetime, cause: str = "quiet"
+) -> int:
     """Route one RECEIVING job (QUEUED, or SKIPPED); 1 if this call closed it, else 0."""
     # Route on what was there at job.last_instance_at; an instance arriving meanwhile
     # changes last_instance_at, the close below fails and a later tick tries again.
@@ -116,35 +127,54 @@ def _close(queue: Queue, job: Job, routes: Sequence[RouteSettings], now: datetim
     rows = queue.study_instances(job.study_id, up_to_generation=job.generation)
     study = StudyInfo(
         study_instance_uid=queue.study_uid(job),
-        series=tuple(summarise_series(
-            {c: getattr(r, c) for c in _ROUTING_COLUMNS} for r in rows)),
+        series=tuple(summarise_series({c: getattr(r, c) for c in _ROUTING_COLUMNS} for r in rows)),
     )
     decision = select_route(study, routes)
     try:
         if decision is not None and job.generation > 1 and _unchanged(queue, job, rows, decision):
-            queue.transition(job.id, JobState.RECEIVING, JobState.SKIPPED,
-                             reason="route.inputs_unchanged", now=now, closed_at=now,
-                             route=decision.route, model=decision.model, guard=guard)
+            queue.transition(
+                job.id,
+                JobState.RECEIVING,
+                JobState.SKIPPED,
+                reason="route.inputs_unchanged",
+                now=now,
+                closed_at=now,
+                route=decision.route,
+                model=decision.model,
+                guard=guard,
+            )
         elif decision is None:
-            queue.transition(job.id, JobState.RECEIVING, JobState.SKIPPED,
-                             reason="route.none", now=now, closed_at=now, guard=guard)
+            queue.transition(
+                job.id,
+                JobState.RECEIVING,
+                JobState.SKIPPED,
+                reason="route.none",
+                now=now,
+                closed_at=now,
+                guard=guard,
+            )
         else:
             queue.transition(
-                job.id, JobState.RECEIVING, JobState.QUEUED, reason="route.matched",
-                now=now, closed_at=now, route=decision.route, model=decision.model,
+                job.id,
+                JobState.RECEIVING,
+                JobState.QUEUED,
+                reason="route.matched",
+                now=now,
+                closed_at=now,
+                route=decision.route,
+                model=decision.model,
                 destinations=list(decision.destinations),
-                series_uids=list(decision.series_instance_uids), guard=guard,
+                series_uids=list(decision.series_instance_uids),
+                guard=guard,
                 priority=decision.priority,
             )
     except StateConflict:
         return 0
-    logger.debug("study closed", extra=log_fields("scheduler.close", job_id=job.id,
-                                                  cause=cause))
+    logger.debug("study closed", extra=log_fields("scheduler.close", job_id=job.id, cause=cause))
     return 1
 
 
-def _unchanged(queue: Queue, job: Job, rows: Sequence[Instance], decision: RouteDecision
-               ) -> bool:
+def _unchanged(queue: Queue, job: Job, rows: Sequence[Instance], decision: RouteDecision) -> bool:
     """True when a later generation would analyse exactly what an earlier one did.
 
     New instances that land outside the chosen series (a report, a key-object note, another
@@ -153,14 +183,24 @@ def _unchanged(queue: Queue, job: Job, rows: Sequence[Instance], decision: Route
     chosen = set(decision.series_instance_uids)
     generation_of = {j.id: j.generation for j in queue.jobs_of_study(job.study_id)}
     now_inputs = {r.sop_instance_uid for r in rows if r.series_instance_uid in chosen}
-    before = {r.sop_instance_uid for r in rows if r.series_instance_uid in chosen
-              and generation_of.get(r.job_id, job.generation) < job.generation}
+    before = {
+        r.sop_instance_uid
+        for r in rows
+        if r.series_instance_uid in chosen
+        and generation_of.get(r.job_id, job.generation) < job.generation
+    }
     if now_inputs != before:
         return False
-    previous = [j for j in queue.jobs_of_study(job.study_id)
-                if j.generation < job.generation and j.route is not None]
-    return bool(previous) and previous[-1].route == decision.route \
+    previous = [
+        j
+        for j in queue.jobs_of_study(job.study_id)
+        if j.generation < job.generation and j.route is not None
+    ]
+    return (
+        bool(previous)
+        and previous[-1].route == decision.route
         and set(previous[-1].series_uids) == chosen
+    )
 
 
 def reap_stale(queue: Queue, now: datetime, stale_seconds: float) -> int:
@@ -170,8 +210,9 @@ def reap_stale(queue: Queue, now: datetime, stale_seconds: float) -> int:
     for state, back in ((JobState.RUNNING, JobState.QUEUED), (JobState.SENDING, JobState.OUTBOX)):
         for job in queue.stale_claims(state, cutoff):
             try:
-                queue.transition(job.id, state, back, reason="reap.stale_heartbeat", now=now,
-                                 claimed_by=None)
+                queue.transition(
+                    job.id, state, back, reason="reap.stale_heartbeat", now=now, claimed_by=None
+                )
                 reaped += 1
             except StateConflict:
                 continue
@@ -192,8 +233,9 @@ class PurgeItem:
     size_bytes: int
 
 
-def purge_finished(queue: Queue, spool: Spool, now: datetime, retention_days: float, *,
-                   dry_run: bool = False) -> list[PurgeItem]:
+def purge_finished(
+    queue: Queue, spool: Spool, now: datetime, retention_days: float, *, dry_run: bool = False
+) -> list[PurgeItem]:
     """Delete the spool files of studies finished more than ``retention_days`` ago.
 
     A study qualifies when every generation is terminal and the latest finished before the
@@ -205,25 +247,33 @@ def purge_finished(queue: Queue, spool: Spool, now: datetime, retention_days: fl
     items: list[PurgeItem] = []
     with queue.session() as s:
         per_study = s.execute(
-            select(Job.study_id, func.max(Job.finished_at),
-                   func.sum(case((Job.state.in_(terminal), 0), else_=1)))
-            .group_by(Job.study_id)
+            select(
+                Job.study_id,
+                func.max(Job.finished_at),
+                func.sum(case((Job.state.in_(terminal), 0), else_=1)),
+            ).group_by(Job.study_id)
         ).all()
-        due = [(sid, done) for sid, done, open_jobs in per_study
-               if not open_jobs and done is not None and _aware(done) < cutoff]
+        due = [
+            (sid, done)
+            for sid, done, open_jobs in per_study
+            if not open_jobs and done is not None and _aware(done) < cutoff
+        ]
         for study_id, finished in due:
             job_ids = tuple(s.scalars(select(Job.id).where(Job.study_id == study_id)))
-            paths = [Path(p) for p in s.scalars(
-                select(Instance.path).where(Instance.study_id == study_id))]
-            folders = [d for d in (spool.root / "results" / str(j) for j in job_ids)
-                       if d.exists()]
+            paths = [
+                Path(p)
+                for p in s.scalars(select(Instance.path).where(Instance.study_id == study_id))
+            ]
+            folders = [d for d in (spool.root / "results" / str(j) for j in job_ids) if d.exists()]
             present = [p for p in paths if p.exists()]
             size = sum(p.stat().st_size for p in present) + sum(
-                f.stat().st_size for d in folders for f in d.rglob("*") if f.is_file())
+                f.stat().st_size for d in folders for f in d.rglob("*") if f.is_file()
+            )
             if not paths and not folders:
                 continue
-            items.append(PurgeItem(study_id, job_ids, _aware(finished), len(present),
-                                   len(folders), size))
+            items.append(
+                PurgeItem(study_id, job_ids, _aware(finished), len(present), len(folders), size)
+            )
             if dry_run:
                 continue
             for path in present:
@@ -238,10 +288,15 @@ def purge_finished(queue: Queue, spool: Spool, now: datetime, retention_days: fl
             s.execute(delete(Instance).where(Instance.study_id == study_id))
             s.commit()
     if items and not dry_run:
-        logger.info("retention purge", extra=log_fields(
-            "scheduler.purged", studies=len(items),
-            files=sum(i.instance_files for i in items),
-            bytes=sum(i.size_bytes for i in items)))
+        logger.info(
+            "retention purge",
+            extra=log_fields(
+                "scheduler.purged",
+                studies=len(items),
+                files=sum(i.instance_files for i in items),
+                bytes=sum(i.size_bytes for i in items),
+            ),
+        )
     return items
 
 
@@ -265,8 +320,10 @@ def sweep_orphans(queue: Queue, spool: Spool, older_than_seconds: float = 3600.0
             Path(path).unlink(missing_ok=True)
             removed += 1
     if removed:
-        logger.warning("unindexed received files removed",
-                       extra=log_fields("spool.orphans_removed", files=removed))
+        logger.warning(
+            "unindexed received files removed",
+            extra=log_fields("spool.orphans_removed", files=removed),
+        )
     return removed
 
 
@@ -290,8 +347,7 @@ def claimer_name(role: str) -> str:
     return f"{role}@{socket.gethostname()}:{os.getpid()}:{PROCESS_TOKEN}"
 
 
-def reclaim_dead_local(queue: Queue, hostname: str, now: datetime,
-                       own_token: str = "") -> int:
+def reclaim_dead_local(queue: Queue, hostname: str, now: datetime, own_token: str = "") -> int:
     """At start: return jobs claimed by a process of this host that no longer exists.
 
     Claims are named ``role@host:pid:token``; a claim from this host whose process is gone, or
@@ -313,14 +369,17 @@ def reclaim_dead_local(queue: Queue, hostname: str, now: datetime,
             elif _pid_alive(pid):
                 continue
             try:
-                queue.transition(job.id, state, back, reason="reap.dead_process", now=now,
-                                 claimed_by=None)
+                queue.transition(
+                    job.id, state, back, reason="reap.dead_process", now=now, claimed_by=None
+                )
                 reclaimed += 1
             except StateConflict:
                 continue
     if reclaimed:
-        logger.warning("claims of dead processes reclaimed",
-                       extra=log_fields("scheduler.reclaimed", jobs=reclaimed))
+        logger.warning(
+            "claims of dead processes reclaimed",
+            extra=log_fields("scheduler.reclaimed", jobs=reclaimed),
+        )
     return reclaimed
 
 
@@ -359,8 +418,7 @@ class Scheduler:
         """Only the early close (run when a sender released an association)."""
         if not self.active:
             return
-        close_early_studies(self.queue, self.settings.routes, self.clock(),
-                            self.settings.scheduler)
+        close_early_studies(self.queue, self.settings.routes, self.clock(), self.settings.scheduler)
 
     def wake(self) -> None:
         """Run the early close now, and again once the release grace has passed."""
@@ -369,12 +427,17 @@ class Scheduler:
         if sched is None or not s.early_close:
             return
         now = datetime.now(UTC)
-        sched.add_job(self._safe(self.tick_early), "date", run_date=now, id="wake",
-                      replace_existing=True)
+        sched.add_job(
+            self._safe(self.tick_early), "date", run_date=now, id="wake", replace_existing=True
+        )
         if s.release_grace_seconds > 0:
-            sched.add_job(self._safe(self.tick_early), "date",
-                          run_date=now + timedelta(seconds=s.release_grace_seconds + 0.05),
-                          id="wake-grace", replace_existing=True)
+            sched.add_job(
+                self._safe(self.tick_early),
+                "date",
+                run_date=now + timedelta(seconds=s.release_grace_seconds + 0.05),
+                id="wake-grace",
+                replace_existing=True,
+            )
 
     def _safe(self, fn: Callable[[], object]) -> Callable[[], None]:
         def run() -> None:
@@ -398,17 +461,34 @@ class Scheduler:
         s = self.settings.scheduler
         with self._idle:
             self._stopped = False
-        sched = BackgroundScheduler(timezone="UTC",
-                                    job_defaults={"coalesce": True, "max_instances": 1})
+        sched = BackgroundScheduler(
+            timezone="UTC", job_defaults={"coalesce": True, "max_instances": 1}
+        )
         sched.add_job(self._safe(self.tick), "interval", seconds=s.poll_seconds, id="tick")
         sched.add_job(
-            self._safe(lambda: self.active and purge_finished(
-                self.queue, self.spool, self.clock(), self.settings.spool.retention_days)),
-            "interval", seconds=s.purge_interval_seconds, id="purge")
+            self._safe(
+                lambda: (
+                    self.active
+                    and purge_finished(
+                        self.queue, self.spool, self.clock(), self.settings.spool.retention_days
+                    )
+                )
+            ),
+            "interval",
+            seconds=s.purge_interval_seconds,
+            id="purge",
+        )
         # copies a receiver process left behind (it died before flushing their files)
-        sched.add_job(self._safe(lambda: restore_copies(
-            self.queue, self.clock() - timedelta(seconds=COPY_MAX_AGE_SECONDS))),
-            "interval", seconds=COPY_MAX_AGE_SECONDS, id="copies")
+        sched.add_job(
+            self._safe(
+                lambda: restore_copies(
+                    self.queue, self.clock() - timedelta(seconds=COPY_MAX_AGE_SECONDS)
+                )
+            ),
+            "interval",
+            seconds=COPY_MAX_AGE_SECONDS,
+            id="copies",
+        )
         sched.start()
         self._sched = sched
 

@@ -36,21 +36,34 @@ def _nodelay(event: evt.Event) -> None:
         pass
 
 
-def send_files(paths: Sequence[Path | str], host: str, port: int, *, called_ae: str,
-               calling_ae: str = "DICOMAI-SCU", timeout: float = 30.0) -> StoreResult:
+def send_files(
+    paths: Sequence[Path | str],
+    host: str,
+    port: int,
+    *,
+    called_ae: str,
+    calling_ae: str = "DICOMAI-SCU",
+    timeout: float = 30.0,
+) -> StoreResult:
     """C-STORE ``paths`` over one association (contexts from the files' own syntaxes)."""
-    metas = [pydicom.dcmread(p, stop_before_pixels=True, specific_tags=["SOPClassUID"])
-             for p in paths]
+    metas = [
+        pydicom.dcmread(p, stop_before_pixels=True, specific_tags=["SOPClassUID"]) for p in paths
+    ]
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-    pairs = sorted({(str(m.file_meta.MediaStorageSOPClassUID),
-                     str(m.file_meta.TransferSyntaxUID)) for m in metas})
+    pairs = sorted(
+        {
+            (str(m.file_meta.MediaStorageSOPClassUID), str(m.file_meta.TransferSyntaxUID))
+            for m in metas
+        }
+    )
     if len(pairs) > 128:
         raise ValueError('Argument "paths" needs more than 128 presentation contexts.')
     for sop_class, syntax in pairs:
         ae.add_requested_context(sop_class, syntax)
-    assoc = ae.associate(host, port, ae_title=called_ae,
-                         evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)])
+    assoc = ae.associate(
+        host, port, ae_title=called_ae, evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)]
+    )
     statuses: list[int | None] = []
     try:
         if not assoc.is_established:
@@ -64,8 +77,9 @@ def send_files(paths: Sequence[Path | str], host: str, port: int, *, called_ae: 
     return StoreResult(tuple(statuses))
 
 
-def echo(host: str, port: int, *, called_ae: str, calling_ae: str = "DICOMAI-SCU",
-         timeout: float = 10.0) -> int | None:
+def echo(
+    host: str, port: int, *, called_ae: str, calling_ae: str = "DICOMAI-SCU", timeout: float = 10.0
+) -> int | None:
     """C-ECHO; returns the status or None when no association could be made."""
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout

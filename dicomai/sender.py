@@ -34,8 +34,17 @@ from dicomai.logs import log_fields
 from dicomai.queue import JobState, Queue, ResultState, RetryPolicy
 from dicomai.scheduler import claimer_name
 
-__all__ = ["Outcome", "SendCancel", "SendItem", "SendReport", "Sender", "classify_status",
-           "send_objects", "send_objects_stow", "stow_target"]
+__all__ = [
+    "Outcome",
+    "SendCancel",
+    "SendItem",
+    "SendReport",
+    "Sender",
+    "classify_status",
+    "send_objects",
+    "send_objects_stow",
+    "stow_target",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +155,11 @@ def _cut(assoc: Any) -> None:
 
 
 def send_objects(
-    dest: DestinationSettings, items: Sequence[SendItem], *, calling_ae: str, timeout: float,
+    dest: DestinationSettings,
+    items: Sequence[SendItem],
+    *,
+    calling_ae: str,
+    timeout: float,
     cancel: SendCancel | None = None,
 ) -> SendReport:
     """Send files to ``dest`` over one association with exactly the contexts needed."""
@@ -162,8 +175,9 @@ def send_objects(
         return report
     handlers: list[Any] = [(evt.EVT_CONN_OPEN, cancel.track)] if cancel is not None else []
     try:
-        assoc = ae.associate(dest.host, int(dest.port or 0), ae_title=dest.ae_title,
-                             evt_handlers=handlers)
+        assoc = ae.associate(
+            dest.host, int(dest.port or 0), ae_title=dest.ae_title, evt_handlers=handlers
+        )
     except Exception as exc:  # socket errors surface in several types
         report.error = f"association failed: {type(exc).__name__}"
         for item in items:
@@ -185,16 +199,22 @@ def send_objects(
                 status_ds = assoc.send_c_store(ds)
             except ValueError as exc:  # no accepted presentation context for the SOP class
                 outcome = Outcome.SKIPPED if item.optional else Outcome.REFUSED
-                report.outcomes[item.result_id] = (outcome, None,
-                                                   f"SOP class not accepted: {exc}"[:300])
+                report.outcomes[item.result_id] = (
+                    outcome,
+                    None,
+                    f"SOP class not accepted: {exc}"[:300],
+                )
                 continue
             except Exception as exc:
                 report.outcomes[item.result_id] = (Outcome.RETRY, None, type(exc).__name__)
                 continue
             status = int(status_ds.Status) if status_ds and "Status" in status_ds else None
             outcome = classify_status(status)
-            error = None if outcome is Outcome.SENT else (
-                "no response" if status is None else f"status 0x{status:04X}")
+            error = (
+                None
+                if outcome is Outcome.SENT
+                else ("no response" if status is None else f"status 0x{status:04X}")
+            )
             report.outcomes[item.result_id] = (outcome, status, error)
             if status is None and not assoc.is_established:
                 break
@@ -229,15 +249,22 @@ def stow_target(dest: DestinationSettings, settings: Settings) -> stow_client.St
         # The operator turned verification off for this destination; said once at start
         # (dicomai.daemon), not on every request.
         urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
-    creds = credentials(dest.auth, user=dest.user, password_file=resolved(dest.password_file),
-                        token_file=resolved(dest.token_file))
+    creds = credentials(
+        dest.auth,
+        user=dest.user,
+        password_file=resolved(dest.password_file),
+        token_file=resolved(dest.token_file),
+    )
     return stow_client.StowTarget(
-        dest.url, creds, verify,
-        dest.timeout_seconds or settings.sender.timeout_seconds)
+        dest.url, creds, verify, dest.timeout_seconds or settings.sender.timeout_seconds
+    )
 
 
 def send_objects_stow(
-    dest: DestinationSettings, items: Sequence[SendItem], *, target: stow_client.StowTarget,
+    dest: DestinationSettings,
+    items: Sequence[SendItem],
+    *,
+    target: stow_client.StowTarget,
     cancel: SendCancel | None = None,
 ) -> SendReport:
     """Send files to a DICOMweb destination in one STOW-RS request; outcomes per object."""
@@ -256,8 +283,9 @@ def send_objects_stow(
     if not datasets:
         report.error = "no readable result file"
         return report
-    result = stow_client.store(target, datasets,
-                               cancelled=(lambda: cancel.cancelled) if cancel else None)
+    result = stow_client.store(
+        target, datasets, cancelled=(lambda: cancel.cancelled) if cancel else None
+    )
     report.error = result.error
     for uid, item in by_uid.items():
         v = result.instances[uid]
@@ -268,9 +296,15 @@ def send_objects_stow(
         error = None if outcome is Outcome.SENT else (v.detail or result.error)
         report.outcomes[item.result_id] = (outcome, v.reason, error)
     if result.auth_problem:
-        logger.warning("DICOMweb destination refused our credentials or they cannot be read",
-                       extra=log_fields("send.auth_problem", destination=dest.name,
-                                        http_status=result.http_status, error=result.error))
+        logger.warning(
+            "DICOMweb destination refused our credentials or they cannot be read",
+            extra=log_fields(
+                "send.auth_problem",
+                destination=dest.name,
+                http_status=result.http_status,
+                error=result.error,
+            ),
+        )
     return report
 
 
@@ -311,14 +345,20 @@ class Sender:
         """Start the claim loops in background threads."""
         for dest in self.settings.destinations:
             if dest.kind == "dicomweb" and not dest.verify and not dest.ca_file:
-                logger.warning("TLS certificates of this destination are not verified",
-                               extra=log_fields("send.tls_unverified", destination=dest.name))
+                logger.warning(
+                    "TLS certificates of this destination are not verified",
+                    extra=log_fields("send.tls_unverified", destination=dest.name),
+                )
             for key, path, secret in dest.files():
                 check = secret_file_problem if secret else file_problem
                 problem = check(self.settings.resolve(path))
                 if problem:  # sends retry until it is fixed; the file is read at each send
-                    logger.warning("destination file unusable", extra=log_fields(
-                        "send.file_problem", destination=dest.name, key=key, problem=problem))
+                    logger.warning(
+                        "destination file unusable",
+                        extra=log_fields(
+                            "send.file_problem", destination=dest.name, key=key, problem=problem
+                        ),
+                    )
         for i in range(self.settings.sender.threads):
             t = threading.Thread(target=self._loop, name=f"sender-{i}", daemon=True)
             t.start()
@@ -340,8 +380,10 @@ class Sender:
             t.join(max(0.0, deadline - time.monotonic()))
         if any(t.is_alive() for t in self._threads):
             aborted = self._cancel.cancel()
-            logger.warning("sends in flight aborted at shutdown", extra=log_fields(
-                "send.aborted_at_stop", associations=aborted))
+            logger.warning(
+                "sends in flight aborted at shutdown",
+                extra=log_fields("send.aborted_at_stop", associations=aborted),
+            )
         else:
             self._cancel.cancel()
         deadline = time.monotonic() + max(0.0, timeout - min(grace, timeout))
@@ -371,25 +413,44 @@ class Sender:
             logger.warning("send claim lost", extra=log_fields("send.lost_claim", job_id=job.id))
         return True
 
-    def _record(self, job_id: int, study_uid: str, dest: DestinationSettings,
-                items: Sequence[SendItem], report: SendReport) -> None:
+    def _record(
+        self,
+        job_id: int,
+        study_uid: str,
+        dest: DestinationSettings,
+        items: Sequence[SendItem],
+        report: SendReport,
+    ) -> None:
         now = self.clock()
         for result_id, (outcome, status, error) in report.outcomes.items():
             state = _RESULT_STATE[outcome]
-            self.queue.mark_result(result_id, state=state, status_code=status, error=error,
-                                   now=now)
+            self.queue.mark_result(result_id, state=state, status_code=status, error=error, now=now)
             metrics.observe_send(dest.name, outcome.value)
         sent = sum(1 for o in report.outcomes.values() if o[0] is Outcome.SENT)
         audit.instances_transferred(
-            received=False, study_uid=study_uid, count=sent if report.all_sent else len(items),
-            source_ae=self.settings.sender.ae_title, source_address="",
-            destination_ae=dest.ae_title, destination_address=_audit_address(dest),
+            received=False,
+            study_uid=study_uid,
+            count=sent if report.all_sent else len(items),
+            source_ae=self.settings.sender.ae_title,
+            source_address="",
+            destination_ae=dest.ae_title,
+            destination_address=_audit_address(dest),
             outcome=audit.OUTCOME_SUCCESS if report.all_sent else audit.OUTCOME_SERIOUS_FAILURE,
-            reason=report.error)
+            reason=report.error,
+        )
         event = "send.completed" if report.all_sent else "send.failed"
-        logger.log(logging.INFO if report.all_sent else logging.WARNING, "results sent",
-                   extra=log_fields(event, job_id=job_id, destination=dest.name,
-                                    objects=len(items), sent=sent, error=report.error))
+        logger.log(
+            logging.INFO if report.all_sent else logging.WARNING,
+            "results sent",
+            extra=log_fields(
+                event,
+                job_id=job_id,
+                destination=dest.name,
+                objects=len(items),
+                sent=sent,
+                error=report.error,
+            ),
+        )
 
     def _target(self, dest: DestinationSettings) -> stow_client.StowTarget:
         with self._targets_lock:
@@ -401,11 +462,14 @@ class Sender:
     def _send(self, dest: DestinationSettings, items: Sequence[SendItem]) -> SendReport:
         """One destination's share of a job, over its kind of transport."""
         if dest.kind == "dicomweb":
-            return send_objects_stow(dest, items, target=self._target(dest),
-                                     cancel=self._cancel)
-        return send_objects(dest, items, calling_ae=self.settings.sender.ae_title,
-                            timeout=dest.timeout_seconds or self.settings.sender.timeout_seconds,
-                            cancel=self._cancel)
+            return send_objects_stow(dest, items, target=self._target(dest), cancel=self._cancel)
+        return send_objects(
+            dest,
+            items,
+            calling_ae=self.settings.sender.ae_title,
+            timeout=dest.timeout_seconds or self.settings.sender.timeout_seconds,
+            cancel=self._cancel,
+        )
 
     def deliver(self, job_id: int, send_attempts: int) -> None:
         """Send every pending object of a SENDING job and choose its next state."""
@@ -416,21 +480,27 @@ class Sender:
         errors: list[str] = []
         for r in rows:
             if r.destination not in configured:  # removed from the configuration (reload)
-                self.queue.mark_result(r.id, state=ResultState.FAILED, status_code=None,
-                                       error="destination no longer configured",
-                                       now=self.clock())
+                self.queue.mark_result(
+                    r.id,
+                    state=ResultState.FAILED,
+                    status_code=None,
+                    error="destination no longer configured",
+                    now=self.clock(),
+                )
                 outcomes.append(Outcome.REFUSED)
                 errors.append(f"{r.destination}: no longer configured")
                 continue
             by_dest.setdefault(r.destination, []).append(
-                SendItem(r.id, r.path, r.sop_class_uid, optional=r.kind in OPTIONAL_KINDS))
+                SendItem(r.id, r.path, r.sop_class_uid, optional=r.kind in OPTIONAL_KINDS)
+            )
         job = self.queue.get_job(job_id)
         study_uid = self.queue.study_uid(job)
         started = time.perf_counter()
         # Destinations are served in parallel and recorded as each finishes: a dead one
         # (timing out) delays no other.
-        with ThreadPoolExecutor(max_workers=max(1, len(by_dest)),
-                                thread_name_prefix="send") as pool:
+        with ThreadPoolExecutor(
+            max_workers=max(1, len(by_dest)), thread_name_prefix="send"
+        ) as pool:
             futures = {
                 pool.submit(self._send, self.settings.destination(name), items): name
                 for name, items in by_dest.items()
@@ -438,8 +508,9 @@ class Sender:
             for future in as_completed(futures):
                 name = futures[future]
                 report = future.result()
-                self._record(job_id, study_uid, self.settings.destination(name),
-                             by_dest[name], report)
+                self._record(
+                    job_id, study_uid, self.settings.destination(name), by_dest[name], report
+                )
                 outcomes.extend(o[0] for o in report.outcomes.values())
                 errors.extend(f"{name}: {o[2]}" for o in report.outcomes.values() if o[2])
         metrics.observe_job("send", job.model or "", time.perf_counter() - started)
@@ -450,30 +521,68 @@ class Sender:
         if retry and self._cancel.cancelled:
             # Cut short by our own shutdown: not the destination's fault, no attempt counted.
             self.queue.transition(
-                job_id, JobState.SENDING, JobState.OUTBOX, reason="retry.shutdown", now=now,
-                not_before=now, last_error=message, claimed_by=None,
+                job_id,
+                JobState.SENDING,
+                JobState.OUTBOX,
+                reason="retry.shutdown",
+                now=now,
+                not_before=now,
+                last_error=message,
+                claimed_by=None,
             )
         elif retry:
             attempts = send_attempts + 1
             if attempts >= self.policy.max_attempts:
-                self.queue.transition(job_id, JobState.SENDING, JobState.FAILED,
-                                      reason="send.attempts_exhausted", now=now,
-                                      send_attempts=attempts, last_error=message)
+                self.queue.transition(
+                    job_id,
+                    JobState.SENDING,
+                    JobState.FAILED,
+                    reason="send.attempts_exhausted",
+                    now=now,
+                    send_attempts=attempts,
+                    last_error=message,
+                )
                 return
             self.queue.transition(
-                job_id, JobState.SENDING, JobState.OUTBOX, reason="retry.send", now=now,
-                send_attempts=attempts, not_before=now + self.policy.delay(attempts),
-                last_error=message, claimed_by=None,
+                job_id,
+                JobState.SENDING,
+                JobState.OUTBOX,
+                reason="retry.send",
+                now=now,
+                send_attempts=attempts,
+                not_before=now + self.policy.delay(attempts),
+                last_error=message,
+                claimed_by=None,
             )
         elif refused:
-            self.queue.transition(job_id, JobState.SENDING, JobState.FAILED,
-                                  reason="send.refused", now=now, last_error=message)
+            self.queue.transition(
+                job_id,
+                JobState.SENDING,
+                JobState.FAILED,
+                reason="send.refused",
+                now=now,
+                last_error=message,
+            )
         elif (self.queue.get_job(job_id).findings or {}).get("failure_notice"):
             # The analysis failed for good; the notice saying so has been delivered.
-            self.queue.transition(job_id, JobState.SENDING, JobState.FAILED,
-                                  reason="failed.notice_sent", now=now, claimed_by=None)
+            self.queue.transition(
+                job_id,
+                JobState.SENDING,
+                JobState.FAILED,
+                reason="failed.notice_sent",
+                now=now,
+                claimed_by=None,
+            )
         else:
-            self.queue.transition(job_id, JobState.SENDING, JobState.DONE, reason="send.done",
-                                  now=now, claimed_by=None, last_error=None)
-            metrics.observe_job("end_to_end", job.model or "",
-                                (now - job.last_instance_at).total_seconds())
+            self.queue.transition(
+                job_id,
+                JobState.SENDING,
+                JobState.DONE,
+                reason="send.done",
+                now=now,
+                claimed_by=None,
+                last_error=None,
+            )
+            metrics.observe_job(
+                "end_to_end", job.model or "", (now - job.last_instance_at).total_seconds()
+            )

@@ -80,11 +80,18 @@ class SlotPool:
     slow directory fsync (it waits for the file system's journal) rarely delays a C-STORE.
     """
 
-    def __init__(self, incoming: Path, make_dirs: Callable[[Path], None],
-                 fsync_dir: Callable[[Path], None], *, batch: int = 64,
-                 per_directory: int = 4096, background: bool = True,
-                 clock: Callable[[], float] = time.monotonic,
-                 today: Callable[[], str] = lambda: time.strftime("%Y%m%d")) -> None:
+    def __init__(
+        self,
+        incoming: Path,
+        make_dirs: Callable[[Path], None],
+        fsync_dir: Callable[[Path], None],
+        *,
+        batch: int = 64,
+        per_directory: int = 4096,
+        background: bool = True,
+        clock: Callable[[], float] = time.monotonic,
+        today: Callable[[], str] = lambda: time.strftime("%Y%m%d"),
+    ) -> None:
         self.incoming = Path(incoming)
         self._make_dirs = make_dirs
         self._fsync_dir = fsync_dir
@@ -121,8 +128,11 @@ class SlotPool:
 
     def _next_directory(self) -> Path:
         day = self._today()
-        if (self._directory is None or day != self._day
-                or self._used_in_directory + self._batch > self._per_directory):
+        if (
+            self._directory is None
+            or day != self._day
+            or self._used_in_directory + self._batch > self._per_directory
+        ):
             self._own()
             self._day = day
             self._directories += 1
@@ -139,11 +149,11 @@ class SlotPool:
             directory = self._next_directory()
             made: list[Path] = []
             try:
-                for i in range(self._used_in_directory,
-                               self._used_in_directory + self._batch):
+                for i in range(self._used_in_directory, self._used_in_directory + self._batch):
                     path = directory / f"{i:06d}.dcm"
-                    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
-                                     0o644))
+                    os.close(
+                        os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+                    )
                     made.append(path)
                 self._fsync_dir(directory)
             except FileNotFoundError:
@@ -179,8 +189,11 @@ class SlotPool:
         try:
             batch = self._make_batch()
         except Exception:  # the taker that finds the pool empty tries again and reports it
-            logger.warning("could not pre-create spool files", exc_info=True,
-                           extra=log_fields("spool.slots_failed"))
+            logger.warning(
+                "could not pre-create spool files",
+                exc_info=True,
+                extra=log_fields("spool.slots_failed"),
+            )
         finally:
             self._add(batch)
 
@@ -208,8 +221,9 @@ class SlotPool:
                     path = self._free.popleft()[0]
                     if len(self._free) < self._low and not self._refilling:
                         self._refilling = True
-                        threading.Thread(target=self._refill_background, daemon=True,
-                                         name="spool-slots").start()
+                        threading.Thread(
+                            target=self._refill_background, daemon=True, name="spool-slots"
+                        ).start()
                     return path
                 if not self._refilling:
                     self._refilling = True
@@ -222,8 +236,7 @@ class SlotPool:
             self._add(batch)
         return self._take()
 
-    def write(self, chunks: Sequence[bytes | memoryview], *,
-              sync: bool = True) -> tuple[Path, int]:
+    def write(self, chunks: Sequence[bytes | memoryview], *, sync: bool = True) -> tuple[Path, int]:
         """Write ``chunks`` into a free slot and ``fdatasync`` it (unless ``sync`` is False:
         the caller makes the bytes durable otherwise); returns ``(path, size)``.
 

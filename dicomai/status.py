@@ -61,8 +61,13 @@ def _iso(value: datetime | None) -> str | None:
     return value.isoformat(timespec="seconds") if value else None
 
 
-def collect(settings: Settings, *, limit: int = 20, engine: Engine | None = None,
-            now: datetime | None = None) -> dict[str, Any]:
+def collect(
+    settings: Settings,
+    *,
+    limit: int = 20,
+    engine: Engine | None = None,
+    now: datetime | None = None,
+) -> dict[str, Any]:
     """Everything `dicomai status` shows, as one JSON-ready dict.
 
     Keys: ``daemon`` (up, heartbeat age, components), ``counts`` (state → studies, by each
@@ -74,8 +79,9 @@ def collect(settings: Settings, *, limit: int = 20, engine: Engine | None = None
     url = settings.database_url
     if engine is None and url.startswith("sqlite:///") and not Path(url[10:]).exists():
         # fresh install: nothing to read, and create nothing
-        return _empty(settings, now, database={"reachable": False,
-                                               "error": "database not created yet"})
+        return _empty(
+            settings, now, database={"reachable": False, "error": "database not created yet"}
+        )
     own_engine = engine is None
     engine = engine or make_engine(settings.database_url)
     try:
@@ -83,9 +89,14 @@ def collect(settings: Settings, *, limit: int = 20, engine: Engine | None = None
             return _empty(settings, now, database={"reachable": True, "error": None})
         return _collect(settings, engine, limit, now)
     except SQLAlchemyError as exc:
-        return _empty(settings, now, database={
-            "reachable": False, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
-            [:300]})
+        return _empty(
+            settings,
+            now,
+            database={
+                "reachable": False,
+                "error": f"{type(exc).__name__}: {str(exc).splitlines()[0]}"[:300],
+            },
+        )
     finally:
         if own_engine:
             engine.dispose()
@@ -113,8 +124,11 @@ def _disk(settings: Settings) -> dict[str, Any]:
     while not path.exists() and path != path.parent:
         path = path.parent
     usage = shutil.disk_usage(path)
-    return {"spool": str(settings.spool_path), "free_mb": usage.free // (1024 * 1024),
-            "min_free_mb": settings.receiver.min_free_disk_mb}
+    return {
+        "spool": str(settings.spool_path),
+        "free_mb": usage.free // (1024 * 1024),
+        "min_free_mb": settings.receiver.min_free_disk_mb,
+    }
 
 
 def _dest(d: Any, stats: dict[str, Any]) -> dict[str, Any]:
@@ -125,12 +139,20 @@ def _dest(d: Any, stats: dict[str, Any]) -> dict[str, Any]:
         parts = urlsplit(d.url)
         host, url = parts.hostname, d.url
         port = parts.port or (443 if parts.scheme == "https" else 80)
-    return {"name": d.name, "kind": d.kind, "ae_title": d.ae_title or None, "host": host,
-            "port": port, "url": url,
-            "pending": stats.get("pending", 0), "sent": stats.get("sent", 0),
-            "failed": stats.get("failed", 0), "skipped": stats.get("skipped", 0),
-            "last_sent_at": stats.get("last_sent_at"),
-            "last_error": stats.get("last_error")}
+    return {
+        "name": d.name,
+        "kind": d.kind,
+        "ae_title": d.ae_title or None,
+        "host": host,
+        "port": port,
+        "url": url,
+        "pending": stats.get("pending", 0),
+        "sent": stats.get("sent", 0),
+        "failed": stats.get("failed", 0),
+        "skipped": stats.get("skipped", 0),
+        "last_sent_at": stats.get("last_sent_at"),
+        "last_error": stats.get("last_error"),
+    }
 
 
 def _dest_address(dst: dict[str, Any]) -> str:
@@ -150,12 +172,21 @@ def _models(settings: Settings, beats: list[ComponentHeartbeat]) -> list[dict[st
     for name, m in settings.models.items():
         info = loaded.get(name, {})
         state = "ready" if name in loaded else pending.get(name, {}).get("state", "not loaded")
-        out.append({"name": name, "task": m.task, "version": m.version,
-                    "path": str(settings.model_path(name)), "sha256_pinned": m.sha256 or None,
-                    "sha256": info.get("sha256"), "device": info.get("device"),
-                    "loaded": name in loaded, "state": state,
-                    "load_error": None if name in loaded else pending.get(name, {}).get("error"),
-                    "description": info.get("description")})
+        out.append(
+            {
+                "name": name,
+                "task": m.task,
+                "version": m.version,
+                "path": str(settings.model_path(name)),
+                "sha256_pinned": m.sha256 or None,
+                "sha256": info.get("sha256"),
+                "device": info.get("device"),
+                "loaded": name in loaded,
+                "state": state,
+                "load_error": None if name in loaded else pending.get(name, {}).get("error"),
+                "description": info.get("description"),
+            }
+        )
     return out
 
 
@@ -183,13 +214,19 @@ def _throughput(rows: Sequence[Any], now: datetime) -> dict[str, Any]:
         if row.state == JobState.DONE.value:
             instances += row.instance_count or 0
     hours = WINDOW_SECONDS / 3600.0
-    return {"window_seconds": WINDOW_SECONDS, "since": _iso(now - timedelta(
-        seconds=WINDOW_SECONDS)), "finished": len(rows), **by_state,
-        "studies_per_hour": round(by_state["done"] / hours, 2), "instances_done": instances}
+    return {
+        "window_seconds": WINDOW_SECONDS,
+        "since": _iso(now - timedelta(seconds=WINDOW_SECONDS)),
+        "finished": len(rows),
+        **by_state,
+        "studies_per_hour": round(by_state["done"] / hours, 2),
+        "instances_done": instances,
+    }
 
 
-def _latency(latencies: Sequence[float], inference: Sequence[float],
-             now: datetime) -> dict[str, Any]:
+def _latency(
+    latencies: Sequence[float], inference: Sequence[float], now: datetime
+) -> dict[str, Any]:
     return {
         "window_seconds": WINDOW_SECONDS,
         "count": len(latencies),
@@ -205,7 +242,8 @@ def _collect(settings: Settings, engine: Engine, limit: int, now: datetime) -> d
     with engine.connect() as conn:
         latest = (
             select(Job.study_id, func.max(Job.generation).label("gen"))
-            .group_by(Job.study_id).subquery()
+            .group_by(Job.study_id)
+            .subquery()
         )
         latest_jobs = (
             select(Job, Study.study_instance_uid)
@@ -222,33 +260,39 @@ def _collect(settings: Settings, engine: Engine, limit: int, now: datetime) -> d
             job = row
             latency = None
             if job.finished_at and job.last_instance_at and job.state == JobState.DONE.value:
-                latency = round((_aware(job.finished_at) - _aware(job.last_instance_at))
-                                .total_seconds(), 3)
+                latency = round(
+                    (_aware(job.finished_at) - _aware(job.last_instance_at)).total_seconds(), 3
+                )
             findings = job.findings or {}
-            studies.append({
-                "study_instance_uid": row.study_instance_uid,
-                "job_id": job.id,
-                "generation": job.generation,
-                "state": job.state,
-                "route": job.route,
-                "model": job.model,
-                "instances": job.instance_count,
-                "latency_seconds": latency,
-                "inference_seconds": job.inference_seconds,
-                "positive_findings": findings.get("positive", []),
-                "scores": findings.get("scores", {}),
-                "received_at": _iso(_aware(job.created_at)),
-                "finished_at": _iso(_aware(job.finished_at)),
-                "attempts": job.attempts,
-                "send_attempts": job.send_attempts,
-                "next_attempt_at": _iso(_aware(job.not_before)),
-                "last_error": job.last_error,
-            })
+            studies.append(
+                {
+                    "study_instance_uid": row.study_instance_uid,
+                    "job_id": job.id,
+                    "generation": job.generation,
+                    "state": job.state,
+                    "route": job.route,
+                    "model": job.model,
+                    "instances": job.instance_count,
+                    "latency_seconds": latency,
+                    "inference_seconds": job.inference_seconds,
+                    "positive_findings": findings.get("positive", []),
+                    "scores": findings.get("scores", {}),
+                    "received_at": _iso(_aware(job.created_at)),
+                    "finished_at": _iso(_aware(job.finished_at)),
+                    "attempts": job.attempts,
+                    "send_attempts": job.send_attempts,
+                    "next_attempt_at": _iso(_aware(job.not_before)),
+                    "last_error": job.last_error,
+                }
+            )
         stats: dict[str, dict[str, Any]] = {}
         for dest, state, n, last in conn.execute(
-            select(ResultObject.destination, ResultObject.state, func.count(),
-                   func.max(ResultObject.sent_at))
-            .group_by(ResultObject.destination, ResultObject.state)
+            select(
+                ResultObject.destination,
+                ResultObject.state,
+                func.count(),
+                func.max(ResultObject.sent_at),
+            ).group_by(ResultObject.destination, ResultObject.state)
         ):
             d = stats.setdefault(dest, {})
             d[state] = n
@@ -256,38 +300,72 @@ def _collect(settings: Settings, engine: Engine, limit: int, now: datetime) -> d
                 d["last_sent_at"] = _iso(_aware(last))
         for dest, err in conn.execute(
             select(ResultObject.destination, ResultObject.last_error)
-            .where(ResultObject.last_error.is_not(None)).order_by(ResultObject.id.desc())
+            .where(ResultObject.last_error.is_not(None))
+            .order_by(ResultObject.id.desc())
         ):
             stats.setdefault(dest, {}).setdefault("last_error", err)
         since = now - timedelta(seconds=WINDOW_SECONDS)
         finished = conn.execute(
-            select(Job.state, Job.finished_at, Job.last_instance_at, Job.inference_seconds,
-                   Job.instance_count).where(Job.finished_at >= since)
+            select(
+                Job.state,
+                Job.finished_at,
+                Job.last_instance_at,
+                Job.inference_seconds,
+                Job.instance_count,
+            ).where(Job.finished_at >= since)
         ).all()
         finished = [r for r in finished if _aware(r.finished_at) <= now]
-        latencies = [(_aware(r.finished_at) - _aware(r.last_instance_at)).total_seconds()
-                     for r in finished
-                     if r.state == JobState.DONE.value and r.last_instance_at is not None]
-        inference = [r.inference_seconds for r in finished
-                     if r.state == JobState.DONE.value and r.inference_seconds is not None]
+        latencies = [
+            (_aware(r.finished_at) - _aware(r.last_instance_at)).total_seconds()
+            for r in finished
+            if r.state == JobState.DONE.value and r.last_instance_at is not None
+        ]
+        inference = [
+            r.inference_seconds
+            for r in finished
+            if r.state == JobState.DONE.value and r.inference_seconds is not None
+        ]
         failures = [
-            {"at": _iso(_aware(r.at)), "job_id": r.job_id, "generation": r.generation,
-             "study_instance_uid": r.study_instance_uid, "kind":
-             "failed" if r.dst == JobState.FAILED.value else "retry", "reason": r.reason,
-             "state": r.state, "error": r.last_error}
+            {
+                "at": _iso(_aware(r.at)),
+                "job_id": r.job_id,
+                "generation": r.generation,
+                "study_instance_uid": r.study_instance_uid,
+                "kind": "failed" if r.dst == JobState.FAILED.value else "retry",
+                "reason": r.reason,
+                "state": r.state,
+                "error": r.last_error,
+            }
             for r in conn.execute(
-                select(JobEvent.at, JobEvent.reason, JobEvent.dst, JobEvent.job_id,
-                       Job.generation, Job.state, Job.last_error, Study.study_instance_uid)
-                .join(Job, Job.id == JobEvent.job_id).join(Study, Study.id == Job.study_id)
-                .where(or_(JobEvent.dst == JobState.FAILED.value,
-                           JobEvent.reason.in_(_FAILURE_REASONS)))
-                .order_by(JobEvent.id.desc()).limit(10))
+                select(
+                    JobEvent.at,
+                    JobEvent.reason,
+                    JobEvent.dst,
+                    JobEvent.job_id,
+                    Job.generation,
+                    Job.state,
+                    Job.last_error,
+                    Study.study_instance_uid,
+                )
+                .join(Job, Job.id == JobEvent.job_id)
+                .join(Study, Study.id == Job.study_id)
+                .where(
+                    or_(
+                        JobEvent.dst == JobState.FAILED.value, JobEvent.reason.in_(_FAILURE_REASONS)
+                    )
+                )
+                .order_by(JobEvent.id.desc())
+                .limit(10)
+            )
         ]
     with engine.connect() as conn:
-        beats = [ComponentHeartbeat(**dict(r._mapping)) for r in
-                 conn.execute(select(*ComponentHeartbeat.__table__.columns))]
-    fresh = [b for b in beats
-             if now - _aware(b.beat_at) < timedelta(seconds=HEARTBEAT_STALE_SECONDS)]
+        beats = [
+            ComponentHeartbeat(**dict(r._mapping))
+            for r in conn.execute(select(*ComponentHeartbeat.__table__.columns))
+        ]
+    fresh = [
+        b for b in beats if now - _aware(b.beat_at) < timedelta(seconds=HEARTBEAT_STALE_SECONDS)
+    ]
     last_beat = max((_aware(b.beat_at) for b in beats), default=None)
     fresh_names = {b.component for b in fresh}
     return {
@@ -296,11 +374,18 @@ def _collect(settings: Settings, engine: Engine, limit: int, now: datetime) -> d
             "up": bool(fresh),
             "last_heartbeat_at": _iso(last_beat),
             "heartbeat_age_seconds": round((now - last_beat).total_seconds(), 1)
-            if last_beat else None,
-            "components": [{"name": b.component, "role": b.role, "beat_at": _iso(_aware(b.beat_at)),
-                            "fresh": b.component in fresh_names,
-                            **{k: v for k, v in (b.info or {}).items() if k != "models"}}
-                           for b in beats],
+            if last_beat
+            else None,
+            "components": [
+                {
+                    "name": b.component,
+                    "role": b.role,
+                    "beat_at": _iso(_aware(b.beat_at)),
+                    "fresh": b.component in fresh_names,
+                    **{k: v for k, v in (b.info or {}).items() if k != "models"},
+                }
+                for b in beats
+            ],
         },
         "counts": counts,
         "studies": studies,
@@ -321,15 +406,31 @@ def _quarantine(engine: Engine) -> dict[str, Any]:
             return {"count": 0, "recent": []}
         count = conn.scalar(select(func.count()).select_from(QuarantineEntry)) or 0
         recent = conn.execute(
-            select(QuarantineEntry.reason, QuarantineEntry.status_code,
-                   QuarantineEntry.calling_ae_title, QuarantineEntry.peer_address,
-                   QuarantineEntry.received_at, QuarantineEntry.path)
-            .order_by(QuarantineEntry.id.desc()).limit(10)
+            select(
+                QuarantineEntry.reason,
+                QuarantineEntry.status_code,
+                QuarantineEntry.calling_ae_title,
+                QuarantineEntry.peer_address,
+                QuarantineEntry.received_at,
+                QuarantineEntry.path,
+            )
+            .order_by(QuarantineEntry.id.desc())
+            .limit(10)
         ).all()
-    return {"count": count, "recent": [
-        {"reason": r.reason, "status": f"0x{r.status_code:04X}", "calling_ae": r.calling_ae_title,
-         "peer": r.peer_address, "received_at": _iso(_aware(r.received_at)), "path": r.path}
-        for r in recent]}
+    return {
+        "count": count,
+        "recent": [
+            {
+                "reason": r.reason,
+                "status": f"0x{r.status_code:04X}",
+                "calling_ae": r.calling_ae_title,
+                "peer": r.peer_address,
+                "received_at": _iso(_aware(r.received_at)),
+                "path": r.path,
+            }
+            for r in recent
+        ],
+    }
 
 
 def _aware(value: datetime | None) -> datetime:
@@ -348,9 +449,16 @@ def _connect_host(host: str) -> str:
     return host
 
 
-def probe_receiver(host: str, port: int, ae_title: str, *,
-                   calling_ae: str = "DICOMAI-CHECK", tls: bool = False,
-                   peer_filter: bool = False, timeout: float = 3.0) -> tuple[bool, str]:
+def probe_receiver(
+    host: str,
+    port: int,
+    ae_title: str,
+    *,
+    calling_ae: str = "DICOMAI-CHECK",
+    tls: bool = False,
+    peer_filter: bool = False,
+    timeout: float = 3.0,
+) -> tuple[bool, str]:
     """Is a DICOM receiver listening at ``host:port``? ``(ok, detail)``.
 
     A C-ECHO association, released at once. A rejected association (a calling AE title the
@@ -378,8 +486,7 @@ def probe_receiver(host: str, port: int, ae_title: str, *,
     try:
         # tls_args' server name None: no SNI and no name check (pynetdicom passes it through
         # to wrap_socket, whose type allows None; pynetdicom's annotation does not).
-        assoc = ae.associate(target, port, ae_title=ae_title,
-                             tls_args=tls_args)  # type: ignore[arg-type]
+        assoc = ae.associate(target, port, ae_title=ae_title, tls_args=tls_args)  # type: ignore[arg-type]
         if assoc.is_established:
             rsp = assoc.send_c_echo()
             assoc.release()
@@ -387,7 +494,8 @@ def probe_receiver(host: str, port: int, ae_title: str, *,
             if status == 0:
                 return True, f"{where} answers C-ECHO"
             return False, f"{where} C-ECHO status " + (
-                f"0x{status:04X}" if status is not None else "missing")
+                f"0x{status:04X}" if status is not None else "missing"
+            )
         if assoc.is_rejected:
             return True, f"{where} answers (association rejected for {calling_ae}; it listens)"
     except Exception:  # pynetdicom raises several types on broken peers; see TCP below
@@ -406,8 +514,9 @@ def probe_receiver(host: str, port: int, ae_title: str, *,
     return False, f"{where} accepts TCP but gives no DICOM answer"
 
 
-def _check_dicomweb(component: dict[str, Any], add: Callable[..., None], *, probe: bool,
-                    timeout: float) -> None:
+def _check_dicomweb(
+    component: dict[str, Any], add: Callable[..., None], *, probe: bool, timeout: float
+) -> None:
     """The "dicomweb" check of a component whose STOW-RS receiver is on: its port accepts a
     TCP connection (no request is sent: nothing is logged or audited as a caller)."""
     web = component["receiver"].get("dicomweb") or {}
@@ -420,24 +529,31 @@ def _check_dicomweb(component: dict[str, Any], add: Callable[..., None], *, prob
     comp_host = component["name"].partition("@")[2].rpartition(":")[0]
     local = _connect_host(str(web["host"])) in ("127.0.0.1", "::1", "localhost")
     if local and comp_host and comp_host != socket.gethostname():
-        add("dicomweb", None, f"{where} on host {comp_host}; not probed from here",
-            critical=False)
+        add("dicomweb", None, f"{where} on host {comp_host}; not probed from here", critical=False)
         return
     try:
-        with socket.create_connection((_connect_host(str(web["host"])), int(web["port"])),
-                                      timeout=timeout):
+        with socket.create_connection(
+            (_connect_host(str(web["host"])), int(web["port"])), timeout=timeout
+        ):
             pass
     except OSError as exc:
-        add("dicomweb", False, f"{where}: TCP connect failed "
-                               f"({exc.strerror or type(exc).__name__})")
+        add(
+            "dicomweb", False, f"{where}: TCP connect failed ({exc.strerror or type(exc).__name__})"
+        )
         return
     add("dicomweb", True, f"{where} accepts connections")
 
 
-def check_health(data: dict[str, Any], settings: Settings | None = None, *,
-                 probe: bool = True, timeout: float = 3.0, calling_ae: str | None = None,
-                 cache: dict[Any, Any] | None = None, cache_seconds: float = 30.0
-                 ) -> dict[str, Any]:
+def check_health(
+    data: dict[str, Any],
+    settings: Settings | None = None,
+    *,
+    probe: bool = True,
+    timeout: float = 3.0,
+    calling_ae: str | None = None,
+    cache: dict[Any, Any] | None = None,
+    cache_seconds: float = 30.0,
+) -> dict[str, Any]:
     """Health checks over :func:`collect`'s output; C-ECHO to the receiver when ``probe``.
 
     Returns ``{"healthy": bool, "checks": [{"name", "ok", "critical", "detail"}]}``.
@@ -463,13 +579,19 @@ def check_health(data: dict[str, Any], settings: Settings | None = None, *,
     if d["up"]:
         add("heartbeat", True, f"last heartbeat {age}s ago")
     elif age is not None:
-        add("heartbeat", False, f"stale: last heartbeat {age}s ago "
-                                f"(limit {HEARTBEAT_STALE_SECONDS:.0f}s)")
+        add(
+            "heartbeat",
+            False,
+            f"stale: last heartbeat {age}s ago (limit {HEARTBEAT_STALE_SECONDS:.0f}s)",
+        )
     else:
         add("heartbeat", False, "no heartbeat: the daemon is not running")
     db = data.get("database") or {"reachable": True}
-    add("database", bool(db.get("reachable")),
-        "reachable" if db.get("reachable") else (db.get("error") or "unreachable"))
+    add(
+        "database",
+        bool(db.get("reachable")),
+        "reachable" if db.get("reachable") else (db.get("error") or "unreachable"),
+    )
 
     fresh = [c for c in d["components"] if c.get("fresh", True) and d["up"]]
     receivers = [c for c in fresh if c.get("receiver")]
@@ -478,14 +600,23 @@ def check_health(data: dict[str, Any], settings: Settings | None = None, *,
     for c in receivers:
         rec = c["receiver"]
         if not probe:
-            add("receiver", True, f"{rec['ae_title']}@{rec['host']}:{rec['port']} "
-                                  "(reported by heartbeat; not probed)")
+            add(
+                "receiver",
+                True,
+                f"{rec['ae_title']}@{rec['host']}:{rec['port']} "
+                "(reported by heartbeat; not probed)",
+            )
             continue
         comp_host = c["name"].partition("@")[2].rpartition(":")[0]
         local = _connect_host(str(rec["host"])) in ("127.0.0.1", "::1", "localhost")
         if local and comp_host and comp_host != socket.gethostname():
-            add("receiver", None, f"{rec['ae_title']}@{rec['host']}:{rec['port']} on host "
-                                  f"{comp_host}; not probed from here", critical=False)
+            add(
+                "receiver",
+                None,
+                f"{rec['ae_title']}@{rec['host']}:{rec['port']} on host "
+                f"{comp_host}; not probed from here",
+                critical=False,
+            )
             continue
         key = (str(rec["host"]), int(rec["port"]), str(rec["ae_title"]))
         hit = cache.get(key) if cache is not None else None
@@ -494,11 +625,15 @@ def check_health(data: dict[str, Any], settings: Settings | None = None, *,
         else:
             r = settings.receiver if settings else None
             ok, detail = probe_receiver(
-                key[0], key[1], key[2], timeout=timeout,
-                calling_ae=calling_ae or (settings.sender.ae_title if settings
-                                          else "DICOMAI-CHECK"),
-                tls=bool(r and r.tls_cert_file), peer_filter=bool(r and
-                                                                  r.allowed_peer_addresses))
+                key[0],
+                key[1],
+                key[2],
+                timeout=timeout,
+                calling_ae=calling_ae
+                or (settings.sender.ae_title if settings else "DICOMAI-CHECK"),
+                tls=bool(r and r.tls_cert_file),
+                peer_filter=bool(r and r.allowed_peer_addresses),
+            )
             if cache is not None:
                 cache[key] = (time.monotonic(), ok, detail)
         add("receiver", ok, detail)
@@ -506,8 +641,14 @@ def check_health(data: dict[str, Any], settings: Settings | None = None, *,
         _check_dicomweb(c, add, probe=probe, timeout=timeout)
     for role in ROLES[1:]:
         running = [c for c in fresh if role in c.get("roles", [])]
-        add(role, bool(running), f"running in {', '.join(c['name'] for c in running)}"
-            if running else "no live process runs this role", critical=False)
+        add(
+            role,
+            bool(running),
+            f"running in {', '.join(c['name'] for c in running)}"
+            if running
+            else "no live process runs this role",
+            critical=False,
+        )
     disk = data["disk"]
     ok = disk["free_mb"] >= disk["min_free_mb"]
     add("disk", ok, f"{disk['free_mb']} MB free on the spool (floor {disk['min_free_mb']} MB)")
@@ -519,8 +660,13 @@ def check_health(data: dict[str, Any], settings: Settings | None = None, *,
 def _fmt_s(value: float | None) -> str:
     if value is None:
         return "-"
-    return f"{value:.2f}s" if value < 10 else f"{value:.1f}s" if value < 600 else \
-        f"{value / 60:.1f}min"
+    return (
+        f"{value:.2f}s"
+        if value < 10
+        else f"{value:.1f}s"
+        if value < 600
+        else f"{value / 60:.1f}min"
+    )
 
 
 def render_rich(data: dict[str, Any], health: dict[str, Any] | None = None) -> Any:
@@ -538,8 +684,10 @@ def render_rich(data: dict[str, Any], health: dict[str, Any] | None = None) -> A
     if d.get("heartbeat_age_seconds") is not None:
         title.append(f" (last heartbeat {d['heartbeat_age_seconds']}s ago)")
     if health is not None:
-        title.append("  healthy" if health["healthy"] else "  UNHEALTHY",
-                     style="green" if health["healthy"] else "bold red")
+        title.append(
+            "  healthy" if health["healthy"] else "  UNHEALTHY",
+            style="green" if health["healthy"] else "bold red",
+        )
     parts.append(title)
 
     if health is not None:
@@ -548,8 +696,15 @@ def render_rich(data: dict[str, Any], health: dict[str, Any] | None = None) -> A
         t.add_column("", width=4)
         t.add_column("detail", overflow="fold")
         for c in health["checks"]:
-            mark = ("[green]ok[/]" if c["ok"] else "[yellow]n/a[/]" if c["ok"] is None
-                    else "[red]FAIL[/]" if c["critical"] else "[yellow]warn[/]")
+            mark = (
+                "[green]ok[/]"
+                if c["ok"]
+                else "[yellow]n/a[/]"
+                if c["ok"] is None
+                else "[red]FAIL[/]"
+                if c["critical"]
+                else "[yellow]warn[/]"
+            )
             t.add_row(c["name"], mark, c["detail"])
         parts.append(Panel(t, title="health", title_align="left", expand=False))
     comps = Table(box=box.SIMPLE, title="components", title_justify="left")
@@ -557,57 +712,90 @@ def render_rich(data: dict[str, Any], health: dict[str, Any] | None = None) -> A
         comps.add_column(col)
     for c in d["components"]:
         rec = c.get("receiver")
-        comps.add_row(c["name"], ",".join(c.get("roles", [])),
-                      f"{rec['ae_title']}@{rec['host']}:{rec['port']}{_dicomweb_where(rec)}"
-                      if rec else "-",
-                      (c.get("beat_at") or "-") + ("" if c.get("fresh", True) else " (stale)"))
+        comps.add_row(
+            c["name"],
+            ",".join(c.get("roles", [])),
+            f"{rec['ae_title']}@{rec['host']}:{rec['port']}{_dicomweb_where(rec)}" if rec else "-",
+            (c.get("beat_at") or "-") + ("" if c.get("fresh", True) else " (stale)"),
+        )
     if d["components"]:
         parts.append(comps)
 
-    q = Table(box=box.SIMPLE, title="studies by state (latest generation)",
-              title_justify="left")
+    q = Table(box=box.SIMPLE, title="studies by state (latest generation)", title_justify="left")
     for state in data["counts"]:
-        q.add_column(state, justify="right",
-                     style="bold" if state in ACTIVE_STATES else None)
+        q.add_column(state, justify="right", style="bold" if state in ACTIVE_STATES else None)
     q.add_row(*(str(n) for n in data["counts"].values()))
     parts.append(q)
 
     tp, lat = data.get("throughput") or {}, data.get("latency") or {}
     if tp:
         hour = Table(box=box.SIMPLE, title="last hour", title_justify="left")
-        for col in ("done", "failed", "skipped", "studies/h", "latency p50", "latency p95",
-                    "max", "inference p50", "inference p95"):
+        for col in (
+            "done",
+            "failed",
+            "skipped",
+            "studies/h",
+            "latency p50",
+            "latency p95",
+            "max",
+            "inference p50",
+            "inference p95",
+        ):
             hour.add_column(col, justify="right")
-        hour.add_row(str(tp["done"]), str(tp["failed"]), str(tp["skipped"]),
-                     str(tp["studies_per_hour"]), _fmt_s(lat.get("p50_seconds")),
-                     _fmt_s(lat.get("p95_seconds")), _fmt_s(lat.get("max_seconds")),
-                     _fmt_s(lat.get("inference_p50_seconds")),
-                     _fmt_s(lat.get("inference_p95_seconds")))
+        hour.add_row(
+            str(tp["done"]),
+            str(tp["failed"]),
+            str(tp["skipped"]),
+            str(tp["studies_per_hour"]),
+            _fmt_s(lat.get("p50_seconds")),
+            _fmt_s(lat.get("p95_seconds")),
+            _fmt_s(lat.get("max_seconds")),
+            _fmt_s(lat.get("inference_p50_seconds")),
+            _fmt_s(lat.get("inference_p95_seconds")),
+        )
         parts.append(hour)
 
     if data["studies"]:
         st = Table(box=box.SIMPLE, title="recent studies", title_justify="left")
         columns: tuple[tuple[str, JustifyMethod], ...] = (
-            ("job", "right"), ("gen", "right"), ("state", "left"), ("route", "left"),
-            ("model", "left"), ("inst", "right"), ("latency", "right"),
-            ("findings / error", "left"))
+            ("job", "right"),
+            ("gen", "right"),
+            ("state", "left"),
+            ("route", "left"),
+            ("model", "left"),
+            ("inst", "right"),
+            ("latency", "right"),
+            ("findings / error", "left"),
+        )
         for col, just in columns:
             st.add_column(col, justify=just, overflow="fold")
         for s in data["studies"]:
             style = {"failed": "red", "done": "green", "skipped": "dim"}.get(s["state"])
-            st.add_row(str(s["job_id"]), str(s.get("generation", "")),
-                       f"[{style}]{s['state']}[/]" if style else s["state"],
-                       s["route"] or "-", s["model"] or "-", str(s["instances"]),
-                       _fmt_s(s["latency_seconds"]), _study_note(s))
+            st.add_row(
+                str(s["job_id"]),
+                str(s.get("generation", "")),
+                f"[{style}]{s['state']}[/]" if style else s["state"],
+                s["route"] or "-",
+                s["model"] or "-",
+                str(s["instances"]),
+                _fmt_s(s["latency_seconds"]),
+                _study_note(s),
+            )
         parts.append(st)
 
     dt = Table(box=box.SIMPLE, title="destinations", title_justify="left")
     for col in ("name", "address", "last success", "backlog", "sent", "failed", "last error"):
         dt.add_column(col, overflow="fold")
     for dst in data["destinations"]:
-        dt.add_row(dst["name"], _dest_address(dst),
-                   dst.get("last_sent_at") or "never", str(dst["pending"]), str(dst["sent"]),
-                   str(dst["failed"]), dst["last_error"] or "-")
+        dt.add_row(
+            dst["name"],
+            _dest_address(dst),
+            dst.get("last_sent_at") or "never",
+            str(dst["pending"]),
+            str(dst["sent"]),
+            str(dst["failed"]),
+            dst["last_error"] or "-",
+        )
     parts.append(dt)
 
     mt = Table(box=box.SIMPLE, title="models", title_justify="left")
@@ -615,8 +803,13 @@ def render_rich(data: dict[str, Any], health: dict[str, Any] | None = None) -> A
         mt.add_column(col)
     for m in data["models"]:
         state = {"ready": "yes", "not loaded": "no"}.get(m.get("state", ""), m.get("state", "no"))
-        mt.add_row(m["name"], m["version"], m["task"], m["device"] or "-",
-                   f"{state}: {m['load_error']}" if m.get("load_error") else state)
+        mt.add_row(
+            m["name"],
+            m["version"],
+            m["task"],
+            m["device"] or "-",
+            f"{state}: {m['load_error']}" if m.get("load_error") else state,
+        )
     parts.append(mt)
 
     if data.get("recent_failures"):
@@ -624,23 +817,37 @@ def render_rich(data: dict[str, Any], health: dict[str, Any] | None = None) -> A
         for col in ("at", "job", "kind", "reason", "now", "error"):
             ft.add_column(col, overflow="fold")
         for f in data["recent_failures"]:
-            ft.add_row(f["at"] or "-", str(f["job_id"]), f["kind"], f["reason"], f["state"],
-                       f["error"] or "-")
+            ft.add_row(
+                f["at"] or "-",
+                str(f["job_id"]),
+                f["kind"],
+                f["reason"],
+                f["state"],
+                f["error"] or "-",
+            )
         parts.append(ft)
 
     qu = data.get("quarantine") or {}
     if qu.get("count"):
-        qt = Table(box=box.SIMPLE, title=f"quarantine: {qu['count']} refused object(s)",
-                   title_justify="left")
+        qt = Table(
+            box=box.SIMPLE,
+            title=f"quarantine: {qu['count']} refused object(s)",
+            title_justify="left",
+        )
         for col in ("received", "reason", "status", "from"):
             qt.add_column(col)
         for item in qu["recent"][:5]:
-            qt.add_row(item["received_at"] or "-", item["reason"], item["status"],
-                       f"{item['calling_ae']}@{item['peer']}")
+            qt.add_row(
+                item["received_at"] or "-",
+                item["reason"],
+                item["status"],
+                f"{item['calling_ae']}@{item['peer']}",
+            )
         parts.append(qt)
     disk = data["disk"]
-    parts.append(Text(f"spool: {disk['spool']} free={disk['free_mb']} MB "
-                      f"(floor {disk['min_free_mb']} MB)"))
+    parts.append(
+        Text(f"spool: {disk['spool']} free={disk['free_mb']} MB (floor {disk['min_free_mb']} MB)")
+    )
     return Group(*parts)
 
 
@@ -673,40 +880,59 @@ def render_text(data: dict[str, Any], health: dict[str, Any] | None = None) -> s
     lines.append(f"dicomai daemon: {state}" + (f" (last heartbeat {age}s ago)" if age else ""))
     for c in d["components"]:
         rec = c.get("receiver")
-        where = f" listening {rec['ae_title']}@{rec['host']}:{rec['port']}" \
-            f"{_dicomweb_where(rec)}" if rec else ""
+        where = (
+            f" listening {rec['ae_title']}@{rec['host']}:{rec['port']}{_dicomweb_where(rec)}"
+            if rec
+            else ""
+        )
         lines.append(f"  {c['name']} roles={','.join(c.get('roles', []))}{where}")
     if health is not None:
         lines.append("health: " + ("healthy" if health["healthy"] else "UNHEALTHY"))
         for c in health["checks"]:
-            mark = "ok" if c["ok"] else "n/a" if c["ok"] is None else \
-                "FAIL" if c["critical"] else "warn"
+            mark = (
+                "ok"
+                if c["ok"]
+                else "n/a"
+                if c["ok"] is None
+                else "FAIL"
+                if c["critical"]
+                else "warn"
+            )
             lines.append(f"  {c['name']:<10} {mark:<4} {c['detail']}")
     lines.append("")
-    lines.append("studies by state: " + ("  ".join(
-        f"{k}={v}" for k, v in data["counts"].items() if v) or "none"))
+    lines.append(
+        "studies by state: "
+        + ("  ".join(f"{k}={v}" for k, v in data["counts"].items() if v) or "none")
+    )
     tp, lat = data.get("throughput"), data.get("latency")
     if tp and lat:
-        lines.append(f"last hour: done={tp['done']} failed={tp['failed']} "
-                     f"skipped={tp['skipped']} latency p50={_fmt_s(lat['p50_seconds'])} "
-                     f"p95={_fmt_s(lat['p95_seconds'])}")
+        lines.append(
+            f"last hour: done={tp['done']} failed={tp['failed']} "
+            f"skipped={tp['skipped']} latency p50={_fmt_s(lat['p50_seconds'])} "
+            f"p95={_fmt_s(lat['p95_seconds'])}"
+        )
     lines.append("")
     if data["studies"]:
-        lines.append(f"{'job':>5} {'state':<9} {'route':<11} {'model':<12} {'inst':>5} "
-                     f"{'latency':>8}  findings / error")
+        lines.append(
+            f"{'job':>5} {'state':<9} {'route':<11} {'model':<12} {'inst':>5} "
+            f"{'latency':>8}  findings / error"
+        )
         for s in data["studies"]:
             lat_s = f"{s['latency_seconds']:.1f}s" if s["latency_seconds"] is not None else "-"
-            lines.append(f"{s['job_id']:>5} {s['state']:<9} {s['route'] or '-':<11} "
-                         f"{s['model'] or '-':<12} {s['instances']:>5} {lat_s:>8}  "
-                         f"{_study_note(s)}")
+            lines.append(
+                f"{s['job_id']:>5} {s['state']:<9} {s['route'] or '-':<11} "
+                f"{s['model'] or '-':<12} {s['instances']:>5} {lat_s:>8}  "
+                f"{_study_note(s)}"
+            )
         lines.append("")
     lines.append("destinations:")
     for dst in data["destinations"]:
-        lines.append(f"  {dst['name']}: {_dest_address(dst)} "
-                     f"sent={dst['sent']} pending={dst['pending']} failed={dst['failed']}"
-                     + (f" last_success={dst['last_sent_at']}" if dst.get("last_sent_at")
-                        else "")
-                     + (f" last_error={dst['last_error']}" if dst["last_error"] else ""))
+        lines.append(
+            f"  {dst['name']}: {_dest_address(dst)} "
+            f"sent={dst['sent']} pending={dst['pending']} failed={dst['failed']}"
+            + (f" last_success={dst['last_sent_at']}" if dst.get("last_sent_at") else "")
+            + (f" last_error={dst['last_error']}" if dst["last_error"] else "")
+        )
     lines.append("models:")
     for m in data["models"]:
         loaded = f"loaded on {m['device']}" if m["loaded"] else "not loaded"
@@ -714,15 +940,20 @@ def render_text(data: dict[str, Any], health: dict[str, Any] | None = None) -> s
     if data.get("recent_failures"):
         lines.append("recent failures:")
         for f in data["recent_failures"]:
-            lines.append(f"  {f['at']} job {f['job_id']} {f['kind']} {f['reason']}"
-                         + (f": {f['error']}" if f["error"] else ""))
+            lines.append(
+                f"  {f['at']} job {f['job_id']} {f['kind']} {f['reason']}"
+                + (f": {f['error']}" if f["error"] else "")
+            )
     disk = data["disk"]
-    lines.append(f"spool: {disk['spool']} free={disk['free_mb']} MB "
-                 f"(floor {disk['min_free_mb']} MB)")
+    lines.append(
+        f"spool: {disk['spool']} free={disk['free_mb']} MB (floor {disk['min_free_mb']} MB)"
+    )
     q = data.get("quarantine") or {}
     if q.get("count"):
         lines.append(f"quarantine: {q['count']} refused object(s); latest:")
         for item in q["recent"][:5]:
-            lines.append(f"  {item['received_at']} {item['reason']} {item['status']} "
-                         f"from {item['calling_ae']}@{item['peer']}")
+            lines.append(
+                f"  {item['received_at']} {item['reason']} {item['status']} "
+                f"from {item['calling_ae']}@{item['peer']}"
+            )
     return "\n".join(lines)

@@ -61,8 +61,9 @@ class Spool:
                 continue
         return removed
 
-    def write_instance(self, chunks: Sequence[bytes | memoryview], *,
-                       sync: bool = True) -> tuple[Path, int]:
+    def write_instance(
+        self, chunks: Sequence[bytes | memoryview], *, sync: bool = True
+    ) -> tuple[Path, int]:
         """Write a received instance durably (data and size fsynced, in a file whose directory
         entry was made durable beforehand; with ``sync=False`` the caller makes the bytes
         durable otherwise: see :mod:`dicomai.ingest.copies`); returns ``(path, size)``. The caller
@@ -99,8 +100,9 @@ class Spool:
             raise ValueError('Argument "reason" must be a short code.')
         return self.root / "quarantine" / reason / f"{uuid.uuid4().hex}.dcm"
 
-    def write_atomic(self, path: Path,
-                     chunks: bytes | memoryview | Sequence[bytes | memoryview]) -> int:
+    def write_atomic(
+        self, path: Path, chunks: bytes | memoryview | Sequence[bytes | memoryview]
+    ) -> int:
         """Write ``chunks`` to ``path`` via a fsynced temporary file and ``os.replace``.
 
         Returns
@@ -160,8 +162,9 @@ class Spool:
         see :func:`dicomai.slots.reap_dead_pools`."""
         return reap_dead_pools(self.root / "incoming", indexed)
 
-    def incoming_files(self, older_than_seconds: float,
-                       empty_older_than_seconds: float = EMPTY_SLOT_SWEEP_AGE) -> list[Path]:
+    def incoming_files(
+        self, older_than_seconds: float, empty_older_than_seconds: float = EMPTY_SLOT_SWEEP_AGE
+    ) -> list[Path]:
         """Received files last modified more than ``older_than_seconds`` ago; empty ones
         (pre-created slots, see :mod:`dicomai.slots`) only after ``empty_older_than_seconds``.
         """

@@ -43,8 +43,12 @@ _DEFER_BYTES = 64 * 1024
 def options_for(dest: DestinationSettings) -> ResultOptions:
     """Result flavour a destination asked for."""
     return ResultOptions(
-        sr_sop_class=dest.sr_sop_class, emit_sc=dest.emit_sc, emit_text_sr=dest.emit_text_sr,
-        emit_ko=dest.emit_ko, emit_seg=dest.emit_seg, sc_heatmap=dest.sc_heatmap,
+        sr_sop_class=dest.sr_sop_class,
+        emit_sc=dest.emit_sc,
+        emit_text_sr=dest.emit_text_sr,
+        emit_ko=dest.emit_ko,
+        emit_seg=dest.emit_seg,
+        sc_heatmap=dest.sc_heatmap,
     )
 
 
@@ -75,8 +79,9 @@ class ModelPool:
         self._background = [n for n in dict.fromkeys(names) if n not in self._registry]
         if not self._background:
             return
-        self._thread = threading.Thread(target=self._load_in_background, name="model-loader",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._load_in_background, name="model-loader", daemon=True
+        )
         self._thread.start()
 
     def _load_in_background(self) -> None:
@@ -90,9 +95,15 @@ class ModelPool:
                     self.get(name)
                 except Exception as exc:  # any failure: report, keep its jobs queued, retry
                     self._errors[name] = f"{type(exc).__name__}: {exc}"[:300]
-                    logger.error("model could not be loaded; its studies wait", extra=log_fields(
-                        "model.load_failed", model=name, error=self._errors[name],
-                        retry_seconds=delay))
+                    logger.error(
+                        "model could not be loaded; its studies wait",
+                        extra=log_fields(
+                            "model.load_failed",
+                            model=name,
+                            error=self._errors[name],
+                            retry_seconds=delay,
+                        ),
+                    )
                 else:
                     pending.remove(name)
                     self._errors.pop(name, None)
@@ -133,18 +144,33 @@ class ModelPool:
             spec = self.settings.model_settings(name)
             path = self.settings.model_path(name)
             if ensure_model_file(name, path):
-                logger.info("reference model built", extra=log_fields(
-                    "model.built", model=name, path=str(path)))
+                logger.info(
+                    "reference model built",
+                    extra=log_fields("model.built", model=name, path=str(path)),
+                )
             backend = self._registry.load(
-                name, path=path, version=spec.version, sha256=spec.sha256 or None,
-                device=spec.device, labels=tuple(spec.labels) or None, task=spec.task,
-                body_part=spec.body_part, warmup_size=spec.preprocessing.input_size,
+                name,
+                path=path,
+                version=spec.version,
+                sha256=spec.sha256 or None,
+                device=spec.device,
+                labels=tuple(spec.labels) or None,
+                task=spec.task,
+                body_part=spec.body_part,
+                warmup_size=spec.preprocessing.input_size,
                 precision=spec.precision,
             )
             ident = backend.identity
-            logger.info("model loaded", extra=log_fields(
-                "model.loaded", model=name, version=ident.version, sha256=ident.sha256,
-                device=backend.device))
+            logger.info(
+                "model loaded",
+                extra=log_fields(
+                    "model.loaded",
+                    model=name,
+                    version=ident.version,
+                    sha256=ident.sha256,
+                    device=backend.device,
+                ),
+            )
             return backend
 
     def reload(self, settings: Settings) -> list[str]:
@@ -160,15 +186,28 @@ class ModelPool:
             spec, path = settings.model_settings(name), settings.model_path(name)
             ensure_model_file(name, path)
             backend = TorchScriptBackend.load(
-                path, name=name, version=spec.version, expected_sha256=spec.sha256 or None,
-                device=spec.device, labels=tuple(spec.labels) or None, task=spec.task,
-                body_part=spec.body_part, warmup_size=spec.preprocessing.input_size,
-                precision=spec.precision)
+                path,
+                name=name,
+                version=spec.version,
+                expected_sha256=spec.sha256 or None,
+                device=spec.device,
+                labels=tuple(spec.labels) or None,
+                task=spec.task,
+                body_part=spec.body_part,
+                warmup_size=spec.preprocessing.input_size,
+                precision=spec.precision,
+            )
             self._registry.replace(name, backend)
             swapped.append(name)
-            logger.info("model swapped", extra=log_fields(
-                "model.swapped", model=name, version=spec.version,
-                sha256=backend.identity.sha256))
+            logger.info(
+                "model swapped",
+                extra=log_fields(
+                    "model.swapped",
+                    model=name,
+                    version=spec.version,
+                    sha256=backend.identity.sha256,
+                ),
+            )
         return swapped
 
     def loaded(self) -> dict[str, ModelBackend]:
@@ -179,8 +218,16 @@ class ModelPool:
 def _load_key(settings: Settings, name: str) -> tuple[object, ...]:
     """What a loaded model depends on (thresholds and the like apply per job)."""
     m = settings.model_settings(name)
-    return (settings.model_path(name), m.version, m.sha256, m.device, tuple(m.labels), m.task,
-            m.preprocessing.input_size, m.precision)
+    return (
+        settings.model_path(name),
+        m.version,
+        m.sha256,
+        m.device,
+        tuple(m.labels),
+        m.task,
+        m.preprocessing.input_size,
+        m.precision,
+    )
 
 
 class Worker:
@@ -209,8 +256,9 @@ class Worker:
         self.models = models
         self.clock = clock
         self.name = name or claimer_name("worker")
-        self.model_names = list(model_names) if model_names is not None \
-            else settings.served_models()
+        self.model_names = (
+            list(model_names) if model_names is not None else settings.served_models()
+        )
         w = settings.worker
         self.policy = RetryPolicy(w.max_attempts, w.retry_base_seconds)
         self._stop = threading.Event()
@@ -234,8 +282,11 @@ class Worker:
             torch.set_num_threads(self.settings.worker.torch_threads)
         w = self.settings.worker
         if w.decode_processes and self.decode_pool is None:
-            self.decode_pool = DecodePool(w.decode_processes, memory_mb=w.decode_memory_mb,
-                                          timeout_seconds=w.decode_timeout_seconds)
+            self.decode_pool = DecodePool(
+                w.decode_processes,
+                memory_mb=w.decode_memory_mb,
+                timeout_seconds=w.decode_timeout_seconds,
+            )
         for i in range(self.settings.worker.threads):
             t = threading.Thread(target=self._loop, name=f"worker-{i}", daemon=True)
             t.start()
@@ -285,8 +336,9 @@ class Worker:
         ready = [n for n in self.model_names if not self.models.waiting(n)]
         if not ready:
             return False
-        job = self.queue.claim_next(JobState.QUEUED, JobState.RUNNING, self.name, self.clock(),
-                                    models=ready)
+        job = self.queue.claim_next(
+            JobState.QUEUED, JobState.RUNNING, self.name, self.clock(), models=ready
+        )
         if job is None:
             return False
         self.run_job(job.id)
@@ -306,9 +358,15 @@ class Worker:
         except Interrupted:
             # Shutting down mid-run: put the job back without counting the attempt.
             try:
-                self.queue.transition(job_id, JobState.RUNNING, JobState.QUEUED,
-                                      reason="worker.stopping", now=self.clock(),
-                                      attempts=max(0, job.attempts - 1), claimed_by=None)
+                self.queue.transition(
+                    job_id,
+                    JobState.RUNNING,
+                    JobState.QUEUED,
+                    reason="worker.stopping",
+                    now=self.clock(),
+                    attempts=max(0, job.attempts - 1),
+                    claimed_by=None,
+                )
             except StateConflict:
                 pass
         except PermanentError as exc:
@@ -316,19 +374,29 @@ class Worker:
         except Exception as exc:
             logger.exception("job failed", extra=log_fields("job.error", job_id=job_id))
             # Library exception texts may quote dataset values: keep only their type name.
-            reason = (f"{type(exc).__name__}: {exc}" if isinstance(exc, DicomAIError)
-                      else type(exc).__name__)[:500]
+            reason = (
+                f"{type(exc).__name__}: {exc}"
+                if isinstance(exc, DicomAIError)
+                else type(exc).__name__
+            )[:500]
             if job.attempts >= self.policy.max_attempts:
                 self._fail(job_id, "attempts_exhausted", reason)
             else:
                 now = self.clock()
                 self.queue.transition(
-                    job_id, JobState.RUNNING, JobState.QUEUED, reason="retry.error", now=now,
-                    not_before=now + self.policy.delay(job.attempts), last_error=reason,
+                    job_id,
+                    JobState.RUNNING,
+                    JobState.QUEUED,
+                    reason="retry.error",
+                    now=now,
+                    not_before=now + self.policy.delay(job.attempts),
+                    last_error=reason,
                     claimed_by=None,
                 )
-                logger.warning("job retry scheduled", extra=log_fields(
-                    "job.retry_scheduled", job_id=job_id, attempt=job.attempts))
+                logger.warning(
+                    "job retry scheduled",
+                    extra=log_fields("job.retry_scheduled", job_id=job_id, attempt=job.attempts),
+                )
         finally:
             beat_stop.set()
 
@@ -337,67 +405,103 @@ class Worker:
             try:
                 self.queue.heartbeat_job(job_id, self.name, self.clock())
             except Exception:
-                logger.warning("heartbeat failed", extra=log_fields("job.heartbeat_failed",
-                                                                      job_id=job_id))
+                logger.warning(
+                    "heartbeat failed", extra=log_fields("job.heartbeat_failed", job_id=job_id)
+                )
 
     def _fail(self, job_id: int, code: str, message: str) -> None:
         """RUNNING → FAILED; or → OUTBOX with a failure notice when a destination wants one."""
-        logger.error("job failed for good", extra=log_fields("job.failed", job_id=job_id,
-                                                              reason=code))
+        logger.error(
+            "job failed for good", extra=log_fields("job.failed", job_id=job_id, reason=code)
+        )
         now = self.clock()
         try:
             rows = self._failure_notices(job_id, code)
         except Exception:
-            logger.exception("could not build failure notice",
-                             extra=log_fields("job.notice_failed", job_id=job_id))
+            logger.exception(
+                "could not build failure notice",
+                extra=log_fields("job.notice_failed", job_id=job_id),
+            )
             rows = []
         try:
             if not rows:
-                self.queue.transition(job_id, JobState.RUNNING, JobState.FAILED, reason=code,
-                                      now=now, last_error=message[:500])
+                self.queue.transition(
+                    job_id,
+                    JobState.RUNNING,
+                    JobState.FAILED,
+                    reason=code,
+                    now=now,
+                    last_error=message[:500],
+                )
                 return
             with self.queue.session() as s, s.begin():
                 self.queue.add_results(job_id, rows, session=s)
                 self.queue.transition(
-                    job_id, JobState.RUNNING, JobState.OUTBOX, reason=f"{code}.notice",
-                    now=now, session=s, last_error=message[:500], claimed_by=None,
-                    not_before=None, findings={"failure_notice": True, "reason": code})
+                    job_id,
+                    JobState.RUNNING,
+                    JobState.OUTBOX,
+                    reason=f"{code}.notice",
+                    now=now,
+                    session=s,
+                    last_error=message[:500],
+                    claimed_by=None,
+                    not_before=None,
+                    findings={"failure_notice": True, "reason": code},
+                )
         except StateConflict:
             pass
 
     def _failure_notices(self, job_id: int, code: str) -> list[ResultObject]:
         job = self.queue.get_job(job_id)
-        wanted = [d for d in job.destinations
-                  if self.settings.destination(d).emit_failure_notice]
+        wanted = [d for d in job.destinations if self.settings.destination(d).emit_failure_notice]
         if not wanted or not job.model:
             return []
         rows = self.queue.study_instances(job.study_id, up_to_generation=job.generation)
         uids = set(job.series_uids)
-        sources = [pydicom.dcmread(r.path, stop_before_pixels=True) for r in rows
-                   if r.series_instance_uid in uids]
+        sources = [
+            pydicom.dcmread(r.path, stop_before_pixels=True)
+            for r in rows
+            if r.series_instance_uid in uids
+        ]
         if not sources:
             return []
         spec = self.settings.models[job.model]
         loaded = self.models.loaded().get(job.model)
-        identity = loaded.identity if loaded is not None else ModelIdentity(
-            name=job.model, version=spec.version, sha256=spec.sha256 or "unknown",
-            task=Task(spec.task), architecture="unknown",
-            description="model could not be loaded", body_part=spec.body_part)
+        identity = (
+            loaded.identity
+            if loaded is not None
+            else ModelIdentity(
+                name=job.model,
+                version=spec.version,
+                sha256=spec.sha256 or "unknown",
+                task=Task(spec.task),
+                architecture="unknown",
+                description="model could not be loaded",
+                body_part=spec.body_part,
+            )
+        )
         reason = re.sub(r"[^a-z0-9_]+", "_", code.lower()).strip("_") or "failed"
         out = []
         for dest in wanted:
-            notice = build_failure_notice(sources, identity, reason,
-                                          options_for(self.settings.destination(dest)))
+            notice = build_failure_notice(
+                sources, identity, reason, options_for(self.settings.destination(dest))
+            )
             path = self.spool.result_path(job_id, f"notice-{notice.SOPInstanceUID}.dcm")
             buf = BytesIO()
             notice.save_as(buf, enforce_file_format=True)
             self.spool.write_atomic(path, buf.getvalue())
-            out.append(ResultObject(
-                job_id=job_id, destination=dest, kind="notice",
-                sop_class_uid=str(notice.SOPClassUID),
-                sop_instance_uid=str(notice.SOPInstanceUID),
-                series_instance_uid=str(notice.SeriesInstanceUID), path=str(path),
-                state=ResultState.PENDING))
+            out.append(
+                ResultObject(
+                    job_id=job_id,
+                    destination=dest,
+                    kind="notice",
+                    sop_class_uid=str(notice.SOPClassUID),
+                    sop_instance_uid=str(notice.SOPInstanceUID),
+                    series_instance_uid=str(notice.SeriesInstanceUID),
+                    path=str(path),
+                    state=ResultState.PENDING,
+                )
+            )
         return out
 
     def _source_paths(self, job_id: int) -> list[str]:
@@ -419,12 +523,19 @@ class Worker:
             batcher = self._batchers.get(name)
             if batcher is None or batcher.backend is not backend or batcher.closed:
                 retired = batcher
-                batcher = BatchingPredictor(backend, max_batch=w.max_batch,
-                                            max_wait_ms=w.batch_wait_ms, name=name)
+                batcher = BatchingPredictor(
+                    backend, max_batch=w.max_batch, max_wait_ms=w.batch_wait_ms, name=name
+                )
                 self._batchers[name] = batcher
-                logger.info("batcher started", extra=log_fields(
-                    "batching.started", model=name, max_batch=w.max_batch,
-                    wait_ms=w.batch_wait_ms))
+                logger.info(
+                    "batcher started",
+                    extra=log_fields(
+                        "batching.started",
+                        model=name,
+                        max_batch=w.max_batch,
+                        wait_ms=w.batch_wait_ms,
+                    ),
+                )
             else:
                 batcher.configure(max_batch=w.max_batch, max_wait_ms=w.batch_wait_ms)
         if retired is not None:
@@ -448,21 +559,28 @@ class Worker:
             # With decode processes, values as large as pixel data are read from the file
             # only if used here: decoding and the key images' pictures happen in the decode
             # processes, so this process reads the headers only.
-            datasets = [pydicom.dcmread(p, defer_size=_DEFER_BYTES if pool else None)
-                        for p in paths]
+            datasets = [
+                pydicom.dcmread(p, defer_size=_DEFER_BYTES if pool else None) for p in paths
+            ]
             if futures is not None:
                 prepared = PreparedInputs(datasets, futures, self._stop.is_set)
             with self._predictor(job.model, backend) as predictor:
-                findings = analyse(Task(spec.task), datasets, predictor, spec, started,
-                                   should_stop=self._stop.is_set, preprocess=prepared)
+                findings = analyse(
+                    Task(spec.task),
+                    datasets,
+                    predictor,
+                    spec,
+                    started,
+                    should_stop=self._stop.is_set,
+                    preprocess=prepared,
+                )
         finally:
             for fut in futures or ():
                 fut.cancel()  # only what has not started: after an error or interruption
         # Key images for the Secondary Captures are drawn in the decode processes too.
         render = renderer(pool, datasets, paths, self._stop.is_set) if pool else None
         previous = [
-            (self.queue.study_uid(job), r.series_instance_uid, r.sop_class_uid,
-             r.sop_instance_uid)
+            (self.queue.study_uid(job), r.series_instance_uid, r.sop_class_uid, r.sop_instance_uid)
             for r in self.queue.previous_results(job.study_id, job.generation)
             if r.kind == "sr"
         ]
@@ -472,13 +590,18 @@ class Worker:
         configured = {d.name for d in self.settings.destinations}
         for dest_name in job.destinations:
             if dest_name not in configured:  # removed by a configuration reload
-                logger.warning("destination no longer configured", extra=log_fields(
-                    "job.destination_missing", job_id=job_id, destination=dest_name))
+                logger.warning(
+                    "destination no longer configured",
+                    extra=log_fields(
+                        "job.destination_missing", job_id=job_id, destination=dest_name
+                    ),
+                )
                 continue
             options = options_for(self.settings.destination(dest_name))
             if options not in built:
-                objects = build_results(datasets, findings, options, previous_sr_refs=previous,
-                                        render=render)
+                objects = build_results(
+                    datasets, findings, options, previous_sr_refs=previous, render=render
+                )
                 files = []
                 for index, ds in enumerate(objects):
                     kind = _kind(ds)
@@ -489,24 +612,47 @@ class Worker:
                     files.append((kind, ds, str(path)))
                 built[options] = files
             for kind, ds, written in built[options]:
-                rows.append(ResultObject(
-                    job_id=job_id, destination=dest_name, kind=kind,
-                    sop_class_uid=str(ds.SOPClassUID), sop_instance_uid=str(ds.SOPInstanceUID),
-                    series_instance_uid=str(ds.SeriesInstanceUID), path=written,
-                    state=ResultState.PENDING))
+                rows.append(
+                    ResultObject(
+                        job_id=job_id,
+                        destination=dest_name,
+                        kind=kind,
+                        sop_class_uid=str(ds.SOPClassUID),
+                        sop_instance_uid=str(ds.SOPInstanceUID),
+                        series_instance_uid=str(ds.SeriesInstanceUID),
+                        path=written,
+                        state=ResultState.PENDING,
+                    )
+                )
         elapsed = time.perf_counter() - t0
         with self.queue.session() as s, s.begin():
             self.queue.add_results(job_id, rows, session=s)
             self.queue.transition(
-                job_id, JobState.RUNNING, JobState.OUTBOX, reason="results.written",
-                now=self.clock(), session=s, findings=findings.summary(),
-                inference_seconds=round(elapsed, 3), claimed_by=None, not_before=None,
+                job_id,
+                JobState.RUNNING,
+                JobState.OUTBOX,
+                reason="results.written",
+                now=self.clock(),
+                session=s,
+                findings=findings.summary(),
+                inference_seconds=round(elapsed, 3),
+                claimed_by=None,
+                not_before=None,
             )
         metrics.observe_job("inference", job.model, elapsed)
-        logger.info("job analysed", extra=log_fields(
-            "job.analysed", job_id=job_id, model=job.model, images=len(datasets),
-            objects=len(rows), seconds=round(elapsed, 3), positive=len(findings.positive_labels),
-            study=uid_ref(datasets[0].StudyInstanceUID if datasets else "")))
+        logger.info(
+            "job analysed",
+            extra=log_fields(
+                "job.analysed",
+                job_id=job_id,
+                model=job.model,
+                images=len(datasets),
+                objects=len(rows),
+                seconds=round(elapsed, 3),
+                positive=len(findings.positive_labels),
+                study=uid_ref(datasets[0].StudyInstanceUID if datasets else ""),
+            ),
+        )
 
 
 def _kind(ds: Dataset) -> str:

@@ -51,8 +51,9 @@ class SecretUnavailable(OSError):
     """A secret file cannot be read (missing, unreadable, empty); the message names the file."""
 
 
-def check_auth_fields(scheme: str, *, user: str, password_file: Path | None,
-                      token_file: Path | None) -> None:
+def check_auth_fields(
+    scheme: str, *, user: str, password_file: Path | None, token_file: Path | None
+) -> None:
     """Raise ValueError when the fields do not fit ``scheme`` (a settings model's check).
 
     ``basic`` needs ``user`` (without ``:``, RFC 7617) and ``password_file``; ``bearer`` needs
@@ -64,8 +65,15 @@ def check_auth_fields(scheme: str, *, user: str, password_file: Path | None,
         AuthScheme.BASIC: {"user", "password_file"},
         AuthScheme.BEARER: {"token_file"},
     }[AuthScheme(scheme)]
-    given = {name for name, value in (("user", user), ("password_file", password_file),
-                                      ("token_file", token_file)) if value}
+    given = {
+        name
+        for name, value in (
+            ("user", user),
+            ("password_file", password_file),
+            ("token_file", token_file),
+        )
+        if value
+    }
     if missing := sorted(wanted - given):
         raise ValueError(f'auth = "{scheme}" needs {" and ".join(missing)}')
     if extra := sorted(given - wanted):
@@ -151,8 +159,9 @@ class SecretFile:
         except FileNotFoundError as exc:
             raise SecretUnavailable(f"secret file {self.path} does not exist") from exc
         except OSError as exc:
-            raise SecretUnavailable(f"secret file {self.path} cannot be read: "
-                                    f"{exc.strerror}") from exc
+            raise SecretUnavailable(
+                f"secret file {self.path} cannot be read: {exc.strerror}"
+            ) from exc
         key = (st.st_mtime_ns, st.st_size, st.st_ino, st.st_dev)
         with self._lock:
             if key != self._key:
@@ -208,7 +217,8 @@ class HttpCredentials:
         value = value.strip()
         if self.scheme is AuthScheme.BEARER:
             return scheme.lower() == "bearer" and hmac.compare_digest(
-                value.encode(), expected.encode())
+                value.encode(), expected.encode()
+            )
         if scheme.lower() != "basic":
             return False
         try:
@@ -220,8 +230,13 @@ class HttpCredentials:
         return user_ok and secret_ok
 
 
-def credentials(scheme: str, *, user: str = "", password_file: Path | None = None,
-                token_file: Path | None = None) -> HttpCredentials:
+def credentials(
+    scheme: str,
+    *,
+    user: str = "",
+    password_file: Path | None = None,
+    token_file: Path | None = None,
+) -> HttpCredentials:
     """The credentials of a configured ``auth`` (paths as given; resolve them first)."""
     kind = AuthScheme(scheme)
     if kind is AuthScheme.BASIC and password_file is not None:

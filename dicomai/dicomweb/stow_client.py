@@ -139,13 +139,15 @@ def _failure_verdict(reason: int | None) -> InstanceVerdict:
     if reason is not None and (reason & 0xFF00) == 0xA700:
         return InstanceVerdict(Verdict.RETRY, reason, f"out of resources ({_hex(reason)})")
     if reason == SOP_CLASS_NOT_SUPPORTED:
-        return InstanceVerdict(Verdict.CLASS_REFUSED, reason,
-                               f"SOP class not supported ({_hex(reason)})")
+        return InstanceVerdict(
+            Verdict.CLASS_REFUSED, reason, f"SOP class not supported ({_hex(reason)})"
+        )
     return InstanceVerdict(Verdict.REFUSED, reason, f"failure reason {_hex(reason)}")
 
 
-def read_store_response(http_status: int, response: pydicom.Dataset | None,
-                        sent: Sequence[str]) -> StowResult:
+def read_store_response(
+    http_status: int, response: pydicom.Dataset | None, sent: Sequence[str]
+) -> StowResult:
     """Each sent SOP Instance UID's verdict from the HTTP status and the Store Instances
     Response data set (None when the answer had none, or none we could read)."""
     result = StowResult(http_status)
@@ -155,7 +157,8 @@ def read_store_response(http_status: int, response: pydicom.Dataset | None,
             uid = str(item.get("ReferencedSOPInstanceUID", ""))
             warning = _reason(item, "WarningReason")
             listed[uid] = InstanceVerdict(
-                Verdict.STORED, warning, None if warning is None else f"warning {_hex(warning)}")
+                Verdict.STORED, warning, None if warning is None else f"warning {_hex(warning)}"
+            )
         for item in response.get("FailedSOPSequence") or []:
             uid = str(item.get("ReferencedSOPInstanceUID", ""))
             listed[uid] = _failure_verdict(_reason(item, "FailureReason"))
@@ -170,8 +173,10 @@ def read_store_response(http_status: int, response: pydicom.Dataset | None,
         result.error = f"HTTP {http_status}"
         if http_status in (401, 403):
             result.auth_problem = True
-            result.error = (f"HTTP {http_status}: the archive refused our credentials "
-                            f"(check auth, user, password_file or token_file)")
+            result.error = (
+                f"HTTP {http_status}: the archive refused our credentials "
+                f"(check auth, user, password_file or token_file)"
+            )
         fallback = InstanceVerdict(Verdict.RETRY, None, result.error)
     else:
         fallback = InstanceVerdict(Verdict.REFUSED, None, f"HTTP {http_status}")
@@ -190,8 +195,9 @@ class _VerifyingAdapter(requests.adapters.HTTPAdapter):
         super().__init__()
         self._verify = verify
 
-    def send(self, request: requests.PreparedRequest, *args: Any, **kwargs: Any
-             ) -> requests.Response:
+    def send(
+        self, request: requests.PreparedRequest, *args: Any, **kwargs: Any
+    ) -> requests.Response:
         kwargs["verify"] = self._verify
         return super().send(request, *args, **kwargs)
 
@@ -212,8 +218,9 @@ def probe(target: StowTarget) -> tuple[int | None, str | None]:
     credentials and TLS settings, as ``dicomai echo`` does for a DICOMweb destination: the HTTP
     status (None: no answer) and an error text (None after a 2xx)."""
     with _session(target) as session:
-        client = DICOMwebClient(target.url, session=session,
-                                timeout=(target.timeout, target.timeout))
+        client = DICOMwebClient(
+            target.url, session=session, timeout=(target.timeout, target.timeout)
+        )
         client.set_http_retry_params(retry=False)
         try:
             client.search_for_studies(limit=1)
@@ -243,11 +250,13 @@ def _response_dataset(response: requests.Response) -> pydicom.Dataset | None:
         return None
 
 
-def _all(sent: Sequence[str], verdict: Verdict, error: str, *,
-         auth_problem: bool = False) -> StowResult:
+def _all(
+    sent: Sequence[str], verdict: Verdict, error: str, *, auth_problem: bool = False
+) -> StowResult:
     """The same verdict for every instance of a request that got no answer we can read."""
-    return StowResult(None, {uid: InstanceVerdict(verdict, None, error) for uid in sent},
-                      error, auth_problem)
+    return StowResult(
+        None, {uid: InstanceVerdict(verdict, None, error) for uid in sent}, error, auth_problem
+    )
 
 
 def _post(target: StowTarget, datasets: Sequence[pydicom.Dataset]) -> StowResult:
@@ -259,8 +268,9 @@ def _post(target: StowTarget, datasets: Sequence[pydicom.Dataset]) -> StowResult
         return response
 
     with _session(target) as session:
-        client = DICOMwebClient(target.url, session=session, callback=keep,
-                                timeout=(target.timeout, target.timeout))
+        client = DICOMwebClient(
+            target.url, session=session, callback=keep, timeout=(target.timeout, target.timeout)
+        )
         client.set_http_retry_params(retry=False)
         parsed: pydicom.Dataset | None = None
         try:
@@ -284,8 +294,13 @@ def _post(target: StowTarget, datasets: Sequence[pydicom.Dataset]) -> StowResult
         return read_store_response(response.status_code, dataset, sent)
 
 
-def store(target: StowTarget, datasets: Sequence[pydicom.Dataset], *,
-          cancelled: Callable[[], bool] | None = None, poll: float = 0.1) -> StowResult:
+def store(
+    target: StowTarget,
+    datasets: Sequence[pydicom.Dataset],
+    *,
+    cancelled: Callable[[], bool] | None = None,
+    poll: float = 0.1,
+) -> StowResult:
     """POST ``datasets`` to ``{url}/studies`` in one request and read the answer.
 
     With ``cancelled``, the request runs in a helper thread and the call returns as soon as
@@ -303,8 +318,10 @@ def store(target: StowTarget, datasets: Sequence[pydicom.Dataset], *,
         try:
             box.append(_post(target, datasets))
         except Exception as exc:  # reported as the request's error, the job retried
-            logger.exception("STOW-RS request failed", extra=log_fields(
-                "send.stow_error", error=type(exc).__name__))
+            logger.exception(
+                "STOW-RS request failed",
+                extra=log_fields("send.stow_error", error=type(exc).__name__),
+            )
             box.append(_all(sent, Verdict.RETRY, f"error: {type(exc).__name__}"))
 
     worker = threading.Thread(target=run, name="stow", daemon=True)

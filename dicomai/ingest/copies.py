@@ -90,15 +90,19 @@ def restore_copies(queue: Queue, made_before: datetime | None = None) -> int:
                 _rewrite(path, data)
                 done.append(path)
             except OSError:
-                logger.exception("could not restore an instance file", extra=log_fields(
-                    "instance.restore_failed"))
+                logger.exception(
+                    "could not restore an instance file",
+                    extra=log_fields("instance.restore_failed"),
+                )
         if not done:
             break
         queue.drop_instance_copies(done)
         restored += len(done)
     if restored:
-        logger.warning("instance files restored from their committed copies", extra=log_fields(
-            "instance.files_restored", files=restored))
+        logger.warning(
+            "instance files restored from their committed copies",
+            extra=log_fields("instance.files_restored", files=restored),
+        )
     return restored
 
 
@@ -167,8 +171,12 @@ class CopyFlusher:
                 self.queue.drop_instance_copies(flushed)
                 self.flushed += len(flushed)
         except Exception:  # the copies stay; restore_copies handles them later
-            logger.exception("could not delete instance copies", extra=log_fields(
-                "instance.copies_drop_failed", files=len(flushed)))
+            logger.exception(
+                "could not delete instance copies",
+                extra=log_fields("instance.copies_drop_failed", files=len(flushed)),
+            )
         if len(flushed) < len(paths):
-            logger.warning("instance files not flushed; their copies stay", extra=log_fields(
-                "instance.flush_failed", files=len(paths) - len(flushed)))
+            logger.warning(
+                "instance files not flushed; their copies stay",
+                extra=log_fields("instance.flush_failed", files=len(paths) - len(flushed)),
+            )

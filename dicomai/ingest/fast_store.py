@@ -110,7 +110,7 @@ def parse_pdvs(body: bytes | bytearray) -> list[tuple[int, int, memoryview]] | N
         (length,) = struct.unpack_from(">I", body, offset)
         if length < 2 or offset + 4 + length > end:
             return None
-        items.append((body[offset + 4], body[offset + 5], view[offset + 6:offset + 4 + length]))
+        items.append((body[offset + 4], body[offset + 5], view[offset + 6 : offset + 4 + length]))
         offset += 4 + length
     return items or None
 
@@ -134,10 +134,12 @@ def parse_command(data: bytes | memoryview) -> StoreCommand | None:
             offset += 8
             if group != 0x0000 or offset + length > end:
                 return None
-            values[element] = raw[offset:offset + length]
+            values[element] = raw[offset : offset + length]
             offset += length
-        if (struct.unpack("<H", values[0x0100])[0] != _C_STORE_RQ
-                or struct.unpack("<H", values[0x0800])[0] == _NO_DATASET):
+        if (
+            struct.unpack("<H", values[0x0100])[0] != _C_STORE_RQ
+            or struct.unpack("<H", values[0x0800])[0] == _NO_DATASET
+        ):
             return None
         return StoreCommand(
             message_id=struct.unpack("<H", values[0x0110])[0],
@@ -162,15 +164,18 @@ def encode_store_response(command: StoreCommand, status: int) -> bytes:
 
     The Affected SOP Class and Instance UIDs are optional in a response (PS3.7: equal to the
     request's where present); one the request had empty is left out."""
-    body = b"".join((
-        _element(0x0002, _uid_value(command.sop_class_uid)) if command.sop_class_uid else b"",
-        _element(0x0100, struct.pack("<H", _C_STORE_RSP)),
-        _element(0x0120, struct.pack("<H", command.message_id)),
-        _element(0x0800, struct.pack("<H", _NO_DATASET)),
-        _element(0x0900, struct.pack("<H", status)),
-        _element(0x1000, _uid_value(command.sop_instance_uid))
-        if command.sop_instance_uid else b"",
-    ))
+    body = b"".join(
+        (
+            _element(0x0002, _uid_value(command.sop_class_uid)) if command.sop_class_uid else b"",
+            _element(0x0100, struct.pack("<H", _C_STORE_RSP)),
+            _element(0x0120, struct.pack("<H", command.message_id)),
+            _element(0x0800, struct.pack("<H", _NO_DATASET)),
+            _element(0x0900, struct.pack("<H", status)),
+            _element(0x1000, _uid_value(command.sop_instance_uid))
+            if command.sop_instance_uid
+            else b"",
+        )
+    )
     return _element(0x0000, struct.pack("<I", len(body))) + body
 
 
@@ -236,8 +241,7 @@ class FastStore:
         assoc = self.assoc
         if (control & (_PDV_COMMAND | _PDV_LAST)) != (_PDV_COMMAND | _PDV_LAST):
             return None
-        if (seam.reassembling(assoc) or seam.release_started(assoc)
-                or not assoc.is_established):
+        if seam.reassembling(assoc) or seam.release_started(assoc) or not assoc.is_established:
             return None
         context = seam.accepted_context(assoc, context_id)
         if context is None or not context.as_scp or not context.transfer_syntax:
@@ -245,19 +249,24 @@ class FastStore:
         command = parse_command(data)
         if command is None:
             return None
-        return _Message(context_id, UID(str(context.transfer_syntax[0])),
-                        str(context.abstract_syntax), command)
+        return _Message(
+            context_id, UID(str(context.transfer_syntax[0])), str(context.abstract_syntax), command
+        )
 
     def _finish(self, message: _Message) -> None:
         assoc = self.assoc
         dataset = BytesIO(b"".join(message.fragments))
         message.fragments.clear()
         request = StoreRequest(
-            calling_ae=assoc.requestor.ae_title.strip(), peer=str(assoc.requestor.address),
-            assoc_key=id(assoc), transfer_syntax=message.transfer_syntax,
+            calling_ae=assoc.requestor.ae_title.strip(),
+            peer=str(assoc.requestor.address),
+            assoc_key=id(assoc),
+            transfer_syntax=message.transfer_syntax,
             sop_class_uid=message.command.sop_class_uid,
-            sop_instance_uid=message.command.sop_instance_uid, dataset=dataset,
-            context_sop_class=message.abstract_syntax)
+            sop_instance_uid=message.command.sop_instance_uid,
+            dataset=dataset,
+            context_sop_class=message.abstract_syntax,
+        )
         try:
             status = self.serve(request)
         except Exception:  # answered as pynetdicom answers a handler that raised
@@ -266,7 +275,9 @@ class FastStore:
         if not assoc.is_established:
             return
         command = encode_store_response(message.command, status)
-        pdv = struct.pack(">IBB", len(command) + 2, message.context_id,
-                          _PDV_COMMAND | _PDV_LAST) + command
+        pdv = (
+            struct.pack(">IBB", len(command) + 2, message.context_id, _PDV_COMMAND | _PDV_LAST)
+            + command
+        )
         assoc.dul.socket.send(struct.pack(">BBL", 0x04, 0x00, len(pdv)) + pdv)
         self.served += 1

@@ -261,8 +261,14 @@ def _is_sequence_tag(tag: int) -> bool | None:
         return None
 
 
-def scan(data: bytes | memoryview, *, implicit_vr: bool, little_endian: bool,
-         max_elements: int, max_depth: int) -> str | None:
+def scan(
+    data: bytes | memoryview,
+    *,
+    implicit_vr: bool,
+    little_endian: bool,
+    max_elements: int,
+    max_depth: int,
+) -> str | None:
     """Walk an encoded data set's elements (values skipped, sequences entered) and return
     ``too_many_elements`` or ``nesting_too_deep`` at the first limit passed, else None.
 
@@ -333,7 +339,8 @@ def scan(data: bytes | memoryview, *, implicit_vr: bool, little_endian: bool,
                 else:
                     known = _is_sequence_tag(tag) if vr is None else None
                     starts_item = length >= 8 and bytes(view[value : value + 4]) == (
-                        _ITEM_LE if inner_little else _ITEM_BE)
+                        _ITEM_LE if inner_little else _ITEM_BE
+                    )
                     enters = _SEQUENCE if known or (known is None and starts_item) else -1
             elif length == _UNDEFINED:
                 enters = _FRAGMENTS  # encapsulated pixel data
@@ -408,8 +415,13 @@ def read_dataset(stream: BytesIO, transfer_syntax: UID, limits: FileLimits) -> D
 
     def walk() -> None:
         with stream.getbuffer() as data:
-            reason = scan(data, implicit_vr=implicit, little_endian=little,
-                          max_elements=limits.max_elements, max_depth=limits.max_nesting_depth)
+            reason = scan(
+                data,
+                implicit_vr=implicit,
+                little_endian=little,
+                max_elements=limits.max_elements,
+                max_depth=limits.max_nesting_depth,
+            )
         if reason is not None:
             raise LimitExceeded(reason)
 
@@ -435,16 +447,23 @@ def read_dataset(stream: BytesIO, transfer_syntax: UID, limits: FileLimits) -> D
 # -- pixels ---------------------------------------------------------------------------------------
 
 
-def check_pixels(*, rows: int, columns: int, frames: int, samples: int, bits_allocated: int,
-                 transfer_syntax: UID, pixel_data: bytes | None,
-                 limits: FileLimits) -> str | None:
+def check_pixels(
+    *,
+    rows: int,
+    columns: int,
+    frames: int,
+    samples: int,
+    bits_allocated: int,
+    transfer_syntax: UID,
+    pixel_data: bytes | None,
+    limits: FileLimits,
+) -> str | None:
     """A reason code when an image's declared size passes a pixel limit or, for an
     encapsulated syntax, its first fragment's codestream declares another size than
     ``rows`` x ``columns``; else None. Sizes are positive (the caller checked them)."""
     if rows * columns * samples > limits.max_frame_pixels:
         return FRAME_TOO_LARGE
-    if (rows * columns * frames * samples * bits_allocated + 7) // 8 \
-            > limits.max_pixel_data_bytes:
+    if (rows * columns * frames * samples * bits_allocated + 7) // 8 > limits.max_pixel_data_bytes:
         return PIXEL_DATA_TOO_LARGE
     if pixel_data is None or not transfer_syntax.is_encapsulated:
         return None

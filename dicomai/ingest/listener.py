@@ -115,13 +115,24 @@ class Listener(ThreadedAssociationServer):
         if self.open_acceptors() >= self.ae.maximum_associations:
             self.rejected_busy += 1
             metrics.observe_connection_dropped("local_limit")
-            logger.warning("association rejected: too many open", extra=log_fields(
-                "association.rejected", reason="local_limit", peer=str(address[0]),
-                limit=self.ae.maximum_associations))
+            logger.warning(
+                "association rejected: too many open",
+                extra=log_fields(
+                    "association.rejected",
+                    reason="local_limit",
+                    peer=str(address[0]),
+                    limit=self.ae.maximum_associations,
+                ),
+            )
             called, calling = _ae_titles(prefix)
-            audit.association(accepted=False, calling_ae=calling, called_ae=called,
-                              peer=str(address[0]), local=str(self.server_address[0]),
-                              reason="local limit exceeded")
+            audit.association(
+                accepted=False,
+                calling_ae=calling,
+                called_ae=called,
+                peer=str(address[0]),
+                local=str(self.server_address[0]),
+                reason="local limit exceeded",
+            )
             try:
                 sock.sendall(_BUSY)
             except OSError:
@@ -138,8 +149,10 @@ class Listener(ThreadedAssociationServer):
 
 def _ae_titles(request: bytes) -> tuple[str, str]:
     """Called and calling AE titles of an A-ASSOCIATE-RQ PDU (PS3.8 9.3.2)."""
+
     def title(raw: bytes) -> str:
         return raw.decode("ascii", "replace").strip() or "-"
+
     return title(request[10:26]), title(request[26:42])
 
 

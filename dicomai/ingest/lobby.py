@@ -93,10 +93,15 @@ class Lobby:
     ``tick`` (optional) is called on the lobby thread about once a second.
     """
 
-    def __init__(self, limits: LobbyLimits, *, ssl_context: ssl.SSLContext | None,
-                 promote: Callable[[Any, tuple[Any, ...], bytes], None],
-                 tick: Callable[[], None] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        limits: LobbyLimits,
+        *,
+        ssl_context: ssl.SSLContext | None,
+        promote: Callable[[Any, tuple[Any, ...], bytes], None],
+        tick: Callable[[], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.limits = limits
         self.ssl_context = ssl_context
         self.promote = promote
@@ -208,14 +213,19 @@ class Lobby:
             sock.setblocking(False)
             conn: Any = sock
             if self.ssl_context is not None:
-                conn = self.ssl_context.wrap_socket(sock, server_side=True,
-                                                    do_handshake_on_connect=False)
+                conn = self.ssl_context.wrap_socket(
+                    sock, server_side=True, do_handshake_on_connect=False
+                )
         except (OSError, ValueError):
             _close(sock)
             self.dropped["closed"] += 1
             return
-        entry = _Pending(conn, address, self.clock() + limits.setup_timeout,
-                         handshaking=self.ssl_context is not None)
+        entry = _Pending(
+            conn,
+            address,
+            self.clock() + limits.setup_timeout,
+            handshaking=self.ssl_context is not None,
+        )
         self._pending[id(entry)] = entry
         try:
             self._selector.register(conn, selectors.EVENT_READ, entry)
@@ -238,8 +248,12 @@ class Lobby:
                 self._watch(entry, selectors.EVENT_WRITE)
                 return
             except (OSError, ValueError) as exc:
-                logger.warning("TLS handshake failed", extra=log_fields(
-                    "association.tls_failed", peer=entry.host, error=type(exc).__name__))
+                logger.warning(
+                    "TLS handshake failed",
+                    extra=log_fields(
+                        "association.tls_failed", peer=entry.host, error=type(exc).__name__
+                    ),
+                )
                 self._drop(entry, "tls_failed")
                 return
             entry.handshaking = False
@@ -292,8 +306,10 @@ class Lobby:
         try:
             self.promote(sock, entry.address, bytes(entry.buf))
         except Exception:
-            logger.exception("could not start an association", extra=log_fields(
-                "association.start_failed", peer=entry.host))
+            logger.exception(
+                "could not start an association",
+                extra=log_fields("association.start_failed", peer=entry.host),
+            )
             _close(sock)
 
     def _expire(self) -> None:
@@ -313,8 +329,10 @@ class Lobby:
         _close(entry.sock)
         self.dropped[reason] += 1
         metrics.observe_connection_dropped(reason)
-        logger.debug("connection dropped before associating", extra=log_fields(
-            "association.dropped", peer=entry.host, reason=reason))
+        logger.debug(
+            "connection dropped before associating",
+            extra=log_fields("association.dropped", peer=entry.host, reason=reason),
+        )
 
     @staticmethod
     def _send_quietly(entry: _Pending, pdu: bytes) -> None:
@@ -330,14 +348,19 @@ class Lobby:
             if new:
                 self._reported = self.dropped.copy()
                 self._last_summary = now
-                logger.warning("connections dropped before associating", extra=log_fields(
-                    "association.dropped_summary", waiting=len(self._pending), **dict(new)))
+                logger.warning(
+                    "connections dropped before associating",
+                    extra=log_fields(
+                        "association.dropped_summary", waiting=len(self._pending), **dict(new)
+                    ),
+                )
         if self.tick is not None:
             try:
                 self.tick()
             except Exception:
-                logger.exception("receiver housekeeping failed",
-                                 extra=log_fields("receiver.housekeeping_failed"))
+                logger.exception(
+                    "receiver housekeeping failed", extra=log_fields("receiver.housekeeping_failed")
+                )
 
 
 def _close(sock: Any) -> None:

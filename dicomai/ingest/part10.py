@@ -22,8 +22,9 @@ MAX_META_BYTES = 64 * 1024
 _PREAMBLE_LENGTH = 128
 _MAGIC = b"DICM"
 #: VRs with a reserved field and a 4-byte length in Explicit VR encoding (PS3.5 7.1.2).
-_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN",
-                       b"UR", b"UT", b"UV"})
+_LONG_VRS = frozenset(
+    {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+)
 _TRANSFER_SYNTAX, _SOP_CLASS, _SOP_INSTANCE = 0x0010, 0x0002, 0x0003
 
 
@@ -52,8 +53,9 @@ def _text(raw: bytes) -> str:
     return raw.rstrip(b"\x00 ").decode("ascii", errors="strict").strip()
 
 
-def read_file_meta(data: bytes | bytearray | memoryview, *,
-                   final: bool = False) -> FileMeta | Incomplete:
+def read_file_meta(
+    data: bytes | bytearray | memoryview, *, final: bool = False
+) -> FileMeta | Incomplete:
     """The file meta of the Part 10 file ``data`` begins with, :attr:`Incomplete.MORE` when
     ``data`` ends before it does (with ``final``, ``data`` is the whole file: a file that ends
     within its file meta raises instead).
@@ -95,7 +97,7 @@ def _read(view: memoryview, offset: int, final: bool) -> FileMeta | Incomplete:
             if end_of_group is not None:
                 raise NotPart10("group 0002 shorter than its group length")
             break
-        vr = bytes(view[offset + 4:offset + 6])
+        vr = bytes(view[offset + 4 : offset + 6])
         if not (vr.isalpha() and vr.isupper()):
             raise NotPart10("file meta is not Explicit VR")
         if vr in _LONG_VRS:
@@ -110,7 +112,7 @@ def _read(view: memoryview, offset: int, final: bool) -> FileMeta | Incomplete:
             raise NotPart10("file meta element too long")
         if len(view) < start + length:
             return Incomplete.MORE
-        value = bytes(view[start:start + length])
+        value = bytes(view[start : start + length])
         if element == 0x0000 and vr == b"UL" and length == 4:
             end_of_group = start + length + struct.unpack("<I", value)[0]
             if end_of_group > MAX_META_BYTES:
@@ -118,10 +120,12 @@ def _read(view: memoryview, offset: int, final: bool) -> FileMeta | Incomplete:
         values[element] = value
         offset = start + length
     try:
-        meta = FileMeta(transfer_syntax=_text(values.get(_TRANSFER_SYNTAX, b"")),
-                        sop_class_uid=_text(values.get(_SOP_CLASS, b"")),
-                        sop_instance_uid=_text(values.get(_SOP_INSTANCE, b"")),
-                        dataset_offset=offset)
+        meta = FileMeta(
+            transfer_syntax=_text(values.get(_TRANSFER_SYNTAX, b"")),
+            sop_class_uid=_text(values.get(_SOP_CLASS, b"")),
+            sop_instance_uid=_text(values.get(_SOP_INSTANCE, b"")),
+            dataset_offset=offset,
+        )
     except UnicodeDecodeError as exc:
         raise NotPart10("file meta UIDs are not ASCII") from exc
     if not (meta.transfer_syntax and meta.sop_class_uid and meta.sop_instance_uid):

@@ -131,8 +131,16 @@ class Waker:
 class PduReader:
     """The read step of one accepted association (see the module docstring)."""
 
-    def __init__(self, assoc: Any, *, prefix: bytes = b"", setup_timeout: float,
-                 network_timeout: float, max_pdata: int, fast: FastPath | None = None) -> None:
+    def __init__(
+        self,
+        assoc: Any,
+        *,
+        prefix: bytes = b"",
+        setup_timeout: float,
+        network_timeout: float,
+        max_pdata: int,
+        fast: FastPath | None = None,
+    ) -> None:
         self.assoc = assoc
         self._prefix = memoryview(prefix)
         self.setup_timeout = setup_timeout
@@ -216,6 +224,7 @@ class PduReader:
             return
         if pdu_type == _P_DATA_TF and self.fast is not None and state == "Sta6":
             from dicomai.ingest.fast_store import ProtocolError
+
             try:
                 if self.fast.take(body):
                     return
@@ -240,7 +249,7 @@ class PduReader:
         ``deadline`` and :class:`_Closed` when the connection ends first."""
         if self._prefix:
             take = self._prefix[:size]
-            self._prefix = self._prefix[len(take):]
+            self._prefix = self._prefix[len(take) :]
             if len(take) == size:
                 return bytes(take)
             head = bytes(take)
@@ -283,8 +292,10 @@ class PduReader:
         transport close and ends the association (A-P-ABORT)."""
         self.dropped = why
         metrics.observe_connection_dropped(why)
-        logger.warning("peer stalled inside a PDU: connection dropped", extra=log_fields(
-            "association.stalled", peer=self._peer(), timeout_s=timeout))
+        logger.warning(
+            "peer stalled inside a PDU: connection dropped",
+            extra=log_fields("association.stalled", peer=self._peer(), timeout_s=timeout),
+        )
         self._shutdown()
         self.assoc.dul.event_queue.put("Evt17")
 
@@ -298,8 +309,10 @@ class PduReader:
         metrics.observe_connection_dropped("invalid_pdu")
         if self.fast is not None:
             self.fast.reset()
-        logger.warning("invalid PDU: association aborted", extra=log_fields(
-            "association.invalid_pdu", peer=self._peer(), detail=what))
+        logger.warning(
+            "invalid PDU: association aborted",
+            extra=log_fields("association.invalid_pdu", peer=self._peer(), detail=what),
+        )
         self.assoc.dul.event_queue.put("Evt19")
 
     def _shutdown(self) -> None:

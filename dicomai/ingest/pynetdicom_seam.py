@@ -92,11 +92,14 @@ class SeamError(RuntimeError):
 
 # -- checks ------------------------------------------------------------------------------------
 
+
 def _require(condition: bool, what: str) -> None:
     if not condition:
-        raise SeamError(f"pynetdicom {pynetdicom.__version__}: {what} (dicomai's seam with "
-                        f"pynetdicom was written for {PINNED_VERSION}; see "
-                        "dicomai/ingest/pynetdicom_seam.py)")
+        raise SeamError(
+            f"pynetdicom {pynetdicom.__version__}: {what} (dicomai's seam with "
+            f"pynetdicom was written for {PINNED_VERSION}; see "
+            "dicomai/ingest/pynetdicom_seam.py)"
+        )
 
 
 def _calls(function: Any, *names: str) -> bool:
@@ -108,33 +111,67 @@ def _calls(function: Any, *names: str) -> bool:
 def check() -> None:
     """Raise :class:`SeamError` unless the installed pynetdicom is :data:`PINNED_VERSION` and
     every assumption in this module's docstring holds for it."""
-    _require(pynetdicom.__version__ == PINNED_VERSION,
-             f"version {pynetdicom.__version__} installed, {PINNED_VERSION} expected")
-    _require(_calls(DULServiceProvider.run_reactor, "_is_transport_event", "_run_loop_delay",
-                    "_kill_thread", "_process_recv_primitive", "event_queue"),
-             "DULServiceProvider.run_reactor no longer reads through _is_transport_event")
-    _require(_calls(DULServiceProvider._decode_pdu, "decode"),
-             "DULServiceProvider._decode_pdu changed")
-    _require(_calls(DULServiceProvider.receive_pdu, "to_user_queue"),
-             "DULServiceProvider.receive_pdu changed")
-    _require(_calls(Association._run_reactor, "_serve_request", "get_msg"),
-             "Association._run_reactor no longer serves requests through _serve_request")
-    _require(_calls(Association.run_reactor, "_run_reactor", "is_acceptor"),
-             "Association.run_reactor no longer runs _run_reactor")
-    _require(_calls(RequestHandler._create_association, "set_socket", "_server"),
-             "RequestHandler._create_association changed")
+    _require(
+        pynetdicom.__version__ == PINNED_VERSION,
+        f"version {pynetdicom.__version__} installed, {PINNED_VERSION} expected",
+    )
+    _require(
+        _calls(
+            DULServiceProvider.run_reactor,
+            "_is_transport_event",
+            "_run_loop_delay",
+            "_kill_thread",
+            "_process_recv_primitive",
+            "event_queue",
+        ),
+        "DULServiceProvider.run_reactor no longer reads through _is_transport_event",
+    )
+    _require(
+        _calls(DULServiceProvider._decode_pdu, "decode"), "DULServiceProvider._decode_pdu changed"
+    )
+    _require(
+        _calls(DULServiceProvider.receive_pdu, "to_user_queue"),
+        "DULServiceProvider.receive_pdu changed",
+    )
+    _require(
+        _calls(Association._run_reactor, "_serve_request", "get_msg"),
+        "Association._run_reactor no longer serves requests through _serve_request",
+    )
+    _require(
+        _calls(Association.run_reactor, "_run_reactor", "is_acceptor"),
+        "Association.run_reactor no longer runs _run_reactor",
+    )
+    _require(
+        _calls(RequestHandler._create_association, "set_socket", "_server"),
+        "RequestHandler._create_association changed",
+    )
     from pynetdicom import AE
+
     ae = AE()
     assoc = Association(ae, "acceptor")
     dul = assoc.dul
-    for name in ("_recv_pdu", "event_queue", "to_provider_queue", "_kill_thread",
-                 "_run_loop_delay", "state_machine"):
+    for name in (
+        "_recv_pdu",
+        "event_queue",
+        "to_provider_queue",
+        "_kill_thread",
+        "_run_loop_delay",
+        "state_machine",
+    ):
         _require(hasattr(dul, name), f"DULServiceProvider has no {name}")
     _require(isinstance(dul._recv_pdu, queue.Queue), "DUL._recv_pdu is not a queue")
     _require(type(dul.to_provider_queue) is queue.Queue, "DUL.to_provider_queue is not a Queue")
     _require(isinstance(dul.state_machine.current_state, str), "no state machine state")
-    for name in ("_accepted_cx", "_sent_release", "_serve_request", "dimse", "_kill",
-                 "_reactor_checkpoint", "_is_paused", "network_timeout_response"):
+    for name in (
+        "_accepted_cx",
+        "_sent_release",
+        "_serve_request",
+        "dimse",
+        "_kill",
+        "_reactor_checkpoint",
+        "_is_paused",
+        "network_timeout_response",
+    ):
         _require(hasattr(assoc, name), f"Association has no {name}")
     _require(type(assoc.dimse.msg_queue) is queue.Queue, "DIMSE msg_queue is not a Queue")
     _require(type(dul.to_user_queue) is queue.Queue, "DUL.to_user_queue is not a Queue")
@@ -145,8 +182,10 @@ def check() -> None:
     _require(isinstance(getattr(ae, "_servers", None), list), "AE._servers is not a list")
     _require(callable(getattr(pynetdicom.utils, "set_uid", None)), "utils.set_uid missing")
     _require(callable(_config.VALIDATORS.get("UI")), "_config.VALIDATORS['UI'] missing")
-    _require(isinstance(getattr(PresentationContext(), "_transfer_syntax", None), list),
-             "PresentationContext._transfer_syntax is not a list")
+    _require(
+        isinstance(getattr(PresentationContext(), "_transfer_syntax", None), list),
+        "PresentationContext._transfer_syntax is not a list",
+    )
     for name in ("LOG_REQUEST_IDENTIFIERS", "LOG_RESPONSE_IDENTIFIERS", "LOG_HANDLER_LEVEL"):
         _require(hasattr(_config, name), f"_config.{name} missing")
 
@@ -224,6 +263,7 @@ def wake_on_send(assoc: Any, wake: Callable[[], None]) -> None:
 
 
 # -- the association side ----------------------------------------------------------------------
+
 
 def _notify_on_put(owner: Any, name: str, notify: Callable[[], None]) -> None:
     """Replace the queue ``owner.<name>`` by a :class:`_NotifyingQueue` (items kept)."""
@@ -308,8 +348,9 @@ def reassembling(assoc: Any) -> bool:
     return assoc.dimse.message is not None
 
 
-def wrap_serve_request(assoc: Any,
-                       wrapper: Callable[[Callable[[Any, int], None], Any, int], None]) -> None:
+def wrap_serve_request(
+    assoc: Any, wrapper: Callable[[Callable[[Any, int], None], Any, int], None]
+) -> None:
     """Route every DIMSE request this association's reactor serves through
     ``wrapper(original, msg, context_id)``."""
     original = assoc._serve_request
@@ -331,6 +372,7 @@ def register_server(ae: Any, server: Any) -> None:
 
 
 # -- module-level settings ---------------------------------------------------------------------
+
 
 def quiet_identifier_logging() -> None:
     """Never log request/response identifiers (they hold patient data)."""

@@ -26,16 +26,38 @@ __all__ = ["convert_all", "extract_record", "getter", "never_failing_vrs", "text
 #: VRs whose conversion depends on nothing but the element's bytes, the dataset's encoding
 #: and its character set (no sequences, no ambiguous VRs, no bulk data). Person names (PN)
 #: are left out: no name is kept beyond the instance it came with.
-_PLAIN_VRS = frozenset({
-    "AE", "AS", "AT", "CS", "DA", "DS", "DT", "FD", "FL", "IS", "LO", "LT", "SH", "SL",
-    "SS", "ST", "TM", "UC", "UI", "UL", "UR", "US", "UT",
-})
+_PLAIN_VRS = frozenset(
+    {
+        "AE",
+        "AS",
+        "AT",
+        "CS",
+        "DA",
+        "DS",
+        "DT",
+        "FD",
+        "FL",
+        "IS",
+        "LO",
+        "LT",
+        "SH",
+        "SL",
+        "SS",
+        "ST",
+        "TM",
+        "UC",
+        "UI",
+        "UL",
+        "UR",
+        "US",
+        "UT",
+    }
+)
 _MAX_CACHED_VALUE = 256
 _CACHE_MAX = 4096
 
 
-def _cache_key(tag: int, raw: RawDataElement,
-               encoding: tuple[Any, ...]) -> tuple[Any, ...] | None:
+def _cache_key(tag: int, raw: RawDataElement, encoding: tuple[Any, ...]) -> tuple[Any, ...] | None:
     """What a plain raw element's conversion depends on, or ``None`` (not cacheable).
 
     Patient module elements (group 0010: names, IDs, birth date) are never cached either, so
@@ -151,7 +173,6 @@ def extract_record(ds: Dataset, transfer_syntax: str, sop_class_uid: str) -> Ins
     )
 
 
-
 #: Raw elements (by what their conversion depends on) that converted without error before;
 #: converting the same bytes again gives the same result, so it is skipped. Bounded.
 _CONVERTED: set[tuple[Any, ...]] = set()
@@ -161,9 +182,22 @@ _CONVERTED: set[tuple[Any, ...]] = set()
 #: text is decoded with undecodable bytes replaced and an unknown character set ignored (both
 #: warn), and dates and times stay strings (``datetime_conversion`` off). About two thirds of
 #: a typical header; ``tests/unit/test_record_path.py`` feeds them garbage.
-_TEXT_VRS = frozenset({
-    "AE", "AS", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UI", "UR", "UT",
-})
+_TEXT_VRS = frozenset(
+    {
+        "AE",
+        "AS",
+        "CS",
+        "LO",
+        "LT",
+        "PN",
+        "SH",
+        "ST",
+        "UC",
+        "UI",
+        "UR",
+        "UT",
+    }
+)
 _DATE_VRS = frozenset({"DA", "DT", "TM"})
 
 
@@ -206,4 +240,3 @@ def convert_all(ds: Dataset, transfer_syntax: str) -> None:
             if len(_CONVERTED) >= _CACHE_MAX:
                 _CONVERTED.clear()
             _CONVERTED.add(key)
-

@@ -86,7 +86,6 @@ TRANSFER_SYNTAXES: list[UID] = [
 ]
 
 
-
 def handle_echo(event: evt.Event) -> int:
     """EVT_C_ECHO handler."""
     return STATUS_SUCCESS
@@ -110,18 +109,22 @@ def _misfit_store(assoc: Any, msg: Any, context_id: int) -> PresentationContext 
     return context
 
 
-def _answer_store(assoc: Any, msg: C_STORE, context: PresentationContext,
-                  store: Callable[[StoreRequest], int]) -> None:
+def _answer_store(
+    assoc: Any, msg: C_STORE, context: PresentationContext, store: Callable[[StoreRequest], int]
+) -> None:
     """Serve a :func:`_misfit_store` request by ``store`` (which refuses what
     :func:`check_command` refuses, as on the fast path) and send its C-STORE-RSP."""
     try:
         req = StoreRequest(
-            calling_ae=assoc.requestor.ae_title.strip(), peer=str(assoc.requestor.address),
-            assoc_key=id(assoc), transfer_syntax=UID(str(context.transfer_syntax[0])),
+            calling_ae=assoc.requestor.ae_title.strip(),
+            peer=str(assoc.requestor.address),
+            assoc_key=id(assoc),
+            transfer_syntax=UID(str(context.transfer_syntax[0])),
             sop_class_uid=str(msg.AffectedSOPClassUID or ""),
             sop_instance_uid=str(msg.AffectedSOPInstanceUID or ""),
             dataset=msg.DataSet if msg.DataSet is not None else BytesIO(),
-            context_sop_class=str(context.abstract_syntax))
+            context_sop_class=str(context.abstract_syntax),
+        )
     except Exception:
         logger.exception("store handler failed", extra=log_fields("instance.handler_failed"))
         status = STATUS_OUT_OF_RESOURCES
@@ -154,22 +157,31 @@ def _guard_store_requests(assoc: Any, store: Callable[[StoreRequest], int]) -> N
 
 def _audit_association(event: evt.Event, accepted: bool) -> None:
     req, acc = event.assoc.requestor, event.assoc.acceptor
-    audit.association(accepted=accepted, calling_ae=req.ae_title.strip(),
-                      called_ae=acc.ae_title.strip(), peer=str(req.address),
-                      local=str(acc.address), reason=None if accepted else "rejected")
+    audit.association(
+        accepted=accepted,
+        calling_ae=req.ae_title.strip(),
+        called_ae=acc.ae_title.strip(),
+        peer=str(req.address),
+        local=str(acc.address),
+        reason=None if accepted else "rejected",
+    )
 
 
 def _on_accepted(event: evt.Event) -> None:
     req = event.assoc.requestor
-    logger.info("association accepted", extra=log_fields(
-        "association.accepted", calling_ae=req.ae_title.strip(), peer=req.address))
+    logger.info(
+        "association accepted",
+        extra=log_fields("association.accepted", calling_ae=req.ae_title.strip(), peer=req.address),
+    )
     _audit_association(event, True)
 
 
 def _on_rejected(event: evt.Event) -> None:
     req = event.assoc.requestor
-    logger.warning("association rejected", extra=log_fields(
-        "association.rejected", calling_ae=req.ae_title.strip(), peer=req.address))
+    logger.warning(
+        "association rejected",
+        extra=log_fields("association.rejected", calling_ae=req.ae_title.strip(), peer=req.address),
+    )
     _audit_association(event, False)
 
 
@@ -265,9 +277,14 @@ class Receiver:
         except (AttributeError, OSError):
             pass
         fast = FastStore(assoc, self._serve_store) if s.fast_store else None
-        reader = PduReader(assoc, prefix=prefix, setup_timeout=s.acse_timeout_seconds,
-                           network_timeout=s.network_timeout_seconds,
-                           max_pdata=s.max_pdu_length, fast=fast)
+        reader = PduReader(
+            assoc,
+            prefix=prefix,
+            setup_timeout=s.acse_timeout_seconds,
+            network_timeout=s.network_timeout_seconds,
+            max_pdata=s.max_pdu_length,
+            fast=fast,
+        )
         reader.install()
         seam.replace_association_loop(assoc, poll=_ASSOCIATION_POLL)
         assoc.dicomai_reader = reader  # for tests and diagnostics
@@ -280,8 +297,7 @@ class Receiver:
         """Finish the bookkeeping of associations whose thread ended without an end event
         (about once a second, on the lobby thread)."""
         with self._lock:
-            ended = [a for a in self._started.values()
-                     if a.ident is not None and not a.is_alive()]
+            ended = [a for a in self._started.values() if a.ident is not None and not a.is_alive()]
             for assoc in ended:
                 del self._started[id(assoc)]
         for assoc in ended:
@@ -297,8 +313,15 @@ class Receiver:
         return self._store(req)
 
     def _store(self, req: StoreRequest) -> int:
-        return store_instance(req, self.spool, self.queue, lambda: self.min_free_bytes,
-                              self.clock, self._tally, self.copies)
+        return store_instance(
+            req,
+            self.spool,
+            self.queue,
+            lambda: self.min_free_bytes,
+            self.clock,
+            self._tally,
+            self.copies,
+        )
 
     def _tally(self, assoc_key: int, study_uid: str) -> None:
         with self._lock:
@@ -321,8 +344,9 @@ class Receiver:
         assoc = event.assoc
         if event.event is evt.EVT_CONN_CLOSE:
             if assoc.is_alive() and assoc is not threading.current_thread():
-                threading.Thread(target=self._finish_after, args=(assoc,), daemon=True,
-                                 name="assoc-end").start()
+                threading.Thread(
+                    target=self._finish_after, args=(assoc,), daemon=True, name="assoc-end"
+                ).start()
             else:
                 self._finish(assoc, released=bool(assoc.is_released))
             return
@@ -365,14 +389,25 @@ class Receiver:
             return
         req, acc = assoc.requestor, assoc.acceptor
         if per_study or released:
-            logger.info("association ended", extra=log_fields(
-                "association.released", calling_ae=req.ae_title.strip(),
-                studies=len(per_study), instances=sum(per_study.values())))
+            logger.info(
+                "association ended",
+                extra=log_fields(
+                    "association.released",
+                    calling_ae=req.ae_title.strip(),
+                    studies=len(per_study),
+                    instances=sum(per_study.values()),
+                ),
+            )
         for study_uid, count in per_study.items():
             audit.instances_transferred(
-                received=True, study_uid=study_uid, count=count,
-                source_ae=req.ae_title.strip(), source_address=str(req.address),
-                destination_ae=acc.ae_title.strip(), destination_address=str(acc.address))
+                received=True,
+                study_uid=study_uid,
+                count=count,
+                source_ae=req.ae_title.strip(),
+                source_address=str(req.address),
+                destination_ae=acc.ae_title.strip(),
+                destination_address=str(acc.address),
+            )
 
     def _released(self, study_uids: list[str]) -> None:
         if not study_uids:
@@ -380,15 +415,18 @@ class Receiver:
         try:
             self.queue.mark_released(study_uids, self.clock())
         except Exception:  # the studies then close after their quiet period instead
-            logger.exception("could not mark studies released",
-                             extra=log_fields("association.release_mark_failed"))
+            logger.exception(
+                "could not mark studies released",
+                extra=log_fields("association.release_mark_failed"),
+            )
             return
         if self.on_release is not None:
             try:
                 self.on_release()
             except Exception:
-                logger.exception("release callback failed",
-                                 extra=log_fields("association.release_mark_failed"))
+                logger.exception(
+                    "release callback failed", extra=log_fields("association.release_mark_failed")
+                )
 
     def _tls_context(self) -> ssl.SSLContext | None:
         s = self.settings
@@ -399,13 +437,11 @@ class Receiver:
         ctx.load_cert_chain(str(s.tls_cert_file), str(s.tls_key_file))
         if s.tls_ca_file is not None:
             ctx.load_verify_locations(str(s.tls_ca_file))
-            ctx.verify_mode = ssl.CERT_REQUIRED if s.tls_require_client_cert \
-                else ssl.CERT_OPTIONAL
+            ctx.verify_mode = ssl.CERT_REQUIRED if s.tls_require_client_cert else ssl.CERT_OPTIONAL
         return ctx
 
     def _peer_allowed(self, address: str) -> bool:
-        nets = [ipaddress.ip_network(n, strict=False)
-                for n in self.settings.allowed_peer_addresses]
+        nets = [ipaddress.ip_network(n, strict=False) for n in self.settings.allowed_peer_addresses]
         if not nets:
             return True
         try:
@@ -425,55 +461,85 @@ class Receiver:
         try:
             self.spool.prepare()  # the first spool files, before the first C-STORE
         except OSError:  # e.g. disk full: each C-STORE tries again and answers 0xA700
-            logger.warning("could not pre-create spool files", exc_info=True,
-                           extra=log_fields("spool.slots_failed"))
+            logger.warning(
+                "could not pre-create spool files",
+                exc_info=True,
+                extra=log_fields("spool.slots_failed"),
+            )
         s = self.settings
         if s.processes != 1:
-            logger.warning("[receiver] processes is retired and ignored", extra=log_fields(
-                "config.retired_key", key="receiver.processes", value=s.processes))
+            logger.warning(
+                "[receiver] processes is retired and ignored",
+                extra=log_fields("config.retired_key", key="receiver.processes", value=s.processes),
+            )
         ae = self._make_ae()
 
         handlers = [
             (evt.EVT_C_ECHO, handle_echo),
-            (evt.EVT_C_STORE, handle_store,
-             [self.spool, self.queue, lambda: self.min_free_bytes, self.clock, self._tally,
-              self.copies]),
+            (
+                evt.EVT_C_STORE,
+                handle_store,
+                [
+                    self.spool,
+                    self.queue,
+                    lambda: self.min_free_bytes,
+                    self.clock,
+                    self._tally,
+                    self.copies,
+                ],
+            ),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, _on_rejected),
             (evt.EVT_RELEASED, self._on_ended),
             (evt.EVT_ABORTED, self._on_ended),
             (evt.EVT_CONN_CLOSE, self._on_ended),
         ]
-        server = cast(Listener, ae.make_server(
-            (s.host, s.port), evt_handlers=handlers,  # type: ignore[arg-type]
-            server_class=listener_class(s.listen_backlog)))
+        server = cast(
+            Listener,
+            ae.make_server(
+                (s.host, s.port),
+                evt_handlers=handlers,  # type: ignore[arg-type]
+                server_class=listener_class(s.listen_backlog),
+            ),
+        )
         server.contexts = _SupportedContexts(server.contexts)
         server.prepare = self._prepare
-        lobby = Lobby(LobbyLimits(setup_timeout=s.acse_timeout_seconds,
-                                  max_pending=s.max_pending_connections,
-                                  max_pending_per_address=s.max_pending_per_address),
-                      ssl_context=self._tls_context(), promote=server.start_association,
-                      tick=self._sweep)
+        lobby = Lobby(
+            LobbyLimits(
+                setup_timeout=s.acse_timeout_seconds,
+                max_pending=s.max_pending_connections,
+                max_pending_per_address=s.max_pending_per_address,
+            ),
+            ssl_context=self._tls_context(),
+            promote=server.start_association,
+            tick=self._sweep,
+        )
         server.lobby = lobby
 
         def verify_request(request: Any, client_address: tuple[str, int]) -> bool:
             allowed = self._peer_allowed(client_address[0])
             if not allowed:
-                logger.warning("connection refused", extra=log_fields(
-                    "association.rejected", reason="peer_address", peer=client_address[0]))
-                audit.security_alert(reason="connection refused: peer address not allowed",
-                                     peer=client_address[0])
+                logger.warning(
+                    "connection refused",
+                    extra=log_fields(
+                        "association.rejected", reason="peer_address", peer=client_address[0]
+                    ),
+                )
+                audit.security_alert(
+                    reason="connection refused: peer address not allowed", peer=client_address[0]
+                )
             return allowed
 
         server.verify_request = verify_request  # type: ignore[method-assign]
         lobby.start()
-        threading.Thread(target=server.serve_forever, name="receiver-acceptor",
-                         daemon=True).start()
+        threading.Thread(target=server.serve_forever, name="receiver-acceptor", daemon=True).start()
         seam.register_server(ae, server)  # so that ae.shutdown() stops it too
         with self._lock:
             self.ae, self.server, self.lobby = ae, server, lobby
-        logger.info("receiver listening", extra=log_fields(
-            "receiver.started", ae_title=s.ae_title, host=s.host, port=self.port))
+        logger.info(
+            "receiver listening",
+            extra=log_fields("receiver.started", ae_title=s.ae_title, host=s.host, port=self.port),
+        )
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop accepting, wait (bounded) for open associations, then shut down."""
@@ -489,8 +555,10 @@ class Receiver:
         deadline = self.clock().timestamp() + timeout
         # Wait for established associations only: a bare TCP connection (a port probe) that
         # never sent an association request would otherwise hold shutdown for acse_timeout.
-        while (any(a.is_established for a in ae.active_associations)
-               and self.clock().timestamp() < deadline):
+        while (
+            any(a.is_established for a in ae.active_associations)
+            and self.clock().timestamp() < deadline
+        ):
             threading.Event().wait(0.05)
         ae.shutdown()
         self.copies.stop(timeout)

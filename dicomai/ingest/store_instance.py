@@ -69,8 +69,9 @@ def _value(ds: Dataset, tag: int, default: Any = None) -> Any:
     return default if ds.get_item(tag) is None else ds[tag].value
 
 
-def check_instance(ds: Dataset, transfer_syntax: UID,
-                   limits: file_limits.FileLimits | None = None) -> str | None:
+def check_instance(
+    ds: Dataset, transfer_syntax: UID, limits: file_limits.FileLimits | None = None
+) -> str | None:
     """A short reason code when the dataset cannot be a valid image instance, else ``None``.
 
     Cheap structural checks only (no decoding): image attributes present and sane, within the
@@ -91,8 +92,15 @@ def check_instance(ds: Dataset, transfer_syntax: UID,
         return "image_attributes"
     data = _value(ds, _PIXEL_DATA)
     problem = file_limits.check_pixels(
-        rows=rows, columns=cols, frames=frames, samples=samples, bits_allocated=bits,
-        transfer_syntax=transfer_syntax, pixel_data=data, limits=limits or file_limits.active())
+        rows=rows,
+        columns=cols,
+        frames=frames,
+        samples=samples,
+        bits_allocated=bits,
+        transfer_syntax=transfer_syntax,
+        pixel_data=data,
+        limits=limits or file_limits.active(),
+    )
     if problem:
         return problem
     if transfer_syntax.is_encapsulated:
@@ -123,16 +131,24 @@ def check_command(req: StoreRequest) -> tuple[str, int] | None:
       would tell the sender its data set could not be read (our 0xC210 means exactly that),
       which is not the problem and is not even looked at here.
     """
-    if not req.sop_class_uid or (req.context_sop_class is not None
-                                 and req.sop_class_uid != req.context_sop_class):
+    if not req.sop_class_uid or (
+        req.context_sop_class is not None and req.sop_class_uid != req.context_sop_class
+    ):
         return "context_mismatch", STATUS_SOP_CLASS_NOT_SUPPORTED
     if not req.sop_instance_uid:
         return "missing_affected_uid", STATUS_DATASET_MISMATCH
     return None
 
 
-def _quarantine(req: StoreRequest, spool: Spool, queue: Queue, reason: str, status: int,
-                clock: Callable[[], datetime], min_free_bytes: int) -> int:
+def _quarantine(
+    req: StoreRequest,
+    spool: Spool,
+    queue: Queue,
+    reason: str,
+    status: int,
+    clock: Callable[[], datetime],
+    min_free_bytes: int,
+) -> int:
     """Keep the refused bytes under quarantine/<reason>/ and record them; returns ``status``."""
     metrics.observe_refused(reason)
     path: str | None = None
@@ -151,17 +167,34 @@ def _quarantine(req: StoreRequest, spool: Spool, queue: Queue, reason: str, stat
     except ValueError:  # a command's garbage (e.g. a context mismatch) is not recorded
         sop_class = ""
     try:
-        queue.quarantine(reason=reason, status_code=status, calling_ae=req.calling_ae,
-                         peer=req.peer, sop_class_uid=sop_class, path=path,
-                         size_bytes=size, now=clock())
+        queue.quarantine(
+            reason=reason,
+            status_code=status,
+            calling_ae=req.calling_ae,
+            peer=req.peer,
+            sop_class_uid=sop_class,
+            path=path,
+            size_bytes=size,
+            now=clock(),
+        )
     except Exception:
-        logger.exception("could not record quarantine",
-                         extra=log_fields("instance.quarantine_failed"))
-    logger.warning("instance refused", extra=log_fields(
-        "instance.rejected", reason=reason, status=f"0x{status:04X}", calling_ae=req.calling_ae,
-        peer=req.peer, bytes=size))
-    audit.security_alert(reason=f"instance refused: {reason}", peer=req.peer,
-                         calling_ae=req.calling_ae)
+        logger.exception(
+            "could not record quarantine", extra=log_fields("instance.quarantine_failed")
+        )
+    logger.warning(
+        "instance refused",
+        extra=log_fields(
+            "instance.rejected",
+            reason=reason,
+            status=f"0x{status:04X}",
+            calling_ae=req.calling_ae,
+            peer=req.peer,
+            bytes=size,
+        ),
+    )
+    audit.security_alert(
+        reason=f"instance refused: {reason}", peer=req.peer, calling_ae=req.calling_ae
+    )
     return status
 
 
@@ -182,19 +215,22 @@ def file_meta_bytes(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: 
     """The encoded File Meta Information pynetdicom writes for a C-STORE (the same bytes as
     ``encode_file_meta(event.file_meta)``, without building a pydicom dataset)."""
     version = PYNETDICOM_IMPLEMENTATION_VERSION.encode("ascii")
-    body = b"".join((
-        struct.pack("<HH2sHI", 0x0002, 0x0001, b"OB", 0, 2) + b"\x00\x01",
-        _short_element(0x0002, b"UI", _uid_value(sop_class_uid)),
-        _short_element(0x0003, b"UI", _uid_value(sop_instance_uid)),
-        _short_element(0x0010, b"UI", _uid_value(transfer_syntax)),
-        _short_element(0x0012, b"UI", _uid_value(PYNETDICOM_IMPLEMENTATION_UID)),
-        _short_element(0x0013, b"SH", version + b" " if len(version) % 2 else version),
-    ))
+    body = b"".join(
+        (
+            struct.pack("<HH2sHI", 0x0002, 0x0001, b"OB", 0, 2) + b"\x00\x01",
+            _short_element(0x0002, b"UI", _uid_value(sop_class_uid)),
+            _short_element(0x0003, b"UI", _uid_value(sop_instance_uid)),
+            _short_element(0x0010, b"UI", _uid_value(transfer_syntax)),
+            _short_element(0x0012, b"UI", _uid_value(PYNETDICOM_IMPLEMENTATION_UID)),
+            _short_element(0x0013, b"SH", version + b" " if len(version) % 2 else version),
+        )
+    )
     return struct.pack("<HH2sHI", 0x0002, 0x0000, b"UL", 4, len(body)) + body
 
 
-def _write_instance(spool: Spool, req: StoreRequest,
-                    copies: bool = False) -> tuple[Path, int, bytes | None]:
+def _write_instance(
+    spool: Spool, req: StoreRequest, copies: bool = False
+) -> tuple[Path, int, bytes | None]:
     """Write the instance as received (Part 10: preamble, file meta, the peer's dataset
     bytes); returns its path, its size and, with ``copies``, for an instance of at most
     :data:`~dicomai.ingest.copies.MAX_COPY_BYTES`, its bytes: that file is not flushed, the bytes
@@ -216,9 +252,9 @@ def _read(req: StoreRequest, limits: file_limits.FileLimits | None = None) -> Da
     (:func:`dicomai.ingest.file_limits.read_dataset`: a deflated data set inflated in bounded
     steps, element count and nesting depth): raises
     :class:`~dicomai.ingest.file_limits.LimitExceeded` beyond them."""
-    return file_limits.read_dataset(req.dataset, req.transfer_syntax,
-                                    limits or file_limits.active())
-
+    return file_limits.read_dataset(
+        req.dataset, req.transfer_syntax, limits or file_limits.active()
+    )
 
 
 def request_from_event(event: evt.Event) -> StoreRequest:
@@ -226,11 +262,15 @@ def request_from_event(event: evt.Event) -> StoreRequest:
     assoc, request = event.assoc, cast(C_STORE, event.request)
     dataset = request.DataSet if request.DataSet is not None else BytesIO()
     return StoreRequest(
-        calling_ae=assoc.requestor.ae_title.strip(), peer=str(assoc.requestor.address),
-        assoc_key=id(assoc), transfer_syntax=UID(str(event.context.transfer_syntax)),
+        calling_ae=assoc.requestor.ae_title.strip(),
+        peer=str(assoc.requestor.address),
+        assoc_key=id(assoc),
+        transfer_syntax=UID(str(event.context.transfer_syntax)),
         sop_class_uid=str(request.AffectedSOPClassUID or ""),
-        sop_instance_uid=str(request.AffectedSOPInstanceUID or ""), dataset=dataset,
-        context_sop_class=str(event.context.abstract_syntax))
+        sop_instance_uid=str(request.AffectedSOPInstanceUID or ""),
+        dataset=dataset,
+        context_sop_class=str(event.context.abstract_syntax),
+    )
 
 
 def store_instance(
@@ -266,8 +306,9 @@ def store_instance(
             ds = _read(req, limits)
             convert_all(ds, req.transfer_syntax)
         except file_limits.LimitExceeded as exceeded:
-            return _quarantine(req, spool, queue, exceeded.reason, exceeded.status, clock,
-                               min_free_bytes)
+            return _quarantine(
+                req, spool, queue, exceeded.reason, exceeded.status, clock, min_free_bytes
+            )
         except Exception:  # any decoding problem of peer-supplied bytes
             return _refuse(req, spool, queue, "undecodable", clock, min_free_bytes)
         try:
@@ -291,28 +332,33 @@ def store_instance(
         if problem:
             return _refuse(req, spool, queue, problem, clock, min_free_bytes)
         if spool.free_bytes() < min_free_bytes:
-            logger.error("spool below free-space floor",
-                         extra=log_fields("instance.out_of_space", calling_ae=calling))
+            logger.error(
+                "spool below free-space floor",
+                extra=log_fields("instance.out_of_space", calling_ae=calling),
+            )
             metrics.observe_refused("out_of_space")
             return STATUS_OUT_OF_RESOURCES
         try:
             path, size, copy = _write_instance(spool, req, copies=flusher is not None)
         except OSError:
-            logger.exception("could not write instance",
-                             extra=log_fields("instance.write_failed", calling_ae=calling))
+            logger.exception(
+                "could not write instance",
+                extra=log_fields("instance.write_failed", calling_ae=calling),
+            )
             return STATUS_OUT_OF_RESOURCES
         # Written first, then indexed: a duplicate (already stored, or one of our own results
         # sent back by the PACS) is found by the index and its copy removed. It is answered
         # Success so the sender is satisfied, but never analysed again (that would loop).
         try:
-            new, job_id = queue.record_instance(rec, str(path), size, calling, clock(),
-                                                copy=copy)
+            new, job_id = queue.record_instance(rec, str(path), size, calling, clock(), copy=copy)
         except OwnResultObject:
             new, job_id = False, None
         except Exception:
             spool.discard_instance(path)
-            logger.exception("could not record instance",
-                             extra=log_fields("instance.db_failed", calling_ae=calling))
+            logger.exception(
+                "could not record instance",
+                extra=log_fields("instance.db_failed", calling_ae=calling),
+            )
             metrics.observe_refused("database")
             return STATUS_OUT_OF_RESOURCES
         if new:
@@ -322,13 +368,24 @@ def store_instance(
         else:  # a duplicate: keep the first copy (or none, for our own result)
             spool.discard_instance(path)
         if new and logger.isEnabledFor(logging.DEBUG):
-            logger.debug("instance stored", extra=log_fields(
-                "instance.stored", job_id=job_id, study=uid_ref(rec.study_instance_uid),
-                bytes=size))
+            logger.debug(
+                "instance stored",
+                extra=log_fields(
+                    "instance.stored",
+                    job_id=job_id,
+                    study=uid_ref(rec.study_instance_uid),
+                    bytes=size,
+                ),
+            )
         elif not new:
-            logger.debug("duplicate instance", extra=log_fields(
-                "instance.duplicate", sop=uid_ref(rec.sop_instance_uid),
-                kind="stored" if job_id is not None else "own_result"))
+            logger.debug(
+                "duplicate instance",
+                extra=log_fields(
+                    "instance.duplicate",
+                    sop=uid_ref(rec.sop_instance_uid),
+                    kind="stored" if job_id is not None else "own_result",
+                ),
+            )
         if tally is not None:
             tally(req.assoc_key, rec.study_instance_uid)
         return STATUS_SUCCESS
@@ -337,10 +394,19 @@ def store_instance(
         return STATUS_OUT_OF_RESOURCES
 
 
-def _refuse(req: StoreRequest, spool: Spool, queue: Queue, problem: str,
-            clock: Callable[[], datetime], min_free_bytes: int) -> int:
-    status = STATUS_CANNOT_UNDERSTAND if problem == "undecodable" else (
-        file_limits.status_for(problem) or STATUS_DATASET_MISMATCH)
+def _refuse(
+    req: StoreRequest,
+    spool: Spool,
+    queue: Queue,
+    problem: str,
+    clock: Callable[[], datetime],
+    min_free_bytes: int,
+) -> int:
+    status = (
+        STATUS_CANNOT_UNDERSTAND
+        if problem == "undecodable"
+        else (file_limits.status_for(problem) or STATUS_DATASET_MISMATCH)
+    )
     return _quarantine(req, spool, queue, problem, status, clock, min_free_bytes)
 
 
@@ -360,4 +426,3 @@ def handle_store(
         logger.exception("store handler failed", extra=log_fields("instance.handler_failed"))
         return STATUS_OUT_OF_RESOURCES
     return store_instance(req, spool, queue, floor, clock, tally, flusher)
-

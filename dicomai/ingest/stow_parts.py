@@ -148,12 +148,20 @@ class PartReader:
         self._marker = b"--" + boundary
         self._preamble: bytearray | None = bytearray()
         self._parser = MultipartParser(
-            boundary, callbacks={
-                "on_part_begin": self._begin, "on_part_data": self._data,
-                "on_part_end": self._end, "on_header_field": self._header_field,
-                "on_header_value": self._header_value, "on_header_end": self._header_end,
-                "on_headers_finished": self._headers_finished, "on_end": self._on_end},
-            max_header_count=_MAX_HEADER_COUNT, max_header_size=_MAX_HEADER_SIZE)
+            boundary,
+            callbacks={
+                "on_part_begin": self._begin,
+                "on_part_data": self._data,
+                "on_part_end": self._end,
+                "on_header_field": self._header_field,
+                "on_header_value": self._header_value,
+                "on_header_end": self._header_end,
+                "on_headers_finished": self._headers_finished,
+                "on_end": self._on_end,
+            },
+            max_header_count=_MAX_HEADER_COUNT,
+            max_header_size=_MAX_HEADER_SIZE,
+        )
         self._part: Part | None = None
         self._field = bytearray()
         self._value = bytearray()
@@ -188,7 +196,7 @@ class PartReader:
                 if len(buf) > _MAX_PREAMBLE:
                     raise BadRequest("no multipart boundary at the start of the body")
                 return b""
-            if at == 0 or buf[at - 2:at] == b"\r\n":
+            if at == 0 or buf[at - 2 : at] == b"\r\n":
                 self._preamble = None
                 return bytes(buf[at:])
             start = at + 1
@@ -258,7 +266,7 @@ class PartReader:
             return
         part.meta = meta
         part.dataset = BytesIO()
-        part.dataset.write(memoryview(part._head)[meta.dataset_offset:])
+        part.dataset.write(memoryview(part._head)[meta.dataset_offset :])
         part._head = bytearray()
 
     def _end(self) -> None:

@@ -90,8 +90,10 @@ def _uid(value: str) -> dict[str, object]:
 
 
 def _item(o: Outcome) -> dict[str, object]:
-    item: dict[str, object] = {_REFERENCED_SOP_CLASS: _uid(o.sop_class_uid),
-                               _REFERENCED_SOP_INSTANCE: _uid(o.sop_instance_uid)}
+    item: dict[str, object] = {
+        _REFERENCED_SOP_CLASS: _uid(o.sop_class_uid),
+        _REFERENCED_SOP_INSTANCE: _uid(o.sop_instance_uid),
+    }
     if o.failure is not None:
         item[_FAILURE_REASON] = {"vr": "US", "Value": [o.failure]}
     return item

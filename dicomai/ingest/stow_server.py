@@ -110,21 +110,26 @@ def _is_uid(value: str) -> bool:
 class DicomWebReceiver:
     """The STOW-RS server of ``settings.dicomweb``, storing through ``receiver``."""
 
-    def __init__(self, settings: Settings, receiver: Receiver,
-                 clock: Callable[[], datetime]) -> None:
+    def __init__(
+        self, settings: Settings, receiver: Receiver, clock: Callable[[], datetime]
+    ) -> None:
         self.settings: DicomWebSettings = settings.dicomweb
         self.ae_title = settings.receiver.ae_title
         self.receiver = receiver
         self.clock = clock
         s = self.settings
         self.credentials: HttpCredentials = credentials(
-            s.auth, user=s.user,
+            s.auth,
+            user=s.user,
             password_file=settings.resolve(s.password_file) if s.password_file else None,
-            token_file=settings.resolve(s.token_file) if s.token_file else None)
-        self._tls = (settings.resolve(s.tls_cert_file), settings.resolve(s.tls_key_file)) \
-            if s.tls_cert_file and s.tls_key_file else None
-        self._networks = [ipaddress.ip_network(n, strict=False)
-                          for n in s.allowed_peer_addresses]
+            token_file=settings.resolve(s.token_file) if s.token_file else None,
+        )
+        self._tls = (
+            (settings.resolve(s.tls_cert_file), settings.resolve(s.tls_key_file))
+            if s.tls_cert_file and s.tls_key_file
+            else None
+        )
+        self._networks = [ipaddress.ip_network(n, strict=False) for n in s.allowed_peer_addresses]
         self._keys = itertools.count(1)
         self._pool: ThreadPoolExecutor | None = None
         self._server: uvicorn.Server | None = None
@@ -132,10 +137,12 @@ class DicomWebReceiver:
         self._socket: socket.socket | None = None
         self._failure: BaseException | None = None
         prefix = s.path
-        self.app = Starlette(routes=[
-            Route(f"{prefix}/studies", self._stow, methods=["POST"]),
-            Route(f"{prefix}/studies/{{study}}", self._stow, methods=["POST"]),
-        ])
+        self.app = Starlette(
+            routes=[
+                Route(f"{prefix}/studies", self._stow, methods=["POST"]),
+                Route(f"{prefix}/studies/{{study}}", self._stow, methods=["POST"]),
+            ]
+        )
 
     # -- lifecycle ---------------------------------------------------------------------------
     @property
@@ -165,14 +172,23 @@ class DicomWebReceiver:
             sock.close()
             raise
         self._socket = sock
-        self._pool = ThreadPoolExecutor(max_workers=min(8, s.max_connections),
-                                        thread_name_prefix="stow-store")
+        self._pool = ThreadPoolExecutor(
+            max_workers=min(8, s.max_connections), thread_name_prefix="stow-store"
+        )
         config = uvicorn.Config(
-            self.app, log_config=None, log_level="warning", access_log=False,
-            lifespan="off", loop="asyncio", limit_concurrency=s.max_connections,
-            timeout_keep_alive=5, timeout_graceful_shutdown=10, server_header=False,
+            self.app,
+            log_config=None,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+            loop="asyncio",
+            limit_concurrency=s.max_connections,
+            timeout_keep_alive=5,
+            timeout_graceful_shutdown=10,
+            server_header=False,
             ssl_certfile=str(self._tls[0]) if self._tls else None,
-            ssl_keyfile=str(self._tls[1]) if self._tls else None)
+            ssl_keyfile=str(self._tls[1]) if self._tls else None,
+        )
         server = uvicorn.Server(config)
         self._server = server
 
@@ -191,9 +207,17 @@ class DicomWebReceiver:
                 self.stop(1.0)
                 raise RuntimeError(f"DICOMweb receiver did not start: {failure!r}")
             time.sleep(0.01)
-        logger.info("DICOMweb receiver listening", extra=log_fields(
-            "dicomweb.started", host=s.host, port=self.port, path=s.path or "/",
-            tls=self._tls is not None, auth=s.auth))
+        logger.info(
+            "DICOMweb receiver listening",
+            extra=log_fields(
+                "dicomweb.started",
+                host=s.host,
+                port=self.port,
+                path=s.path or "/",
+                tls=self._tls is not None,
+                auth=s.auth,
+            ),
+        )
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop accepting; requests in progress get ``timeout`` seconds to finish."""
@@ -225,10 +249,15 @@ class DicomWebReceiver:
             ip = ip.ipv4_mapped
         return any(ip in net for net in self._networks)
 
-    def _refuse(self, request: Request, status: int, reason: str, peer: str,
-                headers: dict[str, str] | None = None) -> Response:
-        audit.http_caller(accepted=False, user="-", peer=peer, local=self._local(),
-                          reason=reason)
+    def _refuse(
+        self,
+        request: Request,
+        status: int,
+        reason: str,
+        peer: str,
+        headers: dict[str, str] | None = None,
+    ) -> Response:
+        audit.http_caller(accepted=False, user="-", peer=peer, local=self._local(), reason=reason)
         if status in (401, 403):
             audit.security_alert(reason=f"DICOMweb request refused: {reason}", peer=peer)
         self._log(request, status, peer, started=time.monotonic(), reason=reason)
@@ -245,14 +274,18 @@ class DicomWebReceiver:
         try:
             authorized = self.credentials.accepts(request.headers.get("authorization"))
         except SecretUnavailable as exc:
-            logger.error("DICOMweb credentials unavailable", extra=log_fields(
-                "dicomweb.auth_unavailable", error=str(exc)))
-            return self._refuse(request, 503, "credentials unavailable", peer,
-                                {"Retry-After": "60"})
+            logger.error(
+                "DICOMweb credentials unavailable",
+                extra=log_fields("dicomweb.auth_unavailable", error=str(exc)),
+            )
+            return self._refuse(
+                request, 503, "credentials unavailable", peer, {"Retry-After": "60"}
+            )
         if not authorized:
             scheme = "Basic" if self.settings.auth == "basic" else "Bearer"
-            return self._refuse(request, 401, "wrong credentials", peer,
-                                {"WWW-Authenticate": f"{scheme} {_REALM}"})
+            return self._refuse(
+                request, 401, "wrong credentials", peer, {"WWW-Authenticate": f"{scheme} {_REALM}"}
+            )
         study = request.path_params.get("study")
         if study is not None and not _is_uid(study):
             return self._refuse(request, 400, "study UID in the path is not a UID", peer)
@@ -268,10 +301,12 @@ class DicomWebReceiver:
             return self._refuse(request, 413, "request too large", peer)
         if self.receiver.spool.free_bytes() < self.receiver.min_free_bytes:
             metrics.observe_refused("out_of_space")
-            logger.error("spool below free-space floor", extra=log_fields(
-                "dicomweb.out_of_space", peer=peer))
-            return self._refuse(request, 503, "spool below its free-space floor", peer,
-                                {"Retry-After": "60"})
+            logger.error(
+                "spool below free-space floor", extra=log_fields("dicomweb.out_of_space", peer=peer)
+            )
+            return self._refuse(
+                request, 503, "spool below its free-space floor", peer, {"Retry-After": "60"}
+            )
         user = self.credentials.user if self.settings.auth == "basic" else ""
         audit.http_caller(accepted=True, user=user or "-", peer=peer, local=self._local())
         transfer = _Transfer(key=-next(self._keys), peer=peer, user=user, study=study)
@@ -289,8 +324,9 @@ class DicomWebReceiver:
             self._log(request, status, peer, started=started, transfer=transfer)
 
     # -- the body ----------------------------------------------------------------------------
-    async def _receive(self, request: Request, boundary: bytes, transfer: _Transfer,
-                       limit: int) -> tuple[int, bytes | None]:
+    async def _receive(
+        self, request: Request, boundary: bytes, transfer: _Transfer, limit: int
+    ) -> tuple[int, bytes | None]:
         """Read the body, storing each part once complete; (HTTP status, response body).
 
         A part is stored on the pool while the next one is read (one store at a time per
@@ -312,8 +348,9 @@ class DicomWebReceiver:
             return 400, response_body(outcomes)  # nothing in it was DICOM
         return http_status(outcomes), response_body(outcomes)
 
-    async def _read_body(self, request: Request, boundary: bytes, transfer: _Transfer,
-                         limit: int) -> int | None:
+    async def _read_body(
+        self, request: Request, boundary: bytes, transfer: _Transfer, limit: int
+    ) -> int | None:
         """Read and parse the body, handing each complete part to :meth:`_store_part`;
         ``None`` once it ended with its closing boundary, else the status that ends it."""
         reader = PartReader(boundary, self.settings.max_instance_mb * 1024 * 1024)
@@ -339,7 +376,8 @@ class DicomWebReceiver:
                 if transfer.pending is not None:
                     transfer.outcomes.append(await transfer.pending)
                 transfer.pending = loop.run_in_executor(
-                    self._pool, self._store_part, part, transfer)
+                    self._pool, self._store_part, part, transfer
+                )
             if not message.get("more_body", False):
                 break
         try:
@@ -353,32 +391,54 @@ class DicomWebReceiver:
         meta = part.meta
         if part.problem is PartProblem.TOO_LARGE:
             metrics.observe_refused("too_large")
-            return Outcome(meta.sop_class_uid if meta else "",
-                           meta.sop_instance_uid if meta else "", FAILURE_OUT_OF_RESOURCES)
+            return Outcome(
+                meta.sop_class_uid if meta else "",
+                meta.sop_instance_uid if meta else "",
+                FAILURE_OUT_OF_RESOURCES,
+            )
         if part.problem is not None or meta is None or part.dataset is None:
             metrics.observe_refused("not_dicom")
-            logger.warning("part refused", extra=log_fields(
-                "dicomweb.part_refused", peer=transfer.peer, part=part.index,
-                reason=part.problem.value if part.problem else "not_dicom"))
+            logger.warning(
+                "part refused",
+                extra=log_fields(
+                    "dicomweb.part_refused",
+                    peer=transfer.peer,
+                    part=part.index,
+                    reason=part.problem.value if part.problem else "not_dicom",
+                ),
+            )
             return Outcome("", "", FAILURE_CANNOT_UNDERSTAND)
         failed = Outcome(meta.sop_class_uid, meta.sop_instance_uid, FAILURE_CANNOT_UNDERSTAND)
         if meta.transfer_syntax not in _TRANSFER_SYNTAXES:
             metrics.observe_refused("transfer_syntax")
-            return Outcome(meta.sop_class_uid, meta.sop_instance_uid,
-                           FAILURE_TRANSFER_SYNTAX_NOT_SUPPORTED)
+            return Outcome(
+                meta.sop_class_uid, meta.sop_instance_uid, FAILURE_TRANSFER_SYNTAX_NOT_SUPPORTED
+            )
         if meta.sop_class_uid not in _STORAGE_CLASSES:
             metrics.observe_refused("sop_class")
-            return Outcome(meta.sop_class_uid, meta.sop_instance_uid,
-                           FAILURE_SOP_CLASS_NOT_SUPPORTED)
+            return Outcome(
+                meta.sop_class_uid, meta.sop_instance_uid, FAILURE_SOP_CLASS_NOT_SUPPORTED
+            )
         request = StoreRequest(
-            calling_ae=CALLING_AE, peer=transfer.peer, assoc_key=transfer.key,
-            transfer_syntax=UID(meta.transfer_syntax), sop_class_uid=meta.sop_class_uid,
-            sop_instance_uid=meta.sop_instance_uid, dataset=part.dataset)
+            calling_ae=CALLING_AE,
+            peer=transfer.peer,
+            assoc_key=transfer.key,
+            transfer_syntax=UID(meta.transfer_syntax),
+            sop_class_uid=meta.sop_class_uid,
+            sop_instance_uid=meta.sop_instance_uid,
+            dataset=part.dataset,
+        )
         if transfer.study is not None and self._other_study(request, transfer.study):
             metrics.observe_refused("study_mismatch")
-            logger.warning("instance of another study", extra=log_fields(
-                "dicomweb.study_mismatch", peer=transfer.peer,
-                sop=uid_ref(meta.sop_instance_uid), study=uid_ref(transfer.study)))
+            logger.warning(
+                "instance of another study",
+                extra=log_fields(
+                    "dicomweb.study_mismatch",
+                    peer=transfer.peer,
+                    sop=uid_ref(meta.sop_instance_uid),
+                    study=uid_ref(transfer.study),
+                ),
+            )
             return Outcome(meta.sop_class_uid, meta.sop_instance_uid, FAILURE_DATASET_MISMATCH)
         studies: list[str] = []
 
@@ -388,14 +448,16 @@ class DicomWebReceiver:
 
         r = self.receiver
         try:
-            status = store_instance(request, r.spool, r.queue, lambda: r.min_free_bytes,
-                                    r.clock, tally, r.copies)
+            status = store_instance(
+                request, r.spool, r.queue, lambda: r.min_free_bytes, r.clock, tally, r.copies
+            )
         except Exception:  # store_instance never raises; belt and braces
             logger.exception("store failed", extra=log_fields("dicomweb.store_failed"))
             return failed
         if status == STATUS_SUCCESS:
-            return Outcome(meta.sop_class_uid, meta.sop_instance_uid, None,
-                           studies[0] if studies else "")
+            return Outcome(
+                meta.sop_class_uid, meta.sop_instance_uid, None, studies[0] if studies else ""
+            )
         return Outcome(meta.sop_class_uid, meta.sop_instance_uid, failure_reason(status))
 
     @staticmethod
@@ -404,8 +466,9 @@ class DicomWebReceiver:
         is then not stored). An instance that cannot be read is left to
         :func:`store_instance`, which refuses and quarantines it."""
         try:
-            ds = file_limits.read_dataset(request.dataset, request.transfer_syntax,
-                                          file_limits.active())
+            ds = file_limits.read_dataset(
+                request.dataset, request.transfer_syntax, file_limits.active()
+            )
             own = text_value(getter(ds, request.transfer_syntax), "StudyInstanceUID")
         except Exception:
             return False
@@ -423,12 +486,25 @@ class DicomWebReceiver:
             return
         for study_uid, count in (per_study or {}).items():
             audit.instances_transferred(
-                received=True, study_uid=study_uid, count=count, source_ae=CALLING_AE,
-                source_address=transfer.peer, destination_ae=self.ae_title,
-                destination_address=self._local())
+                received=True,
+                study_uid=study_uid,
+                count=count,
+                source_ae=CALLING_AE,
+                source_address=transfer.peer,
+                destination_ae=self.ae_title,
+                destination_address=self._local(),
+            )
 
-    def _log(self, request: Request, status: int, peer: str, *, started: float,
-             transfer: _Transfer | None = None, reason: str | None = None) -> None:
+    def _log(
+        self,
+        request: Request,
+        status: int,
+        peer: str,
+        *,
+        started: float,
+        transfer: _Transfer | None = None,
+        reason: str | None = None,
+    ) -> None:
         """The access log line: method, path (no query), status, counts; never the body."""
         metrics.observe_http_request(status)
         path = request.url.path
@@ -436,15 +512,20 @@ class DicomWebReceiver:
         if study is not None:  # UIDs appear in logs as keyed hashes only (dicomai.logs)
             path = f"{self.settings.path}/studies/{{study}}"
         fields: dict[str, Any] = {
-            "method": request.method, "path": path, "status": status,
-            "peer": peer, "seconds": round(time.monotonic() - started, 3)}
+            "method": request.method,
+            "path": path,
+            "status": status,
+            "peer": peer,
+            "seconds": round(time.monotonic() - started, 3),
+        }
         if study is not None:
             fields["study"] = uid_ref(study)
         if transfer is not None:
             fields.update(
                 stored=sum(1 for o in transfer.outcomes if o.stored),
                 failed=sum(1 for o in transfer.outcomes if not o.stored),
-                bytes=transfer.received_bytes)
+                bytes=transfer.received_bytes,
+            )
         if reason:
             fields["reason"] = reason
         level = logging.INFO if status < 400 else logging.WARNING

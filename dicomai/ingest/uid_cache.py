@@ -32,8 +32,14 @@ __all__ = ["install", "installed"]
 
 _DICOM_ROOT = "1.2.840.10008."
 #: Modules that imported ``set_uid`` by name (``from pynetdicom.utils import set_uid``).
-_SET_UID_MODULES = ("pynetdicom.utils", "pynetdicom.pdu_items", "pynetdicom.pdu_primitives",
-                    "pynetdicom.presentation", "pynetdicom.dimse_primitives", "pynetdicom.ae")
+_SET_UID_MODULES = (
+    "pynetdicom.utils",
+    "pynetdicom.pdu_items",
+    "pynetdicom.pdu_primitives",
+    "pynetdicom.presentation",
+    "pynetdicom.dimse_primitives",
+    "pynetdicom.ae",
+)
 
 #: Standard UIDs accepted by pynetdicom without a warning, by their str or bytes value.
 _ACCEPTED: dict[str | bytes, UID] = {}
@@ -54,8 +60,13 @@ def _clean(uid: object) -> bool:
 
 
 def _wrap_set_uid(original: Callable[..., UID | None]) -> Callable[..., UID | None]:
-    def set_uid(value: Any, name: str, allow_empty: bool = True, allow_none: bool = True,
-                validate: bool = True) -> UID | None:
+    def set_uid(
+        value: Any,
+        name: str,
+        allow_empty: bool = True,
+        allow_none: bool = True,
+        validate: bool = True,
+    ) -> UID | None:
         if _standard(value):
             found = _ACCEPTED.get(value)
             if found is not None:
@@ -70,8 +81,9 @@ def _wrap_set_uid(original: Callable[..., UID | None]) -> Callable[..., UID | No
     return set_uid
 
 
-def _wrap_validator(original: Callable[[Any], tuple[bool, str]]
-                    ) -> Callable[[Any], tuple[bool, str]]:
+def _wrap_validator(
+    original: Callable[[Any], tuple[bool, str]],
+) -> Callable[[Any], tuple[bool, str]]:
     def validate_ui(value: Any) -> tuple[bool, str]:
         if isinstance(value, str) and value in _ACCEPTED:
             return True, ""
@@ -81,8 +93,9 @@ def _wrap_validator(original: Callable[[Any], tuple[bool, str]]
     return validate_ui
 
 
-def _wrap_add_transfer_syntax(original: Callable[[PresentationContext, Any], None]
-                              ) -> Callable[[PresentationContext, Any], None]:
+def _wrap_add_transfer_syntax(
+    original: Callable[[PresentationContext, Any], None],
+) -> Callable[[PresentationContext, Any], None]:
     def add_transfer_syntax(self: PresentationContext, syntax: Any) -> None:
         if _standard(syntax):
             uid = _ACCEPTED.get(syntax)
@@ -113,7 +126,8 @@ def install() -> bool:
     seam.set_ui_validator(_wrap_validator(seam.ui_validator()))
     # mypy: a plain function is assigned where a method was declared (it works as one).
     PresentationContext.add_transfer_syntax = _wrap_add_transfer_syntax(  # type: ignore[method-assign,assignment]
-        PresentationContext.add_transfer_syntax)
+        PresentationContext.add_transfer_syntax
+    )
     _installed = True
     return True
 

@@ -86,6 +86,7 @@ def _upgrade(engine: Engine, revision: str) -> tuple[str | None, str]:
         command.upgrade(cfg, revision)
     after = current_revision(engine)
     if before != after:
-        logger.info("database schema upgraded", extra=log_fields(
-            "db.upgraded", before=before, after=after))
+        logger.info(
+            "database schema upgraded", extra=log_fields("db.upgraded", before=before, after=after)
+        )
     return before, after or ""

@@ -31,7 +31,10 @@ _cpu_fallback_logged = False
 
 #: Autocast precisions on CUDA (``"fp32"`` turns autocast off). CPU always runs float32.
 PRECISIONS: dict[str, torch.dtype | None] = {
-    "fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+    "fp32": None,
+    "fp16": torch.float16,
+    "bf16": torch.bfloat16,
+}
 _DEFAULT_DESCRIPTION = "TorchScript model without dicomai metadata."
 
 
@@ -302,10 +305,15 @@ class TorchScriptBackend:
         module.eval()
         if channels_last:
             module = module.to(memory_format=torch.channels_last)
-        if (precision == "bf16" and torch_device.type == "cuda"
-                and not torch.cuda.is_bf16_supported()):
-            logger.warning("GPU has no bfloat16, using fp16", extra=log_fields(
-                "model.precision_fallback", model=name, precision=precision))
+        if (
+            precision == "bf16"
+            and torch_device.type == "cuda"
+            and not torch.cuda.is_bf16_supported()
+        ):
+            logger.warning(
+                "GPU has no bfloat16, using fp16",
+                extra=log_fields("model.precision_fallback", model=name, precision=precision),
+            )
             precision = "fp16"
 
         label_tuple = tuple(labels) if labels else tuple(meta.get("labels") or ())
@@ -478,8 +486,11 @@ class TorchScriptBackend:
         with (
             torch.inference_mode(),
             torch.jit.optimized_execution(self._jit_optimize),
-            torch.autocast(device_type=self._device.type,
-                           dtype=self._autocast_dtype or torch.float16, enabled=autocast),
+            torch.autocast(
+                device_type=self._device.type,
+                dtype=self._autocast_dtype or torch.float16,
+                enabled=autocast,
+            ),
         ):
             out = self._module(tensor)
         if isinstance(out, Tensor):

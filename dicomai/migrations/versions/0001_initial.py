@@ -29,8 +29,9 @@ def upgrade() -> None:
     op.create_table(
         "jobs",
         sa.Column("id", sa.Integer, primary_key=True),
-        sa.Column("study_id", sa.Integer, sa.ForeignKey("studies.id", ondelete="CASCADE"),
-                  nullable=False),
+        sa.Column(
+            "study_id", sa.Integer, sa.ForeignKey("studies.id", ondelete="CASCADE"), nullable=False
+        ),
         sa.Column("generation", sa.Integer, nullable=False),
         sa.Column("state", sa.String(16), nullable=False),
         sa.Column("route", sa.String(64)),
@@ -60,10 +61,12 @@ def upgrade() -> None:
         "instances",
         sa.Column("id", sa.Integer, primary_key=True),
         sa.Column("sop_instance_uid", sa.String(64), nullable=False, unique=True),
-        sa.Column("study_id", sa.Integer, sa.ForeignKey("studies.id", ondelete="CASCADE"),
-                  nullable=False),
-        sa.Column("job_id", sa.Integer, sa.ForeignKey("jobs.id", ondelete="CASCADE"),
-                  nullable=False),
+        sa.Column(
+            "study_id", sa.Integer, sa.ForeignKey("studies.id", ondelete="CASCADE"), nullable=False
+        ),
+        sa.Column(
+            "job_id", sa.Integer, sa.ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False
+        ),
         sa.Column("series_instance_uid", sa.String(64), nullable=False),
         sa.Column("sop_class_uid", sa.String(64), nullable=False),
         sa.Column("transfer_syntax_uid", sa.String(64), nullable=False),
@@ -90,8 +93,9 @@ def upgrade() -> None:
     op.create_table(
         "results",
         sa.Column("id", sa.Integer, primary_key=True),
-        sa.Column("job_id", sa.Integer, sa.ForeignKey("jobs.id", ondelete="CASCADE"),
-                  nullable=False),
+        sa.Column(
+            "job_id", sa.Integer, sa.ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False
+        ),
         sa.Column("destination", sa.String(64), nullable=False),
         sa.Column("kind", sa.String(16), nullable=False),
         sa.Column("sop_class_uid", sa.String(64), nullable=False),
@@ -109,8 +113,9 @@ def upgrade() -> None:
     op.create_table(
         "job_events",
         sa.Column("id", sa.Integer, primary_key=True),
-        sa.Column("job_id", sa.Integer, sa.ForeignKey("jobs.id", ondelete="CASCADE"),
-                  nullable=False),
+        sa.Column(
+            "job_id", sa.Integer, sa.ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False
+        ),
         sa.Column("src", sa.String(16)),
         sa.Column("dst", sa.String(16), nullable=False),
         sa.Column("at", TS, nullable=False),

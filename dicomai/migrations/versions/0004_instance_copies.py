@@ -18,8 +18,12 @@ depends_on = None
 def upgrade() -> None:
     op.create_table(
         "instance_copies",
-        sa.Column("instance_id", sa.Integer,
-                  sa.ForeignKey("instances.id", ondelete="CASCADE"), primary_key=True),
+        sa.Column(
+            "instance_id",
+            sa.Integer,
+            sa.ForeignKey("instances.id", ondelete="CASCADE"),
+            primary_key=True,
+        ),
         sa.Column("path", sa.Text, nullable=False),
         sa.Column("data", sa.LargeBinary, nullable=False),
         sa.Column("made_at", sa.DateTime(timezone=True), nullable=False),
