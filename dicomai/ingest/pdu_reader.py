@@ -44,12 +44,14 @@ from dicomai import metrics
 from dicomai.ingest import pynetdicom_seam as seam
 from dicomai.logs import log_fields
 
-__all__ = ["MAX_ASSOCIATION_PDU", "MAX_OTHER_PDU", "WAIT", "PduReader", "Waker"]
+__all__ = ["MAX_ASSOCIATION_PDU", "MAX_OTHER_PDU", "RUN", "WAIT", "PduReader", "Waker"]
 
 logger = logging.getLogger(__name__)
 
 #: Longest wait for the next PDU in one reactor loop, in seconds.
 WAIT = 0.05
+#: Longest run of fast-path PDUs read in one read step, in seconds.
+RUN = 0.5
 #: Largest A-ASSOCIATE-RQ/AC/RJ PDU body accepted (bytes).
 MAX_ASSOCIATION_PDU = 1 << 20
 #: Largest A-RELEASE / A-ABORT PDU body accepted (their bodies are 4 bytes).
@@ -152,9 +154,24 @@ class PduReader:
         self.dropped: str | None = None
 
     def install(self) -> None:
-        """Become the association's read step (before it starts)."""
+        """Become the association's read step (before it starts). The socket stays in
+        blocking mode (reads do not wait: see :meth:`_read_exact`); a send that cannot go
+        out for the network timeout (a peer that stopped reading) fails instead of holding
+        the network thread (``SO_SNDTIMEO``)."""
         seam.wake_on_send(self.assoc, self.waker.wake)
         seam.replace_read_step(self.assoc, self.read_step)
+        asock = self.assoc.dul.socket
+        sock = asock.socket if asock is not None else None
+        if sock is not None and not isinstance(sock, ssl.SSLSocket):
+            seconds = int(self.network_timeout)
+            micros = int((self.network_timeout - seconds) * 1_000_000)
+            try:
+                sock.settimeout(None)
+                sock.setsockopt(
+                    socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", seconds, micros)
+                )
+            except OSError:
+                pass
 
     # -- the reactor's read step -------------------------------------------------------------
     def read_step(self) -> bool:
@@ -175,7 +192,20 @@ class PduReader:
             return False
         if not self._readable(sock, WAIT):
             return False
-        self._read_pdu(sock)
+        # A run of C-STORE PDUs the fast path serves is read here back to back: returning to
+        # pynetdicom's loop after each costs a sleep, which hands the interpreter to other
+        # threads. The run ends when anything else comes, something waits to be sent, the
+        # reactor is told to stop, or after :data:`RUN` seconds (pynetdicom then restarts its
+        # idle timer).
+        until = time.monotonic() + RUN
+        while (
+            self._read_pdu(sock)
+            and not seam.stop_requested(assoc)
+            and not seam.has_outgoing(assoc)
+            and time.monotonic() < until
+            and self._readable(sock, WAIT)
+        ):
+            pass
         return True
 
     def _discard(self, sock: socket.socket) -> bool:
@@ -202,7 +232,8 @@ class PduReader:
             self.waker.drain()
         return sock in ready
 
-    def _read_pdu(self, sock: socket.socket) -> None:
+    def _read_pdu(self, sock: socket.socket) -> bool:
+        """Read one PDU and hand it on; True when the C-STORE fast path served it."""
         assoc = self.assoc
         state = seam.dul_state(assoc)
         started = time.monotonic()
@@ -214,26 +245,27 @@ class PduReader:
             limit = self._limit(pdu_type)
             if limit is None or length > limit:
                 self._invalid(f"PDU type 0x{pdu_type:02X} of {length} bytes")
-                return
+                return False
             body = self._read_exact(sock, length, deadline)
         except _Stalled:
             self._drop("stalled", timeout)
-            return
+            return False
         except _Closed:
             self._closed()
-            return
+            return False
         if pdu_type == _P_DATA_TF and self.fast is not None and state == "Sta6":
             from dicomai.ingest.fast_store import ProtocolError
 
             try:
                 if self.fast.take(body):
-                    return
+                    return True
             except ProtocolError as exc:
                 self._invalid(str(exc))
-                return
+                return False
         elif self.fast is not None:
             self.fast.reset()
         seam.pass_pdu_to_pynetdicom(assoc, header + body)
+        return False
 
     def _limit(self, pdu_type: int) -> int | None:
         if pdu_type not in _KNOWN_PDU_TYPES:
@@ -256,16 +288,25 @@ class PduReader:
             return head + self._read_exact(sock, size - len(head), deadline)
         buf = bytearray(min(size, _FIRST_BUFFER))
         got = 0
+        tls = isinstance(sock, ssl.SSLSocket)
         while got < size:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise _Stalled()
             if got == len(buf):  # grow only as bytes really arrive
                 buf.extend(bytes(min(size - got, len(buf))))
             try:
-                sock.settimeout(remaining)
                 with memoryview(buf) as whole, whole[got:] as free:
-                    n = sock.recv_into(free)
+                    if tls:  # no recv flags on TLS: a timeout instead
+                        remaining = deadline - time.monotonic()
+                        if remaining <= 0:
+                            raise _Stalled()
+                        sock.settimeout(remaining)
+                        n = sock.recv_into(free)
+                    else:  # what is there now, without waiting (and without poll first)
+                        n = sock.recv_into(free, 0, socket.MSG_DONTWAIT)
+            except BlockingIOError:  # nothing yet: wait for more until the deadline
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not select.select([sock], [], [], remaining)[0]:
+                    raise _Stalled() from None
+                continue
             except (TimeoutError, ssl.SSLWantReadError):
                 raise _Stalled() from None
             except OSError:

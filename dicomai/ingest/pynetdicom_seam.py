@@ -66,6 +66,7 @@ __all__ = [
     "check",
     "create_acceptor",
     "dul_state",
+    "has_outgoing",
     "pass_pdu_to_pynetdicom",
     "quiet_identifier_logging",
     "reassembling",
@@ -223,6 +224,11 @@ def pass_pdu_to_pynetdicom(assoc: Any, raw: bytes | bytearray) -> str:
 def dul_state(assoc: Any) -> str:
     """The upper layer state machine's state (``Sta1`` .. ``Sta13``, PS3.8 9.2)."""
     return str(assoc.dul.state_machine.current_state)
+
+
+def has_outgoing(assoc: Any) -> bool:
+    """Whether the association has queued a primitive for the network thread to send."""
+    return not assoc.dul.to_provider_queue.empty()
 
 
 def stop_requested(assoc: Any) -> bool:
