@@ -190,7 +190,9 @@ class PduReader:
             return True
         if seam.stop_requested(assoc):
             return False
-        if not self._readable(sock, WAIT):
+        # Events already queued for pynetdicom's state machine (it takes one per loop) go
+        # first: waiting for the network now would hold them back.
+        if not self._readable(sock, 0.0 if seam.events_pending(assoc) else WAIT):
             return False
         # A run of C-STORE PDUs the fast path serves is read here back to back: returning to
         # pynetdicom's loop after each costs a sleep, which hands the interpreter to other
@@ -202,6 +204,7 @@ class PduReader:
             self._read_pdu(sock)
             and not seam.stop_requested(assoc)
             and not seam.has_outgoing(assoc)
+            and not seam.events_pending(assoc)
             and time.monotonic() < until
             and self._readable(sock, WAIT)
         ):

@@ -66,6 +66,7 @@ __all__ = [
     "check",
     "create_acceptor",
     "dul_state",
+    "events_pending",
     "has_outgoing",
     "pass_pdu_to_pynetdicom",
     "quiet_identifier_logging",
@@ -224,6 +225,11 @@ def pass_pdu_to_pynetdicom(assoc: Any, raw: bytes | bytearray) -> str:
 def dul_state(assoc: Any) -> str:
     """The upper layer state machine's state (``Sta1`` .. ``Sta13``, PS3.8 9.2)."""
     return str(assoc.dul.state_machine.current_state)
+
+
+def events_pending(assoc: Any) -> bool:
+    """Whether events wait for the state machine (its reactor handles one per loop)."""
+    return not assoc.dul.event_queue.empty()
 
 
 def has_outgoing(assoc: Any) -> bool:
