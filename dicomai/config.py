@@ -54,6 +54,16 @@ def _check_ae(value: str, what: str) -> str:
     return value.strip()
 
 
+def _check_networks(value: list[str]) -> list[str]:
+    """An allow-list of IP addresses and CIDR networks, each checked."""
+    for item in value:
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError as exc:
+            raise ValueError(f"not an IP address or network: {item!r}") from exc
+    return value
+
+
 def _check_device(value: str) -> str:
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
         raise ValueError("device must be auto, cpu, cuda or cuda:N")
@@ -127,12 +137,7 @@ class ReceiverSettings(_Section):
     @field_validator("allowed_peer_addresses")
     @classmethod
     def _networks(cls, value: list[str]) -> list[str]:
-        for item in value:
-            try:
-                ipaddress.ip_network(item, strict=False)
-            except ValueError as exc:
-                raise ValueError(f"not an IP address or network: {item!r}") from exc
-        return value
+        return _check_networks(value)
 
     @model_validator(mode="after")
     def _tls(self) -> ReceiverSettings:
@@ -195,12 +200,7 @@ class DicomWebSettings(_Section):
     @field_validator("allowed_peer_addresses")
     @classmethod
     def _networks(cls, value: list[str]) -> list[str]:
-        for item in value:
-            try:
-                ipaddress.ip_network(item, strict=False)
-            except ValueError as exc:
-                raise ValueError(f"not an IP address or network: {item!r}") from exc
-        return value
+        return _check_networks(value)
 
     @model_validator(mode="after")
     def _auth_and_tls(self) -> DicomWebSettings:

@@ -23,14 +23,36 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "config" / "dicomai.toml"
 
 
+def tools_required() -> bool:
+    """Whether a missing external tool fails the run instead of skipping its tests
+    (``DICOMAI_REQUIRE_TOOLS=1``, set by ``.ci/run``: CI installs them all)."""
+    return os.environ.get("DICOMAI_REQUIRE_TOOLS") == "1"
+
+
+def skip_or_fail(reason: str) -> None:
+    """Skip the current test for a missing tool, or fail it where tools are required."""
+    if tools_required():
+        pytest.fail(f"{reason} (DICOMAI_REQUIRE_TOOLS=1)")
+    pytest.skip(reason)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Skip marked tests whose external tool is missing (CI installs them all); under
-    pytest-xdist, hand out the long test files first."""
+    """Skip marked tests whose external tool is missing (or stop the run, where tools are
+    required); under pytest-xdist, hand out the long test files first."""
     needs = {
         "dcmtk": shutil.which("storescu") and shutil.which("echoscu"),
         "orthanc": shutil.which("Orthanc"),
         "validators": shutil.which("dciodvfy") and Path("/usr/share/java/pixelmed.jar").exists(),
     }
+    missing = sorted(
+        marker
+        for marker, available in needs.items()
+        if not available and any(marker in item.keywords for item in items)
+    )
+    if missing and tools_required():
+        raise pytest.UsageError(
+            f"tools not installed: {', '.join(missing)} (DICOMAI_REQUIRE_TOOLS=1)"
+        )
     for item in items:
         for marker, available in needs.items():
             if marker in item.keywords and not available:

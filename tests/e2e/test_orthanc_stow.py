@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from dicomai import synthetic
-from tests.conftest import free_port, running_daemon
+from tests.conftest import free_port, running_daemon, skip_or_fail
 from tests.e2e.test_orthanc import (
     DEPLOY,
     STABLE_AGE,
@@ -77,7 +77,7 @@ class StowOrthanc(Orthanc):
 @pytest.fixture
 def orthanc_stow_and_dicomai(tmp_path, make_settings) -> Iterator[tuple[StowOrthanc, Any]]:
     if not PLUGIN.exists():
-        pytest.skip(f"{PLUGIN} not installed (apt: orthanc-dicomweb)")
+        skip_or_fail(f"{PLUGIN} not installed (apt: orthanc-dicomweb)")
     dicomai_port, web_port = free_port(), free_port()
     orthanc = StowOrthanc(tmp_path / "orthanc", dicomai_port, web_port)
     password = tmp_path / "dicomweb.password"

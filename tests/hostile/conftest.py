@@ -25,7 +25,7 @@ import pytest
 from dicomai import synthetic
 from dicomai.local_pacs import LocalPacs
 from dicomai.scu import echo, send_files
-from tests.conftest import wait_for
+from tests.conftest import skip_or_fail, wait_for
 from tests.hostile.probes import EchoProbe, TreeSampler, Usage, tree_usage
 from tests.reliability.conftest import RelServe
 
@@ -221,7 +221,7 @@ def storescu(port: int, paths: Sequence[Path], within: float = 10.0) -> float:
     stored within ``within`` seconds. Returns the seconds it took."""
     program = dcmtk_storescu()
     if program is None:
-        pytest.skip("DCMTK storescu not installed")
+        skip_or_fail("DCMTK storescu not installed")
     started = time.monotonic()
     try:
         run = subprocess.run(
