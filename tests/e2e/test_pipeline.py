@@ -9,6 +9,7 @@ import subprocess
 from contextlib import redirect_stdout
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import highdicom as hd
 import pydicom
@@ -429,9 +430,15 @@ def test_dead_destination_does_not_block_another(make_settings, local_pacs, tmp_
             assert time.monotonic() - t0 < 25  # well before the hung node's 30 s timeout
             status = _study_state(settings, ds.StudyInstanceUID, daemon.engine)
             assert status["state"] == "sending"  # still waiting on the archive
-            dests = {d["name"]: d for d in collect(settings, engine=daemon.engine)
-                     ["destinations"]}
-            assert dests["pacs"]["sent"] == 2 and dests["archive"]["sent"] == 0
+
+            def destinations() -> dict[str, Any]:
+                return {d["name"]: d for d in collect(settings, engine=daemon.engine)
+                        ["destinations"]}
+
+            # the PACS has both objects; their rows are recorded sent right after
+            wait_for(lambda: destinations()["pacs"]["sent"] == 2, 5,
+                     what="both results recorded sent")
+            assert destinations()["archive"]["sent"] == 0
             leaving = time.monotonic()
         # Stopping does not wait out the hung node's 30 s: after a 5 s grace its association
         # is aborted, and the job goes back to the outbox without an attempt counted.

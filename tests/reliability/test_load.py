@@ -102,12 +102,15 @@ def test_8_associations_2000_instances(rel_serve, rel_storescu_runs, local_pacs,
         assert refs == [studies[sr.study_instance_uid]]
     assert len({o.sop_instance_uid for o in local_pacs.objects()}) == len(local_pacs.objects())
 
-    # Memory: bounded peak, no runaway growth after the first 500 instances.
+    # Memory: bounded peak, no runaway growth once the daemon is fully up. The port opens
+    # before the models load and the decode process starts, so the first 500 instances can
+    # arrive before either; the growth is measured from 1000 instances (after the first
+    # analyses) to the end.
     peak_kb = max(kb for _, kb, _ in rss.samples)
     at_500_kb = next(kb for _, kb, n in rss.samples if n >= 500)
     at_1000_kb = next(kb for _, kb, n in rss.samples if n >= 1000)  # after the first analyses
     end_kb = rss.samples[-1][1]
-    growth = end_kb / at_500_kb
+    growth = end_kb / at_1000_kb
     inference = [s["inference_seconds"] for s in data["studies"]]
     figures = {
         "instances": total,
@@ -121,7 +124,7 @@ def test_8_associations_2000_instances(rel_serve, rel_storescu_runs, local_pacs,
         "rss_after_1000_mb": round(at_1000_kb / 1024, 1),
         "rss_peak_mb": round(peak_kb / 1024, 1),
         "rss_end_mb": round(end_kb / 1024, 1),
-        "rss_growth_end_over_500": round(growth, 3),
+        "rss_growth_end_over_1000": round(growth, 3),
         "rss_samples": len(rss.samples),
         "daemon_start_seconds": serve.started,
     }
