@@ -1,14 +1,14 @@
 """Compute per study on this machine: decode + preprocess + inference, against the targets.
 
 * Chest X-ray, 2500×2000, JPEG 2000 lossless and uncompressed: decode (full vs reduced
-  resolution), preprocess, inference and the total through :func:`dicomai.inference.analyse`
+  resolution), preprocess, inference and the total through :func:`dicomai.inference.processing.analyse`
   (what the worker runs) — target ≤ 250 ms. The Secondary Capture render of the key image
   (a separate full-resolution decode, not part of the target) is shown too.
 * Head CT, 200 slices 512², uncompressed: reading the files, preprocessing, inference and the
   total — target ≤ 10 s.
 
 Uses the bundled reference models (built on first use, as ``serve`` does) through the worker's
-:class:`~dicomai.worker.ModelPool`, on CPU with ``--threads`` torch threads. Medians over
+:class:`~dicomai.inference.worker.ModelPool`, on CPU with ``--threads`` torch threads. Medians over
 ``--repeats``. Not a test: it prints figures.
 
     .venv/bin/python bench/compute.py [--repeats 5] [--ct-repeats 2] [--threads 2]
@@ -41,10 +41,10 @@ from pydicom.uid import JPEG2000Lossless  # noqa: E402
 
 from dicomai import inference, synthetic  # noqa: E402
 from dicomai.config import load_settings  # noqa: E402
-from dicomai.decode import decode_reduced  # noqa: E402
-from dicomai.findings import Task  # noqa: E402
+from dicomai.inference.decode import decode_reduced  # noqa: E402
+from dicomai.inference.findings import Task  # noqa: E402
 from dicomai.results.display import display_rgb  # noqa: E402
-from dicomai.worker import ModelPool  # noqa: E402
+from dicomai.inference.worker import ModelPool  # noqa: E402
 
 CHEST_TARGET_MS = 250.0
 CT_TARGET_S = 10.0

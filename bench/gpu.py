@@ -1,7 +1,7 @@
 """GPU throughput of the reference models: precision, batch size, cross-study batching.
 
 Runs on a machine with only Python, numpy and PyTorch (no DICOM stack): it imports just
-``dicomai.models`` and ``dicomai.batching``. It builds the untrained reference models itself
+``dicomai.models`` and ``dicomai.inference.batching``. It builds the untrained reference models itself
 (or takes them from ``--model-dir``) and, per model, prints and records:
 
 - images/s of ``TorchScriptBackend.predict`` (host array in, probabilities and CAMs out, so
@@ -38,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dicomai.batching import BatchingPredictor  # noqa: E402
+from dicomai.inference.batching import BatchingPredictor  # noqa: E402
 from dicomai.models.backend import TorchScriptBackend  # noqa: E402
 from dicomai.models.reference import REFERENCE_MODELS, build_reference  # noqa: E402
 

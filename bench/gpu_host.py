@@ -2,9 +2,9 @@
 
 Chest X-ray studies (one 2500x2000 JPEG 2000 lossless image each) are analysed as the worker
 runs a job: read the file with pydicom, decode and preprocess in a
-:class:`~dicomai.prepare.DecodePool` of P processes (reduced-resolution JPEG 2000 decoding),
-then :func:`dicomai.inference.analyse` through one shared
-:class:`~dicomai.batching.BatchingPredictor` on the device. J jobs run at once (worker
+:class:`~dicomai.inference.prepare.DecodePool` of P processes (reduced-resolution JPEG 2000 decoding),
+then :func:`dicomai.inference.processing.analyse` through one shared
+:class:`~dicomai.inference.batching.BatchingPredictor` on the device. J jobs run at once (worker
 threads). For each P it prints:
 
 - ``pipeline``: studies/s with J concurrent jobs (P = 0: decoding in the job threads, as
@@ -44,13 +44,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from dicomai import synthetic  # noqa: E402
-from dicomai.batching import BatchingPredictor  # noqa: E402
+from dicomai.inference.batching import BatchingPredictor  # noqa: E402
 from dicomai.config import load_settings  # noqa: E402
-from dicomai.findings import Task  # noqa: E402
-from dicomai.inference import analyse  # noqa: E402
+from dicomai.inference.findings import Task  # noqa: E402
+from dicomai.inference.processing import analyse  # noqa: E402
 from dicomai.models.backend import TorchScriptBackend  # noqa: E402
 from dicomai.models.reference import REFERENCE_MODELS, build_reference  # noqa: E402
-from dicomai.prepare import DecodePool, PreparedInputs  # noqa: E402
+from dicomai.inference.prepare import DecodePool, PreparedInputs  # noqa: E402
 
 MODEL = "chest-xray"
 

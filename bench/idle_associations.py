@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     source = Path(args.source).resolve()
     sys.path.insert(0, str(source))
     from dicomai.config import load_settings
-    from dicomai.daemon import Daemon
+    from dicomai.runtime.daemon import Daemon
 
     data = Path(tempfile.mkdtemp(prefix="bench-idle-"))
     settings = load_settings(source / "config" / "dicomai.toml", environ={}, overrides={

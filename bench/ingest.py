@@ -17,7 +17,7 @@ Receivers
     storescp  DCMTK storescp --fork, writes files to a temp dir (no fsync: the ceiling).
     orthanc   Orthanc with a minimal config: SQLite index in a temp dir, default
               SyncStorageArea=true, MaximumPduLength=16384; started with TCP_NODELAY=1.
-    dicomai   a real dicomai.daemon.Daemon(settings, roles=["receiver"]) in a child process
+    dicomai   a real dicomai.runtime.daemon.Daemon(settings, roles=["receiver"]) in a child process
               (as ``dicomai serve --only receiver`` would run it), SQLite, min_free_disk_mb=0,
               logging configured as in production (INFO, json, to a log file).
               A fresh data dir is used for every measurement (duplicates would be answered
@@ -132,7 +132,7 @@ class DataSet:
 def generate_data(root: Path) -> dict[str, DataSet]:
     """500 CT slices 512x512 16-bit, and 100 small CR images (64x64) in 10 studies."""
     sys.path.insert(0, str(REPO))
-    from dicomai.synthetic import derive_uid, make_head_ct, make_xray, write_study
+    from dicomai_tools.synthetic import derive_uid, make_head_ct, make_xray, write_study
 
     ct_dir, small_dir = root / "ct500", root / "small100"
     ct = write_study(make_head_ct(500, rows=512, cols=512, slice_thickness=0.5), ct_dir)
@@ -363,7 +363,7 @@ def dicomai_child() -> int:
     import sqlite3
 
     from dicomai.config import load_settings
-    from dicomai.daemon import Daemon
+    from dicomai.runtime.daemon import Daemon
     from dicomai.logs import configure
 
     import dicomai

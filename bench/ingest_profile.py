@@ -49,12 +49,12 @@ def main() -> int:
     except ImportError:
         import dicomai.receiver as recv_mod
         record_mod = scp_mod = recv_mod
-    import dicomai.store as store_mod
+    import dicomai.ingest.spool as store_mod
     from dicomai.config import load_settings
-    from dicomai.daemon import Daemon
+    from dicomai.runtime.daemon import Daemon
     from dicomai.logs import configure
-    from dicomai.queue import Queue
-    from dicomai.store import Spool
+    from dicomai.jobs.queue import Queue
+    from dicomai.ingest.spool import Spool
 
     print(f"dicomai from {Path(recv_mod.__file__).parent}", file=sys.stderr)
     tmp = Path(tempfile.mkdtemp(prefix="bench-prof-"))

@@ -29,9 +29,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "bench")]
 
 from dicomai import synthetic  # noqa: E402
-from dicomai.daemon import Daemon  # noqa: E402
-from dicomai.local_pacs import LocalPacs  # noqa: E402
-from dicomai.scu import send_files  # noqa: E402
+from dicomai.runtime.daemon import Daemon  # noqa: E402
+from dicomai_tools.local_pacs import LocalPacs  # noqa: E402
+from dicomai.ops.scu import send_files  # noqa: E402
 
 from _daemon import bench_settings  # noqa: E402
 

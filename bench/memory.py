@@ -33,8 +33,8 @@ sys.path.insert(0, str(REPO))
 
 from dicomai import synthetic  # noqa: E402
 from dicomai.config import load_settings  # noqa: E402
-from dicomai.local_pacs import LocalPacs  # noqa: E402
-from dicomai.scu import echo, send_files  # noqa: E402
+from dicomai_tools.local_pacs import LocalPacs  # noqa: E402
+from dicomai.ops.scu import echo, send_files  # noqa: E402
 
 
 def _free_port() -> int:

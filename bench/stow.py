@@ -59,7 +59,7 @@ SENDER_AET = "BENCHSCU"
 # data and clients
 # ------------------------------------------------------------------------------------------
 def generate(root: Path, n: int) -> list[Path]:
-    from dicomai.synthetic import make_head_ct, write_study
+    from dicomai_tools.synthetic import make_head_ct, write_study
 
     return write_study(make_head_ct(n, rows=512, cols=512, slice_thickness=0.5), root)
 
@@ -263,7 +263,7 @@ def dicomai_child() -> int:
     import sqlite3
 
     from dicomai.config import load_settings
-    from dicomai.daemon import Daemon
+    from dicomai.runtime.daemon import Daemon
     from dicomai.logs import configure
 
     configure(level="INFO", fmt="json")  # stderr -> child.log, as `dicomai serve` does

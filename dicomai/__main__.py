@@ -4,6 +4,6 @@ from __future__ import annotations
 
 import sys
 
-from dicomai.cli import main
+from dicomai.ops.cli import main
 
 sys.exit(main())

@@ -13,8 +13,8 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from dicomai.dicomweb.auth import check_auth_fields
 from dicomai.errors import ConfigError
+from dicomai.http_auth import check_auth_fields
 
 __all__ = [
     "DEFAULT_CONFIG",
@@ -263,7 +263,8 @@ class WorkerSettings(_Section):
     #: How long a request may wait for other jobs' requests to join it (only while another
     #: job of the same model is running).
     batch_wait_ms: float = Field(default=5.0, ge=0, le=1000)
-    #: Processes that read, decode and preprocess a job's images (dicomai.prepare): a decode
+    #: Processes that read, decode and preprocess a job's images (dicomai.inference.prepare):
+    #: a decode
     #: that passes its memory or time budget fails its job, not the daemon; 0 = in the worker
     #: thread, without those budgets.
     decode_processes: int = Field(default=1, ge=0, le=64)
@@ -317,7 +318,7 @@ class DestinationSettings(_Section):
     #: POSTed to {url}/studies. No credentials in it: they go in auth.
     url: str = ""
     #: none, basic (user + password_file) or bearer (token_file); the files hold the secret
-    #: alone and are read again when they change (dicomai.dicomweb.auth).
+    #: alone and are read again when they change (dicomai.http_auth).
     auth: Literal["none", "basic", "bearer"] = "none"
     user: str = ""
     password_file: Path | None = None

@@ -40,9 +40,11 @@ if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
   .venv/bin/pip install -q "$TORCH_SPEC"
 fi
 stamp=.venv/.dicomai-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-  echo "setup: installing dicomai and its dependencies into .venv"
-  .venv/bin/pip install -q -e '.[test]'
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ tools/pyproject.toml -nt "$stamp" ]; then
+  # The daemon (with the test tools), and dicomai-tools beside it: synthetic studies, model
+  # evaluation and the demo's samples, which a production install of the daemon leaves out.
+  echo "setup: installing dicomai, dicomai-tools and their dependencies into .venv"
+  .venv/bin/pip install -q -e '.[test]' -e ./tools
   touch "$stamp"
 fi
 

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 
 from dicomai.config import Settings, load_settings
-from dicomai.daemon import Daemon
-from dicomai.local_pacs import LocalPacs
+from dicomai.runtime.daemon import Daemon
+from dicomai_tools.local_pacs import LocalPacs
 from dicomai.models.reference import REFERENCE_MODELS, build_reference
 
 REPO = Path(__file__).resolve().parents[1]

@@ -17,7 +17,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.uid import JPEG2000Lossless
 
-from dicomai import synthetic
+from dicomai_tools import synthetic
 
 #: A private group after every standard header element and before the pixel data.
 PRIVATE_GROUP = 0x7FD1

@@ -22,5 +22,5 @@ Read the modules in the order the bytes take:
 Beside them: :mod:`~dicomai.ingest.pynetdicom_seam`, the only module that uses pynetdicom's
 private names (pinned version, checked at start), and :mod:`~dicomai.ingest.uid_cache`
 (standard UIDs of association requests converted once). The spool itself is
-:mod:`dicomai.store` (shared with the worker and sender).
+:mod:`dicomai.ingest.spool` (shared with the worker and sender).
 """

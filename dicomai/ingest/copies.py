@@ -29,10 +29,10 @@ from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
+from dicomai.ingest.slots import write_all
+from dicomai.ingest.spool import _fsync_dir  # the spool's own directory fsync
+from dicomai.jobs.queue import Queue
 from dicomai.logs import log_fields
-from dicomai.queue import Queue
-from dicomai.slots import write_all
-from dicomai.store import _fsync_dir  # the spool's own directory fsync
 
 __all__ = ["MAX_COPY_BYTES", "CopyFlusher", "restore_copies"]
 

@@ -21,7 +21,7 @@ operator sets in ``[receiver]`` (:class:`FileLimits`):
 - **Pixel budget** (``max_frame_megapixels``: Rows x Columns x samples of one frame;
   ``max_pixel_data_mb``: the decoded bytes of all frames, Rows x Columns x frames x samples x
   BitsAllocated / 8) and, for encapsulated syntaxes, the **codestream's own size** (JPEG 2000
-  SIZ, JPEG SOF, JPEG-LS SOF55 of the first fragment, :mod:`dicomai.pixel_guard`) equal to
+  SIZ, JPEG SOF, JPEG-LS SOF55 of the first fragment, :mod:`dicomai.ingest.pixel_guard`) equal to
   Rows/Columns (:func:`check_pixels`).
 
 Statuses (PS3.4 Annex B.2.3 lists, for a Storage SCP, Refused: Out of Resources A7xx, Error:
@@ -60,7 +60,7 @@ from pydicom.filereader import read_dataset as pydicom_read_dataset
 from pydicom.uid import UID
 
 from dicomai.errors import UnsupportedInput
-from dicomai.pixel_guard import codestream_size, first_fragment
+from dicomai.ingest.pixel_guard import codestream_size, first_fragment
 
 if TYPE_CHECKING:
     from dicomai.config import ReceiverSettings

@@ -18,8 +18,8 @@ from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 
-from dicomai.queue import InstanceRecord
-from dicomai.store import safe_uid
+from dicomai.ingest.spool import safe_uid
+from dicomai.jobs.queue import InstanceRecord
 
 __all__ = ["convert_all", "extract_record", "getter", "never_failing_vrs", "text_value"]
 

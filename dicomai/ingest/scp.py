@@ -46,15 +46,15 @@ from dicomai.ingest.fast_store import FastStore, StoreRequest
 from dicomai.ingest.listener import Listener, listener_class
 from dicomai.ingest.lobby import Lobby, LobbyLimits
 from dicomai.ingest.pdu_reader import PduReader
+from dicomai.ingest.spool import Spool
 from dicomai.ingest.store_instance import (
     STATUS_OUT_OF_RESOURCES,
     STATUS_SUCCESS,
     handle_store,
     store_instance,
 )
+from dicomai.jobs.queue import Queue
 from dicomai.logs import log_fields
-from dicomai.queue import Queue
-from dicomai.store import Spool
 
 __all__ = ["IMPLEMENTATION_CLASS_UID", "TRANSFER_SYNTAXES", "Receiver", "handle_echo"]
 

@@ -30,9 +30,9 @@ from dicomai import audit, metrics
 from dicomai.ingest.copies import MAX_COPY_BYTES, CopyFlusher
 from dicomai.ingest.fast_store import StoreRequest
 from dicomai.ingest.record import convert_all, extract_record, getter, text_value
+from dicomai.ingest.spool import Spool, safe_uid
+from dicomai.jobs.queue import OwnResultObject, Queue
 from dicomai.logs import log_fields, uid_ref
-from dicomai.queue import OwnResultObject, Queue
-from dicomai.store import Spool, safe_uid
 
 __all__ = [
     "STATUS_CANNOT_UNDERSTAND",

@@ -48,7 +48,7 @@ from starlette.routing import Route
 import dicomai.ingest.file_limits as file_limits
 from dicomai import audit, metrics
 from dicomai.config import DicomWebSettings, Settings
-from dicomai.dicomweb.auth import HttpCredentials, SecretUnavailable, credentials
+from dicomai.http_auth import HttpCredentials, SecretUnavailable, credentials
 from dicomai.ingest.fast_store import StoreRequest
 from dicomai.ingest.record import getter, text_value
 from dicomai.ingest.scp import TRANSFER_SYNTAXES, Receiver

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dicomai.findings import Task
+from dicomai.inference.findings import Task
 
 __all__ = [
     "ARCHITECTURES",

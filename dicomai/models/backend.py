@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from dicomai.errors import InferenceError, ModelLoadError
-from dicomai.findings import ModelIdentity, Task
+from dicomai.inference.findings import ModelIdentity, Task
 from dicomai.logs import log_fields
 from dicomai.models.reference import METADATA_FILE, MIN_INPUT_SIZE
 

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from dicomai.errors import ModelLoadError
-from dicomai.findings import Task
+from dicomai.inference.findings import Task
 from dicomai.logs import log_fields
 from dicomai.models.architectures import (
     ARCHITECTURES,

@@ -6,7 +6,7 @@ import os
 import threading
 from collections.abc import Callable, Sequence
 
-from dicomai.findings import Task
+from dicomai.inference.findings import Task
 from dicomai.models.backend import ModelBackend, TorchScriptBackend
 
 __all__ = ["ModelLoader", "ModelRegistry"]

@@ -12,7 +12,7 @@ from datetime import datetime
 
 from pydicom.dataset import Dataset
 
-from dicomai.findings import Findings, ModelIdentity, Task
+from dicomai.inference.findings import Findings, ModelIdentity, Task
 from dicomai.results.codes import CodeStatus, LabelCode, table_for
 from dicomai.results.common import check_findings, check_sources
 from dicomai.results.ko import build_ko

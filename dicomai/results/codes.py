@@ -21,7 +21,7 @@ from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
-from dicomai.findings import Task
+from dicomai.inference.findings import Task
 
 __all__ = [
     "ABNORMAL",
@@ -206,7 +206,7 @@ def table_for(task: Task | str) -> Mapping[str, LabelCode]:
     Parameters
     ----------
     task
-        A :class:`~dicomai.findings.Task` or its value.
+        A :class:`~dicomai.inference.findings.Task` or its value.
 
     Returns
     -------

@@ -14,7 +14,7 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 
-from dicomai.findings import DISCLAIMER, Findings, ModelIdentity
+from dicomai.inference.findings import DISCLAIMER, Findings, ModelIdentity
 from dicomai.results.codes import LabelCode, table_for
 
 __all__ = [

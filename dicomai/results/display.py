@@ -14,9 +14,9 @@ from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
 from scipy import ndimage
 
-from dicomai.decode import decode_reduced
 from dicomai.errors import UnsupportedInput
-from dicomai.pixel_guard import check_frame
+from dicomai.inference.decode import decode_reduced
+from dicomai.ingest.pixel_guard import check_frame
 from dicomai.results.heatmap import (
     DEFAULT_CUTOFF,
     activation_on_grid,

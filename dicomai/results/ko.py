@@ -8,7 +8,7 @@ import highdicom as hd
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
-from dicomai.findings import Findings, result_uid
+from dicomai.inference.findings import Findings, result_uid
 from dicomai.results.common import (
     model_line,
     no_name_warnings,

@@ -15,7 +15,7 @@ from PIL import Image
 from pydicom.dataset import Dataset
 
 from dicomai.errors import UnsupportedInput
-from dicomai.findings import Findings
+from dicomai.inference.findings import Findings
 from dicomai.results.display import display_rgb, resize_rgb
 from dicomai.results.heatmap import DEFAULT_CUTOFF, activation_on_grid, body_mask, hot_region
 
@@ -64,7 +64,7 @@ class SourceRegion:
 
 def analysed_frame(ds: Dataset) -> int:
     """1-based number of the frame the model analysed (the middle one of a multi-frame
-    image, as :mod:`dicomai.inference` picks it); 1 for a single-frame image."""
+    image, as :mod:`dicomai.inference.processing` picks it); 1 for a single-frame image."""
     return int(ds.get("NumberOfFrames") or 1) // 2 + 1
 
 

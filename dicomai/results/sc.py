@@ -10,7 +10,7 @@ import pydicom.uid
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
-from dicomai.findings import Findings, ModelIdentity, Task, result_uid
+from dicomai.inference.findings import Findings, ModelIdentity, Task, result_uid
 from dicomai.results.codes import PRESENT, LabelCode
 from dicomai.results.common import (
     NOT_FOR_DIAGNOSTIC_USE,

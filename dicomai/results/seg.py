@@ -15,7 +15,7 @@ import pydicom.uid
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
-from dicomai.findings import Findings, result_uid
+from dicomai.inference.findings import Findings, result_uid
 from dicomai.results.codes import (
     ABNORMAL,
     NORMALITY,

@@ -11,7 +11,7 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import UID
 
-from dicomai.findings import Findings, ModelIdentity, Task, result_uid
+from dicomai.inference.findings import Findings, ModelIdentity, Task, result_uid
 from dicomai.results.codes import (
     PRIVATE_SCHEME,
     PROCEDURE_CT,

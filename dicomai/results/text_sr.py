@@ -11,7 +11,7 @@ import pydicom.uid
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
-from dicomai.findings import DISCLAIMER, Findings, ModelIdentity, Task, result_uid
+from dicomai.inference.findings import DISCLAIMER, Findings, ModelIdentity, Task, result_uid
 from dicomai.results.codes import LabelCode
 from dicomai.results.common import (
     add_air_equipment,

@@ -8,12 +8,12 @@ from datetime import UTC, datetime
 import pydicom
 import pytest
 
-from dicomai import synthetic
-from dicomai.findings import Task
-from dicomai.inference import analyse
+from dicomai_tools import synthetic
+from dicomai.inference.findings import Task
+from dicomai.inference.processing import analyse
 from dicomai.models.backend import TorchScriptBackend
-from dicomai.scu import send_files
-from dicomai.status import collect
+from dicomai.ops.scu import send_files
+from dicomai.ops.status import collect
 from tests.conftest import running_daemon, wait_for
 
 

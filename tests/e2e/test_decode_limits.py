@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from dicomai import synthetic
-from dicomai.scu import send_files
-from dicomai.status import collect
+from dicomai_tools import synthetic
+from dicomai.ops.scu import send_files
+from dicomai.ops.status import collect
 from tests.conftest import running_daemon, wait_for
 
 MIB = 1 << 20

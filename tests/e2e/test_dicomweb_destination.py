@@ -32,13 +32,15 @@ import pydicom
 import pytest
 from sqlalchemy import select
 
-from dicomai import cli, synthetic
+from dicomai.ops import cli
+
+from dicomai_tools import synthetic
 from dicomai.config import DestinationSettings, Settings
 from dicomai.db import JobEvent
-from dicomai.dicomweb.stow_client import StowTarget, Verdict, store
-from dicomai.local_pacs import LocalPacs
-from dicomai.scu import send_files
-from dicomai.status import collect
+from dicomai.delivery.stow_client import StowTarget, Verdict, store
+from dicomai_tools.local_pacs import LocalPacs
+from dicomai.ops.scu import send_files
+from dicomai.ops.status import collect
 from tests.conftest import free_port, running_daemon, wait_for
 from tests.viewers.harness import DICOMWEB_PLUGIN, DicomWebOrthanc
 

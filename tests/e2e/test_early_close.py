@@ -8,10 +8,10 @@ import time
 from pynetdicom import AE
 from sqlalchemy import func, select
 
-from dicomai import synthetic
+from dicomai_tools import synthetic
 from dicomai.db import Job
-from dicomai.scu import send_files
-from dicomai.status import collect
+from dicomai.ops.scu import send_files
+from dicomai.ops.status import collect
 from tests.conftest import running_daemon, wait_for
 
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"

@@ -11,10 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from dicomai import cli, synthetic
+from dicomai.ops import cli
+
+from dicomai_tools import synthetic
 from dicomai.config import Settings
-from dicomai.scu import send_files
-from dicomai.status import check_health, collect, render_rich
+from dicomai.ops.scu import send_files
+from dicomai.ops.status import check_health, collect, render_rich
 from tests.conftest import free_port, running_daemon, wait_for
 
 NO_WORKER = ("receiver", "sender", "scheduler")  # no model to load: starts in well under 1 s

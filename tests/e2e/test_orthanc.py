@@ -25,9 +25,9 @@ import pydicom
 import pytest
 from sqlalchemy import func, select
 
-from dicomai import synthetic
+from dicomai_tools import synthetic
 from dicomai.db import Job, Study
-from dicomai.status import collect
+from dicomai.ops.status import collect
 from tests.sr_summary import summary_scores
 from tests.conftest import free_port, running_daemon
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from dicomai import synthetic
+from dicomai_tools import synthetic
 from tests.conftest import free_port, running_daemon, skip_or_fail
 from tests.e2e.test_orthanc import (
     DEPLOY,

@@ -17,11 +17,13 @@ import pytest
 from pydicom.uid import generate_uid
 from sqlalchemy import select
 
-from dicomai import cli, synthetic
+from dicomai.ops import cli
+
+from dicomai_tools import synthetic
 from dicomai.db import Job, JobEvent, make_engine
 from dicomai.logs import JsonFormatter
-from dicomai.scu import echo, send_files
-from dicomai.status import collect
+from dicomai.ops.scu import echo, send_files
+from dicomai.ops.status import collect
 from tests.conftest import running_daemon, wait_for
 from tests.sr_summary import summary, summary_scores
 
@@ -262,7 +264,7 @@ def test_unroutable_study_is_skipped_and_status_json(make_settings, local_pacs, 
 
 
 def test_compressed_real_samples_stored_as_received(make_settings, local_pacs, tmp_path):
-    from dicomai.samples import real_sample
+    from dicomai_tools.samples import real_sample
 
     settings = make_settings(local_pacs.port, scheduler={"study_quiet_seconds": 3600})
     files = [real_sample("chest_xray/RG1_J2KI.dcm"), real_sample("extremity_xray/RG3_J2KR.dcm")]
@@ -320,7 +322,7 @@ def test_check_config_and_models_commands(make_settings, tmp_path, capsys):
 
 
 def test_destination_down_then_back(make_settings, tmp_path):
-    from dicomai.local_pacs import LocalPacs
+    from dicomai_tools.local_pacs import LocalPacs
     from tests.conftest import free_port
 
     pacs_port = free_port()  # nothing listens there yet: the PACS is down
@@ -374,7 +376,7 @@ def test_undecodable_study_fails_with_optional_notice(make_settings, local_pacs,
 
 
 def test_give_up_then_operator_retry_and_cancel(make_settings, tmp_path, capsys):
-    from dicomai.local_pacs import LocalPacs
+    from dicomai_tools.local_pacs import LocalPacs
     from tests.conftest import free_port
 
     pacs_port = free_port()

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from dicomai import synthetic
+from dicomai_tools import synthetic
 from dicomai.config import load_settings
-from dicomai.scu import echo, send_files
-from dicomai.status import collect
+from dicomai.ops.scu import echo, send_files
+from dicomai.ops.status import collect
 from tests.conftest import free_port, listening, wait_for
 
 

@@ -10,10 +10,10 @@ import pydicom
 import pytest
 from pydicom.uid import SegmentationStorage
 
-from dicomai import synthetic
-from dicomai.local_pacs import LocalPacs
-from dicomai.scu import send_files
-from dicomai.status import collect
+from dicomai_tools import synthetic
+from dicomai_tools.local_pacs import LocalPacs
+from dicomai.ops.scu import send_files
+from dicomai.ops.status import collect
 from tests.conftest import running_daemon, wait_for
 
 

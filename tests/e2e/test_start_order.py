@@ -19,10 +19,10 @@ from typing import Any
 
 import pytest
 
-from dicomai import synthetic
-from dicomai.local_pacs import LocalPacs
+from dicomai_tools import synthetic
+from dicomai_tools.local_pacs import LocalPacs
 from dicomai.models.reference import REFERENCE_MODELS
-from dicomai.scu import echo, send_files
+from dicomai.ops.scu import echo, send_files
 from tests.conftest import DEFAULT_CONFIG, free_port, listening, wait_for
 
 DICOMAI = Path(sys.executable).parent / "dicomai"

@@ -22,9 +22,9 @@ from typing import Any
 
 import pytest
 
-from dicomai import synthetic
-from dicomai.local_pacs import LocalPacs
-from dicomai.scu import echo, send_files
+from dicomai_tools import synthetic
+from dicomai_tools.local_pacs import LocalPacs
+from dicomai.ops.scu import echo, send_files
 from tests.conftest import skip_or_fail, wait_for
 from tests.hostile.probes import EchoProbe, TreeSampler, Usage, tree_usage
 from tests.reliability.conftest import RelServe

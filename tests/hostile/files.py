@@ -23,7 +23,7 @@ from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, JPEG2000Lossless
 from pynetdicom import AE, _config
 
-from dicomai import synthetic
+from dicomai_tools import synthetic
 from tests.integration.test_conformance import encode
 
 __all__ = [

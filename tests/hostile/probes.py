@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dicomai.scu import echo
+from dicomai.ops.scu import echo
 
 __all__ = ["EchoProbe", "TreeSampler", "Usage", "tree_usage"]
 

@@ -14,8 +14,8 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
-from dicomai import synthetic
-from dicomai.scu import echo, send_files
+from dicomai_tools import synthetic
+from dicomai.ops.scu import echo, send_files
 from tests.hostile.conftest import (
     ACSE_TIMEOUT,
     MARGIN,

@@ -34,9 +34,9 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import Verification
 from sqlalchemy import func, select
 
-from dicomai import synthetic
+from dicomai_tools import synthetic
 from dicomai.config import ReceiverSettings
-from dicomai.daemon import Daemon
+from dicomai.runtime.daemon import Daemon
 from dicomai.db import Instance, QuarantineEntry
 from tests.conftest import running_daemon
 from tests.integration.test_fast_store import p_data, quiet

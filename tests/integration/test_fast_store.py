@@ -16,9 +16,9 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 from sqlalchemy import select
 
-from dicomai import synthetic
+from dicomai_tools import synthetic
 from dicomai.config import Settings
-from dicomai.daemon import Daemon
+from dicomai.runtime.daemon import Daemon
 from dicomai.db import Instance
 from tests.conftest import running_daemon
 from tests.unit.test_fast_store import store_rq_command

@@ -15,7 +15,7 @@ from pynetdicom import AE, _config
 from pynetdicom.association import Association
 from sqlalchemy import func, select
 
-from dicomai.daemon import Daemon
+from dicomai.runtime.daemon import Daemon
 from dicomai.db import Instance, QuarantineEntry
 from tests import file_bombs as bombs
 from tests.conftest import running_daemon

@@ -14,9 +14,9 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, _config
 
-from dicomai import synthetic
-from dicomai.scu import echo, send_files
-from dicomai.status import collect
+from dicomai_tools import synthetic
+from dicomai.ops.scu import echo, send_files
+from dicomai.ops.status import collect
 from tests.conftest import running_daemon
 
 DX = "1.2.840.10008.5.1.4.1.1.1.1"

@@ -8,10 +8,10 @@ import threading
 import time
 from pathlib import Path
 
-from dicomai import synthetic
+from dicomai_tools import synthetic
 from dicomai.config import DestinationSettings
-from dicomai.local_pacs import LocalPacs
-from dicomai.sender import Outcome, SendCancel, SendItem, SendReport, send_objects
+from dicomai_tools.local_pacs import LocalPacs
+from dicomai.delivery.sender import Outcome, SendCancel, SendItem, SendReport, send_objects
 
 XRAY = "1.2.840.10008.5.1.4.1.1.1"  # CR
 

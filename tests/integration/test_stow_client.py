@@ -1,6 +1,6 @@
-"""STOW-RS sends (dicomai.sender.send_objects_stow) against an HTTP(S) archive of this test on
+"""STOW-RS sends (dicomai.delivery.sender.send_objects_stow) against an HTTP(S) archive of this test on
 loopback, which answers what each test scripts: PS3.18 responses per instance, credentials
-checked by dicomai.dicomweb.auth's server side, TLS with a CA of our own, a request held."""
+checked by dicomai.http_auth's server side, TLS with a CA of our own, a request held."""
 
 from __future__ import annotations
 
@@ -19,10 +19,10 @@ import pydicom
 import pytest
 from pydicom.uid import SegmentationStorage
 
-from dicomai import synthetic
+from dicomai_tools import synthetic
 from dicomai.config import DestinationSettings, load_settings
-from dicomai.dicomweb.auth import credentials
-from dicomai.sender import Outcome, SendCancel, SendItem, send_objects_stow, stow_target
+from dicomai.http_auth import credentials
+from dicomai.delivery.sender import Outcome, SendCancel, SendItem, send_objects_stow, stow_target
 from tests.conftest import DEFAULT_CONFIG, free_port
 
 

@@ -15,11 +15,11 @@ import pytest
 from pynetdicom import AE
 from sqlalchemy import select
 
-from dicomai import synthetic
+from dicomai_tools import synthetic
 from dicomai.db import Instance, QuarantineEntry, Study
 from dicomai.ingest.part10 import read_file_meta
 from dicomai.ingest.store_instance import file_meta_bytes
-from dicomai.status import check_health, collect, render_text
+from dicomai.ops.status import check_health, collect, render_text
 from tests.conftest import DEFAULT_CONFIG, free_port, running_daemon, wait_for
 from tests.stow_client import (
     BOUNDARY,

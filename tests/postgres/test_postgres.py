@@ -7,12 +7,12 @@ from datetime import UTC, datetime
 import pytest
 from sqlalchemy import inspect, select, text
 
-from dicomai import synthetic
+from dicomai_tools import synthetic
 from dicomai.db import Instance, Job, Study, make_engine, make_session_factory
-from dicomai.leadership import PostgresLeadership
+from dicomai.runtime.leadership import PostgresLeadership
 from dicomai.migrations import head_revision, upgrade
-from dicomai.scu import send_files
-from dicomai.status import collect
+from dicomai.ops.scu import send_files
+from dicomai.ops.status import collect
 from tests.conftest import running_daemon, wait_for
 
 pytestmark = pytest.mark.postgres
@@ -112,7 +112,7 @@ def test_advisory_lock_has_one_holder_and_is_freed_with_its_connection(pg_url):
 
 
 def test_db_upgrade_command(tmp_path, pg_url, capsys):
-    from dicomai import cli
+    from dicomai.ops import cli
 
     _old_schema_with_data(pg_url)
     cfg = tmp_path / "cfg.toml"

@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from dicomai import synthetic
+from dicomai_tools import synthetic
 from dicomai.config import load_settings
 from dicomai.db import Instance, Job, make_engine, make_session_factory
 from dicomai.models.reference import REFERENCE_MODELS
-from dicomai.scu import send_files
-from dicomai.status import collect
+from dicomai.ops.scu import send_files
+from dicomai.ops.status import collect
 from tests.conftest import DEFAULT_CONFIG, free_port, listening, wait_for
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]

@@ -19,8 +19,8 @@ import pytest
 
 from dicomai.config import Settings, load_settings
 from dicomai.models.reference import REFERENCE_MODELS
-from dicomai.scu import echo
-from dicomai.status import collect
+from dicomai.ops.scu import echo
+from dicomai.ops.status import collect
 from tests.conftest import DEFAULT_CONFIG, free_port, tcp_listen, wait_for
 
 #: One response line per C-STORE in `storescu -v` output.

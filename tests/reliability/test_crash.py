@@ -16,8 +16,8 @@ from datetime import UTC, datetime, timedelta
 import pydicom
 import pytest
 
-from dicomai import synthetic
-from dicomai.local_pacs import LocalPacs
+from dicomai_tools import synthetic
+from dicomai_tools.local_pacs import LocalPacs
 from tests.conftest import wait_for
 from tests.reliability.conftest import RelServe, rel_storescu
 

@@ -26,13 +26,13 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, _config
 from sqlalchemy import select
 
-from dicomai import synthetic
+from dicomai_tools import synthetic
 from dicomai.config import PreprocessingSettings, load_settings
-from dicomai.daemon import Daemon
+from dicomai.runtime.daemon import Daemon
 from dicomai.db import Instance
 from dicomai.errors import UnsupportedInput
-from dicomai.inference import preprocess_ct_slice, preprocess_xray
-from dicomai.scu import echo, send_files
+from dicomai.inference.processing import preprocess_ct_slice, preprocess_xray
+from dicomai.ops.scu import echo, send_files
 from tests.conftest import DEFAULT_CONFIG, running_daemon
 
 pytestmark = pytest.mark.slow

@@ -13,7 +13,7 @@ from collections import Counter
 
 import pytest
 
-from dicomai import synthetic
+from dicomai_tools import synthetic
 from tests.conftest import wait_for
 from tests.reliability.conftest import RelRssSampler, rel_storescu
 

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import pydicom
 import pytest
 
-from dicomai import synthetic
+from dicomai_tools import synthetic
 from tests.conftest import free_port, tcp_listen, wait_for
 from tests.reliability.conftest import RelRssSampler, RelServe
 from tests.stow_client import body, part10, post

@@ -1,4 +1,4 @@
-"""Cross-study batching (dicomai.batching), the decode processes (dicomai.prepare), the new
+"""Cross-study batching (dicomai.inference.batching), the decode processes (dicomai.inference.prepare), the new
 worker/model keys, and CUDA precision options of the backend that can be checked on CPU."""
 
 from __future__ import annotations
@@ -16,14 +16,14 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from dicomai import synthetic
-from dicomai.batching import BatchingPredictor
+from dicomai_tools import synthetic
+from dicomai.inference.batching import BatchingPredictor
 from dicomai.config import ModelSettings, PreprocessingSettings, WorkerSettings
 from dicomai.errors import InferenceError, Interrupted, UnsupportedInput
-from dicomai.findings import ModelIdentity, Task
-from dicomai.inference import analyse, preprocess_ct_slice, preprocess_xray
+from dicomai.inference.findings import ModelIdentity, Task
+from dicomai.inference.processing import analyse, preprocess_ct_slice, preprocess_xray
 from dicomai.models.backend import TorchScriptBackend
-from dicomai.prepare import DecodePool, PreparedInputs
+from dicomai.inference.prepare import DecodePool, PreparedInputs
 
 LABELS = ("a", "b", "c")
 IDENTITY = ModelIdentity(name="tiny", version="1", sha256="0" * 64, task=Task.CHEST_XRAY,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from dicomai import cli
+from dicomai.ops import cli
 from dicomai.config import load_settings
 from dicomai.errors import ConfigError
 

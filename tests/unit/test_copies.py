@@ -18,14 +18,14 @@ from pydicom.uid import UID, ExplicitVRLittleEndian
 from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 
-from dicomai import synthetic
+from dicomai_tools import synthetic
 from dicomai.db import Instance, InstanceCopy, make_session_factory
 from dicomai.ingest import copies
 from dicomai.ingest import store_instance as storing
 from dicomai.ingest.copies import MAX_COPY_BYTES, CopyFlusher, restore_copies
 from dicomai.ingest.fast_store import StoreRequest
-from dicomai.queue import Queue
-from dicomai.store import Spool
+from dicomai.jobs.queue import Queue
+from dicomai.ingest.spool import Spool
 
 T0 = datetime(2026, 11, 27, 8, 0, tzinfo=UTC)
 

@@ -1,4 +1,4 @@
-"""Tests of dicomai.decode: reduced-resolution JPEG 2000 / JPEG baseline decoding and its use in
+"""Tests of dicomai.inference.decode: reduced-resolution JPEG 2000 / JPEG baseline decoding and its use in
 X-ray preprocessing (matches a full decode + resize; falls back to a full decode)."""
 
 from __future__ import annotations
@@ -20,12 +20,14 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from dicomai import decode, inference
+from dicomai.inference import decode
+
+from dicomai.inference import processing as inference
 from dicomai.config import PreprocessingSettings
-from dicomai.decode import J2KHeader, align, decode_reduced, j2k_header, j2k_level
+from dicomai.inference.decode import J2KHeader, align, decode_reduced, j2k_header, j2k_level
 from dicomai.errors import UnsupportedInput
-from dicomai.inference import preprocess_xray, resize
-from dicomai.synthetic import make_xray, recompress
+from dicomai.inference.processing import preprocess_xray, resize
+from dicomai_tools.synthetic import make_xray, recompress
 
 PRE = PreprocessingSettings(input_size=96)
 STD = np.asarray(PRE.normalize_std, dtype=np.float32)[:, None, None]

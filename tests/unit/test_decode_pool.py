@@ -1,4 +1,4 @@
-"""dicomai.prepare.DecodePool: a decode that passes its memory or time budget, or a decode
+"""dicomai.inference.prepare.DecodePool: a decode that passes its memory or time budget, or a decode
 process that dies, fails that image's job with a clear error; the process is replaced (or goes
 on) and later images are served. Real processes, real files."""
 
@@ -15,12 +15,12 @@ import numpy as np
 import pydicom
 import pytest
 
-from dicomai import synthetic
+from dicomai_tools import synthetic
 from dicomai.config import PreprocessingSettings
 from dicomai.errors import DecodeFailed, DecodeOverBudget, PermanentError, RetryableError
-from dicomai.findings import Task
-from dicomai.inference import preprocess_xray
-from dicomai.prepare import DecodePool, PreparedInputs
+from dicomai.inference.findings import Task
+from dicomai.inference.processing import preprocess_xray
+from dicomai.inference.prepare import DecodePool, PreparedInputs
 
 PRE = PreprocessingSettings(input_size=64)
 

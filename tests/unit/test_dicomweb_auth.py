@@ -1,4 +1,4 @@
-"""dicomai.dicomweb.auth: secret files re-read on change, headers, server-side check."""
+"""dicomai.http_auth: secret files re-read on change, headers, server-side check."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from dicomai.dicomweb.auth import (
+from dicomai.http_auth import (
     AuthScheme,
     SecretUnavailable,
     check_auth_fields,

@@ -13,9 +13,11 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from dicomai import cli, synthetic
+from dicomai.ops import cli
+
+from dicomai_tools import synthetic
 from dicomai.config import load_settings
-from dicomai.evaluate import (
+from dicomai_tools.evaluate import (
     EvaluationError,
     age_band,
     auroc,

@@ -26,7 +26,7 @@ from pydicom.uid import (
 from dicomai.config import ReceiverSettings
 from dicomai.ingest import file_limits as fl
 from dicomai.ingest.file_limits import FileLimits, LimitExceeded, check_pixels, inflate, scan
-from dicomai.pixel_guard import first_fragment
+from dicomai.ingest.pixel_guard import first_fragment
 from tests import file_bombs as bombs
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "real"
@@ -312,7 +312,7 @@ def test_real_jpeg_and_jpeg_ls_frames_match_their_headers() -> None:
 
 def test_check_config_validates_and_shows_the_limits(tmp_path: Path,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
-    from dicomai import cli
+    from dicomai.ops import cli
 
     bad = tmp_path / "bad.toml"
     bad.write_text("[receiver]\nmax_nesting_depth = 0\n")

@@ -1,4 +1,4 @@
-"""dicomai.heap: freed heap memory goes back to the system, at a bounded rate."""
+"""dicomai.runtime.heap: freed heap memory goes back to the system, at a bounded rate."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from dicomai import heap
-from dicomai.heap import HeapTrimmer
+from dicomai.runtime import heap
+from dicomai.runtime.heap import HeapTrimmer
 
 
 def _rss_kib() -> int:
@@ -70,7 +70,7 @@ def test_trims_once_per_idle_spell() -> None:
 _ARENA_PROBE = """
 import re, sys, threading
 from pathlib import Path
-from dicomai import heap
+from dicomai.runtime import heap
 if sys.argv[1] == "limit":
     assert heap.limit_arenas(2)
 def vm():

@@ -12,7 +12,7 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
-from dicomai.findings import Findings, ModelIdentity, Task
+from dicomai.inference.findings import Findings, ModelIdentity, Task
 from dicomai.results.heatmap import (
     DEFAULT_CUTOFF,
     activation_on_grid,

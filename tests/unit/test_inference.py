@@ -1,4 +1,4 @@
-"""Tests of dicomai.inference: preprocessing (numpy) and analyse() with a tiny predictor."""
+"""Tests of dicomai.inference.processing: preprocessing (numpy) and analyse() with a tiny predictor."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ from pydicom.uid import (
 
 from dicomai.config import ModelSettings, PreprocessingSettings
 from dicomai.errors import UnsupportedInput
-from dicomai.findings import ModelIdentity, Task
-from dicomai.inference import (
+from dicomai.inference.findings import ModelIdentity, Task
+from dicomai.inference.processing import (
     analyse,
     ct_windows,
     order_slices,
@@ -28,7 +28,7 @@ from dicomai.inference import (
     preprocess_xray,
     resize,
 )
-from dicomai.synthetic import make_head_ct, make_xray
+from dicomai_tools.synthetic import make_head_ct, make_xray
 
 PRE = PreprocessingSettings(input_size=32, batch_size=4)
 MEAN = np.asarray(PRE.normalize_mean, dtype=np.float32)[:, None, None]
@@ -206,7 +206,7 @@ def test_ct_windows_values() -> None:
 def test_float32_rescale_matches_pydicom(slope: float | None, intercept: float | None) -> None:
     import pydicom.pixels
 
-    from dicomai.inference import _modality
+    from dicomai.inference.processing import _modality
 
     pixels = np.random.default_rng(2).integers(0, 4096, (32, 32)).astype(np.uint16)
     ds = image(pixels, slope=slope, intercept=intercept)

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from dicomai.errors import InferenceError, ModelLoadError
-from dicomai.findings import ModelIdentity, Task
+from dicomai.inference.findings import ModelIdentity, Task
 from dicomai.models import (
     ARCHITECTURES,
     REFERENCE_MODELS,

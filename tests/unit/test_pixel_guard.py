@@ -14,8 +14,8 @@ from pydicom.dataset import Dataset
 
 from dicomai.config import PreprocessingSettings
 from dicomai.errors import UnsupportedInput
-from dicomai.inference import preprocess_ct_slice, preprocess_xray
-from dicomai.pixel_guard import MAX_FRAME_PIXELS, check_frame, codestream_size
+from dicomai.inference.processing import preprocess_ct_slice, preprocess_xray
+from dicomai.ingest.pixel_guard import MAX_FRAME_PIXELS, check_frame, codestream_size
 from dicomai.results.display import display_rgb
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "real"

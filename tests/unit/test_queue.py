@@ -1,4 +1,4 @@
-"""Tests of dicomai.queue and dicomai.db on a fresh SQLite file, plus the scheduler's jobs."""
+"""Tests of dicomai.jobs.queue and dicomai.db on a fresh SQLite file, plus the scheduler's jobs."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from sqlalchemy.exc import StatementError
 from dicomai.config import load_settings
 from dicomai.db import Instance, Job, JobEvent, Study, create_all, make_engine, make_session_factory
 from dicomai.errors import StateConflict
-from dicomai.queue import (
+from dicomai.jobs.queue import (
     ALLOWED_TRANSITIONS,
     TERMINAL_STATES,
     InstanceRecord,
@@ -24,7 +24,7 @@ from dicomai.queue import (
     Queue,
     RetryPolicy,
 )
-from dicomai.scheduler import close_early_studies, close_quiet_studies, reap_stale
+from dicomai.runtime.scheduler import close_early_studies, close_quiet_studies, reap_stale
 
 REPO = Path(__file__).resolve().parents[2]
 ROUTES = load_settings(REPO / "config" / "dicomai.toml", environ={}).routes
@@ -471,9 +471,9 @@ def test_sweep_orphans_removes_only_old_unindexed_files(queue: Queue, tmp_path: 
     import os
     import time
 
-    from dicomai.scheduler import sweep_orphans
-    from dicomai.slots import EMPTY_SLOT_SWEEP_AGE
-    from dicomai.store import Spool
+    from dicomai.runtime.scheduler import sweep_orphans
+    from dicomai.ingest.slots import EMPTY_SLOT_SWEEP_AGE
+    from dicomai.ingest.spool import Spool
 
     spool = Spool(tmp_path / "spool")
     spool.start()
@@ -595,8 +595,8 @@ def test_late_instance_after_early_close_opens_generation_2(queue: Queue) -> Non
 
 def test_retention_removes_the_receiver_directories_it_empties(queue: Queue,
                                                                tmp_path: Path) -> None:
-    from dicomai.scheduler import purge_finished
-    from dicomai.store import Spool
+    from dicomai.runtime.scheduler import purge_finished
+    from dicomai.ingest.spool import Spool
 
     spool = Spool(tmp_path / "spool")
     spool.start()

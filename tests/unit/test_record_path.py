@@ -28,7 +28,8 @@ from sqlalchemy.orm import sessionmaker
 from dicomai.db import Base, Instance, Job, JobEvent, create_all, make_engine, make_session_factory
 from dicomai.ingest.pdu_reader import PduReader
 from dicomai.ingest.store_instance import file_meta_bytes
-from dicomai.queue import InstanceRecord, JobState, Queue
+from dicomai.jobs.queue import InstanceRecord, Queue
+from dicomai.jobs.states import JobState
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 
@@ -95,11 +96,11 @@ def test_duplicates_and_own_results_are_answered_success_and_leave_one_copy(
         engine: Engine, tmp_path: Path) -> None:
     """Written first, then indexed: a duplicate's copy and a returned result of ours are
     removed again; neither opens a job or a second row."""
-    from dicomai import synthetic
+    from dicomai_tools import synthetic
     from dicomai.db import ResultObject
     from dicomai.ingest import store_instance as storing
     from dicomai.ingest.fast_store import StoreRequest
-    from dicomai.store import Spool
+    from dicomai.ingest.spool import Spool
 
     queue = Queue(make_session_factory(engine))
     spool = Spool(tmp_path / "spool")
@@ -266,7 +267,7 @@ def read(raw: bytes) -> Dataset:
 
 
 def test_convert_all_skips_only_elements_that_converted_before() -> None:
-    from dicomai import synthetic
+    from dicomai_tools import synthetic
     from dicomai.ingest import record
 
     record._CONVERTED.clear()
@@ -322,7 +323,7 @@ def test_converting_text_dates_and_times_cannot_fail(vr: str, charset: str) -> N
 def test_convert_all_skips_text_but_still_converts_numbers() -> None:
     """Garbage text passes (its conversion cannot fail), but an IS whose integer cannot
     exist still raises (pydicom: OverflowError), so the instance is refused at once."""
-    from dicomai import synthetic
+    from dicomai_tools import synthetic
     from dicomai.ingest import record
 
     good = encoded(synthetic.make_xray("chest", rows=16, cols=16, seed=4))
@@ -343,7 +344,7 @@ def test_convert_all_skips_text_but_still_converts_numbers() -> None:
 def test_sqlite_record_statements_store_exactly_what_core_stores(tmp_path: Path) -> None:
     from sqlalchemy import text
 
-    from dicomai.queue import _RecordStatements, _SqliteRecordStatements
+    from dicomai.jobs.queue import _RecordStatements, _SqliteRecordStatements
 
     queues = []
     for name in ("raw", "core"):
@@ -391,7 +392,7 @@ def test_sqlite_record_statements_store_exactly_what_core_stores(tmp_path: Path)
 
 
 def test_extract_record_from_cached_values_equals_a_cold_extraction() -> None:
-    from dicomai import synthetic
+    from dicomai_tools import synthetic
     from dicomai.ingest import record
 
     series = [encoded(ds) for ds in synthetic.make_head_ct(4, rows=16, cols=16)]
@@ -410,7 +411,7 @@ def test_extract_record_from_cached_values_equals_a_cold_extraction() -> None:
 
 
 def test_conversion_caches_keep_no_patient_identity() -> None:
-    from dicomai import synthetic
+    from dicomai_tools import synthetic
     from dicomai.ingest import record
 
     record._CONVERTED.clear()
@@ -450,7 +451,7 @@ def test_supported_contexts_copy_is_as_independent_as_deepcopy() -> None:
 def test_record_lock_excludes_threads_of_one_process(tmp_path: Path) -> None:
     """flock alone lets two threads of one process in at once (one open file); the record
     lock must not: the group commit's leader and the copy flusher both write."""
-    from dicomai.queue import _FileLock
+    from dicomai.jobs.queue import _FileLock
 
     lock, order = _FileLock(str(tmp_path / "db.record-lock")), []
 

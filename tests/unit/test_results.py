@@ -37,7 +37,7 @@ from pydicom.uid import (
 )
 
 from dicomai.errors import UnsupportedInput
-from dicomai.findings import DISCLAIMER, UID_ROOT, Findings, ModelIdentity, Task
+from dicomai.inference.findings import DISCLAIMER, UID_ROOT, Findings, ModelIdentity, Task
 from dicomai.results import ResultOptions, build_failure_notice, build_results
 from dicomai.results.codes import (
     ICH,
@@ -58,7 +58,7 @@ from dicomai.results.display import (
 from dicomai.results.heatmap import DEFAULT_CUTOFF, activation_on_grid, body_mask
 from dicomai.results.regions import analysed_frame, locate
 from dicomai.results.sc import caption_lines
-from dicomai.synthetic import make_xray, recompress
+from dicomai_tools.synthetic import make_xray, recompress
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "real"
 STARTED = datetime(2025, 3, 4, 5, 6, 7, tzinfo=UTC)

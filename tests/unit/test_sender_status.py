@@ -8,13 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from dicomai import store
+from dicomai.ingest import spool as store
 from dicomai.config import Settings, load_settings
 from dicomai.db import create_all, make_engine, make_session_factory
-from dicomai.queue import InstanceRecord, JobState, Queue
-from dicomai.sender import Outcome, classify_status
-from dicomai.status import collect, render_text
-from dicomai.store import Spool, safe_uid
+from dicomai.jobs.queue import InstanceRecord, Queue
+from dicomai.jobs.states import JobState
+from dicomai.delivery.sender import Outcome, classify_status
+from dicomai.ops.status import collect, render_text
+from dicomai.ingest.spool import Spool, safe_uid
 
 NOW = datetime(2024, 5, 6, 7, 8, 9, tzinfo=UTC)
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from dicomai import slots
-from dicomai.slots import SLOT_MAX_AGE, SlotPool
-from dicomai.store import Spool
+from dicomai.ingest import slots
+from dicomai.ingest.slots import SLOT_MAX_AGE, SlotPool
+from dicomai.ingest.spool import Spool
 
 
 class Recorder:
@@ -180,10 +180,10 @@ def test_files_of_a_receiver_process_that_died_are_reaped_at_once(tmp_path: Path
     import subprocess
     import sys
 
-    from dicomai.slots import reap_dead_pools
+    from dicomai.ingest.slots import reap_dead_pools
 
     script = (
-        "import os, sys; from pathlib import Path; from dicomai.store import Spool\n"
+        "import os, sys; from pathlib import Path; from dicomai.ingest.spool import Spool\n"
         "s = Spool(Path(sys.argv[1])); s.start(); s.prepare()\n"
         "print(s.write_instance([b'indexed'])[0]); print(s.write_instance([b'in flight'])[0])\n"
         "sys.stdout.flush(); os._exit(0)\n")

@@ -11,7 +11,7 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
-from dicomai.findings import Task
+from dicomai.inference.findings import Task
 from dicomai.results import ResultOptions, build_results, table_for
 from tests.unit.test_results import LABELS, _ct_series, _findings, _read
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from dicomai import synthetic
+from dicomai_tools import synthetic
 from dicomai.ingest.part10 import Incomplete, NotPart10, read_file_meta
 from dicomai.ingest.stow_parts import (
     BadRequest,

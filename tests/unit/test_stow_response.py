@@ -1,4 +1,4 @@
-"""dicomai.dicomweb.stow_client.read_store_response: PS3.18 Store Instances Responses, built
+"""dicomai.delivery.stow_client.read_store_response: PS3.18 Store Instances Responses, built
 with pydicom and sent through DICOM JSON as an archive would, read per instance."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from dicomai.dicomweb.stow_client import Verdict, read_store_response
+from dicomai.delivery.stow_client import Verdict, read_store_response
 
 SR = "1.2.840.10008.5.1.4.1.1.88.34"
 SC = "1.2.840.10008.5.1.4.1.1.7"

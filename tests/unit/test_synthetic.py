@@ -35,8 +35,10 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from dicomai import samples, synthetic
-from dicomai.synthetic import PatientInfo, make_head_ct, make_mr, make_xray
+from dicomai_tools import samples
+
+from dicomai_tools import synthetic
+from dicomai_tools.synthetic import PatientInfo, make_head_ct, make_mr, make_xray
 
 SENTINELS = ("PHI^SENTINEL", "PHI-SENTINEL-ID", "19010101", "PHISENTINELACC")
 

@@ -32,8 +32,8 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from dicomai import synthetic
-from dicomai.findings import Findings, ModelIdentity, Task
+from dicomai_tools import synthetic
+from dicomai.inference.findings import Findings, ModelIdentity, Task
 from dicomai.models.reference import REFERENCE_DESCRIPTION
 from dicomai.results import build_results, table_for
 from tests.conftest import free_port, running_daemon, wait_for

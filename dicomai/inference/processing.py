@@ -14,10 +14,10 @@ import torch.nn.functional as F
 from pydicom.dataset import Dataset
 
 from dicomai.config import ModelSettings, PreprocessingSettings
-from dicomai.decode import align, decode_reduced
 from dicomai.errors import Interrupted, UnsupportedInput
-from dicomai.findings import Findings, ModelIdentity, Task
-from dicomai.pixel_guard import check_frame
+from dicomai.inference.decode import align, decode_reduced
+from dicomai.inference.findings import Findings, ModelIdentity, Task
+from dicomai.ingest.pixel_guard import check_frame
 
 __all__ = [
     "Predictor",
@@ -79,7 +79,8 @@ def _first_frame(ds: Dataset) -> np.ndarray:
 def _frame_for_size(ds: Dataset, min_side: int) -> tuple[np.ndarray, float]:
     """The analysed frame's stored values, decoded at reduced resolution when the transfer
     syntax allows it (JPEG 2000, JPEG baseline) and both sides stay ≥ ``min_side``, else in
-    full; with the sampling phase that :func:`dicomai.decode.align` removes (0 in full)."""
+    full; with the sampling phase that :func:`dicomai.inference.decode.align` removes (0 in
+    full)."""
     frame = _check_greyscale(ds)
     reduced = decode_reduced(ds, min_side, frame=frame)
     if reduced is None:
@@ -193,7 +194,7 @@ def preprocess_xray(ds: Dataset, pre: PreprocessingSettings) -> np.ndarray:
 
     Applies the modality LUT, the first VOI LUT or window (else a 1-99 percentile window),
     inverts MONOCHROME1, scales to [0, 1], resizes and normalises. JPEG 2000 and JPEG baseline
-    images are decoded only at the resolution the input needs (:mod:`dicomai.decode`).
+    images are decoded only at the resolution the input needs (:mod:`dicomai.inference.decode`).
     """
     stored, phase = _frame_for_size(ds, _REDUCED_OVERSAMPLE * pre.input_size)
     arr = _modality(stored, ds)

@@ -4,8 +4,9 @@ intervals, per-subgroup figures, suggested thresholds and an HTML report with RO
 
 The studies are DICOM files under one directory (any layout; grouped by StudyInstanceUID).
 Each study goes through the same series selection (the model's route, see
-:mod:`dicomai.routing`), preprocessing and study-level aggregation (:func:`dicomai.inference.
-analyse`) as in production, with the model loaded by :class:`dicomai.worker.ModelPool`.
+:mod:`dicomai.routing`), preprocessing and study-level aggregation
+(:func:`dicomai.inference.processing.analyse`) as in production, with the model loaded by
+:class:`dicomai.inference.worker.ModelPool`.
 
 Labels come from a CSV file in one of two shapes:
 
@@ -269,9 +270,9 @@ def score_studies(
 
     from dicomai.db import utcnow
     from dicomai.errors import UnsupportedInput
-    from dicomai.findings import Task
-    from dicomai.inference import analyse
-    from dicomai.worker import ModelPool
+    from dicomai.inference.findings import Task
+    from dicomai.inference.processing import analyse
+    from dicomai.inference.worker import ModelPool
 
     spec = settings.models[model]
     backend = ModelPool(settings).get(model)
@@ -492,7 +493,7 @@ def evaluate(
         )
     cases = score_studies(settings, model, studies, labels, progress=progress)
     analysed = [c for c in cases if c.scores is not None]
-    from dicomai.findings import sha256_file
+    from dicomai.inference.findings import sha256_file
 
     boot = bootstrap_indices(len(analysed), resamples, seed)
     per_label: list[dict[str, Any]] = []

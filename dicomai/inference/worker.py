@@ -15,22 +15,23 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from dicomai import metrics
-from dicomai.batching import BatchingPredictor
 from dicomai.config import DestinationSettings, Settings
 from dicomai.db import ResultObject
 from dicomai.errors import DicomAIError, Interrupted, PermanentError, StateConflict
-from dicomai.findings import ModelIdentity, Task
-from dicomai.heap import HeapTrimmer
-from dicomai.inference import Predictor, analyse
+from dicomai.inference.batching import BatchingPredictor
+from dicomai.inference.findings import ModelIdentity, Task
+from dicomai.inference.prepare import DecodePool, PreparedInputs, renderer
+from dicomai.inference.processing import Predictor, analyse
+from dicomai.ingest.spool import Spool
+from dicomai.jobs.queue import Queue, RetryPolicy
+from dicomai.jobs.states import JobState, ResultState
 from dicomai.logs import log_fields, uid_ref
 from dicomai.models.backend import ModelBackend, TorchScriptBackend
 from dicomai.models.reference import ensure_model_file
 from dicomai.models.registry import ModelRegistry
-from dicomai.prepare import DecodePool, PreparedInputs, renderer
-from dicomai.queue import JobState, Queue, ResultState, RetryPolicy
 from dicomai.results import ResultOptions, build_failure_notice, build_results
-from dicomai.scheduler import claimer_name
-from dicomai.store import Spool
+from dicomai.runtime.heap import HeapTrimmer
+from dicomai.runtime.scheduler import claimer_name
 
 __all__ = ["ModelPool", "Worker", "options_for"]
 
@@ -234,9 +235,10 @@ class Worker:
     """Runs jobs: QUEUED → RUNNING → OUTBOX (or back to QUEUED / FAILED).
 
     With ``[worker] max_batch`` > 0, concurrent jobs of one model share model calls through a
-    :class:`~dicomai.batching.BatchingPredictor` per model; with ``decode_processes`` > 0 (the
+    :class:`~dicomai.inference.batching.BatchingPredictor` per model; with ``decode_processes``
+    > 0 (the
     default), a job's images are read, decoded and preprocessed in a
-    :class:`~dicomai.prepare.DecodePool`, within ``decode_memory_mb`` and
+    :class:`~dicomai.inference.prepare.DecodePool`, within ``decode_memory_mb`` and
     ``decode_timeout_seconds`` per image.
     """
 

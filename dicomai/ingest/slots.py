@@ -7,7 +7,7 @@ instance path: it creates a batch of empty files, fsyncs their directory once, a
 out one by one. Storing an instance is then: write the bytes into a free slot, ``fdatasync``
 (which makes the data and the new file size durable), commit the row that names the slot.
 
-Rules that keep this safe alongside :func:`dicomai.scheduler.sweep_orphans`:
+Rules that keep this safe alongside :func:`dicomai.runtime.scheduler.sweep_orphans`:
 
 * each pool writes only into a directory it created itself (a random name), so receiver
   processes and hosts sharing the spool never hand out the same slot;

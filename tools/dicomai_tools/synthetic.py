@@ -62,6 +62,8 @@ _LATERAL_VIEWS = frozenset({"LL", "RL", "LAT", "LATERAL"})
 _CT_BITS_STORED = 12
 _XR_BITS_STORED = 12
 _MANUFACTURER = "DICOMAI SYNTHETIC"
+# The generator's historical name (it lived in dicomai.synthetic): it seeds the UIDs and
+# pixels, so keeping it keeps every generated study identical to before the move.
 _SOFTWARE = "dicomai.synthetic 1"
 #: SNOMED CT codes of CID 4031 for AnatomicRegionSequence, keyed by BodyPartExamined.
 _ANATOMY_CODES: Final[dict[str, tuple[str, str]]] = {

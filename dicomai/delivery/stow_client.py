@@ -1,7 +1,7 @@
 """Results sent over STOW-RS (PS3.18 10.5): one request per job and destination.
 
 The request is built and sent by ``dicomweb-client`` (``DICOMwebClient.store_instances``) over
-a ``requests`` session this module configures: credentials from :mod:`dicomai.dicomweb.auth`
+a ``requests`` session this module configures: credentials from :mod:`dicomai.http_auth`
 (read for every request, so a rotated file counts at once), TLS verification, timeouts, and no
 retries of the library's own, since the sender's queue retries with its backoff.
 
@@ -38,7 +38,7 @@ import pydicom
 import requests
 from dicomweb_client import DICOMwebClient
 
-from dicomai.dicomweb.auth import HttpCredentials, SecretUnavailable
+from dicomai.http_auth import HttpCredentials, SecretUnavailable
 from dicomai.logs import log_fields
 
 __all__ = [

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from dicomai.errors import Interrupted
-from dicomai.findings import ModelIdentity
+from dicomai.inference.findings import ModelIdentity
 from dicomai.logs import log_fields
 
 __all__ = ["BatchingPredictor", "BoundPredictor"]
@@ -60,7 +60,8 @@ class BatchingPredictor:
     """Merges concurrent ``predict`` calls on one model into larger batches.
 
     It has the same ``identity``, ``labels``, ``device`` and ``predict`` as the backend it
-    wraps, so :func:`dicomai.inference.analyse` takes it (or a :meth:`bind` view) unchanged.
+    wraps, so :func:`dicomai.inference.processing.analyse` takes it (or a :meth:`bind` view)
+    unchanged.
 
     Parameters
     ----------

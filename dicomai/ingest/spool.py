@@ -1,4 +1,4 @@
-"""Spool: durable files for received instances (see :mod:`dicomai.slots`) and atomic files
+"""Spool: durable files for received instances (see :mod:`dicomai.ingest.slots`) and atomic files
 for built results and quarantined objects. No database."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from dicomai.slots import EMPTY_SLOT_SWEEP_AGE, SlotPool, reap_dead_pools
+from dicomai.ingest.slots import EMPTY_SLOT_SWEEP_AGE, SlotPool, reap_dead_pools
 
 __all__ = ["Spool", "safe_uid"]
 
@@ -159,14 +159,15 @@ class Spool:
 
     def reap_dead_writers(self, indexed: Callable[[list[str]], set[str]]) -> int:
         """Remove unindexed received files of writers (receiver processes) that are gone;
-        see :func:`dicomai.slots.reap_dead_pools`."""
+        see :func:`dicomai.ingest.slots.reap_dead_pools`."""
         return reap_dead_pools(self.root / "incoming", indexed)
 
     def incoming_files(
         self, older_than_seconds: float, empty_older_than_seconds: float = EMPTY_SLOT_SWEEP_AGE
     ) -> list[Path]:
         """Received files last modified more than ``older_than_seconds`` ago; empty ones
-        (pre-created slots, see :mod:`dicomai.slots`) only after ``empty_older_than_seconds``.
+        (pre-created slots, see :mod:`dicomai.ingest.slots`) only after
+        ``empty_older_than_seconds``.
         """
         now = time.time()
         cutoff, empty_cutoff = now - older_than_seconds, now - empty_older_than_seconds

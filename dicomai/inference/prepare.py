@@ -2,7 +2,7 @@
 
 The worker thread hands the file paths of a job to :class:`DecodePool`; a decode process
 reads a file with pydicom and calls the same preprocessing function the worker thread would
-(:func:`dicomai.inference.preprocessor_for`), so the model input is identical. The worker
+(:func:`dicomai.inference.processing.preprocessor_for`), so the model input is identical. The worker
 thread meanwhile reads the headers it needs for routing the results, and the model (on the
 GPU) is not left waiting for one thread's decoding. The pictures of the key images for the
 Secondary Captures are drawn there too (:func:`renderer`), so that the worker's process
@@ -47,7 +47,7 @@ from pydicom.dataset import Dataset
 
 from dicomai.config import PreprocessingSettings
 from dicomai.errors import DecodeFailed, DecodeOverBudget, Interrupted, UnsupportedInput
-from dicomai.findings import Task
+from dicomai.inference.findings import Task
 from dicomai.logs import log_fields
 
 __all__ = ["DecodePool", "PreparedInputs", "prepare_file", "renderer"]
@@ -72,7 +72,7 @@ def _init_process() -> None:
 
     # Imported now, not on the first image: preprocessing (torch, pydicom's decoders) and
     # the key images' pictures (highdicom, Pillow).
-    import dicomai.inference
+    import dicomai.inference.processing
     import dicomai.results.sc  # noqa: F401
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops the pool
@@ -122,7 +122,7 @@ def prepare_file(path: str, task: str, pre: PreprocessingSettings) -> Prepared:
 
 
 def _prepare(path: str, task: str, pre: PreprocessingSettings) -> np.ndarray:
-    from dicomai.inference import preprocessor_for
+    from dicomai.inference.processing import preprocessor_for
 
     return preprocessor_for(Task(task))(pydicom.dcmread(path), pre)
 

@@ -22,12 +22,12 @@ from dicomai.config import (
     SchedulerSettings,
     Settings,
 )
-from dicomai.daemon import Daemon
-from dicomai.local_pacs import LocalPacs
-from dicomai.queue import TERMINAL_STATES, JobState
-from dicomai.samples import demo_studies
-from dicomai.scu import send_files
-from dicomai.status import collect
+from dicomai.jobs.states import TERMINAL_STATES, JobState
+from dicomai.ops.scu import send_files
+from dicomai.ops.status import collect
+from dicomai.runtime.daemon import Daemon
+from dicomai_tools.local_pacs import LocalPacs
+from dicomai_tools.samples import demo_studies
 
 __all__ = ["demo_settings", "run_demo"]
 

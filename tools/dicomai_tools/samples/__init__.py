@@ -11,7 +11,7 @@ from typing import Final, Literal
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
-from dicomai import synthetic
+from dicomai_tools import synthetic
 
 __all__ = [
     "REAL_SAMPLES",

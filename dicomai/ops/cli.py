@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import re
 import sys
@@ -12,9 +13,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dicomai import __version__, heap
+from dicomai import __version__
 from dicomai.config import Settings, default_config_path, load_settings
 from dicomai.errors import ConfigError, DicomAIError
+from dicomai.runtime import heap
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
@@ -22,7 +24,7 @@ if TYPE_CHECKING:
 __all__ = ["main"]
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, EXIT_STARTUP = 0, 1, 2, 3
-#: dicomai.queue.JobState values (not imported: keeps `dicomai --help` light).
+#: dicomai.jobs.queue.JobState values (not imported: keeps `dicomai --help` light).
 JOB_STATES = (
     "receiving",
     "queued",
@@ -52,7 +54,7 @@ def _configure_logs(settings: Settings, fmt: str | None = None) -> None:
 # -- serve -------------------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the daemon until SIGTERM/SIGINT."""
-    from dicomai.daemon import ROLES, Daemon
+    from dicomai.runtime.daemon import ROLES, Daemon
 
     settings = _settings(args)
     _configure_logs(settings)
@@ -63,7 +65,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if unknown:
             print(f"dicomai serve: unknown role(s): {', '.join(sorted(unknown))}", file=sys.stderr)
             return EXIT_USAGE
-    heap.limit_arenas()  # before the daemon's threads start: see dicomai.heap
+    heap.limit_arenas()  # before the daemon's threads start: see dicomai.runtime.heap
     daemon = Daemon(settings, roles=roles)
     return daemon.run(reload_settings=lambda: _settings(args))
 
@@ -81,7 +83,7 @@ def _console(stderr: bool = False) -> Any:
 def _status_frame(
     args: argparse.Namespace, settings: Settings, cache: dict[Any, Any] | None = None
 ) -> tuple[dict, dict]:
-    from dicomai.status import check_health, collect
+    from dicomai.ops.status import check_health, collect
 
     data = collect(settings, limit=args.limit)
     health = check_health(
@@ -97,7 +99,7 @@ def _status_frame(
 
 def cmd_status(args: argparse.Namespace) -> int:
     """Show daemon health, queue, throughput and recent studies (works without the daemon)."""
-    from dicomai.status import render_rich, render_text
+    from dicomai.ops.status import render_rich, render_text
 
     settings = _settings(args)
     if args.watch is not None:
@@ -128,7 +130,7 @@ def _status_watch(args: argparse.Namespace, settings: Settings) -> int:
     from rich.console import Group
     from rich.text import Text
 
-    from dicomai.status import render_rich, render_text
+    from dicomai.ops.status import render_rich, render_text
 
     console = _console()
     frames = 0
@@ -207,7 +209,7 @@ def cmd_db(args: argparse.Namespace) -> int:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     """Validate the configuration and the model files it names."""
-    from dicomai.findings import sha256_file
+    from dicomai.inference.findings import sha256_file
 
     settings = _settings(args)
     problems = []
@@ -254,7 +256,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def _destination_lines(settings: Settings, d: Any) -> list[str]:
     """Print a destination (never a secret); return the problems of the files it names."""
-    from dicomai.dicomweb.auth import file_problem, secret_file_problem
+    from dicomai.http_auth import file_problem, secret_file_problem
 
     if d.kind == "dicomweb":
         tls = (
@@ -281,7 +283,7 @@ def _destination_lines(settings: Settings, d: Any) -> list[str]:
 def _dicomweb_lines(settings: Settings) -> list[str]:
     """Print the STOW-RS receiver ([dicomweb]; never a secret); when it is enabled, return the
     problems of the files it names (password or token file, TLS certificate and key)."""
-    from dicomai.dicomweb.auth import secret_file_problem
+    from dicomai.http_auth import secret_file_problem
 
     w = settings.dicomweb
     if not w.enabled:
@@ -353,7 +355,7 @@ def _mask(url: str) -> str:
 # -- models ------------------------------------------------------------------------------
 def cmd_models(args: argparse.Namespace) -> int:
     """List, verify, build or export models."""
-    from dicomai.findings import sha256_file
+    from dicomai.inference.findings import sha256_file
     from dicomai.models.reference import (
         REFERENCE_MODELS,
         build_reference,
@@ -458,7 +460,9 @@ def _models_evaluate(args: argparse.Namespace) -> int:
     """`dicomai models evaluate`: metrics of a configured model on a labelled set."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    from dicomai.evaluate import (
+    if not _tools_installed("models evaluate"):
+        return EXIT_USAGE
+    from dicomai_tools.evaluate import (
         EvaluationError,
         evaluate,
         render_table,
@@ -527,8 +531,9 @@ def _on_jobs(args: argparse.Namespace, action: Callable[..., str]) -> int:
     --all-failed; a StateConflict is reported and makes the exit code 1."""
     from dicomai.db import make_engine, make_session_factory, utcnow
     from dicomai.errors import StateConflict
+    from dicomai.jobs.queue import Queue
+    from dicomai.jobs.states import JobState
     from dicomai.migrations import upgrade
-    from dicomai.queue import JobState, Queue
 
     engine = make_engine(_settings(args).database_url)
     problems = 0
@@ -975,7 +980,7 @@ def _print_study(data: dict[str, Any], events: Sequence[Any]) -> None:
 # -- echo / send -------------------------------------------------------------------------
 def cmd_echo(args: argparse.Namespace) -> int:
     """C-ECHO a configured destination by name."""
-    from dicomai.scu import echo
+    from dicomai.ops.scu import echo
 
     settings = _settings(args)
     try:
@@ -1025,8 +1030,8 @@ def _echo_dicomweb(settings: Settings, dest: Any, timeout: float) -> int:
     destination's credentials and TLS settings."""
     import dataclasses
 
-    from dicomai.dicomweb.stow_client import probe
-    from dicomai.sender import stow_target
+    from dicomai.delivery.sender import stow_target
+    from dicomai.delivery.stow_client import probe
 
     target = dataclasses.replace(stow_target(dest, settings), timeout=timeout)
     where = f"{dest.name} (DICOMweb {dest.url}, auth {dest.auth})"
@@ -1201,9 +1206,9 @@ def cmd_send(args: argparse.Namespace) -> int:
 def cmd_purge(args: argparse.Namespace) -> int:
     """Delete spool files of studies finished more than N days ago (history rows are kept)."""
     from dicomai.db import make_session_factory, utcnow
-    from dicomai.queue import Queue
-    from dicomai.scheduler import purge_finished
-    from dicomai.store import Spool
+    from dicomai.ingest.spool import Spool
+    from dicomai.jobs.queue import Queue
+    from dicomai.runtime.scheduler import purge_finished
 
     settings = _settings(args)
     days = settings.spool.retention_days if args.older_than_days is None else args.older_than_days
@@ -1243,9 +1248,23 @@ def cmd_purge(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _tools_installed(command: str) -> bool:
+    """Whether dicomai-tools (evaluation, demo; not part of the daemon) is importable."""
+    if importlib.util.find_spec("dicomai_tools") is not None:
+        return True
+    print(
+        f"dicomai {command}: needs dicomai-tools, which a daemon install leaves out; install it "
+        "with `pip install ./tools` from the dicomai source tree (scripts/setup.sh does)",
+        file=sys.stderr,
+    )
+    return False
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Run the whole loop on local sample studies and print the results."""
-    from dicomai.demo import run_demo
+    if not _tools_installed("demo"):
+        return EXIT_USAGE
+    from dicomai_tools.demo import run_demo
 
     settings = _settings(args)
     return run_demo(settings, keep=args.keep, timeout=args.timeout, verbose=args.verbose)

@@ -27,12 +27,13 @@ from pynetdicom import AE, evt
 
 from dicomai import audit, metrics
 from dicomai.config import DestinationSettings, Settings
-from dicomai.dicomweb import stow_client
-from dicomai.dicomweb.auth import credentials, file_problem, secret_file_problem
+from dicomai.delivery import stow_client
 from dicomai.errors import StateConflict
+from dicomai.http_auth import credentials, file_problem, secret_file_problem
+from dicomai.jobs.queue import Queue, RetryPolicy
+from dicomai.jobs.states import JobState, ResultState
 from dicomai.logs import log_fields
-from dicomai.queue import JobState, Queue, ResultState, RetryPolicy
-from dicomai.scheduler import claimer_name
+from dicomai.runtime.scheduler import claimer_name
 
 __all__ = [
     "Outcome",
@@ -247,7 +248,7 @@ def stow_target(dest: DestinationSettings, settings: Settings) -> stow_client.St
         import urllib3
 
         # The operator turned verification off for this destination; said once at start
-        # (dicomai.daemon), not on every request.
+        # (dicomai.runtime.daemon), not on every request.
         urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
     creds = credentials(
         dest.auth,

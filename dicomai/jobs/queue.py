@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import enum
 import fcntl
 import functools
 import logging
@@ -36,57 +35,18 @@ from dicomai.db import (
     utcnow,
 )
 from dicomai.errors import StateConflict
+from dicomai.jobs.states import ALLOWED_TRANSITIONS, TERMINAL_STATES, JobState, ResultState
 from dicomai.logs import log_fields
 
 __all__ = [
-    "ALLOWED_TRANSITIONS",
-    "TERMINAL_STATES",
     "InstanceRecord",
-    "JobState",
     "OwnResultObject",
     "Queue",
     "RetryPolicy",
 ]
 
 logger = logging.getLogger(__name__)
-
-
-class JobState(enum.StrEnum):
-    """Where a study generation is in the pipeline."""
-
-    RECEIVING = "receiving"  # instances still arriving
-    QUEUED = "queued"  # quiet period over, route and series chosen; waiting for a worker
-    RUNNING = "running"  # claimed by a worker (claimed_by, heartbeat_at set)
-    OUTBOX = "outbox"  # result files written; waiting for the sender
-    SENDING = "sending"  # claimed by a sender
-    DONE = "done"  # terminal: every result object accepted
-    SKIPPED = "skipped"  # terminal: no route matched (not an error)
-    FAILED = "failed"  # terminal: permanent error, or attempts used up
-    CANCELLED = "cancelled"  # terminal: operator action
-
-
-class ResultState(enum.StrEnum):
-    """Where one result object is in its delivery to one destination."""
-
-    PENDING = "pending"  # waiting to be sent (again)
-    SENT = "sent"  # accepted by the destination
-    FAILED = "failed"  # refused for good, or its destination was removed
-    SKIPPED = "skipped"  # optional object (SEG) whose SOP class the destination does not accept
-
-
 S = JobState
-ALLOWED_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
-    S.RECEIVING: frozenset({S.QUEUED, S.SKIPPED}),
-    S.QUEUED: frozenset({S.RUNNING, S.CANCELLED}),
-    S.RUNNING: frozenset({S.OUTBOX, S.QUEUED, S.FAILED}),
-    S.OUTBOX: frozenset({S.SENDING, S.CANCELLED}),
-    S.SENDING: frozenset({S.DONE, S.OUTBOX, S.FAILED}),
-    S.DONE: frozenset(),
-    S.SKIPPED: frozenset(),
-    S.FAILED: frozenset({S.QUEUED, S.OUTBOX, S.CANCELLED}),
-    S.CANCELLED: frozenset(),
-}
-TERMINAL_STATES = frozenset({S.DONE, S.SKIPPED, S.FAILED, S.CANCELLED})
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,7 +32,7 @@ from dicomai.db import (
     make_engine,
     utcnow,
 )
-from dicomai.queue import JobState
+from dicomai.jobs.states import JobState
 
 __all__ = [
     "ACTIVE_STATES",
@@ -50,7 +50,7 @@ __all__ = [
 HEARTBEAT_STALE_SECONDS = 30.0
 #: Throughput and latency are computed over jobs finished in this window.
 WINDOW_SECONDS = 3600
-#: The daemon's component roles (dicomai.daemon.ROLES; not imported: that pulls in torch).
+#: The daemon's component roles (dicomai.runtime.daemon.ROLES; not imported: that pulls in torch).
 ROLES = ("receiver", "worker", "sender", "scheduler")
 #: States in which a job is still travelling through the pipeline (the queue).
 ACTIVE_STATES = ("receiving", "queued", "running", "outbox", "sending")

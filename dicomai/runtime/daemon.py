@@ -16,22 +16,22 @@ from typing import TYPE_CHECKING, Any
 from dicomai import audit
 from dicomai.config import Settings
 from dicomai.db import make_engine, make_session_factory, utcnow
+from dicomai.delivery.sender import Sender
 from dicomai.ingest.copies import restore_copies
 from dicomai.ingest.file_limits import FileLimits
 from dicomai.ingest.file_limits import configure as configure_file_limits
 from dicomai.ingest.scp import Receiver
-from dicomai.leadership import leadership_for
+from dicomai.ingest.spool import Spool
+from dicomai.jobs.queue import Queue
 from dicomai.logs import log_fields
 from dicomai.metrics import MetricsServer, start_metrics_server
 from dicomai.migrations import upgrade
-from dicomai.queue import Queue
-from dicomai.scheduler import PROCESS_TOKEN, Scheduler, reclaim_dead_local, sweep_orphans
-from dicomai.sender import Sender
-from dicomai.store import Spool
+from dicomai.runtime.leadership import leadership_for
+from dicomai.runtime.scheduler import PROCESS_TOKEN, Scheduler, reclaim_dead_local, sweep_orphans
 
 if TYPE_CHECKING:  # imported in start(), after the receiver listens: it brings in torch
+    from dicomai.inference.worker import ModelPool, Worker
     from dicomai.ingest.stow_server import DicomWebReceiver
-    from dicomai.worker import ModelPool, Worker
 
 __all__ = ["ROLES", "Daemon"]
 
@@ -102,7 +102,7 @@ class Daemon:
 
                 self.dicomweb = DicomWebReceiver(self.settings, self.receiver, self.clock)
                 self.dicomweb.start()
-        from dicomai.worker import ModelPool, Worker  # torch: seconds to import
+        from dicomai.inference.worker import ModelPool, Worker  # torch: seconds to import
 
         self.models = ModelPool(self.settings)
         if "worker" in self.roles:

@@ -19,11 +19,12 @@ from dicomai.config import RouteSettings, SchedulerSettings, Settings
 from dicomai.db import Instance, Job
 from dicomai.errors import StateConflict
 from dicomai.ingest.copies import restore_copies
-from dicomai.leadership import Leadership
+from dicomai.ingest.spool import Spool
+from dicomai.jobs.queue import Queue
+from dicomai.jobs.states import TERMINAL_STATES, JobState
 from dicomai.logs import log_fields
-from dicomai.queue import TERMINAL_STATES, JobState, Queue
 from dicomai.routing import RouteDecision, StudyInfo, select_route, summarise_series
-from dicomai.store import Spool
+from dicomai.runtime.leadership import Leadership
 
 __all__ = [
     "PurgeItem",
@@ -309,7 +310,8 @@ def sweep_orphans(queue: Queue, spool: Spool, older_than_seconds: float = 3600.0
 
     Such a file was never acknowledged, so the sender will send it again. Files of receiver
     processes that are gone go at once (their ownership lock is free, see
-    :mod:`dicomai.slots`); any other file only when older than an hour, since another receiver
+    :mod:`dicomai.ingest.slots`); any other file only when older than an hour, since another
+    receiver
     sharing the spool may be about to commit it.
     """
     removed = spool.reap_dead_writers(queue.indexed_paths)

@@ -1,0 +1,1 @@
+"""Jobs: a study generation's states, the policy that moves it between them, and its rows."""

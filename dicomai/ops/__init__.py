@@ -1,0 +1,1 @@
+"""Operations: the command line, `dicomai status`, and the storage SCU behind `dicomai send`."""
