@@ -39,7 +39,8 @@ import torch  # noqa: E402
 from pydicom.dataset import Dataset  # noqa: E402
 from pydicom.uid import JPEG2000Lossless  # noqa: E402
 
-from dicomai import inference, synthetic  # noqa: E402
+from dicomai.inference import processing as inference  # noqa: E402
+from dicomai_tools import synthetic  # noqa: E402
 from dicomai.config import load_settings  # noqa: E402
 from dicomai.inference.decode import decode_reduced  # noqa: E402
 from dicomai.inference.findings import Task  # noqa: E402

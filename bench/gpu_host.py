@@ -43,7 +43,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dicomai import synthetic  # noqa: E402
+from dicomai_tools import synthetic  # noqa: E402
 from dicomai.inference.batching import BatchingPredictor  # noqa: E402
 from dicomai.config import load_settings  # noqa: E402
 from dicomai.inference.findings import Task  # noqa: E402

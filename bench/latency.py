@@ -28,7 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "bench")]
 
-from dicomai import synthetic  # noqa: E402
+from dicomai_tools import synthetic  # noqa: E402
 from dicomai.runtime.daemon import Daemon  # noqa: E402
 from dicomai_tools.local_pacs import LocalPacs  # noqa: E402
 from dicomai.ops.scu import send_files  # noqa: E402

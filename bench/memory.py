@@ -31,7 +31,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dicomai import synthetic  # noqa: E402
+from dicomai_tools import synthetic  # noqa: E402
 from dicomai.config import load_settings  # noqa: E402
 from dicomai_tools.local_pacs import LocalPacs  # noqa: E402
 from dicomai.ops.scu import echo, send_files  # noqa: E402

@@ -30,7 +30,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "bench")]
 
-from dicomai import synthetic  # noqa: E402
+from dicomai_tools import synthetic  # noqa: E402
 from dicomai.config import Settings  # noqa: E402
 from dicomai.runtime.daemon import Daemon  # noqa: E402
 from dicomai_tools.local_pacs import LocalPacs  # noqa: E402
