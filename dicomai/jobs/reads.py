@@ -9,6 +9,250 @@ instance index) live beside the state they change, in :mod:`dicomai.jobs.queue` 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Row, Select, Subquery, func, inspect, or_, select
+from sqlalchemy.engine import Connection
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicomai.db import (
+    ComponentHeartbeat,
+    Instance,
+    Job,
+    JobEvent,
+    QuarantineEntry,
+    ResultObject,
+    Study,
+)
+from dicomai.jobs.states import JobState
+
+
+def latest_generation_subquery() -> Subquery:
+    """``(study_id, gen)``: each study's latest (highest) generation; join it to ``Job`` on
+    both columns to keep only the latest job of each study."""
+    return (
+        select(Job.study_id, func.max(Job.generation).label("gen"))
+        .group_by(Job.study_id)
+        .subquery()
+    )
+
+
 # -- pipeline reads (worker, sender, scheduler) -----------------------------------------------
 
 # -- operator reads (status, CLI, metrics) ----------------------------------------------------
+
+# Operator reads run on an open Connection (the read-only tools use a plain engine) or Session.
+Reader = Connection | Session
+#: A result row of any shape (on a Connection, ORM entities come back as their columns).
+AnyRow = Row[*tuple[Any, ...]]
+
+#: Job-event reasons that record a failed attempt put back for a retry (worker, sender).
+RETRY_REASONS = ("retry.error", "retry.send")
+
+
+def _jobs_with_uid(latest_only: bool) -> Select[Job, str]:
+    """Jobs with their study's UID; only each study's latest generation when ``latest_only``."""
+    q = select(Job, Study.study_instance_uid).join(Study, Study.id == Job.study_id)
+    if latest_only:
+        latest = latest_generation_subquery()
+        q = q.join(latest, (latest.c.study_id == Job.study_id) & (latest.c.gen == Job.generation))
+    return q
+
+
+def state_counts(conn: Reader) -> dict[str, int]:
+    """Studies per state, by each study's latest generation (states without one left out)."""
+    lj = _jobs_with_uid(latest_only=True).subquery()
+    return {
+        state: n for state, n in conn.execute(select(lj.c.state, func.count()).group_by(lj.c.state))
+    }
+
+
+def job_list(
+    conn: Reader,
+    *,
+    limit: int,
+    latest_only: bool = True,
+    states: Sequence[str] = (),
+    routes: Sequence[str] = (),
+    since: datetime | None = None,
+) -> Sequence[AnyRow]:
+    """Jobs (job columns and ``study_instance_uid``), newest first: `dicomai status`'s recent
+    studies and `dicomai studies`' list, filtered by state, route and received-since."""
+    q = _jobs_with_uid(latest_only)
+    if states:
+        q = q.where(Job.state.in_(states))
+    if routes:
+        q = q.where(Job.route.in_(routes))
+    if since is not None:
+        q = q.where(Job.created_at >= since)
+    return conn.execute(q.order_by(Job.id.desc()).limit(limit)).all()
+
+
+def result_counts(conn: Reader) -> Sequence[AnyRow]:
+    """``(destination, state, count, last sent_at)`` of the result objects."""
+    return conn.execute(
+        select(
+            ResultObject.destination,
+            ResultObject.state,
+            func.count(),
+            func.max(ResultObject.sent_at),
+        ).group_by(ResultObject.destination, ResultObject.state)
+    ).all()
+
+
+def result_errors(conn: Reader) -> Sequence[AnyRow]:
+    """``(destination, last_error)`` of every result object with an error, newest first."""
+    return conn.execute(
+        select(ResultObject.destination, ResultObject.last_error)
+        .where(ResultObject.last_error.is_not(None))
+        .order_by(ResultObject.id.desc())
+    ).all()
+
+
+def finished_since(conn: Reader, since: datetime) -> Sequence[AnyRow]:
+    """State, finish and last-instance times, inference time and size of the jobs finished
+    since ``since`` (throughput and latency)."""
+    return conn.execute(
+        select(
+            Job.state,
+            Job.finished_at,
+            Job.last_instance_at,
+            Job.inference_seconds,
+            Job.instance_count,
+        ).where(Job.finished_at >= since)
+    ).all()
+
+
+def recent_failures(conn: Reader, limit: int = 10) -> Sequence[AnyRow]:
+    """The latest job events that moved a job to FAILED or put it back for a retry, with the
+    job's generation, state, last error and study UID; newest first."""
+    return conn.execute(
+        select(
+            JobEvent.at,
+            JobEvent.reason,
+            JobEvent.dst,
+            JobEvent.job_id,
+            Job.generation,
+            Job.state,
+            Job.last_error,
+            Study.study_instance_uid,
+        )
+        .join(Job, Job.id == JobEvent.job_id)
+        .join(Study, Study.id == Job.study_id)
+        .where(or_(JobEvent.dst == JobState.FAILED.value, JobEvent.reason.in_(RETRY_REASONS)))
+        .order_by(JobEvent.id.desc())
+        .limit(limit)
+    ).all()
+
+
+def heartbeats(conn: Reader) -> list[ComponentHeartbeat]:
+    """Every component's heartbeat row (as transient objects, bound to no session)."""
+    return [
+        ComponentHeartbeat(**dict(r._mapping))
+        for r in conn.execute(select(*ComponentHeartbeat.__table__.columns))
+    ]
+
+
+def quarantine_recent(conn: Reader, limit: int = 10) -> tuple[int, Sequence[AnyRow]]:
+    """How many objects the receiver refused, and the latest ``limit`` of them; ``(0, [])``
+    on a database without the quarantine table."""
+    if not inspect(conn).has_table("quarantine"):
+        return 0, []
+    count = conn.scalar(select(func.count()).select_from(QuarantineEntry)) or 0
+    recent = conn.execute(
+        select(
+            QuarantineEntry.reason,
+            QuarantineEntry.status_code,
+            QuarantineEntry.calling_ae_title,
+            QuarantineEntry.peer_address,
+            QuarantineEntry.received_at,
+            QuarantineEntry.path,
+        )
+        .order_by(QuarantineEntry.id.desc())
+        .limit(limit)
+    ).all()
+    return count, recent
+
+
+@dataclass(frozen=True)
+class StudyDetail:
+    """One study as `dicomai studies show` lists it: its series (grouped instances), every
+    generation's job, their result objects and their state changes in time order."""
+
+    study: AnyRow
+    series: Sequence[AnyRow]
+    jobs: Sequence[AnyRow]
+    results: Sequence[AnyRow]
+    events: Sequence[AnyRow]
+
+
+def study_detail(conn: Reader, study_instance_uid: str) -> StudyDetail | None:
+    """The study with this UID, or None when there is none."""
+    study = conn.execute(
+        select(Study).where(Study.study_instance_uid == study_instance_uid)
+    ).first()
+    if study is None:
+        return None
+    jobs = conn.execute(select(Job).where(Job.study_id == study.id).order_by(Job.generation)).all()
+    job_ids = [j.id for j in jobs]
+    series = conn.execute(
+        select(
+            Instance.series_instance_uid,
+            Instance.modality,
+            Instance.body_part,
+            Instance.series_description,
+            func.min(Instance.view_position),
+            func.count(),
+            func.min(Instance.series_number),
+        )
+        .where(Instance.study_id == study.id)
+        .group_by(
+            Instance.series_instance_uid,
+            Instance.modality,
+            Instance.body_part,
+            Instance.series_description,
+        )
+        .order_by(func.min(Instance.series_number))
+    ).all()
+    results = conn.execute(
+        select(ResultObject)
+        .where(ResultObject.job_id.in_(job_ids))
+        .order_by(ResultObject.job_id, ResultObject.id)
+    ).all()
+    events = conn.execute(
+        select(JobEvent).where(JobEvent.job_id.in_(job_ids)).order_by(JobEvent.at, JobEvent.id)
+    ).all()
+    return StudyDetail(study, series, jobs, results, events)
+
+
+def jobs_for(
+    sessions: sessionmaker[Session],
+    *,
+    job_ids: Sequence[int] = (),
+    study_uids: Sequence[str] = (),
+    states: Sequence[JobState] = (),
+) -> list[Job]:
+    """Jobs by id, by study (its latest generation) or by state, in id order: what
+    `dicomai retry` and `dicomai cancel` act on."""
+    with sessions() as s:
+        out: dict[int, Job] = {}
+        if job_ids:
+            for job in s.scalars(select(Job).where(Job.id.in_(list(job_ids)))):
+                out[job.id] = job
+        for uid in study_uids:
+            latest = s.scalar(
+                select(Job)
+                .join(Study, Study.id == Job.study_id)
+                .where(Study.study_instance_uid == uid)
+                .order_by(Job.generation.desc())
+                .limit(1)
+            )
+            if latest is not None:
+                out[latest.id] = latest
+        if states:
+            for job in s.scalars(select(Job).where(Job.state.in_([x.value for x in states]))):
+                out[job.id] = job
+        return [out[k] for k in sorted(out)]

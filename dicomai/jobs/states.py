@@ -8,7 +8,13 @@ from __future__ import annotations
 
 import enum
 
-__all__ = ["ALLOWED_TRANSITIONS", "TERMINAL_STATES", "JobState", "ResultState"]
+__all__ = [
+    "ACTIVE_STATES",
+    "ALLOWED_TRANSITIONS",
+    "TERMINAL_STATES",
+    "JobState",
+    "ResultState",
+]
 
 
 class JobState(enum.StrEnum):
@@ -47,3 +53,5 @@ ALLOWED_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     S.CANCELLED: frozenset(),
 }
 TERMINAL_STATES = frozenset({S.DONE, S.SKIPPED, S.FAILED, S.CANCELLED})
+#: States in which a job is still travelling through the pipeline (the queue), in pipeline order.
+ACTIVE_STATES = (S.RECEIVING, S.QUEUED, S.RUNNING, S.OUTBOX, S.SENDING)
