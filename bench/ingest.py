@@ -363,8 +363,12 @@ def dicomai_child() -> int:
     import sqlite3
 
     from dicomai.config import load_settings
-    from dicomai.runtime.daemon import Daemon
     from dicomai.logs import configure
+
+    try:
+        from dicomai.runtime.daemon import Daemon
+    except ImportError:  # a copy from before the stage packages (2026-12-03)
+        from dicomai.daemon import Daemon  # type: ignore[no-redef]  # older layout
 
     import dicomai
 
