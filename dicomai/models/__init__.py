@@ -12,7 +12,8 @@ from dicomai.models.architectures import (
     load_state_dict_compat,
     resnet18,
 )
-from dicomai.models.backend import ModelBackend, TorchScriptBackend, resolve_device
+from dicomai.models.backend import ModelBackend, TorchScriptBackend
+from dicomai.models.device import resolve_device
 from dicomai.models.reference import (
     REFERENCE_MODELS,
     ReferenceModel,

@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
-import io
-import json
 import logging
 import os
 import threading
 import time
-import zipfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -21,13 +17,13 @@ from torch import Tensor
 from dicomai.errors import InferenceError, ModelLoadError
 from dicomai.inference.findings import ModelIdentity, Task
 from dicomai.logs import log_fields
-from dicomai.models.reference import METADATA_FILE, MIN_INPUT_SIZE
+from dicomai.models.device import is_oom, resolve_device, supported_precision
+from dicomai.models.model_file import describe, file_metadata, load_module, read_model_file
+from dicomai.models.reference import MIN_INPUT_SIZE
 
-__all__ = ["PRECISIONS", "ModelBackend", "TorchScriptBackend", "resolve_device"]
+__all__ = ["PRECISIONS", "ModelBackend", "TorchScriptBackend"]
 
 logger = logging.getLogger(__name__)
-
-_cpu_fallback_logged = False
 
 #: Autocast precisions on CUDA (``"fp32"`` turns autocast off). CPU always runs float32.
 PRECISIONS: dict[str, torch.dtype | None] = {
@@ -35,7 +31,6 @@ PRECISIONS: dict[str, torch.dtype | None] = {
     "fp16": torch.float16,
     "bf16": torch.bfloat16,
 }
-_DEFAULT_DESCRIPTION = "TorchScript model without dicomai metadata."
 
 
 @runtime_checkable
@@ -62,72 +57,6 @@ class ModelBackend(Protocol):
         ...
 
 
-def resolve_device(device: str) -> torch.device:
-    """Turn a configured device into a torch device.
-
-    Parameters
-    ----------
-    device
-        ``"auto"`` (CUDA if available, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
-
-    Returns
-    -------
-    torch.device
-
-    Raises
-    ------
-    ValueError
-        If ``device`` is not one of these forms.
-    ModelLoadError
-        If CUDA is requested but not available, or ``N`` is not a visible device.
-    """
-    global _cpu_fallback_logged
-    if not isinstance(device, str):
-        raise TypeError('Argument "device" must be a string.')
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", torch.cuda.current_device())
-        if not _cpu_fallback_logged:
-            _cpu_fallback_logged = True
-            logger.info("no GPU available, running on CPU", extra=log_fields("model.cpu_only"))
-        return torch.device("cpu")
-    if device == "cpu":
-        return torch.device("cpu")
-    if device == "cuda" or device.startswith("cuda:"):
-        index_text = device[len("cuda:") :] if ":" in device else "0"
-        if not index_text.isdigit():
-            raise ValueError('Argument "device" must be auto, cpu, cuda or cuda:N.')
-        if not torch.cuda.is_available():
-            raise ModelLoadError(
-                f"device {device} requested but CUDA is not available "
-                f"(torch {torch.__version__}); use device auto or cpu"
-            )
-        index = int(index_text)
-        count = torch.cuda.device_count()
-        if index >= count:
-            raise ModelLoadError(f"device {device} requested but only {count} CUDA device(s)")
-        return torch.device("cuda", index)
-    raise ValueError('Argument "device" must be auto, cpu, cuda or cuda:N.')
-
-
-def _is_oom(exc: BaseException) -> bool:
-    # TorchScript re-raises CUDA OOM as a plain RuntimeError (torch.jit.Error) with the message.
-    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
-
-
-def _metadata_from_bytes(data: bytes) -> dict[str, Any]:
-    try:
-        with zipfile.ZipFile(io.BytesIO(data)) as archive:
-            suffix = f"/extra/{METADATA_FILE}"
-            member = next((n for n in archive.namelist() if n.endswith(suffix)), None)
-            if member is None:
-                return {}
-            meta = json.loads(archive.read(member).decode("utf-8"))
-    except (zipfile.BadZipFile, ValueError) as exc:
-        raise ValueError("unreadable model archive") from exc
-    return meta if isinstance(meta, dict) else {}
-
-
 def _normalise_cams(cams: Tensor) -> Tensor:
     """Scale each [h, w] map to [0, 1]; a constant map becomes zeros."""
     flat = cams.flatten(2)
@@ -135,6 +64,44 @@ def _normalise_cams(cams: Tensor) -> Tensor:
     span = flat.amax(dim=2, keepdim=True) - low
     scaled = torch.where(span > 1e-12, (flat - low) / span.clamp_min(1e-12), torch.zeros_like(flat))
     return scaled.view_as(cams)
+
+
+def _as_batch(batch: np.ndarray, input_channels: int | None) -> np.ndarray:
+    """``batch`` checked to be [B, C, H, W] (B >= 1, C as the model expects), as float32."""
+    if not isinstance(batch, np.ndarray):
+        raise TypeError('Argument "batch" must be a numpy array.')
+    if batch.ndim != 4 or batch.shape[0] < 1:
+        raise ValueError('Argument "batch" must have shape [B, C, H, W] with B >= 1.')
+    if input_channels is not None and batch.shape[1] != input_channels:
+        raise ValueError(f'Argument "batch" must have {input_channels} channels.')
+    return np.ascontiguousarray(batch, dtype=np.float32)
+
+
+def _outputs(
+    name: str, logits: Tensor, cams: Tensor | None, shape: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Probabilities and normalised CAMs as float32 arrays, once the logits are checked to be
+    ``shape`` ([B, L]) and finite and the CAMs [B, L, h, w].
+
+    Raises
+    ------
+    InferenceError
+        A shape does not match, or a logit is not finite.
+    """
+    n, n_labels = shape
+    if logits.shape != (n, n_labels):
+        raise InferenceError(
+            f"model {name}: output shape {tuple(logits.shape)}, expected ({n}, {n_labels})"
+        )
+    if cams is not None and (cams.dim() != 4 or cams.shape[:2] != (n, n_labels)):
+        raise InferenceError(f"model {name}: CAM shape {tuple(cams.shape)} does not match")
+    if not bool(torch.isfinite(logits).all()):
+        raise InferenceError(f"model {name}: non-finite output")
+    probs = torch.sigmoid(logits).cpu().numpy().astype(np.float32, copy=False)
+    cam_array = None
+    if cams is not None:
+        cam_array = _normalise_cams(cams).cpu().numpy().astype(np.float32, copy=False)
+    return probs, cam_array
 
 
 class TorchScriptBackend:
@@ -280,73 +247,18 @@ class TorchScriptBackend:
         if precision not in PRECISIONS:
             raise ValueError(f'Argument "precision" must be one of {sorted(PRECISIONS)}.')
         started = time.monotonic()
-        file_path = Path(path)
-        try:
-            data = file_path.read_bytes()
-        except FileNotFoundError as exc:
-            raise ModelLoadError(f"model {name}: file not found") from exc
-        except OSError as exc:
-            raise ModelLoadError(f"model {name}: file unreadable") from exc
-        sha256 = hashlib.sha256(data).hexdigest()
-        expected = (expected_sha256 or "").strip().lower()
-        if expected and expected != sha256:
-            raise ModelLoadError(
-                f"model {name}: checksum mismatch (expected {expected[:12]}, file {sha256[:12]})"
-            )
+        file = read_model_file(Path(path), name, expected_sha256)
         torch_device = resolve_device(device)
-        try:
-            meta = _metadata_from_bytes(data)
-        except ValueError as exc:
-            raise ModelLoadError(f"model {name}: not a TorchScript archive") from exc
-        try:
-            module = torch.jit.load(io.BytesIO(data), map_location=torch_device)
-        except Exception as exc:  # torch raises RuntimeError and others for bad archives
-            raise ModelLoadError(f"model {name}: not a loadable TorchScript model") from exc
-        module.eval()
-        if channels_last:
-            module = module.to(memory_format=torch.channels_last)
-        if (
-            precision == "bf16"
-            and torch_device.type == "cuda"
-            and not torch.cuda.is_bf16_supported()
-        ):
-            logger.warning(
-                "GPU has no bfloat16, using fp16",
-                extra=log_fields("model.precision_fallback", model=name, precision=precision),
-            )
-            precision = "fp16"
-
-        label_tuple = tuple(labels) if labels else tuple(meta.get("labels") or ())
-        if not label_tuple:
-            raise ModelLoadError(f"model {name}: no labels given and none in the file")
-        meta_task = meta.get("task")
-        try:
-            task_value = Task(task if task is not None else str(meta_task))
-        except ValueError as exc:
-            raise ModelLoadError(f"model {name}: unknown or missing task") from exc
-        if task is not None and meta_task is not None and Task(task) != meta_task:
-            raise ModelLoadError(
-                f"model {name}: configured task {Task(task)} but the file is for {meta_task}"
-            )
-        meta_version = meta.get("version")
-        if version is None:
-            if not meta_version:
-                raise ModelLoadError(f"model {name}: no version given and none in the file")
-            version = str(meta_version)
-        elif meta_version and meta_version != version:
-            logger.warning(
-                "configured model version differs from the file's",
-                extra=log_fields(
-                    "model.version_mismatch", model=name, version=version, file=meta_version
-                ),
-            )
-        identity = ModelIdentity(
+        meta = file_metadata(file, name)
+        module = load_module(file, name, torch_device, channels_last=channels_last)
+        precision = supported_precision(precision, torch_device, name)
+        identity, label_tuple = describe(
+            meta,
             name=name,
+            sha256=file.sha256,
             version=version,
-            sha256=sha256,
-            task=task_value,
-            architecture=str(meta.get("architecture", "unknown")),
-            description=str(meta.get("description", _DEFAULT_DESCRIPTION)),
+            labels=labels,
+            task=task,
             body_part=body_part,
         )
         channels = meta.get("input_channels")
@@ -361,20 +273,13 @@ class TorchScriptBackend:
             channels_last=channels_last,
         )
         size = warmup_size or int(meta.get("min_input_size", MIN_INPUT_SIZE))
-        warmup = np.zeros((1, int(channels) if channels else 3, size, size), dtype=np.float32)
-        try:
-            for _ in range(2 if backend._jit_optimize else 1):  # profiling run, optimising run
-                backend.predict(warmup)
-        except InferenceError as exc:  # our message: output shape or label count
-            raise ModelLoadError(f"warm-up failed: {exc}") from exc
-        except Exception as exc:  # whatever the model raises, the file is not usable
-            raise ModelLoadError(f"model {name}: warm-up inference failed") from exc
+        backend._warm_up(np.zeros((1, int(channels) if channels else 3, size, size), np.float32))
         logger.info(
             "model loaded",
             extra=log_fields(
                 "model.loaded",
                 model=name,
-                version=version,
+                version=identity.version,
                 sha256=identity.short_hash,
                 device=str(torch_device),
                 precision=backend.precision,
@@ -409,12 +314,12 @@ class TorchScriptBackend:
             If the model fails, returns the wrong shape or non-finite values, or runs out of
             memory twice.
         """
-        x = self._check_batch(batch)
+        x = _as_batch(batch, self._input_channels)
         with self._lock:
             try:
                 return self._run(x, len(x))
             except (RuntimeError, torch.jit.Error) as exc:
-                if not _is_oom(exc):
+                if not is_oom(exc):
                     raise InferenceError(f"model {self._identity.name}: inference failed") from exc
             logger.warning(
                 "out of memory, retrying with half the batch",
@@ -424,7 +329,7 @@ class TorchScriptBackend:
             try:
                 return self._run(x, max(1, (len(x) + 1) // 2))
             except (RuntimeError, torch.jit.Error) as exc:
-                if _is_oom(exc):
+                if is_oom(exc):
                     torch.cuda.empty_cache()
                     raise InferenceError(
                         f"model {self._identity.name}: out of memory at batch "
@@ -432,14 +337,16 @@ class TorchScriptBackend:
                     ) from exc
                 raise InferenceError(f"model {self._identity.name}: inference failed") from exc
 
-    def _check_batch(self, batch: np.ndarray) -> np.ndarray:
-        if not isinstance(batch, np.ndarray):
-            raise TypeError('Argument "batch" must be a numpy array.')
-        if batch.ndim != 4 or batch.shape[0] < 1:
-            raise ValueError('Argument "batch" must have shape [B, C, H, W] with B >= 1.')
-        if self._input_channels is not None and batch.shape[1] != self._input_channels:
-            raise ValueError(f'Argument "batch" must have {self._input_channels} channels.')
-        return np.ascontiguousarray(batch, dtype=np.float32)
+    def _warm_up(self, warmup: np.ndarray) -> None:
+        """Run ``warmup`` through the model (twice when the JIT optimises: a profiling run,
+        then an optimising run), so the first real batch does not pay for it."""
+        try:
+            for _ in range(2 if self._jit_optimize else 1):
+                self.predict(warmup)
+        except InferenceError as exc:  # our message: output shape or label count
+            raise ModelLoadError(f"warm-up failed: {exc}") from exc
+        except Exception as exc:  # whatever the model raises, the file is not usable
+            raise ModelLoadError(f"model {self._identity.name}: warm-up inference failed") from exc
 
     def _run(self, x: np.ndarray, chunk: int) -> tuple[np.ndarray, np.ndarray | None]:
         probs: list[np.ndarray] = []
@@ -464,23 +371,7 @@ class TorchScriptBackend:
         logits, cams = self._call(tensor, autocast=autocast)
         if autocast and not bool(torch.isfinite(logits).all()):
             logits, cams = self._call(tensor, autocast=False)  # overflow: redo in fp32
-        n, n_labels = len(x), len(self._labels)
-        if logits.shape != (n, n_labels):
-            raise InferenceError(
-                f"model {self._identity.name}: output shape {tuple(logits.shape)}, "
-                f"expected ({n}, {n_labels})"
-            )
-        if cams is not None and (cams.dim() != 4 or cams.shape[:2] != (n, n_labels)):
-            raise InferenceError(
-                f"model {self._identity.name}: CAM shape {tuple(cams.shape)} does not match"
-            )
-        if not bool(torch.isfinite(logits).all()):
-            raise InferenceError(f"model {self._identity.name}: non-finite output")
-        probs = torch.sigmoid(logits).cpu().numpy().astype(np.float32, copy=False)
-        cam_array = None
-        if cams is not None:
-            cam_array = _normalise_cams(cams).cpu().numpy().astype(np.float32, copy=False)
-        return probs, cam_array
+        return _outputs(self._identity.name, logits, cams, (len(x), len(self._labels)))
 
     def _call(self, tensor: Tensor, *, autocast: bool) -> tuple[Tensor, Tensor | None]:
         with (
