@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing
-import os
 import queue
 import threading
 import time
@@ -42,15 +41,15 @@ from multiprocessing.connection import Connection, wait
 from typing import Any
 
 import numpy as np
-import pydicom
 from pydicom.dataset import Dataset
 
 from dicomai.config import PreprocessingSettings
 from dicomai.errors import DecodeFailed, DecodeOverBudget, Interrupted, UnsupportedInput
+from dicomai.inference.decode_process import Prepared, serve
 from dicomai.inference.findings import Task
 from dicomai.logs import log_fields
 
-__all__ = ["DecodePool", "PreparedInputs", "prepare_file", "renderer"]
+__all__ = ["DecodePool", "PreparedInputs", "renderer"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,136 +58,11 @@ _STOP_POLL_SECONDS = 0.1
 #: How long a new decode process may take to import its libraries and say it is ready.
 _START_SECONDS = 300.0
 
-#: ``("ok", input)`` or ``("unsupported", message)``.
-Prepared = tuple[str, np.ndarray | str]
-
-
-def _init_process() -> None:
-    """Per process: one torch thread (the pool is the parallelism), no inherited signals,
-    the preprocessing imported now rather than on the first image."""
-    import signal
-
-    import torch
-
-    # Imported now, not on the first image: preprocessing (torch, pydicom's decoders) and
-    # the key images' pictures (highdicom, Pillow).
-    import dicomai.inference.processing
-    import dicomai.results.sc  # noqa: F401
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops the pool
-    torch.set_num_threads(1)
-
-
-def _data_segment_bytes() -> int | None:
-    """This process's data segment (``VmData``: heap and private writable mappings), or
-    None where ``/proc`` does not say."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("VmData:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        pass
-    return None
-
-
-def _limit_memory(memory_mb: int | None) -> None:
-    """Limit this process's data segment to its current size plus ``memory_mb``."""
-    if not memory_mb:
-        return
-    import resource
-
-    base = _data_segment_bytes()
-    if base is None:
-        return
-    limit = base + memory_mb * 1024 * 1024
-    resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
-
-
-def prepare_file(path: str, task: str, pre: PreprocessingSettings) -> Prepared:
-    """Read ``path`` and return its model input for ``task`` (run in a decode process).
-
-    Returns
-    -------
-    tuple
-        ``("ok", float32 array [C, S, S])``, or ``("unsupported", message)`` where the
-        in-thread preprocessing raises :class:`UnsupportedInput`. Other errors (a missing or
-        unreadable file) are raised.
-    """
-    try:
-        return "ok", _prepare(path, task, pre)
-    except UnsupportedInput as exc:
-        return "unsupported", str(exc)
-
-
-def _prepare(path: str, task: str, pre: PreprocessingSettings) -> np.ndarray:
-    from dicomai.inference.processing import preprocessor_for
-
-    return preprocessor_for(Task(task))(pydicom.dcmread(path), pre)
-
-
-def _out_of_memory(exc: BaseException) -> bool:
-    """Whether ``exc`` is, or was caused by, a failed allocation."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        if isinstance(current, MemoryError):
-            return True
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
-    return False
-
-
-def _render(path: str, frame: int) -> np.ndarray:
-    from dicomai.results.sc import render_key_image
-
-    return render_key_image(pydicom.dcmread(path), frame)
-
-
-#: What a decode process does, by request kind.
-_WORK: dict[str, Callable[..., np.ndarray]] = {"prepare": _prepare, "render": _render}
-
-
-def _serve(conn: Connection, memory_mb: int | None) -> None:
-    """A decode process: answer ``(kind, *arguments)`` requests (:data:`_WORK`: a model
-    input, a key image's picture) until ``None`` or EOF.
-
-    Answers are ``("ok", array)``, ``("unsupported", message)``, ``("memory", None)`` (an
-    allocation failed under the memory limit) or ``("error", type name)``.
-    """
-    _init_process()
-    _limit_memory(memory_mb)
-    conn.send(("ready", os.getpid()))
-    while True:
-        try:
-            request = conn.recv()
-        except (EOFError, OSError):
-            return
-        if request is None:
-            return
-        answer: tuple[str, Any]
-        try:
-            answer = ("ok", _WORK[request[0]](*request[1:]))
-        except Exception as exc:  # reported to the parent, which fails the image's job
-            # Preprocessing wraps decoder errors in UnsupportedInput: a failed allocation
-            # underneath is the memory limit, not the input.
-            if _out_of_memory(exc):
-                answer = ("memory", None)
-            elif isinstance(exc, UnsupportedInput):
-                answer = ("unsupported", str(exc))
-            else:
-                answer = ("error", type(exc).__name__)
-        try:
-            conn.send(answer)
-        except MemoryError:
-            conn.send(("memory", None))
-        del answer
-
 
 @dataclass
 class _Request:
     future: Future[Prepared]
-    #: ``(kind, *arguments)`` as :func:`_serve` takes it.
+    #: ``(kind, *arguments)`` as :func:`dicomai.inference.decode_process.serve` takes it.
     message: tuple[Any, ...]
 
 
@@ -207,7 +81,7 @@ class _Slot:
         ctx = multiprocessing.get_context("spawn")
         parent, child = ctx.Pipe()
         process = ctx.Process(
-            target=_serve,
+            target=serve,
             args=(child, self.pool.memory_mb),
             name=f"dicomai-decode-{self.index}",
             daemon=True,
