@@ -32,11 +32,10 @@ __all__ = [
 
 _CT_MAX_KEY_SLICES = 5
 #: Radiographs are decoded at reduced resolution down to this many times the model input on the
-#: short side. Measured on 2500x2000 synthetic chest images in JPEG 2000, model input against
-#: full decode + resize, mean (max) |difference| in grey levels of [0, 1]: 2x 0.06-0.11%
-#: (1-2%), 1x 0.4-0.5% (15%). Without a stored window the 1-99 percentile window comes from the
-#: less noisy reduced image: ≈ 1% contrast difference either way. 2x costs ≈ 40 ms of decoding
-#: instead of ≈ 10 ms (full: ≈ 700 ms).
+#: short side: most of a full decode's time is saved, and the model input stays close to a full
+#: decode's, where decoding right down to the input size would differ several times more (the
+#: figures are in the README, "Compute per study"). Without a stored window the 1-99
+#: percentile window comes from the less noisy reduced image.
 _REDUCED_OVERSAMPLE = 2
 
 
@@ -90,7 +89,7 @@ def _frame_for_size(ds: Dataset, min_side: int) -> tuple[np.ndarray, float]:
 
 def _halve(image: np.ndarray) -> np.ndarray:
     """Exactly what the antialiased bilinear resize does at a factor of 2 ([1, 3, 3, 1] / 8,
-    renormalised at the edges), in numpy: ≈ 20x faster than torch's general path."""
+    renormalised at the edges), in numpy: much cheaper than torch's general path."""
 
     def along_last(a: np.ndarray) -> np.ndarray:
         even, odd = a[..., 0::2], a[..., 1::2]
@@ -128,7 +127,7 @@ def _normalise(channels: np.ndarray, pre: PreprocessingSettings) -> np.ndarray:
 
 def _rescale_float32(arr: np.ndarray, ds: Dataset) -> np.ndarray | None:
     """A plain linear rescale of integer pixels, in float32 when that is exact enough and
-    cannot overflow (≈ 5x faster than float64 on a 2500x2000 radiograph); None otherwise."""
+    cannot overflow (cheaper than float64 on a large radiograph); None otherwise."""
     if arr.dtype.kind not in "ui" or "ModalityLUTSequence" in ds or arr.size == 0:
         return None
     slope, intercept = 1.0, 0.0

@@ -4,9 +4,9 @@ An A-ASSOCIATE-RQ from DCMTK's ``storescu`` proposes about 120 presentation cont
 three transfer syntaxes each. pynetdicom converts and validates every UID in it several
 times over (``set_uid``, its UI validator, ``PresentationContext.add_transfer_syntax``):
 about 1,750 pydicom ``UID`` constructions per association, each with a regular-expression
-check. Measured with ``storescu`` sending one small image per association: the
-A-ASSOCIATE-AC came about 10 ms after the request, against 1.4 ms from Orthanc, and most of
-those 10 ms were these conversions.
+check. They were most of the time between an A-ASSOCIATE-RQ and our A-ASSOCIATE-AC, which
+delays every association of a sender that opens one per study or per image (the measurements
+are in the README, "Performance").
 
 :func:`install` wraps those three functions so that a UID of the DICOM standard (root
 ``1.2.840.10008.``: a bounded set, whatever peers send) is converted and checked once per

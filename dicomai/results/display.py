@@ -64,8 +64,8 @@ def display_rgb(src: Dataset, *, frame: int = 0, max_side: int | None = None) ->
     max_side
         The image will be shown with its longest side at most this long: a greyscale JPEG 2000
         or JPEG baseline frame is then decoded at the smallest resolution level whose longest
-        side is still at least ``max_side`` (a 2500 x 2000 radiograph: 1250 x 1000, about 4 times
-        faster than a full decode).
+        side is still at least ``max_side`` (a 2500 x 2000 radiograph: 1250 x 1000, a fraction
+        of a full decode's time).
 
     Returns
     -------

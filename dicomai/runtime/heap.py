@@ -1,19 +1,17 @@
 """Give memory the process freed back to the operating system (glibc's ``malloc_trim``).
 
 Decoding images and running models allocate and free hundreds of MB per study from several
-threads. glibc keeps freed chunks in its arenas, and with many threads they fragment: measured
-with ``bench/memory.py`` (chest and hand X-rays, head CTs through ``dicomai serve``), the
-memory in use stayed flat (about 290 MB) while the free memory glibc held grew from 177 to
-209 MB over 150 studies, and with it the resident size. ``malloc_trim(0)`` returns the free
-pages of every arena (12 ms for 216 MB there). The worker calls :class:`HeapTrimmer` after its
-jobs, at most every :data:`MIN_INTERVAL` seconds, and once more when it goes idle.
+threads. glibc keeps freed chunks in its arenas, and with many threads they fragment: under
+``bench/memory.py`` the memory in use stays flat while the free memory glibc holds grows, and
+with it the resident size. ``malloc_trim(0)`` returns the free pages of every arena. The
+worker calls :class:`HeapTrimmer` after its jobs, at most every :data:`MIN_INTERVAL` seconds,
+and once more when it goes idle.
 
 Trimming returns whole free pages only; what is left is free chunks scattered among used ones
 in each thread's arena. ``dicomai serve`` therefore also limits glibc to :data:`ARENAS`
-arenas (:func:`limit_arenas`, unless ``MALLOC_ARENA_MAX`` is set): with it the resident size
-rose 0.5 MiB from 100 to 500 studies (30 MiB from 100 to 1,000 with trimming alone), the
-peak was 897 MiB instead of 991; the 500 studies took 228 s (216 s for the first 500 of the
-run without the limit, on a VM whose runs vary by 10%).
+arenas (:func:`limit_arenas`, unless ``MALLOC_ARENA_MAX`` is set), which keeps the resident
+size flat over long runs at a small cost in time. The measurements are in the README
+("Memory") and ``bench/results/memory-*.json``.
 
 Elsewhere than glibc (musl, macOS) this does nothing.
 """
