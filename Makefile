@@ -14,11 +14,13 @@ TEST_WORKERS ?= 2
 test: setup lint
 	.venv/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
-# Lint, format and type checks of the package: zero findings, or the test run stops here.
+# Lint, format and type checks of the daemon and dicomai-tools: zero findings, or the test run
+# stops here.
 lint: setup
-	.venv/bin/ruff check dicomai
-	.venv/bin/ruff format --check dicomai
+	.venv/bin/ruff check dicomai tools
+	.venv/bin/ruff format --check dicomai tools
 	.venv/bin/mypy dicomai
+	.venv/bin/mypy tools/dicomai_tools
 
 serve: setup
 	.venv/bin/dicomai serve
