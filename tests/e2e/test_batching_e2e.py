@@ -14,7 +14,8 @@ from dicomai.inference.processing import analyse
 from dicomai.models.backend import TorchScriptBackend
 from dicomai.ops.scu import send_files
 from dicomai.ops.status import collect
-from tests.conftest import running_daemon, wait_for
+from tests.conftest import running_daemon
+from tests.waiting import wait_until
 
 
 def _done(daemon, study_uids):
@@ -29,7 +30,7 @@ def _done(daemon, study_uids):
             return states
         return None
 
-    return wait_for(check, 90, what="both studies done")
+    return wait_until(check, timeout=90, what="both studies done")
 
 
 def test_two_studies_with_threads_batching_and_decode_processes(make_settings, local_pacs,

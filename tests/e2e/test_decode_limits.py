@@ -11,7 +11,8 @@ import numpy as np
 from dicomai_tools import synthetic
 from dicomai.ops.scu import send_files
 from dicomai.ops.status import collect
-from tests.conftest import running_daemon, wait_for
+from tests.conftest import running_daemon
+from tests.waiting import wait_until
 
 MIB = 1 << 20
 
@@ -45,7 +46,7 @@ def test_decode_over_its_memory_budget_fails_that_job_only(make_settings, local_
     with running_daemon(settings) as daemon:
         worker = daemon.worker
         assert worker is not None and worker.decode_pool is not None
-        wait_for(lambda: worker.decode_pool.pids(), 120, what="decode process started")
+        wait_until(lambda: worker.decode_pool.pids(), timeout=120, what="decode process started")
         (pid,) = worker.decode_pool.pids()
         assert send_files(synthetic.write_study([large], tmp_path / "large"), "127.0.0.1",
                           daemon.receiver.port, called_ae="DICOMAI").ok
@@ -57,7 +58,7 @@ def test_decode_over_its_memory_budget_fails_that_job_only(make_settings, local_
             s = _state(daemon, large.StudyInstanceUID)
             return s if s and s["state"] == "failed" else None
 
-        study = wait_for(failed, 120, what="the large study failed")
+        study = wait_until(failed, timeout=120, what="the large study failed")
         assert "decode_memory_mb" in study["last_error"]
         # The daemon (this process) read the file's headers only: decoding it here would take
         # several times its 72 MB of pixels.
@@ -74,7 +75,7 @@ def test_decode_over_its_memory_budget_fails_that_job_only(make_settings, local_
                 raise AssertionError(f"normal study failed: {s['last_error']}")
             return s if s and s["state"] == "done" else None
 
-        wait_for(done, 120, what="the normal study done")
+        wait_until(done, timeout=120, what="the normal study done")
         assert worker.decode_pool.pids() == [pid] and worker.decode_pool.restarts == 0
     assert len(local_pacs.objects(normal.StudyInstanceUID)) == 2  # SR + SC
     assert local_pacs.objects(large.StudyInstanceUID) == []

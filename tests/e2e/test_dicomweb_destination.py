@@ -41,8 +41,9 @@ from dicomai.delivery.stow_client import StowTarget, Verdict, store
 from dicomai_tools.local_pacs import LocalPacs
 from dicomai.ops.scu import send_files
 from dicomai.ops.status import collect
-from tests.conftest import free_port, running_daemon, wait_for
+from tests.conftest import free_port, running_daemon
 from tests.viewers.harness import DICOMWEB_PLUGIN, DicomWebOrthanc
+from tests.waiting import wait_for_study, wait_until
 
 pytestmark = [
     pytest.mark.orthanc,
@@ -112,16 +113,6 @@ def _study(settings: Settings, engine: Any, study_uid: str) -> dict[str, Any] | 
     return None
 
 
-def _wait_state(daemon: Any, study_uid: str, *states: str, timeout: float = 120) -> dict:
-    def check() -> dict[str, Any] | None:
-        s = _study(daemon.settings, daemon.engine, study_uid)
-        if s and s["state"] in ("failed", "cancelled") and s["state"] not in states:
-            raise AssertionError(f"study ended {s['state']}: {s['last_error']}")
-        return s if s and s["state"] in states else None
-
-    return wait_for(check, timeout, what=f"study {'/'.join(states)}")
-
-
 def _dicomweb_settings(make_settings: Any, url: str, **dest: Any) -> Settings:
     """Chest X-rays only (one model to load), results to one DICOMweb destination "pacs"."""
     sender = dest.pop("sender", {})
@@ -151,7 +142,7 @@ def test_results_land_in_the_same_study_in_orthanc(make_settings, tmp_path):
         settings = _dicomweb_settings(make_settings, orthanc.dicomweb)
         with running_daemon(settings) as daemon:
             _send(daemon, chest, tmp_path / "in")
-            status = _wait_state(daemon, uid, "done")
+            status = wait_for_study(daemon, uid, "done")
             rows = daemon.queue.results_for(status["job_id"])
             data = collect(settings, limit=10, engine=daemon.engine)
         # One study in Orthanc: the image and dicomai's results (REST).
@@ -217,7 +208,7 @@ def test_wrong_password_retried_then_the_rewritten_file_delivers(make_settings, 
                 s = _study(settings, daemon.engine, uid)
                 return s if s and s["send_attempts"] >= 2 else None
 
-            status = wait_for(refused_twice, 120, what="two refused sends")
+            status = wait_until(refused_twice, timeout=120, what="two refused sends")
             assert status["state"] in ("outbox", "sending")
             assert "401" in status["last_error"] and "credentials" in status["last_error"]
             rows = daemon.queue.results_for(status["job_id"])
@@ -225,7 +216,7 @@ def test_wrong_password_retried_then_the_rewritten_file_delivers(make_settings, 
             assert orthanc.study_ids(uid) == []  # nothing stored
             # The operator fixes the file (in place); the next try reads it.
             password.write_text(right + "\n")
-            status = _wait_state(daemon, uid, "done", timeout=60)
+            status = wait_for_study(daemon, uid, "done", timeout=60)
             data = collect(settings, limit=10, engine=daemon.engine)
         assert orthanc.study_modalities(uid) == {"SR": 1, "OT": 1}
         assert data["destinations"][0]["sent"] == 2
@@ -266,7 +257,7 @@ def test_archive_down_backoff_give_up_then_retry_command(make_settings, tmp_path
     try:
         with running_daemon(settings) as daemon:
             _send(daemon, chest, tmp_path / "in")
-            status = _wait_state(daemon, uid, "failed")
+            status = wait_for_study(daemon, uid, "failed")
             assert status["send_attempts"] == 3
             assert "connection failed" in status["last_error"]
             with daemon.queue.session() as s:
@@ -287,7 +278,7 @@ def test_archive_down_backoff_give_up_then_retry_command(make_settings, tmp_path
             orthanc.start()
             assert cli.main(["--config", str(cfg), "retry", "--all-failed"]) == 0
             assert "failed -> outbox" in capsys.readouterr().out
-            _wait_state(daemon, uid, "done", timeout=60)
+            wait_for_study(daemon, uid, "done", timeout=60)
         assert orthanc.study_modalities(uid) == {"SR": 1, "OT": 1}
         # status --json of the same configuration: kind and url, no AE title.
         assert cli.main(["--config", str(cfg), "status", "--json"]) == 0
@@ -357,15 +348,16 @@ def test_a_slow_archive_does_not_hold_back_a_dimse_destination(make_settings, tm
             _send(daemon, chest, tmp_path / "in")
             assert archive.arrived.wait(120), "no STOW-RS request"
             # The archive holds its request; the DIMSE PACS has the results all the same.
-            wait_for(lambda: len(pacs.objects(uid)) == 2, 60, what="results at the PACS")
-            dests = wait_for(lambda: (d := {x["name"]: x for x in collect(
+            wait_until(lambda: len(pacs.objects(uid)) == 2, timeout=60,
+                       what="results at the PACS")
+            dests = wait_until(lambda: (d := {x["name"]: x for x in collect(
                 settings, engine=daemon.engine)["destinations"]})["pacs"]["sent"] == 2 and d,
-                30, what="pacs rows sent")
+                timeout=30, what="pacs rows sent")
             assert dests["web"]["sent"] == 0 and dests["web"]["pending"] == 2
             assert _study(settings, daemon.engine, uid)["state"] == "sending"
             assert not archive.release.is_set()
             archive.release.set()
-            _wait_state(daemon, uid, "done", timeout=60)
+            wait_for_study(daemon, uid, "done", timeout=60)
             dests = {x["name"]: x for x in collect(settings, engine=daemon.engine)
                      ["destinations"]}
         assert dests["web"]["sent"] == 2 and dests["pacs"]["sent"] == 2
@@ -435,7 +427,7 @@ def test_the_deploy_variant_takes_results_over_stow_and_sends_none_back(make_set
                                                                          tmp_path / "cx"))],
                 capture_output=True, timeout=60)
             assert run.returncode == 0, run.stderr.decode(errors="replace")
-            status = _wait_state(daemon, uid, "done")
+            status = wait_for_study(daemon, uid, "done")
             (study_id,) = orthanc.study_ids(uid)
             assert orthanc.study_modalities(uid) == {"DX": 1, "SR": 1, "OT": 1}
             # The results made the study stable again: the Lua script saw them, sent nothing.

@@ -12,7 +12,8 @@ from dicomai_tools import synthetic
 from dicomai.db import Job
 from dicomai.ops.scu import send_files
 from dicomai.ops.status import collect
-from tests.conftest import running_daemon, wait_for
+from tests.conftest import running_daemon
+from tests.waiting import let_time_pass, wait_until
 
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 QUIET = {"study_quiet_seconds": 600.0, "poll_seconds": 0.2, "release_grace_seconds": 0.3,
@@ -50,17 +51,17 @@ def test_release_closes_early_but_not_while_the_association_is_open(make_setting
         ae, assoc = _open(daemon.receiver.port)
         try:
             _send(assoc, slices[:3])
-            time.sleep(1.5)  # five ticks, five grace periods: the sender is still connected
+            let_time_pass(1.5, "five ticks, five grace periods: the sender is still connected")
             assert _state(daemon, study) == "receiving"
             _send(assoc, slices[3:])
             assoc.release()
         finally:
             ae.shutdown()
         released = time.monotonic()
-        wait_for(lambda: _state(daemon, study) not in (None, "receiving"), 30,
-                 what="closed after release")
+        wait_until(lambda: _state(daemon, study) not in (None, "receiving"), timeout=30,
+                   what="closed after release")
         closed_after = time.monotonic() - released
-        wait_for(lambda: _state(daemon, study) == "done", 120, what="done")
+        wait_until(lambda: _state(daemon, study) == "done", timeout=120, what="done")
     assert closed_after < 5.0  # grace 0.3 s, against a 600 s quiet period
     assert len(local_pacs.objects(study)) >= 2  # SR + SC
 
@@ -75,10 +76,11 @@ def test_complete_acquisition_closes_while_the_association_stays_open(make_setti
         ae, assoc = _open(daemon.receiver.port)
         try:
             _send(assoc, slices[:4])
-            time.sleep(1.0)
+            let_time_pass(1.0, "ticks that must not close 4 of 5 announced slices")
             assert _state(daemon, study) == "receiving"  # 4 of 5 announced slices
             _send(assoc, slices[4:])
-            wait_for(lambda: _state(daemon, study) == "done", 120, what="done, still connected")
+            wait_until(lambda: _state(daemon, study) == "done", timeout=120,
+                       what="done, still connected")
             assert assoc.is_established
             # A slice nobody announced, on the same association: a second generation.
             extra = synthetic.make_head_ct(6, rows=64, cols=64, seed=82)[5]
@@ -93,7 +95,7 @@ def test_complete_acquisition_closes_while_the_association_stays_open(make_setti
                     if s["study_instance_uid"] == study]
 
         assert extra.StudyInstanceUID == study
-        wait_for(lambda: latest() == [(2, "done")], 120, what="generation 2 analysed")
+        wait_until(lambda: latest() == [(2, "done")], timeout=120, what="generation 2 analysed")
 
 
 def test_every_released_association_marks_its_study(make_settings, tmp_path):
@@ -111,7 +113,7 @@ def test_every_released_association_marks_its_study(make_settings, tmp_path):
             with daemon.queue.session() as s:
                 return s.scalar(select(func.count(Job.id)).where(Job.released_at.is_not(None)))
 
-        wait_for(lambda: marked() == 25, 10, what="25 releases recorded")
+        wait_until(lambda: marked() == 25, timeout=10, what="25 releases recorded")
 
 
 def test_worker_and_sender_are_woken_not_left_to_their_poll(make_settings, local_pacs, tmp_path):
@@ -121,8 +123,8 @@ def test_worker_and_sender_are_woken_not_left_to_their_poll(make_settings, local
                              sender={"poll_seconds": 60.0})
     ds = synthetic.make_xray("chest", rows=128, cols=128, seed=77)
     with running_daemon(settings) as daemon:
-        time.sleep(0.5)  # both loops found nothing and are waiting
+        let_time_pass(0.5, "both loops find nothing and wait on their minute-long poll")
         assert send_files(synthetic.write_study([ds], tmp_path), "127.0.0.1",
                           daemon.receiver.port, called_ae="DICOMAI").ok
-        wait_for(lambda: len(local_pacs.objects(ds.StudyInstanceUID)) == 2, 30,
-                 what="SR and SC delivered")
+        wait_until(lambda: len(local_pacs.objects(ds.StudyInstanceUID)) == 2, timeout=30,
+                   what="SR and SC delivered")

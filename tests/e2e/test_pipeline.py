@@ -24,8 +24,9 @@ from dicomai.db import Job, JobEvent, make_engine
 from dicomai.logs import JsonFormatter
 from dicomai.ops.scu import echo, send_files
 from dicomai.ops.status import collect
-from tests.conftest import running_daemon, wait_for
+from tests.conftest import running_daemon
 from tests.sr_summary import summary, summary_scores
+from tests.waiting import wait_for_study, wait_until
 
 CHEST_LABELS = {"atelectasis", "cardiomegaly", "effusion", "infiltration", "mass", "nodule",
                 "pneumonia", "pneumothorax", "consolidation", "edema", "emphysema", "fibrosis",
@@ -38,16 +39,6 @@ def _study_state(settings, study_uid, engine=None):
         if s["study_instance_uid"] == study_uid:
             return s
     return None
-
-
-def _wait_state(daemon, study_uid, state, timeout=120.0):
-    def check():
-        s = _study_state(daemon.settings, study_uid, daemon.engine)
-        if s and s["state"] in ("failed", "cancelled") and state not in ("failed",):
-            raise AssertionError(f"study ended {s['state']}: {s['last_error']}")
-        return s if s and s["state"] == state else None
-
-    return wait_for(check, timeout, what=f"study {state}")
 
 
 def _status_json(settings, config_path: Path) -> dict:
@@ -85,7 +76,7 @@ def test_chest_xray_round_trip_with_pynetdicom(make_settings, local_pacs, tmp_pa
     with running_daemon(settings) as daemon:
         assert echo("127.0.0.1", daemon.receiver.port, called_ae="DICOMAI") == 0
         assert send_files(paths, "127.0.0.1", daemon.receiver.port, called_ae="DICOMAI").ok
-        status = _wait_state(daemon, ds.StudyInstanceUID, "done")
+        status = wait_for_study(daemon, ds.StudyInstanceUID, "done")
     assert status["route"] == "chest-xray"
     assert status["model"] == "chest-xray"
     assert status["instances"] == 1
@@ -159,7 +150,7 @@ def test_bone_xray_with_storescu_and_echoscu(make_settings, local_pacs, tmp_path
         run = subprocess.run(["storescu", "-aec", "DICOMAI", "-aet", "MODALITY", "127.0.0.1",
                               port, *map(str, paths)], capture_output=True, timeout=60)
         assert run.returncode == 0, run.stderr
-        status = _wait_state(daemon, ds.StudyInstanceUID, "done")
+        status = wait_for_study(daemon, ds.StudyInstanceUID, "done")
     assert status["route"] == "bone-xray"
     objects = local_pacs.objects(ds.StudyInstanceUID)
     assert sorted(o.modality for o in objects) == ["OT", "SR"]
@@ -183,7 +174,7 @@ def test_ct_200_slices_end_to_end(make_settings, local_pacs, tmp_path):
                               str(daemon.receiver.port), str(tmp_path / "ct")],
                              capture_output=True, timeout=300)
         assert run.returncode == 0, run.stderr
-        status = _wait_state(daemon, slices[0].StudyInstanceUID, "done", timeout=300)
+        status = wait_for_study(daemon, slices[0].StudyInstanceUID, "done", timeout=300)
     assert status["route"] == "brain-ct"
     assert status["instances"] == len(slices)
     objects = local_pacs.objects(slices[0].StudyInstanceUID)
@@ -206,7 +197,7 @@ def test_resend_and_new_generation(make_settings, local_pacs, tmp_path):
     with running_daemon(settings) as daemon:
         port = daemon.receiver.port
         assert send_files(paths, "127.0.0.1", port, called_ae="DICOMAI").ok
-        _wait_state(daemon, ds.StudyInstanceUID, "done")
+        wait_for_study(daemon, ds.StudyInstanceUID, "done")
         first = {o.sop_instance_uid for o in local_pacs.objects(ds.StudyInstanceUID)}
         assert len(first) == 2
 
@@ -224,8 +215,9 @@ def test_resend_and_new_generation(make_settings, local_pacs, tmp_path):
         extra.SeriesNumber = int(ds.SeriesNumber) + 1  # a later acquisition: analysed now
         assert send_files(synthetic.write_study([extra], tmp_path / "b"), "127.0.0.1", port,
                           called_ae="DICOMAI").ok
-        wait_for(lambda: (s := _study_state(settings, ds.StudyInstanceUID, daemon.engine))
-                 and s["generation"] == 2 and s["state"] == "done", 120, what="generation 2")
+        wait_until(lambda: (s := _study_state(settings, ds.StudyInstanceUID, daemon.engine))
+                   and s["generation"] == 2 and s["state"] == "done", timeout=120,
+                   what="generation 2")
     objects = local_pacs.objects(ds.StudyInstanceUID)
     new = [o for o in objects if o.sop_instance_uid not in first]
     assert sorted(o.modality for o in new) == ["OT", "SR"]
@@ -249,8 +241,8 @@ def test_unroutable_study_is_skipped_and_status_json(make_settings, local_pacs, 
                           called_ae="DICOMAI").ok
         assert send_files(synthetic.write_study([chest], tmp_path / "cx"), "127.0.0.1", port,
                           called_ae="DICOMAI").ok
-        _wait_state(daemon, mr[0].StudyInstanceUID, "skipped")
-        _wait_state(daemon, chest.StudyInstanceUID, "done")
+        wait_for_study(daemon, mr[0].StudyInstanceUID, "skipped")
+        wait_for_study(daemon, chest.StudyInstanceUID, "done")
         data = _status_json(settings, _write_config(settings, tmp_path / "cfg.toml"))
     by_uid = {s["study_instance_uid"]: s for s in data["studies"]}
     assert by_uid[mr[0].StudyInstanceUID]["state"] == "skipped"
@@ -331,16 +323,16 @@ def test_destination_down_then_back(make_settings, tmp_path):
     with running_daemon(settings) as daemon:
         assert send_files(synthetic.write_study([ds], tmp_path), "127.0.0.1",
                           daemon.receiver.port, called_ae="DICOMAI").ok
-        waiting = wait_for(
+        waiting = wait_until(
             lambda: (s := _study_state(settings, ds.StudyInstanceUID, daemon.engine))
             and s["send_attempts"] >= 1 and s["state"] in ("outbox", "sending") and s,
-            120, what="a failed send")
+            timeout=120, what="a failed send")
         assert waiting["last_error"]
         data = collect(settings, engine=daemon.engine)
         (dest,) = data["destinations"]
         assert dest["pending"] == 2 and dest["sent"] == 0 and dest["last_error"]
         with LocalPacs(ae_title="PACS", port=pacs_port) as pacs:
-            _wait_state(daemon, ds.StudyInstanceUID, "done", timeout=120)
+            wait_for_study(daemon, ds.StudyInstanceUID, "done", timeout=120)
             assert sorted(o.modality for o in pacs.objects(ds.StudyInstanceUID)) == ["OT", "SR"]
 
 
@@ -360,9 +352,9 @@ def test_undecodable_study_fails_with_optional_notice(make_settings, local_pacs,
     with running_daemon(settings) as daemon:
         assert send_files(synthetic.write_study([ds], tmp_path), "127.0.0.1",
                           daemon.receiver.port, called_ae="DICOMAI").ok
-        status = _wait_state(daemon, ds.StudyInstanceUID, "failed")
+        status = wait_for_study(daemon, ds.StudyInstanceUID, "failed")
         if notice:  # the notice is sent before the job settles in FAILED
-            wait_for(lambda: local_pacs.objects(ds.StudyInstanceUID), 30, what="notice")
+            wait_until(lambda: local_pacs.objects(ds.StudyInstanceUID), timeout=30, what="notice")
     assert "UnsupportedInput" in status["last_error"] or "decod" in status["last_error"]
     objects = local_pacs.objects(ds.StudyInstanceUID)
     if not notice:
@@ -389,7 +381,7 @@ def test_give_up_then_operator_retry_and_cancel(make_settings, tmp_path, capsys)
             assert send_files(synthetic.write_study([ds], tmp_path / ds.SOPInstanceUID),
                               "127.0.0.1", daemon.receiver.port, called_ae="DICOMAI").ok
         for ds in (cx1, cx2):
-            s = _wait_state(daemon, ds.StudyInstanceUID, "failed", timeout=120)
+            s = wait_for_study(daemon, ds.StudyInstanceUID, "failed", timeout=120)
             assert s["send_attempts"] == 2 and "association" in s["last_error"]
         assert cli.main(["--config", str(cfg), "cancel", "--study", cx2.StudyInstanceUID]) == 0
         assert _study_state(settings, cx2.StudyInstanceUID, daemon.engine)["state"] \
@@ -398,7 +390,7 @@ def test_give_up_then_operator_retry_and_cancel(make_settings, tmp_path, capsys)
         with LocalPacs(ae_title="PACS", port=pacs_port) as pacs:
             assert cli.main(["--config", str(cfg), "retry", "--all-failed"]) == 0
             assert "failed -> outbox" in capsys.readouterr().out
-            _wait_state(daemon, cx1.StudyInstanceUID, "done", timeout=60)
+            wait_for_study(daemon, cx1.StudyInstanceUID, "done", timeout=60)
             assert sorted(o.modality for o in pacs.objects(cx1.StudyInstanceUID)) == ["OT", "SR"]
             assert pacs.objects(cx2.StudyInstanceUID) == []
     assert cli.main(["--config", str(cfg), "retry"]) == 2
@@ -427,8 +419,8 @@ def test_dead_destination_does_not_block_another(make_settings, local_pacs, tmp_
             t0 = time.monotonic()
             assert send_files(synthetic.write_study([ds], tmp_path), "127.0.0.1",
                               daemon.receiver.port, called_ae="DICOMAI").ok
-            wait_for(lambda: len(local_pacs.objects(ds.StudyInstanceUID)) == 2, 25,
-                     what="results at the live destination")
+            wait_until(lambda: len(local_pacs.objects(ds.StudyInstanceUID)) == 2, timeout=25,
+                       what="results at the live destination")
             assert time.monotonic() - t0 < 25  # well before the hung node's 30 s timeout
             status = _study_state(settings, ds.StudyInstanceUID, daemon.engine)
             assert status["state"] == "sending"  # still waiting on the archive
@@ -438,8 +430,8 @@ def test_dead_destination_does_not_block_another(make_settings, local_pacs, tmp_
                         ["destinations"]}
 
             # the PACS has both objects; their rows are recorded sent right after
-            wait_for(lambda: destinations()["pacs"]["sent"] == 2, 5,
-                     what="both results recorded sent")
+            wait_until(lambda: destinations()["pacs"]["sent"] == 2, timeout=5,
+                       what="both results recorded sent")
             assert destinations()["archive"]["sent"] == 0
             leaving = time.monotonic()
         # Stopping does not wait out the hung node's 30 s: after a 5 s grace its association
@@ -478,7 +470,7 @@ def test_reload_changes_a_route_while_a_study_is_being_received(make_settings, l
         assoc.release()
         ae.shutdown()
         assert statuses == [0] * 10
-        status = _wait_state(daemon, ct[0].StudyInstanceUID, "skipped")
+        status = wait_for_study(daemon, ct[0].StudyInstanceUID, "skipped")
         assert status["instances"] == 10
         # A change to [receiver] is reported as needing a restart, and not applied.
         moved = changed.model_copy(update={"receiver": changed.receiver.model_copy(
@@ -502,6 +494,6 @@ def test_reload_swaps_a_model_after_loading_the_new_one(make_settings, local_pac
         assert old.identity.version != "0.2.0-test"  # jobs holding the old one finish with it
         assert send_files(synthetic.write_study([ds], tmp_path), "127.0.0.1",
                           daemon.receiver.port, called_ae="DICOMAI").ok
-        _wait_state(daemon, ds.StudyInstanceUID, "done")
+        wait_for_study(daemon, ds.StudyInstanceUID, "done")
     sr = next(o.dataset for o in local_pacs.objects(ds.StudyInstanceUID) if o.modality == "SR")
     assert sr.SoftwareVersions == "0.2.0-test"

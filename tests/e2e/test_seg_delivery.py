@@ -14,7 +14,8 @@ from dicomai_tools import synthetic
 from dicomai_tools.local_pacs import LocalPacs
 from dicomai.ops.scu import send_files
 from dicomai.ops.status import collect
-from tests.conftest import running_daemon, wait_for
+from tests.conftest import running_daemon
+from tests.waiting import wait_until
 
 
 def _positive_settings(make_settings: Any, port: int) -> Any:
@@ -41,7 +42,7 @@ def _run_study(settings: Any, tmp_path: Path) -> tuple[Any, dict[str, Any]]:
                 raise AssertionError(f"study ended {study['state']}: {study['last_error']}")
             return data if study and study["state"] == "done" else None
 
-        data = wait_for(done, 120, what="study done")
+        data = wait_until(done, timeout=120, what="study done")
         rows = daemon.queue.results_for(
             next(s for s in data["studies"]
                  if s["study_instance_uid"] == ds.StudyInstanceUID)["job_id"])

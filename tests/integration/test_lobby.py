@@ -17,8 +17,9 @@ import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
-from tests.conftest import running_daemon, wait_for
+from tests.conftest import running_daemon
 from tests.integration.test_fast_store import quiet
+from tests.waiting import let_time_pass, wait_until
 
 
 def echo(port: int, timeout: float = 10.0) -> int | None:
@@ -90,7 +91,7 @@ def test_300_half_open_connections_neither_lock_out_nor_cost_threads(receiver):
             sock.sendall(half)  # half an association request, then silence
         held.append(sock)
     try:
-        time.sleep(0.3)
+        let_time_pass(0.3, "the receiver takes in the 300 connections")
         assert receiver.lobby is not None
         assert receiver.lobby.waiting <= 40  # capped per address, oldest dropped
         assert threading.active_count() <= threads_before + 2  # no thread per connection
@@ -124,8 +125,8 @@ def test_a_pdu_that_stops_arriving_is_dropped_after_the_network_timeout(receiver
         assert time.monotonic() - started >= 1.5  # the deadline, not at once
     finally:
         sock.close()
-    wait_for(lambda: receiver.server.open_acceptors() == 0, timeout=5,
-             what="the stalled association to end")
+    wait_until(lambda: receiver.server.open_acceptors() == 0, timeout=5,
+               what="the stalled association to end")
     assert echo(receiver.port) == 0x0000
 
 

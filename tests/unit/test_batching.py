@@ -24,6 +24,7 @@ from dicomai.inference.findings import ModelIdentity, Task
 from dicomai.inference.processing import analyse, preprocess_ct_slice, preprocess_xray
 from dicomai.models.backend import TorchScriptBackend
 from dicomai.inference.prepare import DecodePool, PreparedInputs
+from tests.waiting import wait_until
 
 LABELS = ("a", "b", "c")
 IDENTITY = ModelIdentity(name="tiny", version="1", sha256="0" * 64, task=Task.CHEST_XRAY,
@@ -53,12 +54,14 @@ def tiny_backend() -> TorchScriptBackend:
 
 class Counting:
     """Wraps a backend: counts calls and batch sizes, can hold the first call on a gate, and
-    fails any batch that holds an image marked with a huge value."""
+    fails any batch that holds an image marked with a huge value. ``entered`` has the size of
+    each call as it comes in, before the gate."""
 
     def __init__(self, backend: TorchScriptBackend, gate: threading.Event | None = None) -> None:
         self.backend = backend
         self.gate = gate
         self.sizes: list[int] = []
+        self.entered: list[int] = []
         self.lock = threading.Lock()
 
     identity = property(lambda self: self.backend.identity)
@@ -66,6 +69,8 @@ class Counting:
     device = property(lambda self: self.backend.device)
 
     def predict(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        with self.lock:
+            self.entered.append(len(batch))
         if self.gate is not None:
             self.gate.wait(10)
         with self.lock:
@@ -77,6 +82,18 @@ class Counting:
 
 def images(n: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((n, 3, 32, 32)).astype(np.float32)
+
+
+def queued(batcher: BatchingPredictor) -> list[int]:
+    """The image counts of the requests waiting in the batcher (a test's look at its queue)."""
+    with batcher._cond:
+        return [len(r.batch) for r in batcher._pending]
+
+
+def wait_held(counting: Counting) -> None:
+    """Wait until the first model call has come in (and is held on the gate)."""
+    wait_until(lambda: counting.entered, timeout=10, interval=0.01,
+               what="the first model call held on the gate")
 
 
 # -- batching ----------------------------------------------------------------------------------
@@ -106,7 +123,10 @@ def test_concurrent_callers_share_model_calls_and_get_their_own_rows() -> None:
     threads = [threading.Thread(target=job, args=(c,)) for c in range(callers)]
     for t in threads:
         t.start()
-    time.sleep(0.1)
+    wait_held(counting)
+    firsts = sum(len(requests[(c, 0)]) for c in range(callers))
+    wait_until(lambda: counting.entered[0] + sum(queued(batcher)) == firsts, timeout=10,
+               interval=0.01, what="every caller's first request held or queued")
     gate.set()
     for t in threads:
         t.join(10)
@@ -144,11 +164,12 @@ def test_a_failing_input_fails_only_its_caller() -> None:
 
     holder = threading.Thread(target=batcher.predict, args=(images(1, seed=0),))
     holder.start()  # holds the model on the gate while the three queue up
-    time.sleep(0.1)
+    wait_held(counting)
     threads = [threading.Thread(target=job, args=(n,)) for n in inputs]
     for t in threads:
         t.start()
-    time.sleep(0.1)
+    wait_until(lambda: len(queued(batcher)) == 3, timeout=10, interval=0.01,
+               what="the three requests queued")
     gate.set()
     for t in [holder, *threads]:
         t.join(10)
@@ -178,7 +199,7 @@ def test_stop_interrupts_a_waiting_caller_and_close_drains() -> None:
     first: dict[str, object] = {}
     holder = threading.Thread(target=lambda: first.setdefault("out", batcher.predict(images(1, 0))))
     holder.start()  # its call holds the model on the gate
-    time.sleep(0.1)
+    wait_held(counting)
     stop = threading.Event()
     threading.Timer(0.2, stop.set).start()
     with batcher.session(stop.is_set) as predictor, pytest.raises(Interrupted):
@@ -187,7 +208,8 @@ def test_stop_interrupts_a_waiting_caller_and_close_drains() -> None:
     late: dict[str, object] = {}
     waiter = threading.Thread(target=lambda: late.setdefault("out", batcher.predict(images(1, 2))))
     waiter.start()
-    time.sleep(0.1)
+    wait_until(lambda: queued(batcher) == [1], timeout=10, interval=0.01,
+               what="the late request queued")
     gate.set()
     batcher.close(timeout=5)
     holder.join(5)
@@ -311,8 +333,8 @@ def test_decode_pool_gives_the_in_thread_inputs(tmp_path: Path) -> None:
         # A process that dies while idle is replaced before the next image.
         (pid,) = pool.pids()
         os.kill(pid, signal.SIGKILL)
-        while pool.pids():  # gone before the next image
-            time.sleep(0.01)
+        wait_until(lambda: not pool.pids(), timeout=60, interval=0.01,
+                   what="the killed process gone, before the next image")
         again = PreparedInputs(datasets, pool.submit(paths, Task.CHEST_XRAY, pre))
         np.testing.assert_array_equal(again(xray_ds, pre), preprocess_xray(xray_ds, pre))
         assert pool.restarts == 1 and pool.pids() != [pid]

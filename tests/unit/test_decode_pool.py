@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from dicomai.errors import DecodeFailed, DecodeOverBudget, PermanentError, Retry
 from dicomai.inference.findings import Task
 from dicomai.inference.processing import preprocess_xray
 from dicomai.inference.prepare import DecodePool, PreparedInputs
+from tests.waiting import wait_until
 
 PRE = PreprocessingSettings(input_size=64)
 
@@ -53,13 +53,6 @@ def _input(pool: DecodePool, path: str) -> np.ndarray:
     return PreparedInputs([ds], [fut])(ds, PRE)
 
 
-def _wait(predicate, timeout: float = 120.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
-
-
 def test_memory_budget_fails_the_image_and_the_process_goes_on(
         pool: DecodePool, files: dict[str, str]) -> None:
     want = preprocess_xray(pydicom.dcmread(files["small"]), PRE)
@@ -76,7 +69,8 @@ def test_memory_budget_fails_the_image_and_the_process_goes_on(
 def test_time_budget_replaces_the_process(files: dict[str, str]) -> None:
     pool = DecodePool(1, memory_mb=1024, timeout_seconds=1.0)
     try:
-        _wait(lambda: len(pool.pids()) == 1)
+        wait_until(lambda: len(pool.pids()) == 1, timeout=120, interval=0.05,
+                   what="the decode process started")
         (pid,) = pool.pids()
         os.kill(pid, signal.SIGSTOP)  # a decoder that never returns
         try:
@@ -97,13 +91,15 @@ def test_time_budget_replaces_the_process(files: dict[str, str]) -> None:
 def test_a_process_that_dies_mid_image_fails_that_image_only(files: dict[str, str]) -> None:
     pool = DecodePool(1, memory_mb=1024, timeout_seconds=60)
     try:
-        _wait(lambda: len(pool.pids()) == 1)
+        wait_until(lambda: len(pool.pids()) == 1, timeout=120, interval=0.05,
+                   what="the decode process started")
         (pid,) = pool.pids()
         os.kill(pid, signal.SIGSTOP)
         path = files["small"]
         ds = pydicom.dcmread(path, stop_before_pixels=True)
         first, second = pool.submit([path, path], Task.CHEST_XRAY, PRE)
-        _wait(first.running)  # sent to the stopped process
+        wait_until(first.running, timeout=120, interval=0.05,
+                   what="the image sent to the stopped process")
         os.kill(pid, signal.SIGKILL)
         with pytest.raises(DecodeFailed, match="died"):
             PreparedInputs([ds], [first])(ds, PRE)
@@ -130,11 +126,13 @@ def test_unsupported_input_and_missing_files_are_reported_as_before(
 
 def test_shutdown_cancels_queued_images(files: dict[str, str]) -> None:
     pool = DecodePool(1, timeout_seconds=60)
-    _wait(lambda: len(pool.pids()) == 1)
+    wait_until(lambda: len(pool.pids()) == 1, timeout=120, interval=0.05,
+               what="the decode process started")
     (pid,) = pool.pids()
     os.kill(pid, signal.SIGSTOP)
     futures = pool.submit([files["small"]] * 3, Task.CHEST_XRAY, PRE)
-    _wait(futures[0].running)
+    wait_until(futures[0].running, timeout=120, interval=0.05,
+               what="the first image sent to the stopped process")
     pool.shutdown(timeout=1.0)  # the stopped process does not finish: it is killed
     assert all(f.cancelled() for f in futures[1:])
     with pytest.raises(DecodeFailed):
