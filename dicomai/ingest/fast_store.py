@@ -53,6 +53,7 @@ __all__ = [
     "encode_store_response",
     "parse_command",
     "parse_pdvs",
+    "uid_value",
 ]
 
 logger = logging.getLogger(__name__)
@@ -154,7 +155,8 @@ def _element(element: int, value: bytes) -> bytes:
     return struct.pack("<HHI", 0x0000, element, len(value)) + value
 
 
-def _uid_value(uid: str) -> bytes:
+def uid_value(uid: str) -> bytes:
+    """A UID as a DICOM UI value: ASCII, padded with one NUL to an even length."""
     raw = uid.encode("ascii")
     return raw + b"\x00" if len(raw) % 2 else raw
 
@@ -166,12 +168,12 @@ def encode_store_response(command: StoreCommand, status: int) -> bytes:
     request's where present); one the request had empty is left out."""
     body = b"".join(
         (
-            _element(0x0002, _uid_value(command.sop_class_uid)) if command.sop_class_uid else b"",
+            _element(0x0002, uid_value(command.sop_class_uid)) if command.sop_class_uid else b"",
             _element(0x0100, struct.pack("<H", _C_STORE_RSP)),
             _element(0x0120, struct.pack("<H", command.message_id)),
             _element(0x0800, struct.pack("<H", _NO_DATASET)),
             _element(0x0900, struct.pack("<H", status)),
-            _element(0x1000, _uid_value(command.sop_instance_uid))
+            _element(0x1000, uid_value(command.sop_instance_uid))
             if command.sop_instance_uid
             else b"",
         )

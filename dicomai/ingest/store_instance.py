@@ -28,7 +28,7 @@ from pynetdicom.dimse_primitives import C_STORE
 import dicomai.ingest.file_limits as file_limits
 from dicomai import audit, metrics
 from dicomai.ingest.copies import MAX_COPY_BYTES, CopyFlusher
-from dicomai.ingest.fast_store import StoreRequest
+from dicomai.ingest.fast_store import StoreRequest, uid_value
 from dicomai.ingest.record import convert_all, extract_record, getter, text_value
 from dicomai.ingest.spool import Spool, safe_uid
 from dicomai.jobs.queue import OwnResultObject, Queue
@@ -206,11 +206,6 @@ def _short_element(element: int, vr: bytes, value: bytes) -> bytes:
     return struct.pack("<HH2sH", 0x0002, element, vr, len(value)) + value
 
 
-def _uid_value(uid: str) -> bytes:
-    raw = uid.encode("ascii")
-    return raw + b"\x00" if len(raw) % 2 else raw
-
-
 def file_meta_bytes(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -> bytes:
     """The encoded File Meta Information pynetdicom writes for a C-STORE (the same bytes as
     ``encode_file_meta(event.file_meta)``, without building a pydicom dataset)."""
@@ -218,10 +213,10 @@ def file_meta_bytes(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: 
     body = b"".join(
         (
             struct.pack("<HH2sHI", 0x0002, 0x0001, b"OB", 0, 2) + b"\x00\x01",
-            _short_element(0x0002, b"UI", _uid_value(sop_class_uid)),
-            _short_element(0x0003, b"UI", _uid_value(sop_instance_uid)),
-            _short_element(0x0010, b"UI", _uid_value(transfer_syntax)),
-            _short_element(0x0012, b"UI", _uid_value(PYNETDICOM_IMPLEMENTATION_UID)),
+            _short_element(0x0002, b"UI", uid_value(sop_class_uid)),
+            _short_element(0x0003, b"UI", uid_value(sop_instance_uid)),
+            _short_element(0x0010, b"UI", uid_value(transfer_syntax)),
+            _short_element(0x0012, b"UI", uid_value(PYNETDICOM_IMPLEMENTATION_UID)),
             _short_element(0x0013, b"SH", version + b" " if len(version) % 2 else version),
         )
     )

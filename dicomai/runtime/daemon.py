@@ -27,17 +27,16 @@ from dicomai.logs import log_fields
 from dicomai.metrics import MetricsServer, start_metrics_server
 from dicomai.migrations import upgrade
 from dicomai.runtime.leadership import leadership_for
+from dicomai.runtime.roles import ROLES
 from dicomai.runtime.scheduler import PROCESS_TOKEN, Scheduler, reclaim_dead_local, sweep_orphans
 
 if TYPE_CHECKING:  # imported in start(), after the receiver listens: it brings in torch
     from dicomai.inference.worker import ModelPool, Worker
     from dicomai.ingest.stow_server import DicomWebReceiver
 
-__all__ = ["ROLES", "Daemon"]
+__all__ = ["Daemon"]
 
 logger = logging.getLogger(__name__)
-
-ROLES = ("receiver", "worker", "sender", "scheduler")
 
 
 class Daemon:

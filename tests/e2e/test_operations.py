@@ -16,7 +16,9 @@ from dicomai.ops import cli
 from dicomai_tools import synthetic
 from dicomai.config import Settings
 from dicomai.ops.scu import send_files
-from dicomai.ops.status import check_health, collect, render_rich
+from dicomai.ops.health import check_health
+from dicomai.ops.status import collect
+from dicomai.ops.status_view import render_rich
 from tests.conftest import free_port, running_daemon, wait_for
 
 NO_WORKER = ("receiver", "sender", "scheduler")  # no model to load: starts in well under 1 s

@@ -19,7 +19,9 @@ from dicomai_tools import synthetic
 from dicomai.db import Instance, QuarantineEntry, Study
 from dicomai.ingest.part10 import read_file_meta
 from dicomai.ingest.store_instance import file_meta_bytes
-from dicomai.ops.status import check_health, collect, render_text
+from dicomai.ops.health import check_health
+from dicomai.ops.status import collect
+from dicomai.ops.status_view import render_text
 from tests.conftest import DEFAULT_CONFIG, free_port, running_daemon, wait_for
 from tests.stow_client import (
     BOUNDARY,

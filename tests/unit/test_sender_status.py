@@ -14,7 +14,8 @@ from dicomai.db import create_all, make_engine, make_session_factory
 from dicomai.jobs.queue import InstanceRecord, Queue
 from dicomai.jobs.states import JobState
 from dicomai.delivery.sender import Outcome, classify_status
-from dicomai.ops.status import collect, render_text
+from dicomai.ops.status import collect
+from dicomai.ops.status_view import render_text
 from dicomai.ingest.spool import Spool, safe_uid
 
 NOW = datetime(2024, 5, 6, 7, 8, 9, tzinfo=UTC)
