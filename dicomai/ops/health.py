@@ -133,7 +133,8 @@ def check_health(
     cache: dict[Any, Any] | None = None,
     cache_seconds: float = 30.0,
 ) -> dict[str, Any]:
-    """Health checks over :func:`collect`'s output; C-ECHO to the receiver when ``probe``.
+    """Health checks over :func:`dicomai.ops.status.collect`'s output; C-ECHO to the receiver
+    when ``probe``.
 
     Returns ``{"healthy": bool, "checks": [{"name", "ok", "critical", "detail"}]}``.
     ``healthy`` is False when a critical check fails: daemon heartbeat stale, database

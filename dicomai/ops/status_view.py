@@ -33,7 +33,7 @@ def _dest_address(dst: dict[str, Any]) -> str:
 
 
 def render_rich(data: dict[str, Any], health: dict[str, Any] | None = None) -> Any:
-    """A rich renderable (panels and tables) of :func:`collect` (+ :func:`check_health`)."""
+    """A rich renderable (panels and tables) of the status data (+ the health checks)."""
     from rich import box
     from rich.console import Group, JustifyMethod
     from rich.panel import Panel
@@ -228,7 +228,7 @@ def _dicomweb_where(receiver: dict[str, Any]) -> str:
 
 
 def render_text(data: dict[str, Any], health: dict[str, Any] | None = None) -> str:
-    """A plain terminal rendering of :func:`collect`'s output."""
+    """A plain terminal rendering of the status data (+ the health checks)."""
     lines = []
     d = data["daemon"]
     state = "UP" if d["up"] else "DOWN"
