@@ -29,6 +29,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "bench")]
 
 from dicomai_tools import synthetic  # noqa: E402
+from dicomai.db import make_session_factory  # noqa: E402
+from dicomai.jobs import reads  # noqa: E402
 from dicomai.runtime.daemon import Daemon  # noqa: E402
 from dicomai_tools.local_pacs import LocalPacs  # noqa: E402
 from dicomai.ops.scu import send_files  # noqa: E402
@@ -53,7 +55,7 @@ def _run(daemon: Daemon, pacs: LocalPacs, files: list[Path], study_uid: str,
             raise TimeoutError(study_uid)
         time.sleep(0.005)
     total = time.monotonic() - acked
-    (job,) = daemon.queue.jobs_for(study_uids=[study_uid])[-1:]
+    (job,) = reads.jobs_for(make_session_factory(daemon.engine), study_uids=[study_uid])[-1:]
     closed = job.closed_at.replace(tzinfo=UTC) if job.closed_at.tzinfo is None else job.closed_at
     return total, max(0.0, (closed - acked_wall).total_seconds())
 

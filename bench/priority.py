@@ -32,6 +32,8 @@ sys.path[:0] = [str(REPO), str(REPO / "bench")]
 
 from dicomai_tools import synthetic  # noqa: E402
 from dicomai.config import Settings  # noqa: E402
+from dicomai.db import make_session_factory  # noqa: E402
+from dicomai.jobs import reads  # noqa: E402
 from dicomai.runtime.daemon import Daemon  # noqa: E402
 from dicomai_tools.local_pacs import LocalPacs  # noqa: E402
 from dicomai.jobs.states import JobState# noqa: E402
@@ -65,7 +67,8 @@ def _ct_latency(daemon: Daemon, pacs: LocalPacs, files: list[Path], study_uid: s
 
 
 def _waiting(daemon: Daemon) -> int:
-    return len(daemon.queue.jobs_for(states=[JobState.RECEIVING, JobState.QUEUED]))
+    sessions = make_session_factory(daemon.engine)
+    return len(reads.jobs_for(sessions, states=[JobState.RECEIVING, JobState.QUEUED]))
 
 
 def _scenario(tmp: Path, pacs: LocalPacs, args: argparse.Namespace, fifo: bool,
@@ -78,7 +81,8 @@ def _scenario(tmp: Path, pacs: LocalPacs, args: argparse.Namespace, fifo: bool,
         assert send_files(chest_files, "127.0.0.1", daemon.receiver.port, called_ae="DICOMAI",
                           calling_ae="CR01").ok
         deadline = time.monotonic() + 60
-        while daemon.queue.jobs_for(states=[JobState.RECEIVING]) and time.monotonic() < deadline:
+        while (reads.jobs_for(make_session_factory(daemon.engine), states=[JobState.RECEIVING])
+               and time.monotonic() < deadline):
             time.sleep(0.05)
         backlog_at_send = _waiting(daemon)
         files, uid = ct_sets[args.repeats]
