@@ -984,34 +984,6 @@ class Queue:
                 row.sent_at = now
 
     # -- operator actions --------------------------------------------------------------
-    def jobs_for(
-        self,
-        *,
-        job_ids: Sequence[int] = (),
-        study_uids: Sequence[str] = (),
-        states: Sequence[JobState] = (),
-    ) -> list[Job]:
-        """Jobs by id, by study (its latest generation) or by state."""
-        with self._sessions() as s:
-            out: dict[int, Job] = {}
-            if job_ids:
-                for job in s.scalars(select(Job).where(Job.id.in_(list(job_ids)))):
-                    out[job.id] = job
-            for uid in study_uids:
-                latest = s.scalar(
-                    select(Job)
-                    .join(Study, Study.id == Job.study_id)
-                    .where(Study.study_instance_uid == uid)
-                    .order_by(Job.generation.desc())
-                    .limit(1)
-                )
-                if latest is not None:
-                    out[latest.id] = latest
-            if states:
-                for job in s.scalars(select(Job).where(Job.state.in_([x.value for x in states]))):
-                    out[job.id] = job
-            return [out[k] for k in sorted(out)]
-
     def retry(self, job_id: int, now: datetime) -> JobState:
         """FAILED → OUTBOX (results exist and were not all refused) or QUEUED; resets counters.
 
