@@ -13,7 +13,6 @@ import json
 import re
 import shutil
 import subprocess
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -30,6 +29,7 @@ from dicomai.db import Job, Study
 from dicomai.ops.status import collect
 from tests.sr_summary import summary_scores
 from tests.conftest import free_port, running_daemon
+from tests.waiting import let_time_pass, wait_until
 
 pytestmark = [pytest.mark.orthanc, pytest.mark.dcmtk]
 
@@ -103,16 +103,9 @@ class Orthanc:
         return "\n".join(self.log_text().splitlines()[-lines:])
 
     def wait(self, predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-        """Poll ``predicate``; on timeout fail with the end of Orthanc's log."""
-        deadline = time.monotonic() + timeout
-        while True:
-            value = predicate()
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out after {timeout}s waiting for {what}\n"
-                                     f"--- Orthanc log ---\n{self.log_tail()}")
-            time.sleep(0.2)
+        """:func:`tests.waiting.wait_until`, failing with the end of Orthanc's log."""
+        return wait_until(predicate, timeout=timeout, what=what,
+                          diagnose=lambda: f"--- Orthanc log ---\n{self.log_tail()}")
 
     # -- REST --------------------------------------------------------------------------
     def _request(self, method: str, path: str, body: bytes | None = None) -> bytes:
@@ -307,7 +300,8 @@ def test_orthanc_forwards_studies_and_stores_results_without_loop(orthanc_and_di
         resend = [i for k, v in before[uid].items() if k not in ("SR", "OT") for i in v]
         assert len(resend) == len(sources)
         orthanc.post("/modalities/dicomai/store", {"Resources": resend, "Synchronous": True})
-    time.sleep(daemon.settings.scheduler.study_quiet_seconds + 1.0)  # let a new job close
+    let_time_pass(daemon.settings.scheduler.study_quiet_seconds + 1.0,
+                  "a new job, were one opened, would close")
     for uid, sources in sent.items():
         status = _status(daemon, uid)
         assert status["state"] == "done" and status["generation"] == 1
@@ -329,7 +323,8 @@ def test_whole_study_sent_back_with_results_yields_no_second_sr(orthanc_and_dico
     assert len(before["SR"]) == 1
 
     orthanc.post("/modalities/dicomai/store", {"Resources": [study_id], "Synchronous": True})
-    time.sleep(daemon.settings.scheduler.study_quiet_seconds + 1.0)  # let a new job close
+    let_time_pass(daemon.settings.scheduler.study_quiet_seconds + 1.0,
+                  "a new job, were one opened, would close")
     idle = ("done", "skipped", "failed", "cancelled")
     orthanc.wait(lambda: _status(daemon, uid)["state"] in idle, 60, "dicomai idle")
     after = _results(orthanc, study_id)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from tests.e2e.test_orthanc import (
     _status,
     _wait_results,
 )
+from tests.waiting import let_time_pass
 
 pytestmark = [pytest.mark.orthanc, pytest.mark.dcmtk]
 
@@ -130,7 +130,8 @@ def test_orthanc_forwards_over_stow_and_gets_results(orthanc_stow_and_dicomai, t
     answer = orthanc.post("/dicom-web/servers/dicomai/stow",
                           {"Resources": [study_id], "Synchronous": True})
     assert answer is not None
-    time.sleep(daemon.settings.scheduler.study_quiet_seconds + 1.0)
+    let_time_pass(daemon.settings.scheduler.study_quiet_seconds + 1.0,
+                  "a new job, were one opened, would close")
     status = _status(daemon, uid)
     assert status["state"] == "done" and status["generation"] == 1
     assert _jobs(daemon, uid) == 1

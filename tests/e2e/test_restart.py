@@ -14,7 +14,8 @@ from dicomai_tools import synthetic
 from dicomai.config import load_settings
 from dicomai.ops.scu import echo, send_files
 from dicomai.ops.status import collect
-from tests.conftest import free_port, listening, wait_for
+from tests.conftest import free_port, listening
+from tests.waiting import wait_until
 
 
 def _config(tmp_path: Path, model_dir: Path, port: int, pacs_port: int,
@@ -61,7 +62,7 @@ def test_kill_9_then_restart_loses_nothing(tmp_path, model_dir, local_pacs):
     ct = synthetic.make_head_ct(30, rows=128, cols=128, seed=12)
     proc = _serve(cfg, env, log)
     try:
-        wait_for(lambda: listening(port), 120, interval=0.5, what="daemon listening")
+        wait_until(lambda: listening(port), timeout=120, interval=0.5, what="daemon listening")
         assert echo("127.0.0.1", port, called_ae="DICOMAI") == 0
         assert send_files(synthetic.write_study([chest], tmp_path / "cx"), "127.0.0.1", port,
                           called_ae="DICOMAI").ok
@@ -84,7 +85,7 @@ def test_kill_9_then_restart_loses_nothing(tmp_path, model_dir, local_pacs):
             return (st.get(chest.StudyInstanceUID) == "done"
                     and st.get(ct[0].StudyInstanceUID) == "done")
 
-        wait_for(all_done, 180, interval=0.5, what="both studies done after restart")
+        wait_until(all_done, timeout=180, interval=0.5, what="both studies done after restart")
         # Nothing was processed twice: one SR per study reached the PACS.
         for uid in (chest.StudyInstanceUID, ct[0].StudyInstanceUID):
             srs = {o.sop_instance_uid for o in local_pacs.objects(uid) if o.modality == "SR"}
@@ -104,20 +105,20 @@ def test_sighup_reloads_the_configuration(tmp_path, model_dir, local_pacs):
     log = tmp_path / "daemon.log"
     proc = _serve(cfg, env, log)
     try:
-        wait_for(lambda: listening(port), 120, interval=0.5, what="daemon listening")
+        wait_until(lambda: listening(port), timeout=120, interval=0.5, what="daemon listening")
         cfg.write_text(cfg.read_text().replace('name = "brain-ct"', 'name = "brain-ct-v2"'))
         proc.send_signal(signal.SIGHUP)
-        wait_for(lambda: "daemon.reloaded" in log.read_text(), 30, what="reload logged")
+        wait_until(lambda: "daemon.reloaded" in log.read_text(), timeout=30, what="reload logged")
         settings = load_settings(cfg, environ=env)
         ct = synthetic.make_head_ct(4, rows=64, cols=64, seed=13)
         assert send_files(synthetic.write_study(ct, tmp_path / "ct"), "127.0.0.1", port,
                           called_ae="DICOMAI").ok
-        state = wait_for(lambda: next((s for s in collect(settings)["studies"]
-                                       if s["state"] == "done"), None), 120, what="done")
+        state = wait_until(lambda: next((s for s in collect(settings)["studies"]
+                                         if s["state"] == "done"), None), timeout=120, what="done")
         assert state["route"] == "brain-ct-v2"  # the reloaded route name
         cfg.write_text("this is [not toml")  # a broken file is refused; the daemon carries on
         proc.send_signal(signal.SIGHUP)
-        wait_for(lambda: "daemon.reload_failed" in log.read_text(), 30, what="refused")
+        wait_until(lambda: "daemon.reload_failed" in log.read_text(), timeout=30, what="refused")
         assert echo("127.0.0.1", port, called_ae="DICOMAI") == 0
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0

@@ -23,7 +23,8 @@ from dicomai_tools import synthetic
 from dicomai_tools.local_pacs import LocalPacs
 from dicomai.models.reference import REFERENCE_MODELS
 from dicomai.ops.scu import echo, send_files
-from tests.conftest import DEFAULT_CONFIG, free_port, listening, wait_for
+from tests.conftest import DEFAULT_CONFIG, free_port, listening
+from tests.waiting import wait_until
 
 DICOMAI = Path(sys.executable).parent / "dicomai"
 
@@ -76,7 +77,8 @@ def test_serve_receives_while_a_model_cannot_load_yet(tmp_path: Path, model_dir:
     proc = subprocess.Popen([str(DICOMAI), "--config", str(config), "serve"], env=env,
                             stdout=log, stderr=subprocess.STDOUT)
     try:
-        wait_for(lambda: listening(port) or proc.poll() is not None, 60, 0.05, "the port")
+        wait_until(lambda: listening(port) or proc.poll() is not None, timeout=60,
+                   interval=0.05, what="the port")
         assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
         opened = time.monotonic() - started
         print(f"dicomai serve: port open {opened:.2f} s after the process started")
@@ -92,7 +94,8 @@ def test_serve_receives_while_a_model_cannot_load_yet(tmp_path: Path, model_dir:
                 return data
             return None
 
-        data = wait_for(waiting, 90, 0.5, "the study queued while its model cannot load")
+        data = wait_until(waiting, timeout=90, interval=0.5,
+                          what="the study queued while its model cannot load")
         chest = next(m for m in data["models"] if m["name"] == "chest-xray")
         assert chest["load_error"] and not chest["loaded"]
         others = {m["name"]: m["state"] for m in data["models"] if m["name"] != "chest-xray"}
@@ -101,8 +104,8 @@ def test_serve_receives_while_a_model_cannot_load_yet(tmp_path: Path, model_dir:
 
         # The admin puts the real file in place: the next retry loads it, the study runs.
         shutil.copy(model_dir / REFERENCE_MODELS["chest-xray"].filename, chest_file)
-        wait_for(lambda: len(local_pacs.objects(study.StudyInstanceUID)) >= 2, 120, 0.5,
-                 "results of the waiting study")
+        wait_until(lambda: len(local_pacs.objects(study.StudyInstanceUID)) >= 2, timeout=120,
+                   interval=0.5, what="results of the waiting study")
         modalities = sorted(o.modality for o in local_pacs.objects(study.StudyInstanceUID))
         assert modalities == ["OT", "SR"]
     finally:
