@@ -53,7 +53,10 @@ def main() -> int:
     from dicomai.config import load_settings
     from dicomai.runtime.daemon import Daemon
     from dicomai.logs import configure
-    from dicomai.jobs.queue import Queue
+    try:  # the instance index (2026-12-04 on); older copies record through the queue
+        from dicomai.ingest.index import InstanceIndex as Index
+    except ImportError:
+        from dicomai.jobs.queue import Queue as Index
     from dicomai.ingest.spool import Spool
 
     print(f"dicomai from {Path(recv_mod.__file__).parent}", file=sys.stderr)
@@ -113,10 +116,10 @@ def main() -> int:
     pevents.Event._get_dataset = timed("  event.dataset decode", pevents.Event._get_dataset)
     pevents.Event.encoded_dataset = timed("  event.encoded_dataset()",
                                           pevents.Event.encoded_dataset)
-    Queue.has_instance = timed("  queue.has_instance", Queue.has_instance)
-    Queue.known_instance = timed("  queue.known_instance", Queue.known_instance)
-    Queue.record_instance = timed("  queue.record_instance (+ commit)",
-                                  Queue.record_instance)
+    Index.has_instance = timed("  queue.has_instance", Index.has_instance)
+    Index.known_instance = timed("  queue.known_instance", Index.known_instance)
+    Index.record_instance = timed("  queue.record_instance (+ commit)",
+                                  Index.record_instance)
     if hasattr(recv_mod, "_write_instance"):
         recv_mod._write_instance = timed("  _write_instance (meta + write_atomic)",
                                          recv_mod._write_instance)

@@ -16,8 +16,11 @@ Read the modules in the order the bytes take:
 7. :mod:`~dicomai.ingest.file_limits` — what a received data set may cost before it is
    refused: inflated size, element count, nesting depth, pixel budget, the codestream's own
    size (checked without decoding).
-8. :mod:`~dicomai.ingest.record` — the header read and checked once; the queue's fields.
-9. :mod:`~dicomai.ingest.copies` — small instances made durable through their database row.
+8. :mod:`~dicomai.ingest.record` — the header read and checked once; the index's fields.
+9. :mod:`~dicomai.ingest.index` — the instance index: an instance's row, its study and the
+   RECEIVING job it joins, committed in groups (:mod:`~dicomai.ingest.group_commit`,
+   :mod:`~dicomai.ingest.index_sql`).
+10. :mod:`~dicomai.ingest.copies` — small instances made durable through their database row.
 
 Beside them: :mod:`~dicomai.ingest.pynetdicom_seam`, the only module that uses pynetdicom's
 private names (pinned version, checked at start), and :mod:`~dicomai.ingest.uid_cache`

@@ -29,9 +29,9 @@ from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
+from dicomai.ingest.index import InstanceIndex
 from dicomai.ingest.slots import write_all
 from dicomai.ingest.spool import _fsync_dir  # the spool's own directory fsync
-from dicomai.jobs.queue import Queue
 from dicomai.logs import log_fields
 
 __all__ = ["MAX_COPY_BYTES", "CopyFlusher", "restore_copies"]
@@ -75,12 +75,12 @@ def _rewrite(path: str, data: bytes) -> None:
         _fsync_dir(Path(path).parent)
 
 
-def restore_copies(queue: Queue, made_before: datetime | None = None) -> int:
+def restore_copies(index: InstanceIndex, made_before: datetime | None = None) -> int:
     """Write the files of the instance copies left (committed before ``made_before``, if
     given) again from their bytes, fsync them and delete the copies; returns how many."""
     restored = 0
     while True:
-        batch = queue.instance_copies(made_before)
+        batch = index.instance_copies(made_before)
         if not batch:
             break
         done = []
@@ -96,7 +96,7 @@ def restore_copies(queue: Queue, made_before: datetime | None = None) -> int:
                 )
         if not done:
             break
-        queue.drop_instance_copies(done)
+        index.drop_instance_copies(done)
         restored += len(done)
     if restored:
         logger.warning(
@@ -109,8 +109,8 @@ def restore_copies(queue: Queue, made_before: datetime | None = None) -> int:
 class CopyFlusher:
     """Flushes the files of committed copies in batches and deletes the copies."""
 
-    def __init__(self, queue: Queue, batch: int = 128, max_wait: float = 0.2) -> None:
-        self.queue = queue
+    def __init__(self, index: InstanceIndex, batch: int = 128, max_wait: float = 0.2) -> None:
+        self.index = index
         self.batch = batch
         self.max_wait = max_wait
         self._cond = threading.Condition()
@@ -168,7 +168,7 @@ class CopyFlusher:
         flushed = [p for p in paths if _flush(p)]
         try:
             if flushed:
-                self.queue.drop_instance_copies(flushed)
+                self.index.drop_instance_copies(flushed)
                 self.flushed += len(flushed)
         except Exception:  # the copies stay; restore_copies handles them later
             logger.exception(

@@ -1,5 +1,5 @@
 """An instance's header read once at the door: every value the worker could not read is
-refused now (converted up front), and the fields the queue needs are extracted.
+refused now (converted up front), and the fields the index needs are extracted.
 
 Both steps are cached per process: within a series most header elements repeat byte for byte,
 so an element whose bytes (VR, encoding and character set alike) converted before is not
@@ -18,8 +18,8 @@ from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 
+from dicomai.ingest.index import InstanceRecord
 from dicomai.ingest.spool import safe_uid
-from dicomai.jobs.queue import InstanceRecord
 
 __all__ = ["convert_all", "extract_record", "getter", "never_failing_vrs", "text_value"]
 

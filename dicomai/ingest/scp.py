@@ -43,6 +43,7 @@ from dicomai.ingest import pynetdicom_seam as seam
 from dicomai.ingest import uid_cache
 from dicomai.ingest.copies import CopyFlusher
 from dicomai.ingest.fast_store import FastStore, StoreRequest
+from dicomai.ingest.index import InstanceIndex
 from dicomai.ingest.listener import Listener, listener_class
 from dicomai.ingest.lobby import Lobby, LobbyLimits
 from dicomai.ingest.pdu_reader import PduReader
@@ -53,7 +54,6 @@ from dicomai.ingest.store_instance import (
     handle_store,
     store_instance,
 )
-from dicomai.jobs.queue import Queue
 from dicomai.logs import log_fields
 
 __all__ = ["IMPLEMENTATION_CLASS_UID", "TRANSFER_SYNTAXES", "Receiver", "handle_echo"]
@@ -212,13 +212,13 @@ class Receiver:
         self,
         settings: ReceiverSettings,
         spool: Spool,
-        queue: Queue,
+        index: InstanceIndex,
         clock: Callable[[], datetime],
         ssl_context: Any = None,
     ) -> None:
         self.settings = settings
         self.spool = spool
-        self.queue = queue
+        self.index = index
         self.clock = clock
         self.ssl_context = ssl_context
         #: Free-space floor of the spool in bytes; below it C-STORE answers 0xA700.
@@ -237,7 +237,7 @@ class Receiver:
         #: C-STORE requests served by the fast path (:mod:`dicomai.ingest.fast_store`) so far.
         self.fast_store_requests = 0
         #: Flushes the files of small instances committed with their bytes (dicomai.ingest.copies).
-        self.copies = CopyFlusher(queue)
+        self.copies = CopyFlusher(index)
 
     @property
     def port(self) -> int:
@@ -316,7 +316,7 @@ class Receiver:
         return store_instance(
             req,
             self.spool,
-            self.queue,
+            self.index,
             lambda: self.min_free_bytes,
             self.clock,
             self._tally,
@@ -413,7 +413,7 @@ class Receiver:
         if not study_uids:
             return
         try:
-            self.queue.mark_released(study_uids, self.clock())
+            self.index.mark_released(study_uids, self.clock())
         except Exception:  # the studies then close after their quiet period instead
             logger.exception(
                 "could not mark studies released",
@@ -481,7 +481,7 @@ class Receiver:
                 handle_store,
                 [
                     self.spool,
-                    self.queue,
+                    self.index,
                     lambda: self.min_free_bytes,
                     self.clock,
                     self._tally,

@@ -29,9 +29,9 @@ import dicomai.ingest.file_limits as file_limits
 from dicomai import audit, metrics
 from dicomai.ingest.copies import MAX_COPY_BYTES, CopyFlusher
 from dicomai.ingest.fast_store import StoreRequest, uid_value
+from dicomai.ingest.index import InstanceIndex, OwnResultObject
 from dicomai.ingest.record import convert_all, extract_record, getter, text_value
 from dicomai.ingest.spool import Spool, safe_uid
-from dicomai.jobs.queue import OwnResultObject, Queue
 from dicomai.logs import log_fields, uid_ref
 
 __all__ = [
@@ -143,7 +143,7 @@ def check_command(req: StoreRequest) -> tuple[str, int] | None:
 def _quarantine(
     req: StoreRequest,
     spool: Spool,
-    queue: Queue,
+    index: InstanceIndex,
     reason: str,
     status: int,
     clock: Callable[[], datetime],
@@ -167,7 +167,7 @@ def _quarantine(
     except ValueError:  # a command's garbage (e.g. a context mismatch) is not recorded
         sop_class = ""
     try:
-        queue.quarantine(
+        index.quarantine(
             reason=reason,
             status_code=status,
             calling_ae=req.calling_ae,
@@ -271,7 +271,7 @@ def request_from_event(event: evt.Event) -> StoreRequest:
 def store_instance(
     req: StoreRequest,
     spool: Spool,
-    queue: Queue,
+    index: InstanceIndex,
     floor: Callable[[], int],
     clock: Callable[[], datetime],
     tally: Callable[[int, str], None] | None = None,
@@ -296,36 +296,36 @@ def store_instance(
         refused = check_command(req)
         if refused is not None:
             reason, status = refused
-            return _quarantine(req, spool, queue, reason, status, clock, min_free_bytes)
+            return _quarantine(req, spool, index, reason, status, clock, min_free_bytes)
         try:
             ds = _read(req, limits)
             convert_all(ds, req.transfer_syntax)
         except file_limits.LimitExceeded as exceeded:
             return _quarantine(
-                req, spool, queue, exceeded.reason, exceeded.status, clock, min_free_bytes
+                req, spool, index, exceeded.reason, exceeded.status, clock, min_free_bytes
             )
         except Exception:  # any decoding problem of peer-supplied bytes
-            return _refuse(req, spool, queue, "undecodable", clock, min_free_bytes)
+            return _refuse(req, spool, index, "undecodable", clock, min_free_bytes)
         try:
             rec = extract_record(ds, req.transfer_syntax, req.sop_class_uid)
         except (AttributeError, KeyError, ValueError):
-            return _refuse(req, spool, queue, "missing_uid", clock, min_free_bytes)
+            return _refuse(req, spool, index, "missing_uid", clock, min_free_bytes)
         except Exception:
-            return _refuse(req, spool, queue, "undecodable", clock, min_free_bytes)
+            return _refuse(req, spool, index, "undecodable", clock, min_free_bytes)
         if rec.sop_instance_uid != req.sop_instance_uid:
-            return _refuse(req, spool, queue, "uid_mismatch", clock, min_free_bytes)
+            return _refuse(req, spool, index, "uid_mismatch", clock, min_free_bytes)
         try:
             sop_class = text_value(getter(ds, req.transfer_syntax), "SOPClassUID")
         except Exception:
-            return _refuse(req, spool, queue, "undecodable", clock, min_free_bytes)
+            return _refuse(req, spool, index, "undecodable", clock, min_free_bytes)
         if sop_class != req.sop_class_uid:  # PS3.4 B.2.3: 0xA900 (also when it is missing)
-            return _refuse(req, spool, queue, "sop_class_mismatch", clock, min_free_bytes)
+            return _refuse(req, spool, index, "sop_class_mismatch", clock, min_free_bytes)
         try:
             problem = check_instance(ds, req.transfer_syntax, limits)
         except Exception:
             problem = "undecodable"
         if problem:
-            return _refuse(req, spool, queue, problem, clock, min_free_bytes)
+            return _refuse(req, spool, index, problem, clock, min_free_bytes)
         if spool.free_bytes() < min_free_bytes:
             logger.error(
                 "spool below free-space floor",
@@ -345,7 +345,7 @@ def store_instance(
         # sent back by the PACS) is found by the index and its copy removed. It is answered
         # Success so the sender is satisfied, but never analysed again (that would loop).
         try:
-            new, job_id = queue.record_instance(rec, str(path), size, calling, clock(), copy=copy)
+            new, job_id = index.record_instance(rec, str(path), size, calling, clock(), copy=copy)
         except OwnResultObject:
             new, job_id = False, None
         except Exception:
@@ -392,7 +392,7 @@ def store_instance(
 def _refuse(
     req: StoreRequest,
     spool: Spool,
-    queue: Queue,
+    index: InstanceIndex,
     problem: str,
     clock: Callable[[], datetime],
     min_free_bytes: int,
@@ -402,13 +402,13 @@ def _refuse(
         if problem == "undecodable"
         else (file_limits.status_for(problem) or STATUS_DATASET_MISMATCH)
     )
-    return _quarantine(req, spool, queue, problem, status, clock, min_free_bytes)
+    return _quarantine(req, spool, index, problem, status, clock, min_free_bytes)
 
 
 def handle_store(
     event: evt.Event,
     spool: Spool,
-    queue: Queue,
+    index: InstanceIndex,
     floor: Callable[[], int],
     clock: Callable[[], datetime],
     tally: Callable[[int, str], None] | None = None,
@@ -420,4 +420,4 @@ def handle_store(
     except Exception:
         logger.exception("store handler failed", extra=log_fields("instance.handler_failed"))
         return STATUS_OUT_OF_RESOURCES
-    return store_instance(req, spool, queue, floor, clock, tally, flusher)
+    return store_instance(req, spool, index, floor, clock, tally, flusher)

@@ -5,7 +5,7 @@ type="application/dicom"`` body, one Part 10 file per part. The body is read as 
 in (:mod:`dicomai.ingest.stow_parts`), never whole; each complete part is stored exactly
 as a C-STORE would be: a :class:`~dicomai.ingest.fast_store.StoreRequest` from its file meta
 (calling AE ``DICOMWEB``, the client's address as peer) passed to
-:func:`~dicomai.ingest.store_instance.store_instance` with the DIMSE receiver's spool, queue,
+:func:`~dicomai.ingest.store_instance.store_instance` with the DIMSE receiver's spool, index,
 free-space floor and copy flusher (durable before the answer, duplicates answered as stored,
 quarantine and file limits). A request is a transfer of the DIMSE receiver
 (:meth:`~dicomai.ingest.scp.Receiver.open_transfer`): its instances are tallied per study and
@@ -449,7 +449,7 @@ class DicomWebReceiver:
         r = self.receiver
         try:
             status = store_instance(
-                request, r.spool, r.queue, lambda: r.min_free_bytes, r.clock, tally, r.copies
+                request, r.spool, r.index, lambda: r.min_free_bytes, r.clock, tally, r.copies
             )
         except Exception:  # store_instance never raises; belt and braces
             logger.exception("store failed", extra=log_fields("dicomweb.store_failed"))

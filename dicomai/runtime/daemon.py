@@ -20,6 +20,7 @@ from dicomai.delivery.sender import Sender
 from dicomai.ingest.copies import restore_copies
 from dicomai.ingest.file_limits import FileLimits
 from dicomai.ingest.file_limits import configure as configure_file_limits
+from dicomai.ingest.index import InstanceIndex
 from dicomai.ingest.scp import Receiver
 from dicomai.ingest.spool import Spool
 from dicomai.jobs.queue import Queue
@@ -57,7 +58,9 @@ class Daemon:
             echo=settings.database.echo,
             busy_timeout=settings.database.busy_timeout_seconds,
         )
-        self.queue = Queue(make_session_factory(self.engine))
+        self.sessions = make_session_factory(self.engine)
+        self.queue = Queue(self.sessions)
+        self.index = InstanceIndex(self.sessions)
         self.spool = Spool(settings.spool_path)
         self.models: ModelPool | None = None
         self.instance_name = f"{socket.gethostname()}:{os.getpid()}"
@@ -78,7 +81,7 @@ class Daemon:
         self.settings.general.data_dir.mkdir(parents=True, exist_ok=True)
         upgrade(self.engine)
         self.spool.start()
-        restore_copies(self.queue)  # small instances' files a machine crash may have cut
+        restore_copies(self.index)  # small instances' files a machine crash may have cut
         a = self.settings.audit
         audit.configure(
             self.settings.resolve(a.file) if a.file and str(a.file) else None,
@@ -88,12 +91,12 @@ class Daemon:
         )
         reclaim_dead_local(self.queue, socket.gethostname(), self.clock(), own_token=PROCESS_TOKEN)
         if "scheduler" in self.roles:
-            self.queue.restart_quiet_clocks(self.clock())
-            sweep_orphans(self.queue, self.spool)
+            self.index.restart_quiet_clocks(self.clock())
+            sweep_orphans(self.index, self.spool)
         if "receiver" in self.roles:
             # What one received data set may cost ([receiver] max_inflated_mb etc.).
             configure_file_limits(FileLimits.from_settings(self.settings.receiver))
-            self.receiver = Receiver(self.settings.receiver, self.spool, self.queue, self.clock)
+            self.receiver = Receiver(self.settings.receiver, self.spool, self.index, self.clock)
             self.receiver.start()
             logger.info("receiving", extra=log_fields("daemon.receiving", port=self.receiver.port))
             if self.settings.dicomweb.enabled:
@@ -112,7 +115,9 @@ class Daemon:
             self.sender = Sender(self.settings, self.queue, self.clock)
             self.sender.start()
         if "scheduler" in self.roles:
-            self.scheduler = Scheduler(self.settings, self.queue, self.spool, self.clock)
+            self.scheduler = Scheduler(
+                self.settings, self.queue, self.index, self.spool, self.clock
+            )
             self.scheduler.leadership = leadership_for(self.engine, self.settings.general.data_dir)
             self.scheduler.start()
             if self.receiver is not None:

@@ -19,6 +19,7 @@ from dicomai.config import RouteSettings, SchedulerSettings, Settings
 from dicomai.db import Instance, Job
 from dicomai.errors import StateConflict
 from dicomai.ingest.copies import restore_copies
+from dicomai.ingest.index import InstanceIndex
 from dicomai.ingest.spool import Spool
 from dicomai.jobs.queue import Queue
 from dicomai.jobs.states import TERMINAL_STATES, JobState
@@ -235,7 +236,12 @@ class PurgeItem:
 
 
 def purge_finished(
-    queue: Queue, spool: Spool, now: datetime, retention_days: float, *, dry_run: bool = False
+    index: InstanceIndex,
+    spool: Spool,
+    now: datetime,
+    retention_days: float,
+    *,
+    dry_run: bool = False,
 ) -> list[PurgeItem]:
     """Delete the spool files of studies finished more than ``retention_days`` ago.
 
@@ -246,7 +252,7 @@ def purge_finished(
     cutoff = now - timedelta(days=retention_days)
     terminal = [x.value for x in TERMINAL_STATES]
     items: list[PurgeItem] = []
-    with queue.session() as s:
+    with index.sessions() as s:
         per_study = s.execute(
             select(
                 Job.study_id,
@@ -305,7 +311,7 @@ def _aware(value: datetime) -> datetime:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value
 
 
-def sweep_orphans(queue: Queue, spool: Spool, older_than_seconds: float = 3600.0) -> int:
+def sweep_orphans(index: InstanceIndex, spool: Spool, older_than_seconds: float = 3600.0) -> int:
     """Delete received files that no row indexes (a crash between fsync and commit).
 
     Such a file was never acknowledged, so the sender will send it again. Files of receiver
@@ -314,9 +320,9 @@ def sweep_orphans(queue: Queue, spool: Spool, older_than_seconds: float = 3600.0
     receiver
     sharing the spool may be about to commit it.
     """
-    removed = spool.reap_dead_writers(queue.indexed_paths)
+    removed = spool.reap_dead_writers(index.indexed_paths)
     candidates = [str(p) for p in spool.incoming_files(older_than_seconds)]
-    indexed = queue.indexed_paths(candidates)
+    indexed = index.indexed_paths(candidates)
     for path in candidates:
         if path not in indexed:
             Path(path).unlink(missing_ok=True)
@@ -389,10 +395,16 @@ class Scheduler:
     """BackgroundScheduler running the periodic jobs."""
 
     def __init__(
-        self, settings: Settings, queue: Queue, spool: Spool, clock: Callable[[], datetime]
+        self,
+        settings: Settings,
+        queue: Queue,
+        index: InstanceIndex,
+        spool: Spool,
+        clock: Callable[[], datetime],
     ) -> None:
         self.settings = settings
         self.queue = queue
+        self.index = index
         self.spool = spool
         self.clock = clock
         self._sched: BackgroundScheduler | None = None
@@ -472,7 +484,7 @@ class Scheduler:
                 lambda: (
                     self.active
                     and purge_finished(
-                        self.queue, self.spool, self.clock(), self.settings.spool.retention_days
+                        self.index, self.spool, self.clock(), self.settings.spool.retention_days
                     )
                 )
             ),
@@ -484,7 +496,7 @@ class Scheduler:
         sched.add_job(
             self._safe(
                 lambda: restore_copies(
-                    self.queue, self.clock() - timedelta(seconds=COPY_MAX_AGE_SECONDS)
+                    self.index, self.clock() - timedelta(seconds=COPY_MAX_AGE_SECONDS)
                 )
             ),
             "interval",

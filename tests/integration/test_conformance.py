@@ -192,7 +192,7 @@ def assert_only_stored(daemon: Daemon, stored: list[Dataset]) -> None:
     assert instance_rows(daemon) == len(stored)
     assert len(instance_files(daemon)) == len(stored)
     for ds in stored:
-        assert daemon.queue.known_instance(ds.SOPInstanceUID) == "stored"
+        assert daemon.index.known_instance(ds.SOPInstanceUID) == "stored"
 
 
 def expect_path(daemon: Daemon, fast_store: bool, requests: int) -> None:
@@ -210,7 +210,7 @@ def test_command_sop_class_not_the_contexts_is_refused_0x0122(receiver, peer):
     # A DX command and DX data set on the CT context; a CT command would have matched it.
     rsp = peer.raw(CT, str(dx.SOPClassUID), dx.SOPInstanceUID, data)
     assert (rsp.Status, rsp.AffectedSOPInstanceUID) == (0x0122, dx.SOPInstanceUID)
-    assert receiver.queue.known_instance(dx.SOPInstanceUID) is None
+    assert receiver.index.known_instance(dx.SOPInstanceUID) is None
     stored.append(peer.store_ok(2))
     # A SOP class nobody knows (pynetdicom alone used to abort the association for it).
     rsp = peer.raw(CT, UNKNOWN_CLASS, dx.SOPInstanceUID, data)
@@ -246,7 +246,7 @@ def test_data_set_not_matching_its_command_is_refused_0xA900(receiver, peer, tmp
     path = tmp_path / "mr-as-ct.dcm"
     path.write_bytes(buf.getvalue() + encode(mr))
     assert peer.send_file_as_is(path) == 0xA900
-    assert receiver.queue.known_instance(mr.SOPInstanceUID) is None
+    assert receiver.index.known_instance(mr.SOPInstanceUID) is None
     stored.append(peer.store_ok(12))
     # A DX data set under an MR command on the MR context (hand-made PDVs), and a data set
     # without any SOP Class UID.
@@ -261,7 +261,7 @@ def test_data_set_not_matching_its_command_is_refused_0xA900(receiver, peer, tmp
     rsp = peer.raw(str(other.SOPClassUID), str(other.SOPClassUID), generate_uid(),
                    encode(other))
     assert rsp.Status == 0xA900
-    assert receiver.queue.known_instance(other.SOPInstanceUID) is None
+    assert receiver.index.known_instance(other.SOPInstanceUID) is None
     stored.append(peer.store_ok(16))
     assert_only_stored(receiver, stored)
     assert quarantined(receiver) == [("sop_class_mismatch", 0xA900)] * 3 + [
@@ -281,7 +281,7 @@ def test_command_without_affected_sop_instance_uid_is_answered(receiver, peer):
         assert rsp.Status == 0xA900
         assert rsp.AffectedSOPInstanceUID is None  # nothing to echo back
         assert rsp.AffectedSOPClassUID == dx_class
-        assert receiver.queue.known_instance(dx.SOPInstanceUID) is None
+        assert receiver.index.known_instance(dx.SOPInstanceUID) is None
         stored.append(peer.store_ok(22 if uid == "" else 23))
     assert_only_stored(receiver, stored)
     assert quarantined(receiver) == [("missing_affected_uid", 0xA900)] * 2
@@ -308,7 +308,7 @@ def test_the_first_c_store_of_an_association_is_refused_alike(make_settings):
             peer.store_ok(seed)
             assoc.release()
         ae.shutdown()
-        assert daemon.queue.known_instance(dx.SOPInstanceUID) is None
+        assert daemon.index.known_instance(dx.SOPInstanceUID) is None
         assert [r for r, _ in quarantined(daemon)] == ["context_mismatch",
                                                        "missing_affected_uid"]
 
@@ -328,7 +328,7 @@ def test_associate_ac_announces_the_configured_max_pdu_length(make_settings, fas
             # The sender splits to it: a 128 KiB image arrives in several PDUs, intact.
             ct = synthetic.make_head_ct(1, rows=256, cols=256)[0]
             assert int(peer.assoc.send_c_store(ct).Status) == 0x0000
-            assert daemon.queue.known_instance(ct.SOPInstanceUID) == "stored"
+            assert daemon.index.known_instance(ct.SOPInstanceUID) == "stored"
         finally:
             peer.assoc.release()
             peer.ae.shutdown()

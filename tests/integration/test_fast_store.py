@@ -81,7 +81,7 @@ def test_fast_path_stores_multi_pdu_and_mixed_messages_exactly(make_settings, tm
         assert daemon.receiver.fast_store_requests >= 3
         for sent in [*ct, *xray]:
             assert dataset_bytes(stored_path(daemon, sent)) == dataset_bytes(sent)
-        assert daemon.queue.known_instance(dcmread(xray[0]).SOPInstanceUID) is not None
+        assert daemon.index.known_instance(dcmread(xray[0]).SOPInstanceUID) is not None
 
 
 def test_fast_store_off_keeps_pynetdicoms_path(make_settings, tmp_path):
@@ -120,7 +120,7 @@ def test_a_message_broken_mid_dataset_aborts_and_stores_nothing(make_settings, t
             time.sleep(0.02)
         assert assoc.is_aborted
         ae.shutdown()
-        assert daemon.queue.known_instance(uid) is None
+        assert daemon.index.known_instance(uid) is None
         # nothing written (pre-created spool files stay empty)
         assert not [f for f in (daemon.spool.root / "incoming").rglob("*.dcm") if f.stat().st_size]
         # Still serving.

@@ -94,13 +94,13 @@ def normal_instance_stored(daemon: Daemon, assoc: Association, tmp: Path, seed: 
     path = bombs.part10(tmp / f"ok-{seed}.dcm", ds, bombs.encode(ds), ExplicitVRLittleEndian)
     before = instance_rows(daemon)
     assert send(assoc, path) == 0x0000
-    assert daemon.queue.known_instance(ds.SOPInstanceUID) == "stored"
+    assert daemon.index.known_instance(ds.SOPInstanceUID) == "stored"
     assert instance_rows(daemon) == before + 1
 
 
 def refused(daemon: Daemon, ds: Dataset, reason: str, status: int) -> None:
     assert quarantined(daemon)[-1] == (reason, status)
-    assert daemon.queue.known_instance(ds.SOPInstanceUID) is None
+    assert daemon.index.known_instance(ds.SOPInstanceUID) is None
     files = list((daemon.spool.root / "quarantine" / reason).glob("*"))
     assert len(files) == 1 and files[0].stat().st_size > 0
 
@@ -122,7 +122,7 @@ def test_deflate_bomb_is_refused_without_inflating_it(daemon: Daemon, assoc: Ass
     good_path = bombs.part10(tmp_path / "deflated.dcm", good, bombs.deflated(good),
                              DeflatedExplicitVRLittleEndian)
     assert send(assoc, good_path) == 0x0000
-    assert daemon.queue.known_instance(good.SOPInstanceUID) == "stored"
+    assert daemon.index.known_instance(good.SOPInstanceUID) == "stored"
     normal_instance_stored(daemon, assoc, tmp_path, 103)
 
 
@@ -163,7 +163,7 @@ def test_jpeg2000_claiming_another_size_is_refused(daemon: Daemon, assoc: Associ
     good_path = bombs.part10(tmp_path / "j2k-ok.dcm", good, bombs.encode(good),
                              JPEG2000Lossless)
     assert send(assoc, good_path) == 0x0000
-    assert daemon.queue.known_instance(good.SOPInstanceUID) == "stored"
+    assert daemon.index.known_instance(good.SOPInstanceUID) == "stored"
     normal_instance_stored(daemon, assoc, tmp_path, 133)
 
 

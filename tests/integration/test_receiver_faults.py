@@ -237,7 +237,7 @@ def test_dicom_tls_with_client_certificates(make_settings, certificates, tmp_pat
         ct = synthetic.make_head_ct(3, rows=256, cols=256)
         assert _tls_echo(port, c["ca.pem"], c["client.pem"], c["client.key"], store=ct) == 0
         assert daemon.receiver.fast_store_requests == 3
-        assert all(daemon.queue.known_instance(ds.SOPInstanceUID) == "stored" for ds in ct)
+        assert all(daemon.index.known_instance(ds.SOPInstanceUID) == "stored" for ds in ct)
         assert _tls_echo(port, c["ca.pem"]) is None  # no client certificate
         assert echo("127.0.0.1", port, called_ae="DICOMAI", calling_ae="PACS",
                     timeout=5) is None  # plain DICOM on a TLS port

@@ -342,7 +342,7 @@ def test_store_handler_with_mutated_bytes(rel_fuzz_receiver, tmp_path, rel_repor
         assert status in ALLOWED_STATUSES, f"status {status!r} for {mutations!r}"
         if status == 0x0000:
             stored.append(uid)
-            assert daemon.queue.has_instance(uid), "answered Success but not indexed"
+            assert daemon.index.has_instance(uid), "answered Success but not indexed"
             path = _stored_path(daemon, uid)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -360,7 +360,7 @@ def test_store_handler_with_mutated_bytes(rel_fuzz_receiver, tmp_path, rel_repor
     good = synthetic.make_xray("chest", rows=32, cols=32, seed=999_999)
     assert send_files(synthetic.write_study([good], tmp_path / "good"), "127.0.0.1", port,
                       called_ae="DICOMAI").ok
-    assert daemon.queue.has_instance(str(good.SOPInstanceUID))
+    assert daemon.index.has_instance(str(good.SOPInstanceUID))
     rel_report("C-STORE statuses", dict(seen))
     rel_report("stored (0x0000)", len(stored))
     rel_report("stored but not fully decodable", undecodable)

@@ -24,7 +24,7 @@ from dicomai.ingest import copies
 from dicomai.ingest import store_instance as storing
 from dicomai.ingest.copies import MAX_COPY_BYTES, CopyFlusher, restore_copies
 from dicomai.ingest.fast_store import StoreRequest
-from dicomai.jobs.queue import Queue
+from dicomai.ingest.index import InstanceIndex
 from dicomai.ingest.spool import Spool
 
 T0 = datetime(2026, 11, 27, 8, 0, tzinfo=UTC)
@@ -52,21 +52,21 @@ def copies_in(engine: Engine) -> dict[str, bytes]:
                                                             InstanceCopy.data))}
 
 
-def store(req: StoreRequest, spool: Spool, queue: Queue, flusher: CopyFlusher | None) -> int:
-    return storing.store_instance(req, spool, queue, lambda: 0, lambda: T0, None, flusher)
+def store(req: StoreRequest, spool: Spool, index: InstanceIndex, flusher: CopyFlusher | None) -> int:
+    return storing.store_instance(req, spool, index, lambda: 0, lambda: T0, None, flusher)
 
 
 def test_small_instance_committed_with_its_bytes_then_flushed(
         engine: Engine, spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
-    queue = Queue(make_session_factory(engine))
+    index = InstanceIndex(make_session_factory(engine))
     flushed: list[int] = []
     real = copies._fdatasync
     monkeypatch.setattr(copies, "_fdatasync", lambda fd: (flushed.append(fd), real(fd)))
-    flusher = CopyFlusher(queue, batch=4, max_wait=0.05)  # not started yet
+    flusher = CopyFlusher(index, batch=4, max_wait=0.05)  # not started yet
     small = synthetic.make_xray("chest", rows=64, cols=64, seed=1)
     big = synthetic.make_xray("chest", rows=256, cols=256, seed=2)  # 128 KiB of pixels
     for ds in (small, big, small):  # the second small one is a duplicate
-        assert store(request_for(ds), spool, queue, flusher) == 0
+        assert store(request_for(ds), spool, index, flusher) == 0
     kept = copies_in(engine)
     assert len(kept) == 1  # the small one only; its file holds exactly the committed bytes
     (path, data), = kept.items()
@@ -85,9 +85,9 @@ def test_small_instance_committed_with_its_bytes_then_flushed(
 
 def test_without_a_flusher_every_file_is_flushed_before_success(
         engine: Engine, spool: Spool) -> None:
-    queue = Queue(make_session_factory(engine))
+    index = InstanceIndex(make_session_factory(engine))
     ds = synthetic.make_xray("chest", rows=64, cols=64, seed=3)
-    assert store(request_for(ds), spool, queue, None) == 0
+    assert store(request_for(ds), spool, index, None) == 0
     assert copies_in(engine) == {}
 
 
@@ -95,11 +95,11 @@ def test_restore_writes_lost_files_again_from_their_copies(
         engine: Engine, spool: Spool) -> None:
     """A machine crash after Success: the file lost what was not flushed (here: all of it,
     or the file itself); the copies left in the database bring them back at start."""
-    queue = Queue(make_session_factory(engine))
-    flusher = CopyFlusher(queue)  # never started: as if the machine went down at once
+    index = InstanceIndex(make_session_factory(engine))
+    flusher = CopyFlusher(index)  # never started: as if the machine went down at once
     datasets = [synthetic.make_xray("hand", rows=64, cols=48, seed=s) for s in (4, 5, 6)]
     for ds in datasets:
-        assert store(request_for(ds), spool, queue, flusher) == 0
+        assert store(request_for(ds), spool, index, flusher) == 0
     kept = copies_in(engine)
     assert len(kept) == 3
     first, second, third = sorted(kept)
@@ -108,23 +108,23 @@ def test_restore_writes_lost_files_again_from_their_copies(
     with open(third, "r+b") as f:  # longer than its instance: cut back to its size
         f.seek(0, os.SEEK_END)
         f.write(b"\0" * 100)
-    assert restore_copies(queue, made_before=T0) == 0  # only those committed before T0
-    assert restore_copies(queue) == 3
+    assert restore_copies(index, made_before=T0) == 0  # only those committed before T0
+    assert restore_copies(index) == 3
     assert copies_in(engine) == {}
     for path, data in kept.items():
         assert Path(path).read_bytes() == data
-    assert restore_copies(queue) == 0
+    assert restore_copies(index) == 0
 
 
 def test_a_file_that_cannot_be_flushed_keeps_its_copy(engine: Engine, spool: Spool) -> None:
-    queue = Queue(make_session_factory(engine))
-    flusher = CopyFlusher(queue, max_wait=0.01)
+    index = InstanceIndex(make_session_factory(engine))
+    flusher = CopyFlusher(index, max_wait=0.01)
     ds = synthetic.make_xray("chest", rows=64, cols=64, seed=7)
-    assert store(request_for(ds), spool, queue, flusher) == 0
+    assert store(request_for(ds), spool, index, flusher) == 0
     (path, data), = copies_in(engine).items()
     os.unlink(path)  # e.g. removed behind our back
     flusher.start()
     flusher.stop()
     assert copies_in(engine) == {path: data} and flusher.flushed == 0
-    assert restore_copies(queue, made_before=T0 + timedelta(seconds=1)) == 1
+    assert restore_copies(index, made_before=T0 + timedelta(seconds=1)) == 1
     assert Path(path).read_bytes() == data

@@ -28,7 +28,8 @@ from sqlalchemy.orm import sessionmaker
 from dicomai.db import Base, Instance, Job, JobEvent, create_all, make_engine, make_session_factory
 from dicomai.ingest.pdu_reader import PduReader
 from dicomai.ingest.store_instance import file_meta_bytes
-from dicomai.jobs.queue import InstanceRecord, Queue
+from dicomai.ingest.index import InstanceIndex, InstanceRecord
+from dicomai.jobs.queue import Queue
 from dicomai.jobs.states import JobState
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
@@ -46,7 +47,7 @@ def rec(study: str, sop: str) -> InstanceRecord:
 
 
 def test_concurrent_records_share_commits_and_stay_consistent(engine: Engine) -> None:
-    queue = Queue(make_session_factory(engine))
+    index = InstanceIndex(make_session_factory(engine))
     results: list[tuple[str, bool, int]] = []
     lock = threading.Lock()
 
@@ -54,7 +55,7 @@ def test_concurrent_records_share_commits_and_stay_consistent(engine: Engine) ->
         for i in range(25):
             study = f"1.5.{i % 3}"
             sop = f"{study}.1.{i}.{k // 2}"  # senders 0 and 1 send the same, 2 and 3 too
-            new, job_id = queue.record_instance(rec(study, sop), f"/spool/{sop}.dcm", 10, "M",
+            new, job_id = index.record_instance(rec(study, sop), f"/spool/{sop}.dcm", 10, "M",
                                                 T0 + timedelta(milliseconds=i))
             with lock:
                 results.append((sop, new, job_id))
@@ -72,7 +73,7 @@ def test_concurrent_records_share_commits_and_stay_consistent(engine: Engine) ->
         outcomes = sorted(new for s, new, _ in results if s == sop)
         assert outcomes == [False, True]
         assert len({job for s, _, job in results if s == sop}) == 1
-    with queue.session() as s:
+    with index.sessions() as s:
         assert s.scalar(select(func.count()).select_from(Instance)) == 50
         jobs = list(s.scalars(select(Job)))
         assert len(jobs) == 3  # one RECEIVING generation per study
@@ -83,13 +84,13 @@ def test_concurrent_records_share_commits_and_stay_consistent(engine: Engine) ->
 
 
 def test_record_after_close_opens_next_generation(engine: Engine) -> None:
-    queue = Queue(make_session_factory(engine))
-    _, job1 = queue.record_instance(rec("1.6", "1.6.1.1"), "/a", 1, "M", T0)
+    queue, index = Queue(make_session_factory(engine)), InstanceIndex(make_session_factory(engine))
+    _, job1 = index.record_instance(rec("1.6", "1.6.1.1"), "/a", 1, "M", T0)
     queue.transition(job1, JobState.RECEIVING, JobState.QUEUED, reason="test", now=T0)
-    new, job2 = queue.record_instance(rec("1.6", "1.6.1.2"), "/b", 1, "M", T0)
+    new, job2 = index.record_instance(rec("1.6", "1.6.1.2"), "/b", 1, "M", T0)
     assert new and job2 != job1
     assert queue.get_job(job2).generation == 2
-    assert queue.record_instance(rec("1.6", "1.6.1.1"), "/c", 1, "M", T0) == (False, job1)
+    assert index.record_instance(rec("1.6", "1.6.1.1"), "/c", 1, "M", T0) == (False, job1)
 
 
 def test_duplicates_and_own_results_are_answered_success_and_leave_one_copy(
@@ -102,7 +103,7 @@ def test_duplicates_and_own_results_are_answered_success_and_leave_one_copy(
     from dicomai.ingest.fast_store import StoreRequest
     from dicomai.ingest.spool import Spool
 
-    queue = Queue(make_session_factory(engine))
+    queue, index = Queue(make_session_factory(engine)), InstanceIndex(make_session_factory(engine))
     spool = Spool(tmp_path / "spool")
     spool.start()
     own, other = (synthetic.make_xray("chest", rows=16, cols=16, seed=s) for s in (7, 8))
@@ -115,7 +116,7 @@ def test_duplicates_and_own_results_are_answered_success_and_leave_one_copy(
         return sorted(p for p in (tmp_path / "spool" / "incoming").rglob("*.dcm")
                       if p.stat().st_size)
 
-    assert storing.store_instance(request(own), spool, queue, lambda: 0, lambda: T0) == 0
+    assert storing.store_instance(request(own), spool, index, lambda: 0, lambda: T0) == 0
     job = queue.get_job(1)
     with queue.session() as s, s.begin():  # "own" is now one of our results
         s.add(ResultObject(job_id=job.id, destination="pacs", kind="SR",
@@ -125,20 +126,20 @@ def test_duplicates_and_own_results_are_answered_success_and_leave_one_copy(
     first = files()
     assert len(first) == 1
     for ds in (own, other, own, other):  # a duplicate, our result, again both
-        assert storing.store_instance(request(ds), spool, queue, lambda: 0, lambda: T0) == 0
+        assert storing.store_instance(request(ds), spool, index, lambda: 0, lambda: T0) == 0
     assert files() == first
     with engine.connect() as conn:
         assert conn.scalar(select(func.count()).select_from(Instance)) == 1
         assert conn.scalar(select(func.count()).select_from(Job)) == 1
-    assert queue.known_instance(str(other.SOPInstanceUID)) == "own_result"
+    assert index.known_instance(str(other.SOPInstanceUID)) == "own_result"
     spool.close()
 
 
 def test_known_instance_and_session_without_engine(engine: Engine) -> None:
-    queue = Queue(sessionmaker(binds={Base: engine}, expire_on_commit=False))
-    assert queue.known_instance("1.7.1.1") is None
-    queue.record_instance(rec("1.7", "1.7.1.1"), "/a", 1, "M", T0)
-    assert queue.known_instance("1.7.1.1") == "stored"
+    index = InstanceIndex(sessionmaker(binds={Base: engine}, expire_on_commit=False))
+    assert index.known_instance("1.7.1.1") is None
+    index.record_instance(rec("1.7", "1.7.1.1"), "/a", 1, "M", T0)
+    assert index.known_instance("1.7.1.1") == "stored"
 
 
 # -- file meta --------------------------------------------------------------------------------
@@ -344,17 +345,16 @@ def test_convert_all_skips_text_but_still_converts_numbers() -> None:
 def test_sqlite_record_statements_store_exactly_what_core_stores(tmp_path: Path) -> None:
     from sqlalchemy import text
 
-    from dicomai.jobs.queue import _RecordStatements, _SqliteRecordStatements
+    from dicomai.ingest.index_sql import RecordStatements, SqliteRecordStatements
 
-    queues = []
+    indexes = []
     for name in ("raw", "core"):
         eng = make_engine(f"sqlite:///{tmp_path / name}.db")
         create_all(eng)
-        queue = Queue(make_session_factory(eng))
-        queues.append((eng, queue))
-    (raw_engine, raw), (core_engine, core) = queues
-    assert isinstance(raw._stmts, _SqliteRecordStatements)
-    core._stmts = _RecordStatements()
+        indexes.append((eng, InstanceIndex(make_session_factory(eng))))
+    (raw_engine, raw), (core_engine, core) = indexes
+    assert isinstance(raw._stmts, SqliteRecordStatements)
+    core._stmts = RecordStatements()
     full = InstanceRecord(
         sop_instance_uid="1.9.1.1.1", study_instance_uid="1.9.1", series_instance_uid="1.9.1.1",
         sop_class_uid="1.2.840.10008.5.1.4.1.1.2", transfer_syntax_uid=ExplicitVRLittleEndian,
@@ -363,21 +363,22 @@ def test_sqlite_record_statements_store_exactly_what_core_stores(tmp_path: Path)
         series_description="AXIAL 5mm", orientation="1.0000\\0.0000\\0.0000\\0.0000\\1.0000\\0",
         slice_position=-12.5, rows=512, columns=512, acquisition_number=1,
         images_in_acquisition=40)
-    for queue in (raw, core):
+    for index in (raw, core):
         outcomes = [
-            queue.record_instance(full, "/spool/a.dcm", 525_000, "CT01", T0),
-            queue.record_instance(rec("1.9.2", "1.9.2.1.1"), "/spool/b.dcm", 10, "CR01",
+            index.record_instance(full, "/spool/a.dcm", 525_000, "CT01", T0),
+            index.record_instance(rec("1.9.2", "1.9.2.1.1"), "/spool/b.dcm", 10, "CR01",
                                   T0 + timedelta(seconds=1)),
-            queue.record_instance(rec("1.9.1", "1.9.1.1.2"), "/spool/c.dcm", 11, "CT01",
+            index.record_instance(rec("1.9.1", "1.9.1.1.2"), "/spool/c.dcm", 11, "CT01",
                                   T0 + timedelta(seconds=2)),
-            queue.record_instance(full, "/spool/a.dcm", 525_000, "CT01", T0),  # duplicate
+            index.record_instance(full, "/spool/a.dcm", 525_000, "CT01", T0),  # duplicate
         ]
-        queue.transition(1, "receiving", "queued", reason="test", now=T0 + timedelta(seconds=3))
-        outcomes.append(queue.record_instance(rec("1.9.1", "1.9.1.1.3"), "/spool/d.dcm", 12,
+        Queue(index.sessions).transition(1, "receiving", "queued", reason="test",
+                                         now=T0 + timedelta(seconds=3))
+        outcomes.append(index.record_instance(rec("1.9.1", "1.9.1.1.3"), "/spool/d.dcm", 12,
                                               "CT01", T0 + timedelta(seconds=4)))
         assert outcomes == [(True, 1), (True, 2), (True, 1), (False, 1), (True, 3)]
-        assert queue.known_instance("1.9.1.1.3") == "stored"
-        assert queue.known_instance("1.9.9") is None
+        assert index.known_instance("1.9.1.1.3") == "stored"
+        assert index.known_instance("1.9.9") is None
 
     def dump(engine: Engine) -> dict[str, list[tuple[object, ...]]]:
         with engine.connect() as conn:
@@ -451,9 +452,9 @@ def test_supported_contexts_copy_is_as_independent_as_deepcopy() -> None:
 def test_record_lock_excludes_threads_of_one_process(tmp_path: Path) -> None:
     """flock alone lets two threads of one process in at once (one open file); the record
     lock must not: the group commit's leader and the copy flusher both write."""
-    from dicomai.jobs.queue import _FileLock
+    from dicomai.ingest.group_commit import FileLock
 
-    lock, order = _FileLock(str(tmp_path / "db.record-lock")), []
+    lock, order = FileLock(str(tmp_path / "db.record-lock")), []
 
     def other() -> None:
         with lock:

@@ -11,7 +11,8 @@ import pytest
 from dicomai.ingest import spool as store
 from dicomai.config import Settings, load_settings
 from dicomai.db import create_all, make_engine, make_session_factory
-from dicomai.jobs.queue import InstanceRecord, Queue
+from dicomai.ingest.index import InstanceIndex, InstanceRecord
+from dicomai.jobs.queue import Queue
 from dicomai.jobs.states import JobState
 from dicomai.delivery.sender import Outcome, classify_status
 from dicomai.ops.status import collect
@@ -222,8 +223,9 @@ def test_collect_counts_jobs_and_sees_fresh_heartbeats(tmp_path: Path) -> None:
     try:
         create_all(engine)
         queue = Queue(make_session_factory(engine))
+        index = InstanceIndex(queue.sessions)
         for n in range(3):
-            queue.record_instance(
+            index.record_instance(
                 InstanceRecord(f"1.{n}.1.1", f"1.{n}", f"1.{n}.1", "1.2.840.10008.5.1.4.1.1.1.1",
                                "1.2.840.10008.1.2.1"),
                 "/p", 1, "M", NOW,

@@ -20,8 +20,8 @@ __all__ = ["cmd_demo", "cmd_purge"]
 def cmd_purge(args: argparse.Namespace) -> int:
     """Delete spool files of studies finished more than N days ago (history rows are kept)."""
     from dicomai.db import make_session_factory, utcnow
+    from dicomai.ingest.index import InstanceIndex
     from dicomai.ingest.spool import Spool
-    from dicomai.jobs.queue import Queue
     from dicomai.runtime.scheduler import purge_finished
 
     settings = settings_from(args)
@@ -35,7 +35,7 @@ def cmd_purge(args: argparse.Namespace) -> int:
         return EXIT_OK
     try:
         items = purge_finished(
-            Queue(make_session_factory(engine)),
+            InstanceIndex(make_session_factory(engine)),
             Spool(settings.spool_path),
             utcnow(),
             days,
