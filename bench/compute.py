@@ -8,7 +8,7 @@
   total — target ≤ 10 s.
 
 Uses the bundled reference models (built on first use, as ``serve`` does) through the worker's
-:class:`~dicomai.inference.worker.ModelPool`, on CPU with ``--threads`` torch threads. Medians over
+:class:`~dicomai.models.pool.ModelPool`, on CPU with ``--threads`` torch threads. Medians over
 ``--repeats``. Not a test: it prints figures.
 
     .venv/bin/python bench/compute.py [--repeats 5] [--ct-repeats 2] [--threads 2]
@@ -45,7 +45,7 @@ from dicomai.config import load_settings  # noqa: E402
 from dicomai.inference.decode import decode_reduced  # noqa: E402
 from dicomai.inference.findings import Task  # noqa: E402
 from dicomai.results.display import display_rgb  # noqa: E402
-from dicomai.inference.worker import ModelPool  # noqa: E402
+from dicomai.models.pool import ModelPool  # noqa: E402
 
 CHEST_TARGET_MS = 250.0
 CT_TARGET_S = 10.0

@@ -9,13 +9,12 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterable
-from datetime import datetime
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from dicomai import audit
 from dicomai.config import Settings
-from dicomai.db import make_engine, make_session_factory, utcnow
+from dicomai.db import make_engine, make_session_factory
 from dicomai.delivery.sender import Sender
 from dicomai.ingest.copies import restore_copies
 from dicomai.ingest.file_limits import FileLimits
@@ -27,13 +26,15 @@ from dicomai.jobs.queue import Queue
 from dicomai.logs import log_fields
 from dicomai.metrics import MetricsServer, start_metrics_server
 from dicomai.migrations import upgrade
+from dicomai.runtime.clock import Clock, SystemClock
 from dicomai.runtime.leadership import leadership_for
 from dicomai.runtime.roles import ROLES
 from dicomai.runtime.scheduler import PROCESS_TOKEN, Scheduler, reclaim_dead_local, sweep_orphans
 
 if TYPE_CHECKING:  # imported in start(), after the receiver listens: it brings in torch
-    from dicomai.inference.worker import ModelPool, Worker
+    from dicomai.inference.worker import Worker
     from dicomai.ingest.stow_server import DicomWebReceiver
+    from dicomai.models.pool import ModelPool
 
 __all__ = ["Daemon"]
 
@@ -48,11 +49,11 @@ class Daemon:
         settings: Settings,
         *,
         roles: Iterable[str] = ROLES,
-        clock: Callable[[], datetime] = utcnow,
+        clock: Clock | None = None,
     ) -> None:
         self.settings = settings
         self.roles = tuple(r for r in ROLES if r in set(roles))
-        self.clock = clock
+        self.clock: Clock = clock or SystemClock()
         self.engine = make_engine(
             settings.database_url,
             echo=settings.database.echo,
@@ -89,22 +90,25 @@ class Daemon:
             syslog_address=a.syslog_address,
             site=self.settings.general.site_name,
         )
-        reclaim_dead_local(self.queue, socket.gethostname(), self.clock(), own_token=PROCESS_TOKEN)
+        reclaim_dead_local(
+            self.queue, socket.gethostname(), self.clock.now(), own_token=PROCESS_TOKEN
+        )
         if "scheduler" in self.roles:
-            self.index.restart_quiet_clocks(self.clock())
+            self.index.restart_quiet_clocks(self.clock.now())
             sweep_orphans(self.index, self.spool)
         if "receiver" in self.roles:
             # What one received data set may cost ([receiver] max_inflated_mb etc.).
             configure_file_limits(FileLimits.from_settings(self.settings.receiver))
-            self.receiver = Receiver(self.settings.receiver, self.spool, self.index, self.clock)
+            self.receiver = Receiver(self.settings.receiver, self.spool, self.index, self.clock.now)
             self.receiver.start()
             logger.info("receiving", extra=log_fields("daemon.receiving", port=self.receiver.port))
             if self.settings.dicomweb.enabled:
                 from dicomai.ingest.stow_server import DicomWebReceiver
 
-                self.dicomweb = DicomWebReceiver(self.settings, self.receiver, self.clock)
+                self.dicomweb = DicomWebReceiver(self.settings, self.receiver, self.clock.now)
                 self.dicomweb.start()
-        from dicomai.inference.worker import ModelPool, Worker  # torch: seconds to import
+        from dicomai.inference.worker import Worker  # torch: seconds to import
+        from dicomai.models.pool import ModelPool
 
         self.models = ModelPool(self.settings)
         if "worker" in self.roles:
@@ -170,7 +174,7 @@ class Daemon:
         )
         if models is not None and models.states():
             info["models_not_ready"] = models.states()  # loading, or failed with its error
-        self.queue.beat(f"daemon@{self.instance_name}", "daemon", self.clock(), info)
+        self.queue.beat(f"daemon@{self.instance_name}", "daemon", self.clock.now(), info)
 
     def _beat_loop(self) -> None:
         while not self._beat_stop.wait(5.0):

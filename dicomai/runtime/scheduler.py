@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import case, delete, func, select
@@ -21,10 +22,12 @@ from dicomai.errors import StateConflict
 from dicomai.ingest.copies import restore_copies
 from dicomai.ingest.index import InstanceIndex
 from dicomai.ingest.spool import Spool
+from dicomai.jobs import policy
 from dicomai.jobs.queue import Queue
 from dicomai.jobs.states import TERMINAL_STATES, JobState
 from dicomai.logs import log_fields
 from dicomai.routing import RouteDecision, StudyInfo, select_route, summarise_series
+from dicomai.runtime.clock import Clock
 from dicomai.runtime.leadership import Leadership
 
 __all__ = [
@@ -132,44 +135,23 @@ def _close(
         series=tuple(summarise_series({c: getattr(r, c) for c in _ROUTING_COLUMNS} for r in rows)),
     )
     decision = select_route(study, routes)
-    try:
-        if decision is not None and job.generation > 1 and _unchanged(queue, job, rows, decision):
-            queue.transition(
-                job.id,
-                JobState.RECEIVING,
-                JobState.SKIPPED,
-                reason="route.inputs_unchanged",
-                now=now,
-                closed_at=now,
-                route=decision.route,
-                model=decision.model,
-                guard=guard,
-            )
-        elif decision is None:
-            queue.transition(
-                job.id,
-                JobState.RECEIVING,
-                JobState.SKIPPED,
-                reason="route.none",
-                now=now,
-                closed_at=now,
-                guard=guard,
-            )
-        else:
-            queue.transition(
-                job.id,
-                JobState.RECEIVING,
-                JobState.QUEUED,
-                reason="route.matched",
-                now=now,
-                closed_at=now,
-                route=decision.route,
-                model=decision.model,
+    unchanged = (
+        decision is not None and job.generation > 1 and _unchanged(queue, job, rows, decision)
+    )
+    t = policy.close(route_matched=decision is not None, inputs_unchanged=unchanged)
+    chosen: dict[str, Any] = {}
+    if decision is not None:  # what was chosen is kept, also when the study is skipped
+        chosen = {"route": decision.route, "model": decision.model}
+        if t.dst is JobState.QUEUED:
+            chosen.update(
                 destinations=list(decision.destinations),
                 series_uids=list(decision.series_instance_uids),
-                guard=guard,
                 priority=decision.priority,
             )
+    try:
+        queue.transition(
+            job.id, t.src, t.dst, reason=t.reason, now=now, guard=guard, **t.changes(now), **chosen
+        )
     except StateConflict:
         return 0
     logger.debug("study closed", extra=log_fields("scheduler.close", job_id=job.id, cause=cause))
@@ -209,12 +191,11 @@ def reap_stale(queue: Queue, now: datetime, stale_seconds: float) -> int:
     """Return RUNNING/SENDING jobs with a stale heartbeat to QUEUED/OUTBOX."""
     cutoff = now - timedelta(seconds=stale_seconds)
     reaped = 0
-    for state, back in ((JobState.RUNNING, JobState.QUEUED), (JobState.SENDING, JobState.OUTBOX)):
+    for state in policy.CLAIMED_STATES:
+        t = policy.reclaim(state, policy.ReclaimCause.STALE_HEARTBEAT)
         for job in queue.stale_claims(state, cutoff):
             try:
-                queue.transition(
-                    job.id, state, back, reason="reap.stale_heartbeat", now=now, claimed_by=None
-                )
+                queue.transition(job.id, t.src, t.dst, reason=t.reason, now=now, **t.changes(now))
                 reaped += 1
             except StateConflict:
                 continue
@@ -363,7 +344,8 @@ def reclaim_dead_local(queue: Queue, hostname: str, now: datetime, own_token: st
     its heartbeat to go stale.
     """
     reclaimed = 0
-    for state, back in ((JobState.RUNNING, JobState.QUEUED), (JobState.SENDING, JobState.OUTBOX)):
+    for state in policy.CLAIMED_STATES:
+        t = policy.reclaim(state, policy.ReclaimCause.DEAD_PROCESS)
         for job in queue.stale_claims(state, now + timedelta(days=3650)):
             claimer = job.claimed_by or ""
             _, _, where = claimer.partition("@")
@@ -377,9 +359,7 @@ def reclaim_dead_local(queue: Queue, hostname: str, now: datetime, own_token: st
             elif _pid_alive(pid):
                 continue
             try:
-                queue.transition(
-                    job.id, state, back, reason="reap.dead_process", now=now, claimed_by=None
-                )
+                queue.transition(job.id, t.src, t.dst, reason=t.reason, now=now, **t.changes(now))
                 reclaimed += 1
             except StateConflict:
                 continue
@@ -400,7 +380,7 @@ class Scheduler:
         queue: Queue,
         index: InstanceIndex,
         spool: Spool,
-        clock: Callable[[], datetime],
+        clock: Clock,
     ) -> None:
         self.settings = settings
         self.queue = queue
@@ -423,7 +403,7 @@ class Scheduler:
         if not self.active:
             return
         s = self.settings.scheduler
-        now = self.clock()
+        now = self.clock.now()
         close_early_studies(self.queue, self.settings.routes, now, s)
         close_quiet_studies(self.queue, self.settings.routes, now, s.study_quiet_seconds)
         reap_stale(self.queue, now, s.stale_claim_seconds)
@@ -432,7 +412,9 @@ class Scheduler:
         """Only the early close (run when a sender released an association)."""
         if not self.active:
             return
-        close_early_studies(self.queue, self.settings.routes, self.clock(), self.settings.scheduler)
+        close_early_studies(
+            self.queue, self.settings.routes, self.clock.now(), self.settings.scheduler
+        )
 
     def wake(self) -> None:
         """Run the early close now, and again once the release grace has passed."""
@@ -484,7 +466,7 @@ class Scheduler:
                 lambda: (
                     self.active
                     and purge_finished(
-                        self.index, self.spool, self.clock(), self.settings.spool.retention_days
+                        self.index, self.spool, self.clock.now(), self.settings.spool.retention_days
                     )
                 )
             ),
@@ -496,7 +478,7 @@ class Scheduler:
         sched.add_job(
             self._safe(
                 lambda: restore_copies(
-                    self.index, self.clock() - timedelta(seconds=COPY_MAX_AGE_SECONDS)
+                    self.index, self.clock.now() - timedelta(seconds=COPY_MAX_AGE_SECONDS)
                 )
             ),
             "interval",

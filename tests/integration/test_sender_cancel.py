@@ -11,7 +11,9 @@ from pathlib import Path
 from dicomai_tools import synthetic
 from dicomai.config import DestinationSettings
 from dicomai_tools.local_pacs import LocalPacs
-from dicomai.delivery.sender import Outcome, SendCancel, SendItem, SendReport, send_objects
+from dicomai.delivery.dimse import send_objects
+from dicomai.delivery.transport import SendCancel, SendItem, SendReport
+from dicomai.jobs.policy import SendOutcome
 
 XRAY = "1.2.840.10008.5.1.4.1.1.1"  # CR
 
@@ -46,10 +48,10 @@ def test_a_node_that_never_answers_the_association_request(tmp_path: Path) -> No
         assert cancel.cancel() == 1
         thread.join(5)
         assert not thread.is_alive() and time.monotonic() - t0 < 5
-        assert out["report"].outcomes[1][0] is Outcome.RETRY
+        assert out["report"].outcomes[1][0] is SendOutcome.RETRY
         # a send started after the cancel does not even connect
         assert send_objects(dest, _xray(tmp_path / "b"), calling_ae="DICOMAI", timeout=30,
-                            cancel=cancel).outcomes[1][0] is Outcome.RETRY
+                            cancel=cancel).outcomes[1][0] is SendOutcome.RETRY
     finally:
         hung.close()
 
@@ -77,6 +79,6 @@ def test_a_node_that_never_answers_a_c_store(tmp_path: Path) -> None:
             assert cancel.cancel() == 1
             thread.join(5)
             assert not thread.is_alive() and time.monotonic() - t0 < 5
-            assert out["report"].outcomes[1][0] is Outcome.RETRY
+            assert out["report"].outcomes[1][0] is SendOutcome.RETRY
         finally:
             release.set()

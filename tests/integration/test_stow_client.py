@@ -1,4 +1,4 @@
-"""STOW-RS sends (dicomai.delivery.sender.send_objects_stow) against an HTTP(S) archive of this test on
+"""STOW-RS sends (dicomai.delivery.stow.send_objects_stow) against an HTTP(S) archive of this test on
 loopback, which answers what each test scripts: PS3.18 responses per instance, credentials
 checked by dicomai.http_auth's server side, TLS with a CA of our own, a request held."""
 
@@ -22,7 +22,10 @@ from pydicom.uid import SegmentationStorage
 from dicomai_tools import synthetic
 from dicomai.config import DestinationSettings, load_settings
 from dicomai.http_auth import credentials
-from dicomai.delivery.sender import Outcome, SendCancel, SendItem, send_objects_stow, stow_target
+from dicomai.delivery.sender import stow_target
+from dicomai.delivery.stow import send_objects_stow
+from dicomai.delivery.transport import SendCancel, SendItem
+from dicomai.jobs.policy import SendOutcome
 from tests.conftest import DEFAULT_CONFIG, free_port
 
 
@@ -158,9 +161,9 @@ def test_one_request_per_job_and_a_partial_answer_per_instance(serve, results, t
     for _, ds in results:
         assert str(ds.SOPInstanceUID).encode() in seen.body
     assert seen.body.count(b"DICM") == 3
-    assert report.outcomes[1] == (Outcome.SENT, None, None)
-    assert report.outcomes[2][0] is Outcome.RETRY and report.outcomes[2][1] == 0xA700
-    assert report.outcomes[3][0] is Outcome.SKIPPED  # optional, SOP class not supported
+    assert report.outcomes[1] == (SendOutcome.SENT, None, None)
+    assert report.outcomes[2][0] is SendOutcome.RETRY and report.outcomes[2][1] == 0xA700
+    assert report.outcomes[3][0] is SendOutcome.SKIPPED  # optional, SOP class not supported
 
 
 def test_409_refusals_and_duplicates(serve, results, tmp_path):
@@ -169,19 +172,19 @@ def test_409_refusals_and_duplicates(serve, results, tmp_path):
     _, port = serve(Archive(lambda seen: Answer(409, _response(
         [], [(sr, 0x0111), (sc, 0xA900), (seg, 0x0110)]))))
     report = _send(_dest(port), items, tmp_path)
-    assert report.outcomes[1][0] is Outcome.SENT  # already held: not an error
-    assert report.outcomes[2] == (Outcome.REFUSED, 0xA900, "failure reason 0xA900")
-    assert report.outcomes[3][0] is Outcome.REFUSED  # optional, but not a SOP class refusal
+    assert report.outcomes[1][0] is SendOutcome.SENT  # already held: not an error
+    assert report.outcomes[2] == (SendOutcome.REFUSED, 0xA900, "failure reason 0xA900")
+    assert report.outcomes[3][0] is SendOutcome.REFUSED  # optional, but not a SOP class refusal
 
 
 def test_server_errors_and_no_listener_are_retried(serve, results, tmp_path):
     items = [i for i, _ in results]
     _, port = serve(Archive(lambda seen: Answer(503, b"busy", "text/plain")))
     report = _send(_dest(port), items, tmp_path)
-    assert {o[0] for o in report.outcomes.values()} == {Outcome.RETRY}
+    assert {o[0] for o in report.outcomes.values()} == {SendOutcome.RETRY}
     assert report.error == "HTTP 503"
     report = _send(_dest(free_port()), items, tmp_path)
-    assert {o[0] for o in report.outcomes.values()} == {Outcome.RETRY}
+    assert {o[0] for o in report.outcomes.values()} == {SendOutcome.RETRY}
     assert report.error.startswith("connection failed")
 
 
@@ -201,14 +204,14 @@ def test_bearer_token_checked_and_rotated(serve, results, tmp_path):
     target = stow_target(dest, _settings(tmp_path))
     items = [results[0][0]]
     report = send_objects_stow(dest, items, target=target)
-    assert report.outcomes[1][0] is Outcome.RETRY and "401" in report.error
+    assert report.outcomes[1][0] is SendOutcome.RETRY and "401" in report.error
     token.write_text("archive-token-2\n")  # rotated: the same target reads it again
-    assert send_objects_stow(dest, items, target=target).outcomes[1][0] is Outcome.SENT
+    assert send_objects_stow(dest, items, target=target).outcomes[1][0] is SendOutcome.SENT
     assert [s.headers["Authorization"] for s in archive.seen] == [
         "Bearer archive-token-1", "Bearer archive-token-2"]
     token.unlink()  # a missing file: retried, said as an auth problem, nothing sent
     report = send_objects_stow(dest, items, target=target)
-    assert report.outcomes[1][0] is Outcome.RETRY and "does not exist" in report.error
+    assert report.outcomes[1][0] is SendOutcome.RETRY and "does not exist" in report.error
     assert len(archive.seen) == 2
 
 
@@ -235,11 +238,11 @@ def test_https_with_our_ca_file_or_verification_off(serve, results, tmp_path):
     items = [results[0][0]]
     # The system's CAs do not know ours: no connection, retried.
     report = _send(_dest(port, "https"), items, tmp_path)
-    assert report.outcomes[1][0] is Outcome.RETRY and "SSLError" in report.error
+    assert report.outcomes[1][0] is SendOutcome.RETRY and "SSLError" in report.error
     report = _send(_dest(port, "https", ca_file=d / "ca.pem"), items, tmp_path)
-    assert report.outcomes[1][0] is Outcome.SENT, report.error
+    assert report.outcomes[1][0] is SendOutcome.SENT, report.error
     assert _send(_dest(port, "https", verify=False), items,
-                 tmp_path).outcomes[1][0] is Outcome.SENT
+                 tmp_path).outcomes[1][0] is SendOutcome.SENT
     assert len(archive.seen) == 2
 
 
@@ -260,6 +263,6 @@ def test_a_held_request_is_cut_short_at_shutdown(serve, results, tmp_path):
     thread.join(5)
     assert not thread.is_alive()
     report = out["report"]
-    assert {o[0] for o in report.outcomes.values()} == {Outcome.RETRY}
+    assert {o[0] for o in report.outcomes.values()} == {SendOutcome.RETRY}
     assert report.error == "cut short: shutting down"
     hold.set()

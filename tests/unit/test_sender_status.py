@@ -14,7 +14,8 @@ from dicomai.db import create_all, make_engine, make_session_factory
 from dicomai.ingest.index import InstanceIndex, InstanceRecord
 from dicomai.jobs.queue import Queue
 from dicomai.jobs.states import JobState
-from dicomai.delivery.sender import Outcome, classify_status
+from dicomai.delivery.dimse import classify_status
+from dicomai.jobs.policy import SendOutcome
 from dicomai.ops.status import collect
 from dicomai.ops.status_view import render_text
 from dicomai.ingest.spool import Spool, safe_uid
@@ -27,24 +28,24 @@ NOW = datetime(2024, 5, 6, 7, 8, 9, tzinfo=UTC)
 @pytest.mark.parametrize(
     ("status", "outcome"),
     [
-        (0x0000, Outcome.SENT),
-        (0xB000, Outcome.SENT),  # coercion of data elements
-        (0xB007, Outcome.SENT),  # data set does not match SOP class
-        (0xB006, Outcome.SENT),  # elements discarded
-        (0xA700, Outcome.RETRY),  # out of resources
-        (0xA701, Outcome.RETRY),
-        (0xA7FF, Outcome.RETRY),
-        (None, Outcome.RETRY),  # no response
-        (0xA900, Outcome.REFUSED),  # data set does not match SOP class
-        (0xA9FF, Outcome.REFUSED),
-        (0xC000, Outcome.REFUSED),  # cannot understand
-        (0xC123, Outcome.REFUSED),
-        (0x0122, Outcome.REFUSED),  # SOP class not supported
-        (0x0124, Outcome.REFUSED),  # not authorised
-        (0x0211, Outcome.REFUSED),  # unrecognised operation
+        (0x0000, SendOutcome.SENT),
+        (0xB000, SendOutcome.SENT),  # coercion of data elements
+        (0xB007, SendOutcome.SENT),  # data set does not match SOP class
+        (0xB006, SendOutcome.SENT),  # elements discarded
+        (0xA700, SendOutcome.RETRY),  # out of resources
+        (0xA701, SendOutcome.RETRY),
+        (0xA7FF, SendOutcome.RETRY),
+        (None, SendOutcome.RETRY),  # no response
+        (0xA900, SendOutcome.REFUSED),  # data set does not match SOP class
+        (0xA9FF, SendOutcome.REFUSED),
+        (0xC000, SendOutcome.REFUSED),  # cannot understand
+        (0xC123, SendOutcome.REFUSED),
+        (0x0122, SendOutcome.REFUSED),  # SOP class not supported
+        (0x0124, SendOutcome.REFUSED),  # not authorised
+        (0x0211, SendOutcome.REFUSED),  # unrecognised operation
     ],
 )
-def test_classify_status(status: int | None, outcome: Outcome) -> None:
+def test_classify_status(status: int | None, outcome: SendOutcome) -> None:
     assert classify_status(status) is outcome
 
 

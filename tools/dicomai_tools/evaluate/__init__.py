@@ -6,7 +6,7 @@ The studies are DICOM files under one directory (any layout; grouped by StudyIns
 Each study goes through the same series selection (the model's route, see
 :mod:`dicomai.routing`), preprocessing and study-level aggregation
 (:func:`dicomai.inference.processing.analyse`) as in production, with the model loaded by
-:class:`dicomai.inference.worker.ModelPool`.
+:class:`dicomai.models.pool.ModelPool`.
 
 Labels come from a CSV file in one of two shapes:
 

@@ -231,7 +231,7 @@ def score_studies(
     from dicomai.errors import UnsupportedInput
     from dicomai.inference.findings import Task
     from dicomai.inference.processing import analyse
-    from dicomai.inference.worker import ModelPool
+    from dicomai.models.pool import ModelPool
 
     spec = settings.models[model]
     backend = ModelPool(settings).get(model)
