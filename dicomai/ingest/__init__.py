@@ -3,8 +3,10 @@
 Read the modules in the order the bytes take:
 
 1. :mod:`~dicomai.ingest.scp` — the Storage SCP (:class:`~dicomai.ingest.scp.Receiver`):
-   our AE and presentation contexts, start/stop, how each association is set up, and its
-   bookkeeping (audit, early close of the studies it delivered).
+   start/stop, how each association is set up, and its bookkeeping (audit, early close of
+   the studies it delivered: :mod:`~dicomai.ingest.transfers`); our AE and presentation
+   contexts are :mod:`~dicomai.ingest.storage_ae`, and the C-STORE requests pynetdicom
+   would answer wrongly :mod:`~dicomai.ingest.store_guard`.
 2. :mod:`~dicomai.ingest.listener` — the listening socket: accept, peer address check,
    listen backlog; the association starts (or is rejected for the limit) here.
 3. :mod:`~dicomai.ingest.lobby` — connections between accept and a complete A-ASSOCIATE-RQ:
@@ -21,6 +23,11 @@ Read the modules in the order the bytes take:
    RECEIVING job it joins, committed in groups (:mod:`~dicomai.ingest.group_commit`,
    :mod:`~dicomai.ingest.index_sql`).
 10. :mod:`~dicomai.ingest.copies` — small instances made durable through their database row.
+
+Over DICOMweb: :mod:`~dicomai.ingest.stow_server` (the STOW-RS server, its door) reads a
+request's body with :mod:`~dicomai.ingest.stow_body` (parts split by
+:mod:`~dicomai.ingest.stow_parts`, each stored as a C-STORE would be) and answers with
+:mod:`~dicomai.ingest.stow_response`.
 
 Beside them: :mod:`~dicomai.ingest.pynetdicom_seam`, the only module that uses pynetdicom's
 private names (pinned version, checked at start), and :mod:`~dicomai.ingest.uid_cache`

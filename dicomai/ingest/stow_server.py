@@ -2,13 +2,9 @@
 
 ``POST {path}/studies`` and ``POST {path}/studies/{study}`` take a ``multipart/related;
 type="application/dicom"`` body, one Part 10 file per part. The body is read as it streams
-in (:mod:`dicomai.ingest.stow_parts`), never whole; each complete part is stored exactly
-as a C-STORE would be: a :class:`~dicomai.ingest.fast_store.StoreRequest` from its file meta
-(calling AE ``DICOMWEB``, the client's address as peer) passed to
-:func:`~dicomai.ingest.store_instance.store_instance` with the DIMSE receiver's spool, index,
-free-space floor and copy flusher (durable before the answer, duplicates answered as stored,
-quarantine and file limits). A request is a transfer of the DIMSE receiver
-(:meth:`~dicomai.ingest.scp.Receiver.open_transfer`): its instances are tallied per study and
+in, never whole, and each complete part is stored exactly as a C-STORE would be
+(:mod:`dicomai.ingest.stow_body`). A request is a transfer of the DIMSE receiver
+(:class:`~dicomai.ingest.transfers.Transfers`): its instances are tallied per study and
 its answer counts as a release, so early close works, and a study arriving partly over DIMSE
 and partly over DICOMweb is one study.
 
@@ -32,75 +28,30 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 import uvicorn
-from pydicom.uid import UID
-from pynetdicom.presentation import StoragePresentationContexts
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-import dicomai.ingest.file_limits as file_limits
 from dicomai import audit, metrics
 from dicomai.config import DicomWebSettings, Settings
 from dicomai.http_auth import HttpCredentials, SecretUnavailable, credentials
-from dicomai.ingest.fast_store import StoreRequest
-from dicomai.ingest.record import getter, text_value
-from dicomai.ingest.scp import TRANSFER_SYNTAXES, Receiver
-from dicomai.ingest.store_instance import STATUS_SUCCESS, store_instance
-from dicomai.ingest.stow_parts import (
-    BadRequest,
-    Part,
-    PartProblem,
-    PartReader,
-    UnsupportedMediaType,
-    boundary_of,
-)
-from dicomai.ingest.stow_response import (
-    FAILURE_CANNOT_UNDERSTAND,
-    FAILURE_DATASET_MISMATCH,
-    FAILURE_OUT_OF_RESOURCES,
-    FAILURE_SOP_CLASS_NOT_SUPPORTED,
-    FAILURE_TRANSFER_SYNTAX_NOT_SUPPORTED,
-    MEDIA_TYPE,
-    Outcome,
-    failure_reason,
-    http_status,
-    response_body,
-)
+from dicomai.ingest.scp import Receiver
+from dicomai.ingest.stow_body import CALLING_AE, StowBody, StowTransfer
+from dicomai.ingest.stow_parts import BadRequest, UnsupportedMediaType, boundary_of
+from dicomai.ingest.stow_response import MEDIA_TYPE
 from dicomai.logs import log_fields, uid_ref
 
-__all__ = ["CALLING_AE", "DicomWebReceiver"]
+__all__ = ["DicomWebReceiver"]
 
 logger = logging.getLogger(__name__)
 
-#: The calling AE title recorded for instances received over DICOMweb.
-CALLING_AE = "DICOMWEB"
-_TRANSFER_SYNTAXES = frozenset(str(ts) for ts in TRANSFER_SYNTAXES)
-_STORAGE_CLASSES = frozenset(str(cx.abstract_syntax) for cx in StoragePresentationContexts)
 _UID_CHARS = frozenset("0123456789.")
-#: Status logged and counted for a client that went away before its answer.
-_CLIENT_GONE = 499
 _REALM = 'realm="dicomai"'
-
-
-@dataclass(slots=True)
-class _Transfer:
-    """One STOW-RS request's state while its body streams in."""
-
-    key: int
-    peer: str
-    user: str
-    study: str | None
-    outcomes: list[Outcome] = field(default_factory=list)
-    received_bytes: int = 0
-    #: The store of the part before the one being read (at most one per request).
-    pending: asyncio.Future[Outcome] | None = None
 
 
 def _is_uid(value: str) -> bool:
@@ -131,7 +82,8 @@ class DicomWebReceiver:
         )
         self._networks = [ipaddress.ip_network(n, strict=False) for n in s.allowed_peer_addresses]
         self._keys = itertools.count(1)
-        self._pool: ThreadPoolExecutor | None = None
+        #: Reads request bodies and stores their parts.
+        self.body = StowBody(s, receiver)
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
         self._socket: socket.socket | None = None
@@ -172,9 +124,7 @@ class DicomWebReceiver:
             sock.close()
             raise
         self._socket = sock
-        self._pool = ThreadPoolExecutor(
-            max_workers=min(8, s.max_connections), thread_name_prefix="stow-store"
-        )
+        self.body.start(max_workers=min(8, s.max_connections))
         config = uvicorn.Config(
             self.app,
             log_config=None,
@@ -229,11 +179,10 @@ class DicomWebReceiver:
             if thread.is_alive() and server is not None:
                 server.force_exit = True
                 thread.join(5.0)
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
+        self.body.stop()
         if self._socket is not None:
             self._socket.close()
-        self._server = self._thread = self._pool = None
+        self._server = self._thread = None
         if server is not None:
             logger.info("DICOMweb receiver stopped", extra=log_fields("dicomweb.stopped"))
 
@@ -309,12 +258,12 @@ class DicomWebReceiver:
             )
         user = self.credentials.user if self.settings.auth == "basic" else ""
         audit.http_caller(accepted=True, user=user or "-", peer=peer, local=self._local())
-        transfer = _Transfer(key=-next(self._keys), peer=peer, user=user, study=study)
-        self.receiver.open_transfer(transfer.key)
+        transfer = StowTransfer(key=-next(self._keys), peer=peer, user=user, study=study)
+        self.receiver.transfers.open(transfer.key)
         released = False
         status = 500
         try:
-            status, body = await self._receive(request, boundary, transfer, limit)
+            status, body = await self.body.receive(request, boundary, transfer, limit)
             released = status in (200, 202, 409)
             if body is None:
                 return Response(status_code=status)
@@ -324,163 +273,11 @@ class DicomWebReceiver:
             self._log(request, status, peer, started=started, transfer=transfer)
 
     # -- the body ----------------------------------------------------------------------------
-    async def _receive(
-        self, request: Request, boundary: bytes, transfer: _Transfer, limit: int
-    ) -> tuple[int, bytes | None]:
-        """Read the body, storing each part once complete; (HTTP status, response body).
-
-        A part is stored on the pool while the next one is read (one store at a time per
-        request, in order); every store has ended before the answer is built."""
-        try:
-            verdict = await self._read_body(request, boundary, transfer, limit)
-        finally:
-            if transfer.pending is not None:  # the last part's store
-                transfer.outcomes.append(await transfer.pending)
-                transfer.pending = None
-        outcomes = transfer.outcomes
-        if verdict in (408, _CLIENT_GONE):
-            return verdict, None  # nobody to answer, or a client that stalled
-        if verdict is not None:
-            return verdict, response_body(outcomes)
-        if not outcomes:
-            return 400, None  # no part at all
-        if all(not o.stored and not o.sop_instance_uid for o in outcomes):
-            return 400, response_body(outcomes)  # nothing in it was DICOM
-        return http_status(outcomes), response_body(outcomes)
-
-    async def _read_body(
-        self, request: Request, boundary: bytes, transfer: _Transfer, limit: int
-    ) -> int | None:
-        """Read and parse the body, handing each complete part to :meth:`_store_part`;
-        ``None`` once it ended with its closing boundary, else the status that ends it."""
-        reader = PartReader(boundary, self.settings.max_instance_mb * 1024 * 1024)
-        timeout = self.settings.network_timeout_seconds
-        loop = asyncio.get_running_loop()
-        receive = request.receive
-        while True:
-            try:
-                message = await asyncio.wait_for(receive(), timeout)
-            except TimeoutError:
-                return 408
-            if message["type"] == "http.disconnect":
-                return _CLIENT_GONE
-            chunk = message.get("body", b"")
-            transfer.received_bytes += len(chunk)
-            if limit and transfer.received_bytes > limit:
-                return 413
-            try:
-                parts = reader.feed(chunk)
-            except BadRequest:
-                return 400
-            for part in parts:
-                if transfer.pending is not None:
-                    transfer.outcomes.append(await transfer.pending)
-                transfer.pending = loop.run_in_executor(
-                    self._pool, self._store_part, part, transfer
-                )
-            if not message.get("more_body", False):
-                break
-        try:
-            reader.finish()
-        except BadRequest:
-            return 400
-        return None
-
-    def _store_part(self, part: Part, transfer: _Transfer) -> Outcome:
-        """Store one complete part as a C-STORE; never raises."""
-        meta = part.meta
-        if part.problem is PartProblem.TOO_LARGE:
-            metrics.observe_refused("too_large")
-            return Outcome(
-                meta.sop_class_uid if meta else "",
-                meta.sop_instance_uid if meta else "",
-                FAILURE_OUT_OF_RESOURCES,
-            )
-        if part.problem is not None or meta is None or part.dataset is None:
-            metrics.observe_refused("not_dicom")
-            logger.warning(
-                "part refused",
-                extra=log_fields(
-                    "dicomweb.part_refused",
-                    peer=transfer.peer,
-                    part=part.index,
-                    reason=part.problem.value if part.problem else "not_dicom",
-                ),
-            )
-            return Outcome("", "", FAILURE_CANNOT_UNDERSTAND)
-        failed = Outcome(meta.sop_class_uid, meta.sop_instance_uid, FAILURE_CANNOT_UNDERSTAND)
-        if meta.transfer_syntax not in _TRANSFER_SYNTAXES:
-            metrics.observe_refused("transfer_syntax")
-            return Outcome(
-                meta.sop_class_uid, meta.sop_instance_uid, FAILURE_TRANSFER_SYNTAX_NOT_SUPPORTED
-            )
-        if meta.sop_class_uid not in _STORAGE_CLASSES:
-            metrics.observe_refused("sop_class")
-            return Outcome(
-                meta.sop_class_uid, meta.sop_instance_uid, FAILURE_SOP_CLASS_NOT_SUPPORTED
-            )
-        request = StoreRequest(
-            calling_ae=CALLING_AE,
-            peer=transfer.peer,
-            assoc_key=transfer.key,
-            transfer_syntax=UID(meta.transfer_syntax),
-            sop_class_uid=meta.sop_class_uid,
-            sop_instance_uid=meta.sop_instance_uid,
-            dataset=part.dataset,
-        )
-        if transfer.study is not None and self._other_study(request, transfer.study):
-            metrics.observe_refused("study_mismatch")
-            logger.warning(
-                "instance of another study",
-                extra=log_fields(
-                    "dicomweb.study_mismatch",
-                    peer=transfer.peer,
-                    sop=uid_ref(meta.sop_instance_uid),
-                    study=uid_ref(transfer.study),
-                ),
-            )
-            return Outcome(meta.sop_class_uid, meta.sop_instance_uid, FAILURE_DATASET_MISMATCH)
-        studies: list[str] = []
-
-        def tally(key: int, study_uid: str) -> None:
-            studies.append(study_uid)
-            self.receiver.tally(key, study_uid)
-
-        r = self.receiver
-        try:
-            status = store_instance(
-                request, r.spool, r.index, lambda: r.min_free_bytes, r.clock, tally, r.copies
-            )
-        except Exception:  # store_instance never raises; belt and braces
-            logger.exception("store failed", extra=log_fields("dicomweb.store_failed"))
-            return failed
-        if status == STATUS_SUCCESS:
-            return Outcome(
-                meta.sop_class_uid, meta.sop_instance_uid, None, studies[0] if studies else ""
-            )
-        return Outcome(meta.sop_class_uid, meta.sop_instance_uid, failure_reason(status))
-
-    @staticmethod
-    def _other_study(request: StoreRequest, study: str) -> bool:
-        """Whether the instance belongs to a study other than ``study`` (PS3.18 10.5.1: it
-        is then not stored). An instance that cannot be read is left to
-        :func:`store_instance`, which refuses and quarantines it."""
-        try:
-            ds = file_limits.read_dataset(
-                request.dataset, request.transfer_syntax, file_limits.active()
-            )
-            own = text_value(getter(ds, request.transfer_syntax), "StudyInstanceUID")
-        except Exception:
-            return False
-        finally:
-            request.dataset.seek(0)
-        return bool(own) and own != study
-
     # -- the end -----------------------------------------------------------------------------
-    def _finish(self, transfer: _Transfer, *, released: bool) -> None:
+    def _finish(self, transfer: StowTransfer, *, released: bool) -> None:
         """End the transfer (early-close mark when answered) and audit its studies."""
         try:
-            per_study = self.receiver.close_transfer(transfer.key, released=released)
+            per_study = self.receiver.transfers.close(transfer.key, released=released)
         except Exception:
             logger.exception("could not end transfer", extra=log_fields("dicomweb.end_failed"))
             return
@@ -502,7 +299,7 @@ class DicomWebReceiver:
         peer: str,
         *,
         started: float,
-        transfer: _Transfer | None = None,
+        transfer: StowTransfer | None = None,
         reason: str | None = None,
     ) -> None:
         """The access log line: method, path (no query), status, counts; never the body."""
