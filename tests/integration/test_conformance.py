@@ -16,7 +16,6 @@ association staying usable: a normal C-STORE on it afterwards succeeds.
 from __future__ import annotations
 
 import struct
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +39,7 @@ from dicomai.runtime.daemon import Daemon
 from dicomai.db import Instance, QuarantineEntry
 from tests.conftest import running_daemon
 from tests.integration.test_fast_store import p_data, quiet
+from tests.waiting import wait_until
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 MR = "1.2.840.10008.5.1.4.1.1.4"
@@ -100,8 +100,8 @@ class Peer:
         # Pause our association's reactor (as pynetdicom's send_*() do) so that it does not
         # take the response off the DIMSE queue before we do.
         self.assoc._reactor_checkpoint.clear()
-        while not self.assoc._is_paused:
-            time.sleep(0.001)
+        wait_until(lambda: self.assoc._is_paused, timeout=30, interval=0.001,
+                   what="our association's reactor paused")
         try:
             self.assoc.dul.socket.send(p_data(cid, (0x03, command), (0x02, data)))
             _, rsp = self.assoc.dimse.get_msg(block=True)

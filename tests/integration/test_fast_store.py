@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import struct
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,7 @@ from dicomai.runtime.daemon import Daemon
 from dicomai.db import Instance
 from tests.conftest import running_daemon
 from tests.unit.test_fast_store import store_rq_command
+from tests.waiting import wait_until
 
 
 def dataset_bytes(path: Path) -> bytes:
@@ -115,9 +115,8 @@ def test_a_message_broken_mid_dataset_aborts_and_stores_nothing(make_settings, t
         assoc.dul.socket.send(p_data(cid, (0x03, store_rq_command(uid)),
                                      (0x00, b"\x08\x00\x18\x00")))
         assoc.dul.socket.send(p_data(cid, (0x03, store_rq_command(generate_uid()))))
-        deadline = time.monotonic() + 10
-        while assoc.is_established and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_until(lambda: not assoc.is_established, timeout=10, interval=0.02,
+                   what="the association to end")
         assert assoc.is_aborted
         ae.shutdown()
         assert daemon.index.known_instance(uid) is None
@@ -145,8 +144,8 @@ def test_a_command_split_over_pdus_goes_to_pynetdicom_then_the_fast_path_resumes
         # Pause our association's reactor (as pynetdicom's send_*() do) so that it does not
         # take the response off the DIMSE queue before we do.
         assoc._reactor_checkpoint.clear()
-        while not assoc._is_paused:
-            time.sleep(0.001)
+        wait_until(lambda: assoc._is_paused, timeout=30, interval=0.001,
+                   what="our association's reactor paused")
         try:
             # The command in two fragments over two PDUs, then the dataset in two fragments.
             assoc.dul.socket.send(p_data(cid, (0x01, command[:20])))
@@ -211,10 +210,9 @@ def test_small_instances_flushed_after_success_and_restored_at_start(make_settin
                               str(daemon.receiver.port), *map(str, xrays)],
                              capture_output=True, text=True, timeout=60)
         assert run.returncode == 0, run.stderr
-        deadline = time.monotonic() + 10
-        while ((copies(daemon) or daemon.receiver.copies.flushed < len(xrays))
-               and time.monotonic() < deadline):
-            time.sleep(0.05)
+        wait_until(lambda: not copies(daemon)
+                   and daemon.receiver.copies.flushed >= len(xrays),
+                   timeout=10, interval=0.05, what="the copies flushed and dropped")
         assert copies(daemon) == []
         assert daemon.receiver.copies.flushed == len(xrays)
         first = stored_path(daemon, xrays[0])

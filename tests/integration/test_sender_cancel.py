@@ -14,6 +14,7 @@ from dicomai_tools.local_pacs import LocalPacs
 from dicomai.delivery.dimse import send_objects
 from dicomai.delivery.transport import SendCancel, SendItem, SendReport
 from dicomai.jobs.policy import SendOutcome
+from tests.waiting import let_time_pass, wait_until
 
 XRAY = "1.2.840.10008.5.1.4.1.1.1"  # CR
 
@@ -42,7 +43,7 @@ def test_a_node_that_never_answers_the_association_request(tmp_path: Path) -> No
                                    port=hung.getsockname()[1])
         cancel = SendCancel()
         thread, out = _send_in_thread(dest, _xray(tmp_path), cancel)
-        time.sleep(0.5)
+        let_time_pass(0.5, "the send is out and waits for an A-ASSOCIATE-AC that never comes")
         assert thread.is_alive()  # waiting for the A-ASSOCIATE-AC (30 s timeout)
         t0 = time.monotonic()
         assert cancel.cancel() == 1
@@ -70,10 +71,9 @@ def test_a_node_that_never_answers_a_c_store(tmp_path: Path) -> None:
         cancel = SendCancel()
         thread, out = _send_in_thread(dest, _xray(tmp_path), cancel)
         try:
-            deadline = time.monotonic() + 10
-            while not cancel._assocs and time.monotonic() < deadline:
-                time.sleep(0.05)
-            time.sleep(0.5)  # the C-STORE-RQ is out, its response never comes
+            wait_until(lambda: cancel._assocs, timeout=10, interval=0.05,
+                       what="the association established")
+            let_time_pass(0.5, "the C-STORE-RQ is out, its response never comes")
             assert thread.is_alive()
             t0 = time.monotonic()
             assert cancel.cancel() == 1

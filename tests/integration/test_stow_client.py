@@ -9,7 +9,6 @@ import json
 import ssl
 import subprocess
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from dicomai.delivery.stow import send_objects_stow
 from dicomai.delivery.transport import SendCancel, SendItem
 from dicomai.jobs.policy import SendOutcome
 from tests.conftest import DEFAULT_CONFIG, free_port
+from tests.waiting import wait_until
 
 
 @dataclass
@@ -255,9 +255,7 @@ def test_a_held_request_is_cut_short_at_shutdown(serve, results, tmp_path):
         _dest(port, timeout_seconds=30), [i for i, _ in results], tmp_path, cancel)),
         daemon=True)
     thread.start()
-    deadline = time.monotonic() + 10
-    while not archive.seen and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: archive.seen, timeout=10, interval=0.05, what="the request at the archive")
     assert archive.seen and thread.is_alive()  # the archive holds the request (30 s timeout)
     cancel.cancel()
     thread.join(5)

@@ -22,7 +22,7 @@ from dicomai.ingest.store_instance import file_meta_bytes
 from dicomai.ops.health import check_health
 from dicomai.ops.status import collect
 from dicomai.ops.status_view import render_text
-from tests.conftest import DEFAULT_CONFIG, free_port, running_daemon, wait_for
+from tests.conftest import DEFAULT_CONFIG, free_port, running_daemon
 from tests.stow_client import (
     BOUNDARY,
     CONTENT_TYPE,
@@ -33,6 +33,7 @@ from tests.stow_client import (
     post,
     post_cut,
 )
+from tests.waiting import let_time_pass, wait_until
 
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 
@@ -252,8 +253,8 @@ def test_cut_body_keeps_complete_instances_only(stow_settings):
     with running_daemon(settings, roles=("receiver",)) as daemon:
         post_cut(daemon.dicomweb.port, data[:cut])
         uids = [str(ds.SOPInstanceUID) for ds in ct]
-        wait_for(lambda: len(_stored(daemon)) >= 2, 10, what="two instances stored")
-        time.sleep(0.5)
+        wait_until(lambda: len(_stored(daemon)) >= 2, timeout=10, what="two instances stored")
+        let_time_pass(0.5, "the cut third instance, were it stored, would be by now")
         assert set(_stored(daemon)) == set(uids[:2])
         # The instance cut in the middle was neither stored nor quarantined; the spool holds
         # exactly the two complete files (pre-created empty slots aside).
@@ -305,16 +306,16 @@ def test_study_split_between_dimse_and_dicomweb_is_one_study(stow_settings, loca
                 assert assoc.send_c_store(ds).Status == 0
             # The HTTP request ends while the association is still open: not released yet.
             assert post(daemon.dicomweb.port, body(part10(ds) for ds in ct[4:])).status == 200
-            time.sleep(1.5)
+            let_time_pass(1.5, "ticks and grace periods that must not close the open study")
             (only,) = [s for s in collect(daemon.settings, engine=daemon.engine)["studies"]
                        if s["study_instance_uid"] == study]
             assert only["state"] == "receiving" and only["instances"] == 8
             assoc.release()
         finally:
             ae.shutdown()
-        done = wait_for(lambda: [s for s in collect(daemon.settings, engine=daemon.engine)
-                                 ["studies"] if s["study_instance_uid"] == study
-                                 and s["state"] == "done"], 120, what="study done")
+        done = wait_until(lambda: [s for s in collect(daemon.settings, engine=daemon.engine)
+                                   ["studies"] if s["study_instance_uid"] == study
+                                   and s["state"] == "done"], timeout=120, what="study done")
         assert done[0]["generation"] == 1 and done[0]["instances"] == 8
         assert {ae for ae, _ in _stored(daemon, study).values()} == {"MODALITY", "DICOMWEB"}
     assert any(o.modality == "SR" for o in local_pacs.objects(study))
@@ -331,9 +332,9 @@ def test_release_by_the_request_end_closes_early(stow_settings, local_pacs):
     with running_daemon(settings) as daemon:
         assert post(daemon.dicomweb.port, body(part10(ds) for ds in ct)).status == 200
         t0 = time.monotonic()
-        wait_for(lambda: [s for s in collect(daemon.settings, engine=daemon.engine)["studies"]
-                          if s["study_instance_uid"] == study and s["state"] != "receiving"],
-                 30, what="closed after the request")
+        wait_until(lambda: [s for s in collect(daemon.settings, engine=daemon.engine)["studies"]
+                            if s["study_instance_uid"] == study and s["state"] != "receiving"],
+                   timeout=30, what="closed after the request")
         assert time.monotonic() - t0 < 10  # against a 600 s quiet period
 
 

@@ -13,7 +13,8 @@ from dicomai.runtime.leadership import PostgresLeadership
 from dicomai.migrations import head_revision, upgrade
 from dicomai.ops.scu import send_files
 from dicomai.ops.status import collect
-from tests.conftest import running_daemon, wait_for
+from tests.conftest import running_daemon
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.postgres
 
@@ -79,8 +80,9 @@ def test_pipeline_on_postgres(make_settings, local_pacs, pg_url, tmp_path):
             data = collect(settings, engine=daemon.engine)
             return {s["study_instance_uid"]: s["state"] for s in data["studies"]}
 
-        wait_for(lambda: states() == {chest.StudyInstanceUID: "done",
-                                      ct[0].StudyInstanceUID: "done"}, 120, what="both done")
+        wait_until(lambda: states() == {chest.StudyInstanceUID: "done",
+                                        ct[0].StudyInstanceUID: "done"},
+                   timeout=120, what="both done")
         data = collect(settings, engine=daemon.engine)
         assert data["daemon"]["up"]
         assert {c.get("scheduler") for c in data["daemon"]["components"]} == {"active"}

@@ -20,7 +20,8 @@ from dicomai.db import Instance, Job, make_engine, make_session_factory
 from dicomai.models.reference import REFERENCE_MODELS
 from dicomai.ops.scu import send_files
 from dicomai.ops.status import collect
-from tests.conftest import DEFAULT_CONFIG, free_port, listening, wait_for
+from tests.conftest import DEFAULT_CONFIG, free_port, listening
+from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
@@ -116,11 +117,11 @@ def test_two_receivers_three_workers_one_sender(tmp_path, pg_url, model_dir, loc
         cluster.start("scheduler-a", "scheduler")
         cluster.start("scheduler-b", "scheduler")
         for port in ports:
-            wait_for(lambda p=port: listening(p), 120, interval=0.5, what="receiver up")
-        wait_for(lambda: len(collect(cluster.settings)["daemon"]["components"]) == 8, 120,
-                 interval=0.5, what="all 8 processes beating")
-        active = wait_for(lambda: _active_scheduler_pid(cluster.settings), 30,
-                          what="an active scheduler")
+            wait_until(lambda p=port: listening(p), timeout=120, interval=0.5, what="receiver up")
+        wait_until(lambda: len(collect(cluster.settings)["daemon"]["components"]) == 8,
+                   timeout=120, interval=0.5, what="all 8 processes beating")
+        active = wait_until(lambda: _active_scheduler_pid(cluster.settings), timeout=30,
+                            what="an active scheduler")
 
         t0 = time.monotonic()
         halves = [files[0::2], files[1::2]]
@@ -133,19 +134,19 @@ def test_two_receivers_three_workers_one_sender(tmp_path, pg_url, model_dir, loc
         sent_s = time.monotonic() - t0
 
         # Mid-run: kill -9 one worker, and the active scheduler.
-        wait_for(lambda: collect(cluster.settings)["counts"]["done"] >= 20, 180,
-                 interval=0.5, what="20 studies done")
+        wait_until(lambda: collect(cluster.settings)["counts"]["done"] >= 20, timeout=180,
+                   interval=0.5, what="20 studies done")
         cluster.kill("worker0")
         victim = next(n for n, p in cluster.procs.items() if p.pid == active)
         cluster.kill(victim)
-        wait_for(lambda: _active_scheduler_pid(cluster.settings, other_than=active),
-                 60, interval=0.5, what="the standby scheduler taking over")
+        wait_until(lambda: _active_scheduler_pid(cluster.settings, other_than=active),
+                   timeout=60, interval=0.5, what="the standby scheduler taking over")
 
         def all_done():
             counts = collect(cluster.settings, limit=1)["counts"]
             return counts["done"] == N_STUDIES
 
-        wait_for(all_done, 420, interval=1.0, what=f"{N_STUDIES} studies done")
+        wait_until(all_done, timeout=420, interval=1.0, what=f"{N_STUDIES} studies done")
         elapsed = time.monotonic() - t0
     finally:
         codes = cluster.stop()

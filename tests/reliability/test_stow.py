@@ -16,9 +16,10 @@ import pydicom
 import pytest
 
 from dicomai_tools import synthetic
-from tests.conftest import free_port, tcp_listen, wait_for
+from tests.conftest import free_port, tcp_listen
 from tests.reliability.conftest import RelRssSampler, RelServe
 from tests.stow_client import body, part10, post
+from tests.waiting import let_time_pass, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.dcmtk]
 
@@ -32,7 +33,7 @@ def _serve(rel_serve, local_pacs, quiet: float = 600.0) -> tuple[RelServe, int]:
 
 def _start(serve: RelServe, web_port: int) -> None:
     serve.start()
-    wait_for(lambda: tcp_listen(web_port), 30, what="STOW-RS port listening")
+    wait_until(lambda: tcp_listen(web_port), timeout=30, what="STOW-RS port listening")
 
 
 def _slices(template: pydicom.Dataset, start: int, count: int, tag: str) -> Iterator[bytes]:
@@ -61,8 +62,8 @@ def test_500_ct_slices_in_one_request_with_memory_bounded(rel_serve, local_pacs,
     # Warm up (lazy imports, the first spool files, connection pools), then let RSS settle.
     warm = post(web_port, body(_slices(template, 10_000, 3, "warm")))
     assert warm.status == 200
-    wait_for(lambda: serve.status()["daemon"]["up"], 30, what="daemon heartbeat")
-    time.sleep(2.0)
+    wait_until(lambda: serve.status()["daemon"]["up"], timeout=30, what="daemon heartbeat")
+    let_time_pass(2.0, "the resident set settles after the warm-up: the baseline")
     baseline = RelRssSampler.rss_kb(serve.pid)
     assert baseline is not None
     n = 500
@@ -117,8 +118,8 @@ def test_kill_during_stow_uploads_keeps_every_acknowledged_instance(rel_serve, l
     client.start()
     assert answered.wait(120), "no three requests answered"
     # Kill in the middle of a request: once the next one has stored some of its instances.
-    wait_for(lambda: serve.instance_count(study) > len(acknowledged) + 3, 60, interval=0.01,
-             what="a request half stored")
+    wait_until(lambda: serve.instance_count(study) > len(acknowledged) + 3, timeout=60,
+               interval=0.01, what="a request half stored")
     serve.kill9()
     stop.set()
     client.join(60)

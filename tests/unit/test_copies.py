@@ -4,7 +4,6 @@ flushed afterwards, and written again from the copy after a crash."""
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from io import BytesIO
@@ -26,6 +25,7 @@ from dicomai.ingest.copies import MAX_COPY_BYTES, CopyFlusher, restore_copies
 from dicomai.ingest.fast_store import StoreRequest
 from dicomai.ingest.index import InstanceIndex
 from dicomai.ingest.spool import Spool
+from tests.waiting import wait_until
 
 T0 = datetime(2026, 11, 27, 8, 0, tzinfo=UTC)
 
@@ -75,9 +75,8 @@ def test_small_instance_committed_with_its_bytes_then_flushed(
     with engine.connect() as conn:
         assert conn.scalar(select(func.count()).select_from(Instance)) == 2
     flusher.start()  # flushes on its own, without waiting for a full batch or a stop
-    deadline = time.monotonic() + 5
-    while (copies_in(engine) or flusher.flushed < 1) and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(lambda: not copies_in(engine) and flusher.flushed >= 1, timeout=5,
+               interval=0.01, what="the copy flushed and dropped")
     assert copies_in(engine) == {} and flusher.flushed == 1 and len(flushed) == 1
     flusher.stop()
     assert Path(path).read_bytes() == data
