@@ -29,16 +29,18 @@ import sys
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, timedelta
+from datetime import timedelta
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 
 from dicomai.config import Settings
+from dicomai.db import utcnow
+from dicomai.jobs import reads
+from dicomai.jobs.states import ACTIVE_STATES, JobState
 from dicomai.logs import log_fields
 
 __all__ = [
@@ -60,8 +62,6 @@ logger = logging.getLogger(__name__)
 
 #: Stages of :func:`observe_job`.
 STAGES = ("inference", "send", "end_to_end")
-_ACTIVE_STATES = ("receiving", "queued", "running", "outbox", "sending")
-_STATES = (*_ACTIVE_STATES, "done", "skipped", "failed", "cancelled")
 _CODE = re.compile(r"^[a-z][a-z0-9_.:-]{0,63}$")
 _UIDISH = re.compile(r"\d+(\.\d+){3,}")
 _known: dict[str, frozenset[str]] = {}  # "model"/"destination" -> configured names
@@ -196,48 +196,10 @@ class DatabaseCollector(Collector):
         return []  # collected lazily: never touch the database at registration
 
     def collect(self) -> Iterator[Metric]:
-        from dicomai.db import ComponentHeartbeat, Job, QuarantineEntry, ResultObject, utcnow
-
         up = GaugeMetricFamily("dicomai_database_up", "1 when the database answered this scrape.")
         try:
             with self.engine.connect() as conn:
-                latest = (
-                    select(Job.study_id, func.max(Job.generation).label("gen"))
-                    .group_by(Job.study_id)
-                    .subquery()
-                )
-                by_latest = dict(
-                    conn.execute(
-                        select(Job.state, func.count())
-                        .join(
-                            latest,
-                            (latest.c.study_id == Job.study_id) & (latest.c.gen == Job.generation),
-                        )
-                        .group_by(Job.state)
-                    ).all()
-                )
-                depth = dict(
-                    conn.execute(
-                        select(Job.state, func.count())
-                        .where(Job.state.in_(_ACTIVE_STATES))
-                        .group_by(Job.state)
-                    ).all()
-                )
-                backlog = dict(
-                    conn.execute(
-                        select(ResultObject.destination, func.count())
-                        .where(ResultObject.state == "pending")
-                        .group_by(ResultObject.destination)
-                    ).all()
-                )
-                quarantine = dict(
-                    conn.execute(
-                        select(QuarantineEntry.reason, func.count()).group_by(
-                            QuarantineEntry.reason
-                        )
-                    ).all()
-                )
-                last_beat = conn.scalar(select(func.max(ComponentHeartbeat.beat_at)))
+                g = reads.gauges(conn)
         except Exception as exc:  # any driver error: report it as a gauge, not a 500
             logger.warning(
                 "metrics: database unavailable",
@@ -251,14 +213,14 @@ class DatabaseCollector(Collector):
         studies = GaugeMetricFamily(
             "dicomai_studies", "Studies by the state of their latest generation.", labels=["state"]
         )
-        for state in _STATES:
-            studies.add_metric([state], by_latest.get(state, 0))
+        for state in JobState:
+            studies.add_metric([state.value], g.studies_by_state.get(state.value, 0))
         yield studies
         queue = GaugeMetricFamily(
             "dicomai_queue_depth", "Jobs in each non-terminal state.", labels=["state"]
         )
-        for state in _ACTIVE_STATES:
-            queue.add_metric([state], depth.get(state, 0))
+        for state in ACTIVE_STATES:
+            queue.add_metric([state.value], g.jobs_by_state.get(state.value, 0))
         yield queue
         dest = GaugeMetricFamily(
             "dicomai_destination_backlog",
@@ -266,23 +228,21 @@ class DatabaseCollector(Collector):
             labels=["destination"],
         )
         for d in self.settings.destinations:
-            dest.add_metric([_label(d.name)], backlog.get(d.name, 0))
+            dest.add_metric([_label(d.name)], g.pending_by_destination.get(d.name, 0))
         yield dest
         quar = GaugeMetricFamily(
             "dicomai_quarantined_objects",
             "Refused objects kept in quarantine, by reason code.",
             labels=["reason"],
         )
-        for reason, n in sorted(quarantine.items()):
+        for reason, n in sorted(g.quarantined_by_reason.items()):
             quar.add_metric([_label(reason)], n)
         yield quar
-        if last_beat is not None:
-            if last_beat.tzinfo is None:  # a raw aggregate: SQLite returns naive UTC
-                last_beat = last_beat.replace(tzinfo=UTC)
+        if g.newest_heartbeat is not None:
             age = GaugeMetricFamily(
                 "dicomai_heartbeat_age_seconds", "Seconds since the newest component heartbeat."
             )
-            age.add_metric([], max(0.0, (utcnow() - last_beat) / timedelta(seconds=1)))
+            age.add_metric([], max(0.0, (utcnow() - g.newest_heartbeat) / timedelta(seconds=1)))
             yield age
         try:
             free = shutil.disk_usage(self.settings.spool_path).free

@@ -27,6 +27,7 @@ from dicomai.delivery.stow import send_objects_stow
 from dicomai.delivery.transport import SendCancel, SendItem, SendReport
 from dicomai.errors import StateConflict
 from dicomai.http_auth import credentials, file_problem, secret_file_problem
+from dicomai.jobs import reads
 from dicomai.jobs.policy import (
     RetryPolicy,
     SendOutcome,
@@ -240,7 +241,8 @@ class Sender:
         """Send every pending object of a claimed (SENDING) job; the policy chooses its next
         state from the objects' outcomes."""
         job_id = job.id
-        rows = [r for r in self.queue.results_for(job_id) if r.state == ResultState.PENDING]
+        pending = reads.results_for(self.queue.sessions, job_id)
+        rows = [r for r in pending if r.state == ResultState.PENDING]
         by_dest: dict[str, list[SendItem]] = {}
         configured = {d.name for d in self.settings.destinations}
         outcomes: list[SendOutcome] = []
@@ -260,7 +262,7 @@ class Sender:
             by_dest.setdefault(r.destination, []).append(
                 SendItem(r.id, r.path, r.sop_class_uid, optional=r.kind in OPTIONAL_KINDS)
             )
-        study_uid = self.queue.study_uid(job)
+        study_uid = reads.study_uid(self.queue.sessions, job.study_id)
         started = time.perf_counter()
         # Destinations are served in parallel and recorded as each finishes: a dead one
         # (timing out) delays no other.

@@ -26,6 +26,7 @@ from dicomai.inference.outbox import failure_notice_rows, notice_destinations, r
 from dicomai.inference.prepare import DecodePool, PreparedInputs, renderer
 from dicomai.inference.processing import Predictor, analyse
 from dicomai.ingest.spool import Spool
+from dicomai.jobs import reads
 from dicomai.jobs.policy import RetryPolicy, Transition, WorkOutcome, after_work, work_failure
 from dicomai.jobs.queue import Queue
 from dicomai.jobs.states import JobState
@@ -266,7 +267,7 @@ class Worker:
             return []
 
     def _source_paths(self, job: Job) -> list[str]:
-        rows = self.queue.study_instances(job.study_id, up_to_generation=job.generation)
+        rows = reads.study_instances(self.queue.sessions, job.study_id, job.generation)
         wanted = set(job.series_uids)
         return [r.path for r in rows if r.series_instance_uid in wanted]
 
@@ -338,9 +339,10 @@ class Worker:
                 fut.cancel()  # only what has not started: after an error or interruption
         # Key images for the Secondary Captures are drawn in the decode processes too.
         render = renderer(pool, datasets, paths, self._stop.is_set) if pool else None
+        study_uid = reads.study_uid(self.queue.sessions, job.study_id)
         previous = [
-            (self.queue.study_uid(job), r.series_instance_uid, r.sop_class_uid, r.sop_instance_uid)
-            for r in self.queue.previous_results(job.study_id, job.generation)
+            (study_uid, r.series_instance_uid, r.sop_class_uid, r.sop_instance_uid)
+            for r in reads.previous_results(self.queue.sessions, job.study_id, job.generation)
             if r.kind == "sr"
         ]
         previous = list(dict.fromkeys(previous))

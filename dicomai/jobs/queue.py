@@ -1,55 +1,42 @@
-"""The job state machine in the database: states, allowed transitions, claims and enqueueing."""
+"""The job repository: every write of a job's state (transitions, claims, heartbeats, result
+rows, operator retry and cancel) and of component heartbeats.
+
+Reads are in :mod:`dicomai.jobs.reads`; received instances are indexed by
+:class:`dicomai.ingest.index.InstanceIndex`.
+"""
 
 from __future__ import annotations
 
 import logging
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import event as sa_event
-from sqlalchemy import func, select, update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomai.db import (
     ComponentHeartbeat,
-    Instance,
     Job,
     JobEvent,
     ResultObject,
-    Study,
     utcnow,
 )
 from dicomai.errors import StateConflict
+from dicomai.jobs import reads
 from dicomai.jobs.states import ALLOWED_TRANSITIONS, TERMINAL_STATES, JobState, ResultState
 from dicomai.logs import log_fields
 
-__all__ = ["Queue", "RetryPolicy"]
+__all__ = ["Queue"]
 
 logger = logging.getLogger(__name__)
 S = JobState
 
 
-@dataclass(frozen=True, slots=True)
-class RetryPolicy:
-    """Exponential backoff: ``base * 2**(attempt-1)`` seconds, capped, for ``max_attempts``."""
-
-    max_attempts: int
-    base_seconds: float
-    max_seconds: float = 3600.0
-
-    def delay(self, attempt: int) -> timedelta:
-        """Wait before the attempt after ``attempt`` (1-based)."""
-        if attempt < 1:
-            raise ValueError('Argument "attempt" must be positive.')
-        return timedelta(seconds=min(self.max_seconds, self.base_seconds * 2 ** (attempt - 1)))
-
-
 class Queue:
-    """All writes of job state: the only place a job's state changes. (Received instances
-    are indexed by :class:`dicomai.ingest.index.InstanceIndex`.)"""
+    """All writes of job state: the only place a job's state changes."""
 
     def __init__(self, session_factory: sessionmaker[Session]) -> None:
         self.sessions = session_factory
@@ -205,152 +192,6 @@ class Queue:
                 .values(heartbeat_at=now)
             )
 
-    # -- reads -------------------------------------------------------------------------
-    def get_job(self, job_id: int) -> Job:
-        """The job row (detached)."""
-        with self.sessions() as s:
-            job = s.get(Job, job_id)
-            if job is None:
-                raise KeyError(job_id)
-            return job
-
-    def study_uid(self, job: Job) -> str:
-        """StudyInstanceUID of a job's study."""
-        with self.sessions() as s:
-            return s.scalar(select(Study.study_instance_uid).where(Study.id == job.study_id)) or ""
-
-    def study_instances(self, study_id: int, up_to_generation: int | None = None) -> list[Instance]:
-        """All instances of a study, optionally only those of generations up to the given one."""
-        with self.sessions() as s:
-            q = select(Instance).where(Instance.study_id == study_id)
-            if up_to_generation is not None:
-                q = q.join(Job, Job.id == Instance.job_id).where(Job.generation <= up_to_generation)
-            return list(s.scalars(q.order_by(Instance.id)))
-
-    def jobs_of_study(self, study_id: int) -> list[Job]:
-        """Every job (generation) of a study, oldest first."""
-        with self.sessions() as s:
-            return list(
-                s.scalars(select(Job).where(Job.study_id == study_id).order_by(Job.generation))
-            )
-
-    def receiving_jobs_quiet_since(self, cutoff: datetime) -> list[Job]:
-        """RECEIVING jobs whose last instance arrived before ``cutoff``."""
-        with self.sessions() as s:
-            return list(
-                s.scalars(
-                    select(Job)
-                    .where(Job.state == S.RECEIVING.value, Job.last_instance_at < cutoff)
-                    .order_by(Job.id)
-                )
-            )
-
-    def receiving_jobs_released_since(self, cutoff: datetime) -> list[Job]:
-        """RECEIVING jobs whose sender released its association at or before ``cutoff`` and
-        sent nothing after that release."""
-        with self.sessions() as s:
-            return list(
-                s.scalars(
-                    select(Job)
-                    .where(
-                        Job.state == S.RECEIVING.value,
-                        Job.released_at.is_not(None),
-                        Job.released_at >= Job.last_instance_at,
-                        Job.released_at <= cutoff,
-                    )
-                    .order_by(Job.id)
-                )
-            )
-
-    def receiving_jobs_complete(
-        self, single_image_modalities: Sequence[str]
-    ) -> list[tuple[Job, str]]:
-        """RECEIVING jobs whose study may be complete, with why.
-
-        ``"announced"``: every instance of the study carries ImagesInAcquisition and each
-        (series, acquisition) holds at least that many instances. ``"single_image"``: the study
-        is one image of one of ``single_image_modalities`` (a one-view X-ray) — a weaker hint,
-        which the scheduler acts on only once the sender released its association.
-        """
-        groups: dict[int, list[tuple[int, int, int | None, str]]] = {}
-        with self.sessions() as s:
-            receiving = select(Job.study_id).where(Job.state == S.RECEIVING.value)
-            rows = s.execute(
-                select(
-                    Instance.study_id,
-                    func.count(),
-                    func.count(Instance.images_in_acquisition),
-                    func.max(Instance.images_in_acquisition),
-                    func.min(Instance.modality),
-                )
-                .where(Instance.study_id.in_(receiving))
-                .group_by(
-                    Instance.study_id, Instance.series_instance_uid, Instance.acquisition_number
-                )
-            ).all()
-            for study_id, n, known, expected, modality in rows:
-                groups.setdefault(int(study_id), []).append(
-                    (
-                        int(n),
-                        int(known),
-                        None if expected is None else int(expected),
-                        str(modality or ""),
-                    )
-                )
-            single = {m.upper() for m in single_image_modalities}
-            why: dict[int, str] = {}
-            for study_id, parts in groups.items():
-                if all(
-                    known == n and expected is not None and n >= expected > 0
-                    for n, known, expected, _ in parts
-                ):
-                    why[study_id] = "announced"
-                elif len(parts) == 1 and parts[0][0] == 1 and parts[0][3].upper() in single:
-                    why[study_id] = "single_image"
-            if not why:
-                return []
-            jobs = s.scalars(
-                select(Job)
-                .where(Job.state == S.RECEIVING.value, Job.study_id.in_(list(why)))
-                .order_by(Job.id)
-            )
-            return [(job, why[job.study_id]) for job in jobs]
-
-    def stale_claims(self, state: JobState, cutoff: datetime) -> list[Job]:
-        """Jobs in ``state`` whose heartbeat is older than ``cutoff``."""
-        with self.sessions() as s:
-            return list(
-                s.scalars(
-                    select(Job).where(
-                        Job.state == state.value,
-                        (Job.heartbeat_at.is_(None)) | (Job.heartbeat_at < cutoff),
-                    )
-                )
-            )
-
-    def previous_results(self, study_id: int, before_generation: int) -> list[ResultObject]:
-        """Result objects of earlier generations of a study (for predecessor references)."""
-        with self.sessions() as s:
-            return list(
-                s.scalars(
-                    select(ResultObject)
-                    .join(Job, Job.id == ResultObject.job_id)
-                    .where(Job.study_id == study_id, Job.generation < before_generation)
-                    .order_by(Job.generation.desc())
-                )
-            )
-
-    def results_for(self, job_id: int) -> list[ResultObject]:
-        """Result rows of a job."""
-        with self.sessions() as s:
-            return list(
-                s.scalars(
-                    select(ResultObject)
-                    .where(ResultObject.job_id == job_id)
-                    .order_by(ResultObject.id)
-                )
-            )
-
     def add_results(self, job_id: int, rows: Sequence[ResultObject], *, session: Session) -> None:
         """Replace a job's result rows (a rerun after a crash rebuilds the same UIDs)."""
         for old in session.scalars(select(ResultObject).where(ResultObject.job_id == job_id)):
@@ -362,7 +203,7 @@ class Queue:
         self,
         result_id: int,
         *,
-        state: str,
+        state: ResultState,
         status_code: int | None,
         error: str | None,
         now: datetime,
@@ -415,8 +256,7 @@ class Queue:
 
     def cancel(self, job_id: int, now: datetime) -> None:
         """QUEUED, OUTBOX or FAILED → CANCELLED (raises StateConflict otherwise)."""
-        job = self.get_job(job_id)
-        src = JobState(job.state)
+        src = JobState(reads.get_job(self.sessions, job_id).state)
         if S.CANCELLED not in ALLOWED_TRANSITIONS[src]:
             raise StateConflict(f"job {job_id} is {src.value} and cannot be cancelled")
         self.transition(job_id, src, S.CANCELLED, reason="operator.cancel", now=now)

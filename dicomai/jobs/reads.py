@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Row, Select, Subquery, func, inspect, or_, select
+from sqlalchemy import ColumnElement, Row, Select, Subquery, case, func, inspect, or_, select
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -27,7 +27,8 @@ from dicomai.db import (
     ResultObject,
     Study,
 )
-from dicomai.jobs.states import JobState
+from dicomai.jobs.states import ACTIVE_STATES, TERMINAL_STATES, JobState, ResultState
+from dicomai.timefmt import aware
 
 
 def latest_generation_subquery() -> Subquery:
@@ -41,6 +42,215 @@ def latest_generation_subquery() -> Subquery:
 
 
 # -- pipeline reads (worker, sender, scheduler) -----------------------------------------------
+
+
+def get_job(sessions: sessionmaker[Session], job_id: int) -> Job:
+    """The job row (detached); KeyError when there is none."""
+    with sessions() as s:
+        job = s.get(Job, job_id)
+        if job is None:
+            raise KeyError(job_id)
+        return job
+
+
+def study_uid(sessions: sessionmaker[Session], study_id: int) -> str:
+    """A study's StudyInstanceUID ("" when there is none)."""
+    with sessions() as s:
+        return s.scalar(select(Study.study_instance_uid).where(Study.id == study_id)) or ""
+
+
+def study_instances(
+    sessions: sessionmaker[Session], study_id: int, up_to_generation: int | None = None
+) -> list[Instance]:
+    """All instances of a study, optionally only those of generations up to the given one."""
+    with sessions() as s:
+        q = select(Instance).where(Instance.study_id == study_id)
+        if up_to_generation is not None:
+            q = q.join(Job, Job.id == Instance.job_id).where(Job.generation <= up_to_generation)
+        return list(s.scalars(q.order_by(Instance.id)))
+
+
+def jobs_of_study(sessions: sessionmaker[Session], study_id: int) -> list[Job]:
+    """Every job (generation) of a study, oldest first."""
+    with sessions() as s:
+        return list(s.scalars(select(Job).where(Job.study_id == study_id).order_by(Job.generation)))
+
+
+def _receiving() -> ColumnElement[bool]:
+    return Job.state == JobState.RECEIVING.value
+
+
+def receiving_jobs_quiet_since(sessions: sessionmaker[Session], cutoff: datetime) -> list[Job]:
+    """RECEIVING jobs whose last instance arrived before ``cutoff``."""
+    with sessions() as s:
+        q = select(Job).where(_receiving(), Job.last_instance_at < cutoff)
+        return list(s.scalars(q.order_by(Job.id)))
+
+
+def receiving_jobs_released_since(sessions: sessionmaker[Session], cutoff: datetime) -> list[Job]:
+    """RECEIVING jobs whose sender released its association at or before ``cutoff`` and
+    sent nothing after that release."""
+    with sessions() as s:
+        q = select(Job).where(
+            _receiving(),
+            Job.released_at.is_not(None),
+            Job.released_at >= Job.last_instance_at,
+            Job.released_at <= cutoff,
+        )
+        return list(s.scalars(q.order_by(Job.id)))
+
+
+def receiving_jobs_complete(
+    sessions: sessionmaker[Session], single_image_modalities: Sequence[str]
+) -> list[tuple[Job, str]]:
+    """RECEIVING jobs whose study may be complete, with why.
+
+    ``"announced"``: every instance of the study carries ImagesInAcquisition and each
+    (series, acquisition) holds at least that many instances. ``"single_image"``: the study
+    is one image of one of ``single_image_modalities`` (a one-view X-ray) — a weaker hint,
+    which the scheduler acts on only once the sender released its association.
+    """
+    groups: dict[int, list[tuple[int, int, int | None, str]]] = {}
+    with sessions() as s:
+        rows = s.execute(
+            select(
+                Instance.study_id,
+                func.count(),
+                func.count(Instance.images_in_acquisition),
+                func.max(Instance.images_in_acquisition),
+                func.min(Instance.modality),
+            )
+            .where(Instance.study_id.in_(select(Job.study_id).where(_receiving())))
+            .group_by(Instance.study_id, Instance.series_instance_uid, Instance.acquisition_number)
+        ).all()
+        for study_id, n, known, expected, modality in rows:
+            groups.setdefault(int(study_id), []).append(
+                (
+                    int(n),
+                    int(known),
+                    None if expected is None else int(expected),
+                    str(modality or ""),
+                )
+            )
+        single = {m.upper() for m in single_image_modalities}
+        why: dict[int, str] = {}
+        for study_id, parts in groups.items():
+            if all(
+                known == n and expected is not None and n >= expected > 0
+                for n, known, expected, _ in parts
+            ):
+                why[study_id] = "announced"
+            elif len(parts) == 1 and parts[0][0] == 1 and parts[0][3].upper() in single:
+                why[study_id] = "single_image"
+        if not why:
+            return []
+        jobs = s.scalars(
+            select(Job).where(_receiving(), Job.study_id.in_(list(why))).order_by(Job.id)
+        )
+        return [(job, why[job.study_id]) for job in jobs]
+
+
+def stale_claims(sessions: sessionmaker[Session], state: JobState, cutoff: datetime) -> list[Job]:
+    """Jobs in ``state`` whose heartbeat is older than ``cutoff``."""
+    with sessions() as s:
+        q = select(Job).where(
+            Job.state == state.value, (Job.heartbeat_at.is_(None)) | (Job.heartbeat_at < cutoff)
+        )
+        return list(s.scalars(q))
+
+
+def previous_results(
+    sessions: sessionmaker[Session], study_id: int, before_generation: int
+) -> list[ResultObject]:
+    """Result objects of earlier generations of a study (for predecessor references), latest
+    generation first."""
+    with sessions() as s:
+        q = (
+            select(ResultObject)
+            .join(Job, Job.id == ResultObject.job_id)
+            .where(Job.study_id == study_id, Job.generation < before_generation)
+            .order_by(Job.generation.desc())
+        )
+        return list(s.scalars(q))
+
+
+def results_for(sessions: sessionmaker[Session], job_id: int) -> list[ResultObject]:
+    """Result rows of a job."""
+    with sessions() as s:
+        q = select(ResultObject).where(ResultObject.job_id == job_id).order_by(ResultObject.id)
+        return list(s.scalars(q))
+
+
+@dataclass(frozen=True)
+class StudyFiles:
+    """What retention removes of one finished study: its jobs, its instance files."""
+
+    study_id: int
+    finished_at: datetime
+    job_ids: tuple[int, ...]
+    instance_paths: tuple[str, ...]
+
+
+def finished_studies(sessions: sessionmaker[Session], before: datetime) -> list[StudyFiles]:
+    """Studies whose every generation is terminal and whose latest finished before ``before``
+    (naive datetimes from SQLite read as UTC), with their jobs and instance files."""
+    terminal = [x.value for x in TERMINAL_STATES]
+    out: list[StudyFiles] = []
+    with sessions() as s:
+        per_study = s.execute(
+            select(
+                Job.study_id,
+                func.max(Job.finished_at),
+                func.sum(case((Job.state.in_(terminal), 0), else_=1)),
+            ).group_by(Job.study_id)
+        ).all()
+        for study_id, finished, open_jobs in per_study:
+            if open_jobs or finished is None or aware(finished) >= before:
+                continue
+            job_ids = tuple(s.scalars(select(Job.id).where(Job.study_id == study_id)))
+            paths = tuple(s.scalars(select(Instance.path).where(Instance.study_id == study_id)))
+            out.append(StudyFiles(study_id, aware(finished), job_ids, paths))
+    return out
+
+
+# -- metrics (scrape-time gauges) -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Gauges:
+    """What a metrics scrape reads from the database."""
+
+    studies_by_state: dict[str, int]  # by each study's latest generation
+    jobs_by_state: dict[str, int]  # jobs in the active states
+    pending_by_destination: dict[str, int]  # result objects waiting to be sent
+    quarantined_by_reason: dict[str, int]
+    newest_heartbeat: datetime | None  # aware
+
+
+def gauges(conn: Connection | Session) -> Gauges:
+    """The metrics' database gauges, read on one connection."""
+    depth = conn.execute(
+        select(Job.state, func.count())
+        .where(Job.state.in_([x.value for x in ACTIVE_STATES]))
+        .group_by(Job.state)
+    )
+    backlog = conn.execute(
+        select(ResultObject.destination, func.count())
+        .where(ResultObject.state == ResultState.PENDING.value)
+        .group_by(ResultObject.destination)
+    )
+    quarantine = conn.execute(
+        select(QuarantineEntry.reason, func.count()).group_by(QuarantineEntry.reason)
+    )
+    beat = conn.scalar(select(func.max(ComponentHeartbeat.beat_at)))
+    return Gauges(
+        studies_by_state=state_counts(conn),
+        jobs_by_state={str(k): int(n) for k, n in depth},
+        pending_by_destination={str(k): int(n) for k, n in backlog},
+        quarantined_by_reason={str(k): int(n) for k, n in quarantine},
+        newest_heartbeat=aware(beat),  # a raw aggregate: SQLite returns naive UTC
+    )
+
 
 # -- operator reads (status, CLI, metrics) ----------------------------------------------------
 

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
-from sqlalchemy import case, delete, func, select
 
 from dicomai.config import RouteSettings, SchedulerSettings, Settings
 from dicomai.db import Instance, Job
@@ -22,9 +21,9 @@ from dicomai.errors import StateConflict
 from dicomai.ingest.copies import restore_copies
 from dicomai.ingest.index import InstanceIndex
 from dicomai.ingest.spool import Spool
-from dicomai.jobs import policy
+from dicomai.jobs import policy, reads
 from dicomai.jobs.queue import Queue
-from dicomai.jobs.states import TERMINAL_STATES, JobState
+from dicomai.jobs.states import JobState
 from dicomai.logs import log_fields
 from dicomai.routing import RouteDecision, StudyInfo, select_route, summarise_series
 from dicomai.runtime.clock import Clock
@@ -69,7 +68,7 @@ def close_quiet_studies(
     int
         Number of jobs closed.
     """
-    jobs = queue.receiving_jobs_quiet_since(now - timedelta(seconds=quiet_seconds))
+    jobs = reads.receiving_jobs_quiet_since(queue.sessions, now - timedelta(seconds=quiet_seconds))
     closed = sum(_close(queue, job, routes, now) for job in jobs)
     if closed:
         logger.info(
@@ -103,10 +102,10 @@ def close_early_studies(
     complete_cutoff = now - timedelta(seconds=settings.complete_quiet_seconds)
     closed = {"released": 0, "complete": 0}
     seen: set[int] = set()
-    for job in queue.receiving_jobs_released_since(released_cutoff):
+    for job in reads.receiving_jobs_released_since(queue.sessions, released_cutoff):
         seen.add(job.id)
         closed["released"] += _close(queue, job, routes, now, cause="released")
-    for job, why in queue.receiving_jobs_complete(settings.single_image_modalities):
+    for job, why in reads.receiving_jobs_complete(queue.sessions, settings.single_image_modalities):
         if job.id in seen:
             continue
         released = job.released_at is not None and job.released_at >= job.last_instance_at
@@ -129,9 +128,9 @@ def _close(
     # Route on what was there at job.last_instance_at; an instance arriving meanwhile
     # changes last_instance_at, the close below fails and a later tick tries again.
     guard = {"last_instance_at": job.last_instance_at}
-    rows = queue.study_instances(job.study_id, up_to_generation=job.generation)
+    rows = reads.study_instances(queue.sessions, job.study_id, up_to_generation=job.generation)
     study = StudyInfo(
-        study_instance_uid=queue.study_uid(job),
+        study_instance_uid=reads.study_uid(queue.sessions, job.study_id),
         series=tuple(summarise_series({c: getattr(r, c) for c in _ROUTING_COLUMNS} for r in rows)),
     )
     decision = select_route(study, routes)
@@ -165,7 +164,8 @@ def _unchanged(queue: Queue, job: Job, rows: Sequence[Instance], decision: Route
     view) do not change the model's input, so the study is not analysed again.
     """
     chosen = set(decision.series_instance_uids)
-    generation_of = {j.id: j.generation for j in queue.jobs_of_study(job.study_id)}
+    generations = reads.jobs_of_study(queue.sessions, job.study_id)
+    generation_of = {j.id: j.generation for j in generations}
     now_inputs = {r.sop_instance_uid for r in rows if r.series_instance_uid in chosen}
     before = {
         r.sop_instance_uid
@@ -175,11 +175,7 @@ def _unchanged(queue: Queue, job: Job, rows: Sequence[Instance], decision: Route
     }
     if now_inputs != before:
         return False
-    previous = [
-        j
-        for j in queue.jobs_of_study(job.study_id)
-        if j.generation < job.generation and j.route is not None
-    ]
+    previous = [j for j in generations if j.generation < job.generation and j.route is not None]
     return (
         bool(previous)
         and previous[-1].route == decision.route
@@ -193,7 +189,7 @@ def reap_stale(queue: Queue, now: datetime, stale_seconds: float) -> int:
     reaped = 0
     for state in policy.CLAIMED_STATES:
         t = policy.reclaim(state, policy.ReclaimCause.STALE_HEARTBEAT)
-        for job in queue.stale_claims(state, cutoff):
+        for job in reads.stale_claims(queue.sessions, state, cutoff):
             try:
                 queue.transition(job.id, t.src, t.dst, reason=t.reason, now=now, **t.changes(now))
                 reaped += 1
@@ -231,50 +227,39 @@ def purge_finished(
     again later is stored and analysed afresh); jobs, events and result rows stay as history.
     """
     cutoff = now - timedelta(days=retention_days)
-    terminal = [x.value for x in TERMINAL_STATES]
     items: list[PurgeItem] = []
-    with index.sessions() as s:
-        per_study = s.execute(
-            select(
-                Job.study_id,
-                func.max(Job.finished_at),
-                func.sum(case((Job.state.in_(terminal), 0), else_=1)),
-            ).group_by(Job.study_id)
-        ).all()
-        due = [
-            (sid, done)
-            for sid, done, open_jobs in per_study
-            if not open_jobs and done is not None and _aware(done) < cutoff
-        ]
-        for study_id, finished in due:
-            job_ids = tuple(s.scalars(select(Job.id).where(Job.study_id == study_id)))
-            paths = [
-                Path(p)
-                for p in s.scalars(select(Instance.path).where(Instance.study_id == study_id))
-            ]
-            folders = [d for d in (spool.root / "results" / str(j) for j in job_ids) if d.exists()]
-            present = [p for p in paths if p.exists()]
-            size = sum(p.stat().st_size for p in present) + sum(
-                f.stat().st_size for d in folders for f in d.rglob("*") if f.is_file()
+    for study in reads.finished_studies(index.sessions, cutoff):
+        paths = [Path(p) for p in study.instance_paths]
+        results = spool.root / "results"
+        folders = [d for d in (results / str(j) for j in study.job_ids) if d.exists()]
+        present = [p for p in paths if p.exists()]
+        size = sum(p.stat().st_size for p in present) + sum(
+            f.stat().st_size for d in folders for f in d.rglob("*") if f.is_file()
+        )
+        if not paths and not folders:
+            continue
+        items.append(
+            PurgeItem(
+                study.study_id,
+                study.job_ids,
+                study.finished_at,
+                len(present),
+                len(folders),
+                size,
             )
-            if not paths and not folders:
-                continue
-            items.append(
-                PurgeItem(study_id, job_ids, _aware(finished), len(present), len(folders), size)
-            )
-            if dry_run:
-                continue
-            for path in present:
-                path.unlink(missing_ok=True)
-            for directory in {p.parent for p in present}:
-                try:
-                    directory.rmdir()  # a receiver directory left empty
-                except OSError:
-                    pass
-            for folder in folders:
-                spool.remove_tree(folder)
-            s.execute(delete(Instance).where(Instance.study_id == study_id))
-            s.commit()
+        )
+        if dry_run:
+            continue
+        for path in present:
+            path.unlink(missing_ok=True)
+        for directory in {p.parent for p in present}:
+            try:
+                directory.rmdir()  # a receiver directory left empty
+            except OSError:
+                pass
+        for folder in folders:
+            spool.remove_tree(folder)
+        index.forget_study(study.study_id)
     if items and not dry_run:
         logger.info(
             "retention purge",
@@ -286,10 +271,6 @@ def purge_finished(
             ),
         )
     return items
-
-
-def _aware(value: datetime) -> datetime:
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
 
 
 def sweep_orphans(index: InstanceIndex, spool: Spool, older_than_seconds: float = 3600.0) -> int:
@@ -346,7 +327,7 @@ def reclaim_dead_local(queue: Queue, hostname: str, now: datetime, own_token: st
     reclaimed = 0
     for state in policy.CLAIMED_STATES:
         t = policy.reclaim(state, policy.ReclaimCause.DEAD_PROCESS)
-        for job in queue.stale_claims(state, now + timedelta(days=3650)):
+        for job in reads.stale_claims(queue.sessions, state, now + timedelta(days=3650)):
             claimer = job.claimed_by or ""
             _, _, where = claimer.partition("@")
             parts = where.split(":")

@@ -41,6 +41,7 @@ from dicomai.delivery.stow_client import StowTarget, Verdict, store
 from dicomai_tools.local_pacs import LocalPacs
 from dicomai.ops.scu import send_files
 from dicomai.ops.status import collect
+from dicomai.jobs import reads
 from tests.conftest import free_port, running_daemon
 from tests.viewers.harness import DICOMWEB_PLUGIN, DicomWebOrthanc
 from tests.waiting import wait_for_study, wait_until
@@ -143,7 +144,7 @@ def test_results_land_in_the_same_study_in_orthanc(make_settings, tmp_path):
         with running_daemon(settings) as daemon:
             _send(daemon, chest, tmp_path / "in")
             status = wait_for_study(daemon, uid, "done")
-            rows = daemon.queue.results_for(status["job_id"])
+            rows = reads.results_for(daemon.sessions, status["job_id"])
             data = collect(settings, limit=10, engine=daemon.engine)
         # One study in Orthanc: the image and dicomai's results (REST).
         (study_id,) = orthanc.study_ids(uid)
@@ -211,7 +212,7 @@ def test_wrong_password_retried_then_the_rewritten_file_delivers(make_settings, 
             status = wait_until(refused_twice, timeout=120, what="two refused sends")
             assert status["state"] in ("outbox", "sending")
             assert "401" in status["last_error"] and "credentials" in status["last_error"]
-            rows = daemon.queue.results_for(status["job_id"])
+            rows = reads.results_for(daemon.sessions, status["job_id"])
             assert {r.state for r in rows} == {"pending"}
             assert orthanc.study_ids(uid) == []  # nothing stored
             # The operator fixes the file (in place); the next try reads it.
@@ -272,7 +273,7 @@ def test_archive_down_backoff_give_up_then_retry_command(make_settings, tmp_path
                                                           "send.attempts_exhausted")]
             gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(times)]
             assert gaps[0] >= 0.5 and gaps[1] >= 1.0, (gaps, "; ".join(f"{e.reason} {e.at.time()}" for e in events))
-            rows = daemon.queue.results_for(status["job_id"])
+            rows = reads.results_for(daemon.sessions, status["job_id"])
             assert {r.state for r in rows} == {"pending"}
 
             orthanc.start()

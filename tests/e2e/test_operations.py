@@ -19,6 +19,7 @@ from dicomai.ops.scu import send_files
 from dicomai.ops.health import check_health
 from dicomai.ops.status import collect
 from dicomai.ops.status_view import render_rich
+from dicomai.jobs import reads
 from tests.conftest import free_port, running_daemon, wait_for
 
 NO_WORKER = ("receiver", "sender", "scheduler")  # no model to load: starts in well under 1 s
@@ -222,8 +223,8 @@ def test_studies_list_show_and_purge(make_settings, local_pacs, tmp_path, capsys
         assert failures[0]["kind"] == "failed"
 
         # purge: a dry run lists, a real run removes, a second run finds nothing.
-        stored = [Path(r.path) for r in daemon.queue.study_instances(
-            daemon.queue.get_job(shown["jobs"][0]["job_id"]).study_id)]
+        job = reads.get_job(daemon.sessions, shown["jobs"][0]["job_id"])
+        stored = [Path(r.path) for r in reads.study_instances(daemon.sessions, job.study_id)]
         assert stored and all(p.exists() for p in stored)
         code, out, _ = run_cli(capsys, "--config", str(cfg), "purge", "--older-than-days", "0",
                                "--dry-run")

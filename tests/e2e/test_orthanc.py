@@ -27,6 +27,7 @@ from sqlalchemy import func, select
 from dicomai_tools import synthetic
 from dicomai.db import Job, Study
 from dicomai.ops.status import collect
+from dicomai.jobs import reads
 from tests.sr_summary import summary_scores
 from tests.conftest import free_port, running_daemon
 from tests.waiting import let_time_pass, wait_until
@@ -191,7 +192,7 @@ def _jobs(daemon, study_uid: str) -> int:
 def _received(daemon, study_uid: str) -> list[Any]:
     """The instances dicomai stored for this study."""
     job_id = _status(daemon, study_uid)["job_id"]
-    return daemon.queue.study_instances(daemon.queue.get_job(job_id).study_id)
+    return reads.study_instances(daemon.sessions, reads.get_job(daemon.sessions, job_id).study_id)
 
 
 def _results(orthanc: Orthanc, study_id: str) -> dict[str, list[str]]:

@@ -24,6 +24,7 @@ from dicomai.db import Job, JobEvent, make_engine
 from dicomai.logs import JsonFormatter
 from dicomai.ops.scu import echo, send_files
 from dicomai.ops.status import collect
+from dicomai.jobs import reads
 from tests.conftest import running_daemon
 from tests.sr_summary import summary, summary_scores
 from tests.waiting import wait_for_study, wait_until
@@ -204,7 +205,8 @@ def test_resend_and_new_generation(make_settings, local_pacs, tmp_path):
         # The same instance again: stored once, no new job, no second set of results.
         assert send_files(paths, "127.0.0.1", port, called_ae="DICOMAI").ok
         far = datetime.now(UTC) + timedelta(days=1)
-        assert daemon.queue.receiving_jobs_quiet_since(far) == []  # duplicate opened no job
+        # the duplicate opened no job
+        assert reads.receiving_jobs_quiet_since(daemon.sessions, far) == []
         s = _study_state(settings, ds.StudyInstanceUID, daemon.engine)
         assert s["generation"] == 1 and s["instances"] == 1
         assert len(local_pacs.objects(ds.StudyInstanceUID)) == 2
@@ -265,7 +267,8 @@ def test_compressed_real_samples_stored_as_received(make_settings, local_pacs, t
         for f in files:
             src = pydicom.dcmread(f, stop_before_pixels=True)
             job_id = _study_state(settings, src.StudyInstanceUID, daemon.engine)["job_id"]
-            (row,) = daemon.queue.study_instances(daemon.queue.get_job(job_id).study_id)
+            job = reads.get_job(daemon.sessions, job_id)
+            (row,) = reads.study_instances(daemon.sessions, job.study_id)
             assert row.transfer_syntax_uid == src.file_meta.TransferSyntaxUID
             stored = pydicom.dcmread(row.path)
             assert stored.file_meta.TransferSyntaxUID == src.file_meta.TransferSyntaxUID

@@ -14,6 +14,7 @@ from dicomai_tools import synthetic
 from dicomai_tools.local_pacs import LocalPacs
 from dicomai.ops.scu import send_files
 from dicomai.ops.status import collect
+from dicomai.jobs import reads
 from tests.conftest import running_daemon
 from tests.waiting import wait_until
 
@@ -43,7 +44,7 @@ def _run_study(settings: Any, tmp_path: Path) -> tuple[Any, dict[str, Any]]:
             return data if study and study["state"] == "done" else None
 
         data = wait_until(done, timeout=120, what="study done")
-        rows = daemon.queue.results_for(
+        rows = reads.results_for(daemon.sessions,
             next(s for s in data["studies"]
                  if s["study_instance_uid"] == ds.StudyInstanceUID)["job_id"])
     return ds, {"status": data, "rows": rows}

@@ -18,9 +18,10 @@ from dicomai.config import load_settings
 from dicomai.db import Instance, Job, JobEvent, Study, create_all, make_engine, make_session_factory
 from dicomai.errors import StateConflict
 from dicomai.ingest.index import InstanceIndex, InstanceRecord
-from dicomai.jobs.queue import Queue, RetryPolicy
+from dicomai.jobs.queue import Queue
 from dicomai.jobs.states import ALLOWED_TRANSITIONS, TERMINAL_STATES, JobState
 from dicomai.runtime.scheduler import close_early_studies, close_quiet_studies, reap_stale
+from dicomai.jobs import reads
 
 REPO = Path(__file__).resolve().parents[2]
 ROUTES = load_settings(REPO / "config" / "dicomai.toml", environ={}).routes
@@ -97,18 +98,18 @@ def queued_job(queue: Queue, index: InstanceIndex, n: int, now: datetime = T0,
 def test_first_instance_creates_study_and_receiving_job(queue: Queue, index: InstanceIndex) -> None:
     new, job_id = record(index, rec())
     assert new is True
-    job = queue.get_job(job_id)
+    job = reads.get_job(queue.sessions, job_id)
     assert job.state == JobState.RECEIVING
     assert job.generation == 1
     assert job.instance_count == 1
     assert job.last_instance_at == T0
     assert job.last_instance_at.tzinfo is not None
-    assert queue.study_uid(job) == "1.2.3"
+    assert reads.study_uid(queue.sessions, job.study_id) == "1.2.3"
     assert index.has_instance("1.2.3.1.1")
     assert not index.has_instance("1.2.3.1.2")
     assert events(queue, job_id) == [(None, "receiving", "instance.first")]
 
-    (inst,) = queue.study_instances(job.study_id)
+    (inst,) = reads.study_instances(queue.sessions, job.study_id)
     assert inst.sop_instance_uid == "1.2.3.1.1"
     assert inst.job_id == job_id
     assert inst.path == "/spool/1.2.3.1.1.dcm"
@@ -123,7 +124,7 @@ def test_more_instances_join_the_same_job(queue: Queue, index: InstanceIndex) ->
     new, job2 = record(index, rec(sop="1.2.3.1.2"), T0 + timedelta(seconds=5))
     assert new is True
     assert job2 == job1
-    job = queue.get_job(job1)
+    job = reads.get_job(queue.sessions, job1)
     assert job.instance_count == 2
     assert job.last_instance_at == T0 + timedelta(seconds=5)
     assert len(events(queue, job1)) == 1
@@ -134,7 +135,7 @@ def test_duplicate_sop_instance_uid_changes_nothing(queue: Queue, index: Instanc
     later = T0 + timedelta(seconds=20)
     new, again = index.record_instance(rec(), "/spool/other.dcm", 99, "OTHER", later)
     assert (new, again) == (False, job_id)
-    job = queue.get_job(job_id)
+    job = reads.get_job(queue.sessions, job_id)
     assert job.instance_count == 1
     assert job.last_instance_at == T0
     with queue.session() as s:
@@ -151,12 +152,13 @@ def test_instance_after_job_left_receiving_opens_generation_2(
     new, job2 = record(index, rec(sop="1.2.3.1.2"), later)
     assert new is True
     assert job2 != job1
-    first, second = queue.get_job(job1), queue.get_job(job2)
+    first, second = reads.get_job(queue.sessions, job1), reads.get_job(queue.sessions, job2)
     assert (first.state, first.generation, first.instance_count) == ("queued", 1, 1)
     assert (second.state, second.generation, second.instance_count) == ("receiving", 2, 1)
     assert second.study_id == first.study_id
-    assert len(queue.study_instances(first.study_id)) == 2
-    assert [i.sop_instance_uid for i in queue.study_instances(first.study_id, 1)] == ["1.2.3.1.1"]
+    assert len(reads.study_instances(queue.sessions, first.study_id)) == 2
+    gen1 = reads.study_instances(queue.sessions, first.study_id, 1)
+    assert [i.sop_instance_uid for i in gen1] == ["1.2.3.1.1"]
     # A third instance joins generation 2, not a new one.
     _, job3 = record(index, rec(sop="1.2.3.1.3"), later)
     assert job3 == job2
@@ -178,7 +180,7 @@ def test_transition_writes_state_fields_and_event(queue: Queue, index: InstanceI
     later = T0 + timedelta(seconds=31)
     queue.transition(job_id, "receiving", "queued", reason="route.matched", now=later,
                      route="chest-xray", model="chest-xray", series_uids=["1.2.3.1"])
-    job = queue.get_job(job_id)
+    job = reads.get_job(queue.sessions, job_id)
     assert job.state == "queued"
     assert job.updated_at == later
     assert (job.route, job.model, job.series_uids) == ("chest-xray", "chest-xray", ["1.2.3.1"])
@@ -189,7 +191,7 @@ def test_transition_writes_state_fields_and_event(queue: Queue, index: InstanceI
 def test_transition_to_terminal_state_sets_finished_at(queue: Queue, index: InstanceIndex) -> None:
     _, job_id = record(index, rec())
     queue.transition(job_id, JobState.RECEIVING, JobState.SKIPPED, reason="route.none", now=T0)
-    assert queue.get_job(job_id).finished_at == T0
+    assert reads.get_job(queue.sessions, job_id).finished_at == T0
 
 
 @pytest.mark.parametrize(
@@ -203,7 +205,7 @@ def test_disallowed_transitions_raise_value_error(queue: Queue, index: InstanceI
         s.execute(update(Job).where(Job.id == job_id).values(state=src.value))
     with pytest.raises(ValueError, match="not allowed"):
         queue.transition(job_id, src, dst, reason="test", now=T0)
-    assert queue.get_job(job_id).state == src.value
+    assert reads.get_job(queue.sessions, job_id).state == src.value
     assert len(events(queue, job_id)) == 1
 
 
@@ -217,7 +219,7 @@ def test_transition_compare_and_set(queue: Queue, index: InstanceIndex) -> None:
     _, job_id = record(index, rec())
     with pytest.raises(StateConflict):
         queue.transition(job_id, JobState.QUEUED, JobState.RUNNING, reason="test", now=T0)
-    assert queue.get_job(job_id).state == "receiving"
+    assert reads.get_job(queue.sessions, job_id).state == "receiving"
     queue.transition(job_id, JobState.RECEIVING, JobState.QUEUED, reason="first", now=T0)
     with pytest.raises(StateConflict):  # a second mover loses
         queue.transition(job_id, JobState.RECEIVING, JobState.QUEUED, reason="second", now=T0)
@@ -279,7 +281,7 @@ def test_claim_next_order_priority_then_closed_at(queue: Queue, index: InstanceI
     while (job := queue.claim_next(JobState.QUEUED, JobState.RUNNING, "w", now)) is not None:
         order.append(job.id)
     assert order == [urgent, early, late]
-    assert queue.get_job(deferred).state == "queued"
+    assert reads.get_job(queue.sessions, deferred).state == "queued"
 
 
 def test_claim_next_filters_by_model(queue: Queue, index: InstanceIndex) -> None:
@@ -324,21 +326,9 @@ def test_concurrent_claimers_never_share_a_job(queue: Queue, index: InstanceInde
     assert set(counted.values()) == {1}
     for name, got in claims.items():
         for job_id in got:
-            job = queue.get_job(job_id)
+            job = reads.get_job(queue.sessions, job_id)
             assert (job.state, job.claimed_by, job.attempts) == ("running", name, 1)
             assert [e[1] for e in events(queue, job_id)].count("running") == 1
-
-
-# -- retry policy -----------------------------------------------------------------------------
-
-
-def test_retry_policy_doubles_and_caps() -> None:
-    policy = RetryPolicy(max_attempts=10, base_seconds=15, max_seconds=100)
-    assert [policy.delay(a).total_seconds() for a in range(1, 7)] == [15, 30, 60, 100, 100, 100]
-    with pytest.raises(ValueError, match="attempt"):
-        policy.delay(0)
-    assert RetryPolicy(3, 10).delay(3) == timedelta(seconds=40)
-    assert RetryPolicy(3, 10).delay(20) == timedelta(hours=1)
 
 
 # -- scheduler jobs ---------------------------------------------------------------------------
@@ -368,25 +358,25 @@ def test_close_quiet_studies_routes_or_skips(queue: Queue, index: InstanceIndex)
     now = T0 + timedelta(seconds=35)
     assert close_quiet_studies(queue, ROUTES, now, 30) == 3
 
-    job = queue.get_job(chest)
+    job = reads.get_job(queue.sessions, chest)
     assert (job.state, job.route, job.model) == ("queued", "chest-xray", "chest-xray")
     assert job.series_uids == ["1.1.2"]
     assert job.destinations == ["pacs"]
     assert job.closed_at == now
 
-    job = queue.get_job(head)
+    job = reads.get_job(queue.sessions, head)
     assert (job.state, job.route, job.model) == ("queued", "brain-ct", "head-ct-ich")
     assert job.series_uids == ["1.2.2"]
 
-    job = queue.get_job(knee)
+    job = reads.get_job(queue.sessions, knee)
     assert (job.state, job.route, job.model, job.series_uids) == ("skipped", None, None, [])
     assert job.finished_at == now
     assert events(queue, knee)[-1] == ("receiving", "skipped", "route.none")
 
-    assert queue.get_job(busy).state == "receiving"
+    assert reads.get_job(queue.sessions, busy).state == "receiving"
     assert close_quiet_studies(queue, ROUTES, now, 30) == 0  # idempotent
     assert close_quiet_studies(queue, ROUTES, now + timedelta(seconds=30), 30) == 1
-    assert queue.get_job(busy).state == "queued"
+    assert reads.get_job(queue.sessions, busy).state == "queued"
 
 
 def test_close_quiet_generation_2_sees_earlier_instances(
@@ -398,15 +388,15 @@ def test_close_quiet_generation_2_sees_earlier_instances(
     _, job2 = record(index, rec(study="1.1", series="1.1.2", sop="1.1.2.1", view_position="LL",
                                 series_number=2), later)
     assert close_quiet_studies(queue, ROUTES, later + timedelta(seconds=31), 30) == 1
-    job = queue.get_job(job2)
+    job = reads.get_job(queue.sessions, job2)
     assert (job.generation, job.state, job.route) == (2, "skipped", "chest-xray")
     assert events(queue, job2)[-1] == ("receiving", "skipped", "route.inputs_unchanged")
-    assert queue.get_job(job1).state == "queued"
+    assert reads.get_job(queue.sessions, job1).state == "queued"
     # Another image in the analysed series changes the input: generation 3 is analysed.
     even_later = later + timedelta(minutes=5)
     _, job3 = record(index, rec(study="1.1", series="1.1.1", sop="1.1.1.2"), even_later)
     assert close_quiet_studies(queue, ROUTES, even_later + timedelta(seconds=31), 30) == 1
-    job = queue.get_job(job3)
+    job = reads.get_job(queue.sessions, job3)
     assert (job.generation, job.state, job.route) == (3, "queued", "chest-xray")
     assert job.series_uids == ["1.1.1"]  # the frontal series, generations 1 and 3
 
@@ -425,12 +415,12 @@ def test_reap_stale_returns_claims(queue: Queue, index: InstanceIndex) -> None:
     queue.heartbeat_job(stale_run, "someone-else", now)  # not its claimer: ignored
 
     assert reap_stale(queue, now, 300) == 2
-    job = queue.get_job(stale_run)
+    job = reads.get_job(queue.sessions, stale_run)
     assert (job.state, job.claimed_by) == ("queued", None)
     assert events(queue, stale_run)[-1] == ("running", "queued", "reap.stale_heartbeat")
-    job = queue.get_job(stale_send)
+    job = reads.get_job(queue.sessions, stale_send)
     assert (job.state, job.claimed_by) == ("outbox", None)
-    job = queue.get_job(fresh_run)
+    job = reads.get_job(queue.sessions, fresh_run)
     assert (job.state, job.claimed_by) == ("running", "w")
     assert reap_stale(queue, now, 300) == 0
 
@@ -455,8 +445,8 @@ def test_restart_quiet_clocks_only_touches_receiving_jobs(
     queued = queued_job(queue, index, 4)
     later = T0 + timedelta(minutes=10)
     assert index.restart_quiet_clocks(later) == 1
-    assert queue.get_job(receiving).last_instance_at == later
-    assert queue.get_job(queued).last_instance_at == T0
+    assert reads.get_job(queue.sessions, receiving).last_instance_at == later
+    assert reads.get_job(queue.sessions, queued).last_instance_at == T0
 
 
 def test_urgent_route_is_claimed_before_older_routine_jobs(
@@ -523,9 +513,9 @@ def test_early_close_after_release_and_grace(queue: Queue, index: InstanceIndex)
         _, job_id = record(index, _ct("2.1", "2.1.1", i), T0)
     assert index.mark_released(["2.1"], T0 + timedelta(seconds=1)) == 1
     assert close_early_studies(queue, ROUTES, T0 + timedelta(seconds=2), EARLY) == 0  # grace
-    assert queue.get_job(job_id).state == "receiving"
+    assert reads.get_job(queue.sessions, job_id).state == "receiving"
     assert close_early_studies(queue, ROUTES, T0 + timedelta(seconds=3), EARLY) == 1
-    job = queue.get_job(job_id)
+    job = reads.get_job(queue.sessions, job_id)
     assert (job.state, job.route) == ("queued", "brain-ct")
     assert events(queue, job_id)[-1] == ("receiving", "queued", "route.matched")
 
@@ -536,11 +526,11 @@ def test_instance_after_release_cancels_early_close(queue: Queue, index: Instanc
     # The sender opens a new association and goes on: the old release no longer counts.
     record(index, _ct("2.2", "2.2.1", 1), T0 + timedelta(seconds=2))
     assert close_early_studies(queue, ROUTES, T0 + timedelta(seconds=10), EARLY) == 0
-    assert queue.get_job(job_id).state == "receiving"
+    assert reads.get_job(queue.sessions, job_id).state == "receiving"
     # ... until that association is released too.
     index.mark_released(["2.2"], T0 + timedelta(seconds=11))
     assert close_early_studies(queue, ROUTES, T0 + timedelta(seconds=13.5), EARLY) == 1
-    assert queue.get_job(job_id).state == "queued"
+    assert reads.get_job(queue.sessions, job_id).state == "queued"
 
 
 def test_early_close_when_images_in_acquisition_are_all_there(
@@ -553,14 +543,14 @@ def test_early_close_when_images_in_acquisition_are_all_there(
     # complete, but give back-to-back images complete_quiet_seconds (1 s) to settle
     assert close_early_studies(queue, ROUTES, T0 + timedelta(seconds=10.5), EARLY) == 0
     assert close_early_studies(queue, ROUTES, T0 + timedelta(seconds=11), EARLY) == 1
-    assert queue.get_job(job_id).state == "queued"
+    assert reads.get_job(queue.sessions, job_id).state == "queued"
 
 
 def test_complete_and_released_closes_at_once(queue: Queue, index: InstanceIndex) -> None:
     _, job_id = record(index, rec(study="2.4", series="2.4.1", sop="2.4.1.1"), T0)  # one DX
     index.mark_released(["2.4"], T0)
     assert close_early_studies(queue, ROUTES, T0, EARLY) == 1
-    assert queue.get_job(job_id).state == "queued"
+    assert reads.get_job(queue.sessions, job_id).state == "queued"
 
 
 def test_single_xray_image_closes_at_release_without_grace(
@@ -575,7 +565,7 @@ def test_single_xray_image_closes_at_release_without_grace(
     index.mark_released(["2.5", "2.6", "2.7"], T0 + timedelta(seconds=10))
     # Released: the one-view study closes at once, the others wait for the grace period.
     assert close_early_studies(queue, ROUTES, T0 + timedelta(seconds=10), EARLY) == 1
-    assert [queue.get_job(j).state for j in (one, two, ct)] == \
+    assert [reads.get_job(queue.sessions, j).state for j in (one, two, ct)] == \
         ["queued", "receiving", "receiving"]
     # with the rule switched off the one-view study waits for the grace period too
     off = EARLY.model_copy(update={"single_image_modalities": []})
@@ -584,7 +574,7 @@ def test_single_xray_image_closes_at_release_without_grace(
     assert close_early_studies(queue, ROUTES, T0 + timedelta(seconds=1), off) == 0
     disabled = EARLY.model_copy(update={"early_close": False})
     assert close_early_studies(queue, ROUTES, T0 + timedelta(seconds=5), disabled) == 0
-    assert queue.get_job(three).state == "receiving"
+    assert reads.get_job(queue.sessions, three).state == "receiving"
     assert close_early_studies(queue, ROUTES, T0 + timedelta(seconds=12), off) == 3
 
 
@@ -600,9 +590,9 @@ def test_late_instance_after_early_close_opens_generation_2(
                      T0 + timedelta(seconds=5))
     assert job2 != job1
     assert close_early_studies(queue, ROUTES, T0 + timedelta(seconds=30), EARLY) == 1
-    job = queue.get_job(job2)
+    job = reads.get_job(queue.sessions, job2)
     assert (job.generation, job.state, job.route) == (2, "queued", "brain-ct")
-    assert len(queue.study_instances(job.study_id, up_to_generation=2)) == 3
+    assert len(reads.study_instances(queue.sessions, job.study_id, up_to_generation=2)) == 3
 
 
 def test_retention_removes_the_receiver_directories_it_empties(queue: Queue, index: InstanceIndex,

@@ -31,6 +31,7 @@ from dicomai.ingest.store_instance import file_meta_bytes
 from dicomai.ingest.index import InstanceIndex, InstanceRecord
 from dicomai.jobs.queue import Queue
 from dicomai.jobs.states import JobState
+from dicomai.jobs import reads
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 
@@ -89,7 +90,7 @@ def test_record_after_close_opens_next_generation(engine: Engine) -> None:
     queue.transition(job1, JobState.RECEIVING, JobState.QUEUED, reason="test", now=T0)
     new, job2 = index.record_instance(rec("1.6", "1.6.1.2"), "/b", 1, "M", T0)
     assert new and job2 != job1
-    assert queue.get_job(job2).generation == 2
+    assert reads.get_job(queue.sessions, job2).generation == 2
     assert index.record_instance(rec("1.6", "1.6.1.1"), "/c", 1, "M", T0) == (False, job1)
 
 
@@ -117,7 +118,7 @@ def test_duplicates_and_own_results_are_answered_success_and_leave_one_copy(
                       if p.stat().st_size)
 
     assert storing.store_instance(request(own), spool, index, lambda: 0, lambda: T0) == 0
-    job = queue.get_job(1)
+    job = reads.get_job(queue.sessions, 1)
     with queue.session() as s, s.begin():  # "own" is now one of our results
         s.add(ResultObject(job_id=job.id, destination="pacs", kind="SR",
                            sop_class_uid="1.2.840.10008.5.1.4.1.1.88.22",
