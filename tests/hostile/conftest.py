@@ -25,9 +25,10 @@ import pytest
 from dicomai_tools import synthetic
 from dicomai_tools.local_pacs import LocalPacs
 from dicomai.ops.scu import echo, send_files
-from tests.conftest import skip_or_fail, wait_for
+from tests.conftest import skip_or_fail
 from tests.hostile.probes import EchoProbe, TreeSampler, Usage, tree_usage
 from tests.reliability.conftest import RelServe
+from tests.waiting import let_time_pass, sample_until, wait_until
 
 #: [receiver] settings of the daemon under attack (all set, so the figures below follow them).
 ACSE_TIMEOUT = 3.0
@@ -126,14 +127,9 @@ class Target:
     def settle(self, timeout: float = SETTLE_SECONDS) -> Usage:
         """Wait (at most ``timeout``) for the threads to be back at the baseline; the usage
         then, whether or not they are."""
-        deadline = time.monotonic() + timeout
-        while True:
-            usage = tree_usage(self.pid)
-            if usage.threads <= self.baseline.threads + THREAD_TOLERANCE:
-                return usage
-            if time.monotonic() > deadline:
-                return usage
-            time.sleep(0.2)
+        return sample_until(lambda: tree_usage(self.pid),
+                            lambda u: u.threads <= self.baseline.threads + THREAD_TOLERANCE,
+                            timeout=timeout, interval=0.2)
 
     @contextmanager
     def attack(self) -> Iterator[Watch]:
@@ -193,8 +189,8 @@ class Target:
                             called_ae="DICOMAI", calling_ae="MODALITY", timeout=10)
         assert result.ok, result.statuses
         status = self.serve.wait_state(ds.StudyInstanceUID, "done", timeout=60)
-        wait_for(lambda: len(self.pacs.objects(ds.StudyInstanceUID)) >= 2, 30,
-                 what="SR and SC at the PACS")
+        wait_until(lambda: len(self.pacs.objects(ds.StudyInstanceUID)) >= 2, timeout=30,
+                   what="SR and SC at the PACS")
         return status
 
 
@@ -254,15 +250,15 @@ def target(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterato
             assert serve.proc is not None and serve.proc.poll() is None, serve.log_tail()
             return all(m["state"] == "ready" for m in serve.status()["models"])
 
-        wait_for(ready, 120, 0.5, "the reference models ready")
+        wait_until(ready, timeout=120, interval=0.5, what="the reference models ready")
         models = time.monotonic() - started
         target = Target(serve, pacs, root, tree_usage(serve.pid))
         target.analyses_a_study(seed=9001)
-        time.sleep(1.0)
+        let_time_pass(1.0, "the threads of the analysed study end")
         samples = []
         for _ in range(10):  # the idle floor, past any thread still ending
             samples.append(tree_usage(serve.pid))
-            time.sleep(0.2)
+            let_time_pass(0.2, "ten samples, 0.2 s apart")
         target.baseline = min(samples, key=lambda u: u.threads)
         print(f"\nhostile target: listening after {listening:.1f} s, models ready after "
               f"{models:.1f} s, idle after {time.monotonic() - started:.1f} s: "

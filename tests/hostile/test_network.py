@@ -41,6 +41,7 @@ from tests.hostile.peers import (
     pdv,
 )
 from tests.integration.test_conformance import CT, MR, Peer, encode
+from tests.waiting import sample_until
 
 pytestmark = pytest.mark.slow
 
@@ -149,12 +150,9 @@ def test_abort_on_a_protocol_error_leaves_no_bookkeeping(target: Target) -> None
         rest = target.files("after-abort", images[1:])
         assert send_files(rest, "127.0.0.1", target.port, called_ae="DICOMAI",
                           calling_ae="MODALITY", timeout=10).ok
-        released = time.monotonic()
         limit = RELEASE_GRACE + 2 * MARGIN
-        deadline = released + limit
-        while target.state(study) == "receiving" and time.monotonic() < deadline:
-            time.sleep(0.2)
-        state = target.state(study)
+        state = sample_until(lambda: target.state(study), lambda s: s != "receiving",
+                             timeout=limit, interval=0.2)
         assert state not in (None, "receiving"), (
             f"study still {state!r} {limit:.0f} s after its sender released (release grace "
             f"{RELEASE_GRACE:.0f} s): the aborted association still counts as delivering it")

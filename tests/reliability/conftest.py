@@ -21,7 +21,8 @@ from dicomai.config import Settings, load_settings
 from dicomai.models.reference import REFERENCE_MODELS
 from dicomai.ops.scu import echo
 from dicomai.ops.status import collect
-from tests.conftest import DEFAULT_CONFIG, free_port, tcp_listen, wait_for
+from tests.conftest import DEFAULT_CONFIG, free_port, tcp_listen
+from tests.waiting import wait_until
 
 #: One response line per C-STORE in `storescu -v` output.
 _STORE_RSP = re.compile(r"Received Store Response \(([^)]*)\)")
@@ -111,7 +112,7 @@ class RelServe:
                 raise AssertionError(f"daemon exited {proc.returncode}:\n{self.log_tail()}")
             return _listening(self.port)
 
-        wait_for(up, timeout, interval=0.1, what="daemon listening")
+        wait_until(up, timeout=timeout, interval=0.1, what="daemon listening")
         self.started.append(round(time.monotonic() - t0, 2))
         return proc
 
@@ -169,7 +170,7 @@ class RelServe:
                 raise AssertionError(f"daemon exited {self.proc.returncode}:\n{self.log_tail()}")
             return s if s and s["state"] == state else None
 
-        return wait_for(check, timeout, interval=0.1, what=f"study {state}")
+        return wait_until(check, timeout=timeout, interval=0.1, what=f"study {state}")
 
     def query(self, sql: str, *args: Any) -> list[tuple[Any, ...]]:
         """A read on the daemon's SQLite file (a separate connection, as `status` does)."""

@@ -18,8 +18,8 @@ import pytest
 
 from dicomai_tools import synthetic
 from dicomai_tools.local_pacs import LocalPacs
-from tests.conftest import wait_for
 from tests.reliability.conftest import RelServe, rel_storescu
+from tests.waiting import let_time_pass, sample_until, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.dcmtk]
 
@@ -83,8 +83,8 @@ def test_kill_during_receive(rel_serve, rel_storescu_runs, local_pacs, tmp_path,
 
     first = rel_storescu(serve.port, files)
     rel_storescu_runs.append(first)
-    wait_for(lambda: serve.instance_count(study_uid) >= 80 or first.proc.poll() is not None,
-             60, interval=0.02, what=">= 80 instances stored")
+    wait_until(lambda: serve.instance_count(study_uid) >= 80 or first.proc.poll() is not None,
+               timeout=60, interval=0.02, what=">= 80 instances stored")
     t_kill = time.monotonic()
     serve.kill9()
     assert first.wait(30) != 0, "storescu finished before the kill: the test proves nothing"
@@ -139,17 +139,13 @@ def test_restart_after_downtime_keeps_partial_study_open(rel_serve, rel_storescu
         last_at = datetime.fromisoformat(last).replace(tzinfo=UTC)
         return datetime.now(UTC) - last_at > timedelta(seconds=quiet + 0.5)
 
-    wait_for(down_longer_than_quiet, 30, what="an outage longer than the quiet period")
+    wait_until(down_longer_than_quiet, timeout=30, what="an outage longer than the quiet period")
     serve.start()
-    # The modality needs a moment to notice that the daemon is back; half the quiet period.
-    deadline = time.monotonic() + quiet / 2
-
-    def still_receiving_until_deadline() -> bool:
-        state = serve.study(study_uid)["state"]
-        assert state == "receiving", f"20 of 60 slices closed as {state} right after restart"
-        return time.monotonic() >= deadline
-
-    wait_for(still_receiving_until_deadline, quiet, interval=0.1, what="half a quiet period")
+    # The modality needs a moment to notice that the daemon is back; for half the quiet
+    # period the study must stay open.
+    state = sample_until(lambda: serve.study(study_uid)["state"], lambda s: s != "receiving",
+                         timeout=quiet / 2, interval=0.1)
+    assert state == "receiving", f"20 of 60 slices closed as {state} right after restart"
     rest = rel_storescu(serve.port, files[20:])
     rel_storescu_runs.append(rest)
     assert rest.wait(60) == 0, rest.out[-2000:]
@@ -231,7 +227,7 @@ def test_kill_during_sending(rel_serve, rel_storescu_runs, local_pacs, tmp_path,
 
     def slow_pacs(ds: pydicom.Dataset) -> int:
         if slow.is_set():
-            time.sleep(1.5)  # a slow PACS: each object takes 1.5 s to be accepted
+            let_time_pass(1.5, "a slow PACS: each object takes 1.5 s to be accepted")
         return 0x0000
 
     local_pacs.status_fn = slow_pacs
@@ -246,8 +242,8 @@ def test_kill_during_sending(rel_serve, rel_storescu_runs, local_pacs, tmp_path,
 
     # Kill once the PACS holds part of the results and the next object is on its way.
     serve.wait_state(study_uid, "sending", timeout=90)
-    wait_for(lambda: local_pacs.objects(study_uid), 30, interval=0.05,
-             what="first result object at the PACS")
+    wait_until(lambda: local_pacs.objects(study_uid), timeout=30, interval=0.05,
+               what="first result object at the PACS")
     serve.kill9()
     ((job_id, _, state, _),) = serve.jobs(study_uid)
     assert state == "sending"
@@ -293,8 +289,8 @@ def test_sigterm_graceful(rel_serve, rel_storescu_runs, local_pacs, tmp_path, re
     # While study A is being analysed, study B arrives; SIGTERM in the middle of it.
     run_b = rel_storescu(serve.port, b_files)
     rel_storescu_runs.append(run_b)
-    wait_for(lambda: serve.instance_count(b_uid) >= 50 or run_b.proc.poll() is not None,
-             60, interval=0.02, what="study B arriving")
+    wait_until(lambda: serve.instance_count(b_uid) >= 50 or run_b.proc.poll() is not None,
+               timeout=60, interval=0.02, what="study B arriving")
     a_state_at_term = serve.study(a_uid)["state"]
     b_at_term = serve.instance_count(b_uid)
     rc, seconds = serve.terminate(60)

@@ -14,8 +14,8 @@ from collections import Counter
 import pytest
 
 from dicomai_tools import synthetic
-from tests.conftest import wait_for
 from tests.reliability.conftest import RelRssSampler, rel_storescu
+from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.dcmtk]
 
@@ -80,10 +80,10 @@ def test_8_associations_2000_instances(rel_serve, rel_storescu_runs, local_pacs,
             assert not bad, bad
             return counts["done"] == STUDIES
 
-        wait_for(all_done, 180, interval=0.5, what="all studies done")
+        wait_until(all_done, timeout=180, interval=0.5, what="all studies done")
         done_s = time.monotonic() - t0
-        wait_for(lambda: len(rss.samples) >= 2 and rss.samples[-1][2] == total, 10,
-                 what="a final RSS sample")
+        wait_until(lambda: len(rss.samples) >= 2 and rss.samples[-1][2] == total, timeout=10,
+                   what="a final RSS sample")
     assert proc.poll() is None, serve.log_tail()
 
     # Every study once: one generation, one SR at the PACS; routing chose the PA image.

@@ -36,7 +36,7 @@ from dicomai_tools import synthetic
 from dicomai.inference.findings import Findings, ModelIdentity, Task
 from dicomai.models.reference import REFERENCE_DESCRIPTION
 from dicomai.results import build_results, table_for
-from tests.conftest import free_port, running_daemon, wait_for
+from tests.conftest import free_port, running_daemon
 from tests.viewers.harness import (
     DicomWebOrthanc,
     coloured_fraction,
@@ -44,6 +44,7 @@ from tests.viewers.harness import (
     summary,
     viewport_stats,
 )
+from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.viewers, pytest.mark.orthanc, pytest.mark.dcmtk, pytest.mark.slow]
 
@@ -122,7 +123,7 @@ def _results_back(orthanc: ForwardingOrthanc, study_uid: str, wanted: set[str]) 
         return series if wanted <= set(series) else None
 
     try:
-        found = wait_for(ready, timeout=180, interval=1.0, what=f"{sorted(wanted)} in Orthanc")
+        found = wait_until(ready, timeout=180, interval=1.0, what=f"{sorted(wanted)} in Orthanc")
     except AssertionError as exc:
         raise AssertionError(f"{exc}\n--- Orthanc log ---\n{orthanc.log_tail()}") from None
     # Orthanc Explorer files series by date: every result series has one (not "?").
