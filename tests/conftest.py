@@ -1,4 +1,5 @@
-"""Shared fixtures: settings on a temp data dir, a local PACS, a running daemon, polling."""
+"""Shared fixtures: settings on a temp data dir, a local PACS, a running daemon (for waiting
+in tests, see tests.waiting)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import fcntl
 import os
 import shutil
 import socket
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -130,19 +130,6 @@ def listening(port: int, host: str = "127.0.0.1") -> bool:
             return True
     except OSError:
         return False
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, interval: float = 0.2,
-             what: str = "condition") -> Any:
-    """Poll ``predicate`` until it returns something truthy, or fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 @pytest.fixture(scope="session")

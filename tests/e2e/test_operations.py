@@ -20,7 +20,8 @@ from dicomai.ops.health import check_health
 from dicomai.ops.status import collect
 from dicomai.ops.status_view import render_rich
 from dicomai.jobs import reads
-from tests.conftest import free_port, running_daemon, wait_for
+from tests.conftest import free_port, running_daemon
+from tests.waiting import wait_until
 
 NO_WORKER = ("receiver", "sender", "scheduler")  # no model to load: starts in well under 1 s
 
@@ -118,8 +119,8 @@ def test_status_throughput_latency_and_watch(make_settings, local_pacs, tmp_path
         for ds in xrays:
             assert send_files(synthetic.write_study([ds], tmp_path / ds.SOPInstanceUID),
                               "127.0.0.1", daemon.receiver.port, called_ae="DICOMAI").ok
-        wait_for(lambda: collect(settings, engine=daemon.engine)["counts"]["done"] == 2, 120,
-                 what="two studies done")
+        wait_until(lambda: collect(settings, engine=daemon.engine)["counts"]["done"] == 2,
+                   timeout=120, what="two studies done")
         data = collect(settings, engine=daemon.engine)
         lat = data["latency"]
         assert data["throughput"]["done"] == 2 and data["throughput"]["finished"] == 2
@@ -172,8 +173,9 @@ def test_studies_list_show_and_purge(make_settings, local_pacs, tmp_path, capsys
         for i, study in enumerate(([good], [bad], mr)):
             assert send_files(synthetic.write_study(study, tmp_path / f"in{i}"), "127.0.0.1",
                               daemon.receiver.port, called_ae="DICOMAI").ok
-        wait_for(lambda: (c := collect(settings, engine=daemon.engine)["counts"])["done"] == 1
-                 and c["failed"] == 1 and c["skipped"] == 1, 120, what="three studies settled")
+        wait_until(lambda: (c := collect(settings, engine=daemon.engine)["counts"])["done"] == 1
+                   and c["failed"] == 1 and c["skipped"] == 1, timeout=120,
+                   what="three studies settled")
 
         def listing(*extra: str) -> list[dict]:
             code, out, err = run_cli(capsys, "--config", str(cfg), "studies", "--json", *extra)
@@ -342,9 +344,9 @@ def test_metrics_endpoint_database_gauges(make_settings, local_pacs, tmp_path):
                 assert send_files(synthetic.write_study(study, tmp_path / f"s{i}"), "127.0.0.1",
                                   daemon.receiver.port, called_ae="DICOMAI").ok
             # the chest X-ray closes at its release, the MR after its quiet period
-            wait_for(lambda: [scrape(server.url)[f'dicomai_studies{{state="{state}"}}']
-                              for state in ("done", "skipped")] == [1.0, 1.0], 120,
-                     what="done and skipped in the metrics")
+            wait_until(lambda: [scrape(server.url)[f'dicomai_studies{{state="{state}"}}']
+                                for state in ("done", "skipped")] == [1.0, 1.0], timeout=120,
+                       what="done and skipped in the metrics")
             after = scrape(server.url)
             assert after['dicomai_queue_depth{state="queued"}'] == 0.0
             assert after['dicomai_destination_backlog{destination="pacs"}'] == 0.0
@@ -399,8 +401,8 @@ def test_metrics_count_the_pipeline(make_settings, local_pacs, tmp_path):
             ae.shutdown()
             assert rsp.Status == 0xA900
             e2e = 'dicomai_job_duration_seconds_count{model="chest-xray",stage="end_to_end"}'
-            wait_for(lambda: scrape(server.url).get(e2e, 0) >= before.get(e2e, 0) + 1, 120,
-                     what="end-to-end observed")
+            wait_until(lambda: scrape(server.url).get(e2e, 0) >= before.get(e2e, 0) + 1,
+                       timeout=120, what="end-to-end observed")
             after = scrape(server.url)
         finally:
             if server is not getattr(daemon, "metrics_server", None):
