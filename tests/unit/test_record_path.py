@@ -32,6 +32,7 @@ from dicomai.ingest.index import InstanceIndex, InstanceRecord
 from dicomai.jobs.queue import Queue
 from dicomai.jobs.states import JobState
 from dicomai.jobs import reads
+from tests.waiting import let_time_pass, sample_until, wait_until
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 
@@ -187,10 +188,9 @@ def _requestor() -> AE:
 
 
 def _gone(ae: AE, within: float = 2.0) -> bool:
-    deadline = time.monotonic() + within
-    while ae.active_associations and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return not ae.active_associations
+    """Whether every association of ``ae`` has ended within ``within`` seconds."""
+    return not sample_until(lambda: ae.active_associations, lambda active: not active,
+                            timeout=within, interval=0.01)
 
 
 def test_reader_echo_and_release(scp: tuple[AE, int, list[PduReader]]) -> None:
@@ -214,9 +214,8 @@ def test_reader_abort_and_dropped_connection(scp: tuple[AE, int, list[PduReader]
     # A peer that connects and vanishes without a word.
     with socket.create_connection(("127.0.0.1", port)):
         pass
-    deadline = time.monotonic() + 2
-    while len(readers) < 2 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(lambda: len(readers) >= 2, timeout=2, interval=0.01,
+               what="a reader for the silent connection")
     assert len(readers) == 2
     assert _gone(ae, within=3.0)
 
@@ -226,9 +225,8 @@ def test_reader_idle_timeout_aborts(scp: tuple[AE, int, list[PduReader]]) -> Non
     assoc = _requestor().associate("127.0.0.1", port)
     assert assoc.is_established
     t0 = time.monotonic()
-    deadline = t0 + 5
-    while assoc.is_established and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_until(lambda: not assoc.is_established, timeout=5, interval=0.02,
+               what="the idle association to end")
     assert assoc.is_aborted
     assert 0.9 <= time.monotonic() - t0 < 3  # network_timeout 1 s, not a poll late
     assert _gone(ae)
@@ -464,7 +462,7 @@ def test_record_lock_excludes_threads_of_one_process(tmp_path: Path) -> None:
     with lock:
         t = threading.Thread(target=other)
         t.start()
-        time.sleep(0.2)
+        let_time_pass(0.2, "the other thread reaches the lock and must wait for it")
         order.append("first")
     t.join(5)
     assert order == ["first", "other"]
