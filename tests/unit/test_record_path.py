@@ -432,13 +432,13 @@ def test_supported_contexts_copy_is_as_independent_as_deepcopy() -> None:
 
     from pynetdicom.presentation import build_context
 
-    from dicomai.ingest.scp import _SupportedContexts
+    from dicomai.ingest.storage_ae import SupportedContexts
 
     original = [build_context("1.2.840.10008.5.1.4.1.1.2",
                               [ExplicitVRLittleEndian, ImplicitVRLittleEndian])]
     original[0].context_id = 3
     original[0].scp_role = True
-    contexts = _SupportedContexts(original)
+    contexts = SupportedContexts(original)
     cheap, deep = copy.deepcopy(contexts), copy.deepcopy(list(original))
     assert [vars(c) for c in cheap] == [vars(c) for c in deep]
     assert type(cheap[0]) is type(deep[0])
