@@ -293,7 +293,7 @@ class Sender:
             error="; ".join(dict.fromkeys(errors))[:500] or None,
         )
         now = self.clock.now()
-        self.queue.transition(job_id, t.src, t.dst, reason=t.reason, now=now, **t.changes(now))
+        self.queue.apply(job_id, t, now=now)
         if t.dst is JobState.DONE:
             metrics.observe_job(
                 "end_to_end", job.model or "", (now - job.last_instance_at).total_seconds()

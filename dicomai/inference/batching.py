@@ -25,7 +25,7 @@ from dicomai.errors import Interrupted
 from dicomai.inference.findings import ModelIdentity
 from dicomai.logs import log_fields
 
-__all__ = ["BatchingPredictor", "BoundPredictor"]
+__all__ = ["BatchingPredictor", "BoundPredictor", "SharedBatchers"]
 
 logger = logging.getLogger(__name__)
 
@@ -360,3 +360,53 @@ class BoundPredictor:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+class SharedBatchers:
+    """One :class:`BatchingPredictor` per model, shared by the jobs a worker runs at once.
+
+    A model swapped by a configuration reload, or a batcher closed, gets a new batcher; the
+    old one drains in its own thread and its holders fall back to the model directly.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_model: dict[str, BatchingPredictor] = {}
+
+    def get(
+        self, name: str, backend: object, *, max_batch: int, max_wait_ms: float
+    ) -> BatchingPredictor:
+        """The batcher of model ``name`` (``backend`` as loaded now), with these limits."""
+        retired: BatchingPredictor | None = None
+        with self._lock:
+            batcher = self._by_model.get(name)
+            if batcher is None or batcher.backend is not backend or batcher.closed:
+                retired = batcher
+                batcher = BatchingPredictor(
+                    backend, max_batch=max_batch, max_wait_ms=max_wait_ms, name=name
+                )
+                self._by_model[name] = batcher
+                logger.info(
+                    "batcher started",
+                    extra=log_fields(
+                        "batching.started", model=name, max_batch=max_batch, wait_ms=max_wait_ms
+                    ),
+                )
+            else:
+                batcher.configure(max_batch=max_batch, max_wait_ms=max_wait_ms)
+        if retired is not None:
+            retired.close(timeout=0)
+        return batcher
+
+    def __getitem__(self, name: str) -> BatchingPredictor:
+        """The current batcher of model ``name`` (KeyError if it has none)."""
+        with self._lock:
+            return self._by_model[name]
+
+    def close(self, remaining: Callable[[], float]) -> None:
+        """Close every batcher (each runs what is pending within ``remaining()`` seconds);
+        later calls go to the models directly."""
+        with self._lock:
+            batchers, self._by_model = list(self._by_model.values()), {}
+        for batcher in batchers:
+            batcher.close(max(0.0, remaining()))

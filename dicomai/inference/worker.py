@@ -15,12 +15,13 @@ from contextlib import contextmanager
 from typing import Any
 
 import pydicom
+from sqlalchemy.orm import Session, sessionmaker
 
 from dicomai import metrics
 from dicomai.config import Settings
 from dicomai.db import Job, ResultObject
 from dicomai.errors import DicomAIError, Interrupted, PermanentError, StateConflict
-from dicomai.inference.batching import BatchingPredictor
+from dicomai.inference.batching import SharedBatchers
 from dicomai.inference.findings import Task
 from dicomai.inference.outbox import failure_notice_rows, notice_destinations, result_rows
 from dicomai.inference.prepare import DecodePool, PreparedInputs, renderer
@@ -49,8 +50,8 @@ class Worker:
     """Runs jobs: QUEUED → RUNNING → OUTBOX (or back to QUEUED / FAILED).
 
     With ``[worker] max_batch`` > 0, concurrent jobs of one model share model calls through a
-    :class:`~dicomai.inference.batching.BatchingPredictor` per model; with ``decode_processes``
-    > 0 (the
+    :class:`~dicomai.inference.batching.BatchingPredictor` per model
+    (:class:`~dicomai.inference.batching.SharedBatchers`); with ``decode_processes`` > 0 (the
     default), a job's images are read, decoded and preprocessed in a
     :class:`~dicomai.inference.prepare.DecodePool`, within ``decode_memory_mb`` and
     ``decode_timeout_seconds`` per image.
@@ -82,8 +83,7 @@ class Worker:
         self._wake = threading.Event()
         queue.subscribe(JobState.QUEUED, self._wake)
         self._threads: list[threading.Thread] = []
-        self._batchers: dict[str, BatchingPredictor] = {}
-        self._batchers_lock = threading.Lock()
+        self._batchers = SharedBatchers()
         self.decode_pool: DecodePool | None = None
         #: Gives the memory that decoding and models freed back to the system (glibc keeps
         #: it otherwise, and the resident size creeps up over thousands of studies).
@@ -120,10 +120,7 @@ class Worker:
         deadline = self.clock.monotonic() + timeout
         for t in self._threads:
             t.join(max(0.0, deadline - self.clock.monotonic()))
-        with self._batchers_lock:
-            batchers, self._batchers = list(self._batchers.values()), {}
-        for batcher in batchers:  # runs what is pending; later calls go to the model directly
-            batcher.close(max(0.0, deadline - self.clock.monotonic()))
+        self._batchers.close(lambda: deadline - self.clock.monotonic())
         if self.decode_pool is not None and not self.busy():
             self.decode_pool.shutdown()
             self.decode_pool = None
@@ -203,15 +200,11 @@ class Worker:
         """Make the policy's move, with the job's new result rows in the same transaction."""
         now = self.clock.now()
         if not rows:
-            self.queue.transition(
-                job_id, t.src, t.dst, reason=t.reason, now=now, **t.changes(now), **data
-            )
+            self.queue.apply(job_id, t, now=now, **data)
             return
         with self.queue.session() as s, s.begin():
             self.queue.add_results(job_id, rows, session=s)
-            self.queue.transition(
-                job_id, t.src, t.dst, reason=t.reason, now=now, session=s, **t.changes(now), **data
-            )
+            self.queue.apply(job_id, t, now=now, session=s, **data)
 
     def _settle(
         self, job: Job, outcome: WorkOutcome, error: str = "", error_type: str = ""
@@ -253,7 +246,10 @@ class Worker:
             wanted = notice_destinations(self.settings, job)
             if not wanted:
                 return []
-            sources = [pydicom.dcmread(p, stop_before_pixels=True) for p in self._source_paths(job)]
+            sources = [
+                pydicom.dcmread(p, stop_before_pixels=True)
+                for p in _source_paths(self.queue.sessions, job)
+            ]
             loaded = self.models.loaded().get(job.model or "")
             identity = loaded.identity if loaded is not None else None
             return failure_notice_rows(
@@ -266,11 +262,6 @@ class Worker:
             )
             return []
 
-    def _source_paths(self, job: Job) -> list[str]:
-        rows = reads.study_instances(self.queue.sessions, job.study_id, job.generation)
-        wanted = set(job.series_uids)
-        return [r.path for r in rows if r.series_instance_uid in wanted]
-
     @contextmanager
     def _predictor(self, name: str, backend: ModelBackend) -> Iterator[Predictor]:
         """The backend itself, or with ``max_batch`` set, this job's view of the model's
@@ -279,28 +270,9 @@ class Worker:
         if not w.max_batch:
             yield backend
             return
-        retired: BatchingPredictor | None = None
-        with self._batchers_lock:
-            batcher = self._batchers.get(name)
-            if batcher is None or batcher.backend is not backend or batcher.closed:
-                retired = batcher
-                batcher = BatchingPredictor(
-                    backend, max_batch=w.max_batch, max_wait_ms=w.batch_wait_ms, name=name
-                )
-                self._batchers[name] = batcher
-                logger.info(
-                    "batcher started",
-                    extra=log_fields(
-                        "batching.started",
-                        model=name,
-                        max_batch=w.max_batch,
-                        wait_ms=w.batch_wait_ms,
-                    ),
-                )
-            else:
-                batcher.configure(max_batch=w.max_batch, max_wait_ms=w.batch_wait_ms)
-        if retired is not None:
-            retired.close(timeout=0)  # drains in its own thread; holders fall back to direct
+        batcher = self._batchers.get(
+            name, backend, max_batch=w.max_batch, max_wait_ms=w.batch_wait_ms
+        )
         with batcher.session(self._stop.is_set) as bound:
             yield bound
 
@@ -311,7 +283,7 @@ class Worker:
         started = self.clock.now()
         t0 = time.perf_counter()
         backend = self.models.get(job.model)
-        paths = self._source_paths(job)
+        paths = _source_paths(self.queue.sessions, job)
         pool = self.decode_pool
         futures = pool.submit(paths, spec.task, spec.preprocessing) if pool else None
         prepared: PreparedInputs | None = None
@@ -339,20 +311,13 @@ class Worker:
                 fut.cancel()  # only what has not started: after an error or interruption
         # Key images for the Secondary Captures are drawn in the decode processes too.
         render = renderer(pool, datasets, paths, self._stop.is_set) if pool else None
-        study_uid = reads.study_uid(self.queue.sessions, job.study_id)
-        previous = [
-            (study_uid, r.series_instance_uid, r.sop_class_uid, r.sop_instance_uid)
-            for r in reads.previous_results(self.queue.sessions, job.study_id, job.generation)
-            if r.kind == "sr"
-        ]
-        previous = list(dict.fromkeys(previous))
         rows = result_rows(
             self.settings,
             self.spool,
             job,
             datasets,
             findings,
-            previous_sr_refs=previous,
+            previous_sr_refs=_previous_sr_refs(self.queue.sessions, job),
             render=render,
         )
         elapsed = time.perf_counter() - t0
@@ -378,3 +343,22 @@ class Worker:
                 study=uid_ref(datasets[0].StudyInstanceUID if datasets else ""),
             ),
         )
+
+
+def _source_paths(sessions: sessionmaker[Session], job: Job) -> list[str]:
+    """The files of the series the job's route chose, up to the job's generation."""
+    rows = reads.study_instances(sessions, job.study_id, job.generation)
+    wanted = set(job.series_uids)
+    return [r.path for r in rows if r.series_instance_uid in wanted]
+
+
+def _previous_sr_refs(sessions: sessionmaker[Session], job: Job) -> list[tuple[str, str, str, str]]:
+    """(study, series, SOP class, SOP instance) of the SRs earlier generations of the study
+    produced, newest first: the new SR names them as predecessors."""
+    study_uid = reads.study_uid(sessions, job.study_id)
+    previous = [
+        (study_uid, r.series_instance_uid, r.sop_class_uid, r.sop_instance_uid)
+        for r in reads.previous_results(sessions, job.study_id, job.generation)
+        if r.kind == "sr"
+    ]
+    return list(dict.fromkeys(previous))

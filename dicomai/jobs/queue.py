@@ -25,7 +25,8 @@ from dicomai.db import (
     utcnow,
 )
 from dicomai.errors import StateConflict
-from dicomai.jobs import reads
+from dicomai.jobs import policy, reads
+from dicomai.jobs.policy import Transition
 from dicomai.jobs.states import ALLOWED_TRANSITIONS, TERMINAL_STATES, JobState, ResultState
 from dicomai.logs import log_fields
 
@@ -106,6 +107,37 @@ class Queue:
             ),
         )
 
+    def apply(
+        self,
+        job_id: int,
+        t: Transition,
+        *,
+        now: datetime,
+        session: Session | None = None,
+        guard: dict[str, Any] | None = None,
+        **data: Any,
+    ) -> None:
+        """Make a move the policy decided (:mod:`dicomai.jobs.policy`): :meth:`transition`
+        with its reason and column changes, plus ``data`` the caller adds (findings, the
+        chosen route).
+
+        Raises
+        ------
+        StateConflict
+            The job was not in ``t.src`` (somebody else moved it).
+        """
+        self.transition(
+            job_id,
+            t.src,
+            t.dst,
+            reason=t.reason,
+            now=now,
+            session=session,
+            guard=guard,
+            **t.changes(now),
+            **data,
+        )
+
     @staticmethod
     def _cas(
         s: Session,
@@ -138,7 +170,13 @@ class Queue:
 
         ``FOR UPDATE SKIP LOCKED`` on PostgreSQL; on SQLite the compare-and-set guard alone
         keeps two claimers off the same job.
+
+        Raises
+        ------
+        ValueError
+            ``src`` → ``dst`` is not a claim (:func:`dicomai.jobs.policy.claim`).
         """
+        policy.claim(src, dst, attempts=0)  # a pair that is not a claim fails before any query
         for _ in range(5):
             with self.sessions.begin() as s:
                 query = (
@@ -154,9 +192,8 @@ class Queue:
                 job = s.scalar(query)
                 if job is None:
                     return None
-                fields: dict[str, Any] = {"claimed_by": claimer, "heartbeat_at": now}
-                if dst is S.RUNNING:
-                    fields["attempts"] = job.attempts + 1
+                t = policy.claim(src, dst, attempts=job.attempts)
+                fields = {"claimed_by": claimer, "heartbeat_at": now, **t.changes(now)}
                 try:
                     # updated_at as the row's version: on SQLite the SELECT above runs outside
                     # the write transaction, so another claimer may have claimed, sent and put
@@ -165,10 +202,10 @@ class Queue:
                     self._cas(
                         s,
                         job.id,
-                        src,
-                        dst,
-                        {"state": dst.value, "updated_at": now, **fields},
-                        "claim",
+                        t.src,
+                        t.dst,
+                        {"state": t.dst.value, "updated_at": now, **fields},
+                        t.reason,
                         now,
                         guard={"updated_at": job.updated_at},
                     )
@@ -234,32 +271,22 @@ class Queue:
             if job is None or job.state != S.FAILED.value:
                 raise StateConflict(f"job {job_id} is not failed")
             results = list(s.scalars(select(ResultObject).where(ResultObject.job_id == job_id)))
-            notice = bool((job.findings or {}).get("failure_notice"))
-            done = (ResultState.SENT, ResultState.SKIPPED)
-            unsent = [r for r in results if r.state not in done]
-            dst = S.OUTBOX if results and unsent and not notice else S.QUEUED
-            for r in unsent:
-                r.state, r.last_error = ResultState.PENDING, None
-            fields: dict[str, Any] = {
-                "not_before": None,
-                "claimed_by": None,
-                "finished_at": None,
-                "last_error": None,
-                "send_attempts": 0,
-            }
-            if dst is S.QUEUED:
-                fields.update(attempts=0, findings=None)
-            self.transition(
-                job_id, S.FAILED, dst, reason="operator.retry", now=now, session=s, **fields
+            t = policy.operator_retry(
+                [r.state for r in results], failure_notice=policy.is_failure_notice(job.findings)
             )
-            return dst
+            for r in results:
+                if policy.needs_resend(r.state):
+                    r.state, r.last_error = ResultState.PENDING, None
+            self.apply(job_id, t, now=now, session=s)
+            return t.dst
 
     def cancel(self, job_id: int, now: datetime) -> None:
         """QUEUED, OUTBOX or FAILED → CANCELLED (raises StateConflict otherwise)."""
         src = JobState(reads.get_job(self.sessions, job_id).state)
-        if S.CANCELLED not in ALLOWED_TRANSITIONS[src]:
+        t = policy.cancel(src)
+        if t is None:
             raise StateConflict(f"job {job_id} is {src.value} and cannot be cancelled")
-        self.transition(job_id, src, S.CANCELLED, reason="operator.cancel", now=now)
+        self.apply(job_id, t, now=now)
 
     # -- components --------------------------------------------------------------------
     def beat(self, component: str, role: str, now: datetime, info: dict[str, Any]) -> None:

@@ -20,7 +20,8 @@ from dicomai.errors import StateConflict
 from dicomai.ingest.index import InstanceIndex, InstanceRecord
 from dicomai.jobs.queue import Queue
 from dicomai.jobs.states import ALLOWED_TRANSITIONS, TERMINAL_STATES, JobState
-from dicomai.runtime.scheduler import close_early_studies, close_quiet_studies, reap_stale
+from dicomai.runtime.closing import close_early_studies, close_quiet_studies
+from dicomai.runtime.scheduler import reap_stale
 from dicomai.jobs import reads
 
 REPO = Path(__file__).resolve().parents[2]
