@@ -25,6 +25,7 @@ from dicomai.jobs.states import ALLOWED_TRANSITIONS, TERMINAL_STATES, JobState, 
 __all__ = [
     "CLAIMED_STATES",
     "KEEP",
+    "RETRY_REASONS",
     "Failure",
     "ReclaimCause",
     "RetryPolicy",
@@ -129,6 +130,11 @@ class Transition:
         if self.closes:
             out["closed_at"] = now
         return out
+
+
+#: Reasons of the moves that put a failed attempt back for another after its backoff (the
+#: worker's and the sender's); ``dicomai status`` lists them beside the failures.
+RETRY_REASONS: Final = ("retry.error", "retry.send")
 
 
 # -- failure notices ---------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from dicomai.db import (
     ResultObject,
     Study,
 )
+from dicomai.jobs.policy import RETRY_REASONS
 from dicomai.jobs.states import ACTIVE_STATES, TERMINAL_STATES, JobState, ResultState
 from dicomai.timefmt import aware
 
@@ -258,9 +259,6 @@ def gauges(conn: Connection | Session) -> Gauges:
 Reader = Connection | Session
 #: A result row of any shape (on a Connection, ORM entities come back as their columns).
 AnyRow = Row[*tuple[Any, ...]]
-
-#: Job-event reasons that record a failed attempt put back for a retry (worker, sender).
-RETRY_REASONS = ("retry.error", "retry.send")
 
 
 def _jobs_with_uid(latest_only: bool) -> Select[Job, str]:

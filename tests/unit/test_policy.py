@@ -321,3 +321,9 @@ def test_system_clock_is_aware_utc() -> None:
     assert clock.now().tzinfo is UTC
     a = clock.monotonic()
     assert clock.monotonic() >= a
+
+
+def test_retry_reasons_are_the_reasons_of_backoff_retries() -> None:
+    work = policy.after_work(WorkOutcome.ERROR, attempts=1, retry=WORK, error="e")
+    send = policy.after_send([R], send_attempts=0, retry=SEND, error="e")
+    assert (work.reason, send.reason) == policy.RETRY_REASONS
