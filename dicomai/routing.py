@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 from dicomai.config import RouteSettings
 
@@ -95,7 +96,7 @@ def summarise_series(rows: Iterable[dict[str, object]]) -> list[SeriesInfo]:
                 modality=str(first.get("modality") or "").upper(),
                 body_part=str(first.get("body_part") or "").upper(),
                 instance_count=len(items),
-                series_number=first.get("series_number"),  # type: ignore[arg-type]
+                series_number=cast("int | None", first.get("series_number")),
                 study_description=str(first.get("study_description") or ""),
                 series_description=str(first.get("series_description") or ""),
                 image_types=image_types,

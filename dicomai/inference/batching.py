@@ -18,12 +18,16 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from dicomai.errors import Interrupted
 from dicomai.inference.findings import ModelIdentity
 from dicomai.logs import log_fields
+
+if TYPE_CHECKING:  # torch is imported by the backend module; the worker has loaded it already
+    from dicomai.models.backend import ModelBackend
 
 __all__ = ["BatchingPredictor", "BoundPredictor", "SharedBatchers"]
 
@@ -87,7 +91,12 @@ class BatchingPredictor:
     """
 
     def __init__(
-        self, backend: object, *, max_batch: int, max_wait_ms: float = 0.0, name: str | None = None
+        self,
+        backend: ModelBackend,
+        *,
+        max_batch: int,
+        max_wait_ms: float = 0.0,
+        name: str | None = None,
     ) -> None:
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError('Argument "max_batch" must be an int >= 1.')
@@ -96,7 +105,7 @@ class BatchingPredictor:
         self._backend = backend
         self._max_batch = max_batch
         self._max_wait = float(max_wait_ms) / 1000.0
-        self._name = name or backend.identity.name  # type: ignore[attr-defined]
+        self._name = name or backend.identity.name
         self._cond = threading.Condition()
         self._pending: deque[_Request] = deque()
         self._active: dict[int, int] = {}  # session id -> predict calls made
@@ -111,24 +120,24 @@ class BatchingPredictor:
 
     # -- the Predictor protocol --------------------------------------------------------
     @property
-    def backend(self) -> object:
+    def backend(self) -> ModelBackend:
         """The wrapped model backend."""
         return self._backend
 
     @property
     def identity(self) -> ModelIdentity:
         """The wrapped backend's identity."""
-        return self._backend.identity  # type: ignore[attr-defined, no-any-return]
+        return self._backend.identity
 
     @property
     def labels(self) -> tuple[str, ...]:
         """The wrapped backend's labels."""
-        return self._backend.labels  # type: ignore[attr-defined, no-any-return]
+        return self._backend.labels
 
     @property
     def device(self) -> str:
         """The wrapped backend's device."""
-        return str(self._backend.device)  # type: ignore[attr-defined]
+        return str(self._backend.device)
 
     @property
     def closed(self) -> bool:
@@ -217,7 +226,7 @@ class BatchingPredictor:
                 self._pending.append(request)
                 self._cond.notify_all()
         if direct:
-            return self._backend.predict(batch)  # type: ignore[attr-defined, no-any-return]
+            return self._backend.predict(batch)
         while not request.done.wait(_STOP_POLL_SECONDS if should_stop is not None else None):
             if should_stop is not None and should_stop():
                 with self._cond:
@@ -289,9 +298,7 @@ class BatchingPredictor:
             return
         sizes = [len(r.batch) for r in taken]
         try:
-            probs, cams = self._backend.predict(  # type: ignore[attr-defined]
-                np.concatenate([r.batch for r in taken])
-            )
+            probs, cams = self._backend.predict(np.concatenate([r.batch for r in taken]))
         except Exception:
             # Split up: each request alone, so that only the bad one gets the error.
             logger.warning(
@@ -312,7 +319,7 @@ class BatchingPredictor:
 
     def _run_one(self, request: _Request) -> None:
         try:
-            out = self._backend.predict(request.batch)  # type: ignore[attr-defined]
+            out = self._backend.predict(request.batch)
         except BaseException as exc:
             request.finish(error=exc)
             return
@@ -374,7 +381,7 @@ class SharedBatchers:
         self._by_model: dict[str, BatchingPredictor] = {}
 
     def get(
-        self, name: str, backend: object, *, max_batch: int, max_wait_ms: float
+        self, name: str, backend: ModelBackend, *, max_batch: int, max_wait_ms: float
     ) -> BatchingPredictor:
         """The batcher of model ``name`` (``backend`` as loaded now), with these limits."""
         retired: BatchingPredictor | None = None

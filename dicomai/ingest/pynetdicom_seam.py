@@ -50,7 +50,7 @@ import functools
 import queue
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import pynetdicom
 from pynetdicom import _config, evt
@@ -242,7 +242,7 @@ def stop_requested(assoc: Any) -> bool:
     return bool(assoc.dul._kill_thread)
 
 
-class _NotifyingQueue(queue.Queue):  # type: ignore[type-arg]
+class _NotifyingQueue(queue.Queue[Any]):
     """A queue that calls ``notify`` after every put."""
 
     def __init__(self, notify: Callable[[], None]) -> None:
@@ -395,7 +395,7 @@ def quiet_identifier_logging() -> None:
 
 def ui_validator() -> Callable[[Any], tuple[bool, str]]:
     """pynetdicom's validator of UI values."""
-    return _config.VALIDATORS["UI"]  # type: ignore[no-any-return]
+    return cast("Callable[[Any], tuple[bool, str]]", _config.VALIDATORS["UI"])
 
 
 def set_ui_validator(validator: Callable[[Any], tuple[bool, str]]) -> None:
@@ -405,4 +405,4 @@ def set_ui_validator(validator: Callable[[Any], tuple[bool, str]]) -> None:
 def transfer_syntax_list(context: PresentationContext) -> list[Any]:
     """The list a presentation context keeps its transfer syntaxes in (appended to in
     place, as ``add_transfer_syntax`` does)."""
-    return context._transfer_syntax  # type: ignore[no-any-return]
+    return cast("list[Any]", context._transfer_syntax)

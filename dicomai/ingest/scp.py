@@ -316,7 +316,7 @@ class Receiver:
             Listener,
             ae.make_server(
                 (s.host, s.port),
-                evt_handlers=handlers,  # type: ignore[arg-type]
+                evt_handlers=handlers,  # type: ignore[arg-type]  # pynetdicom annotates it too narrowly
                 server_class=listener_class(s.listen_backlog),
             ),
         )
@@ -348,7 +348,7 @@ class Receiver:
                 )
             return allowed
 
-        server.verify_request = verify_request  # type: ignore[method-assign]
+        server.verify_request = verify_request  # type: ignore[method-assign]  # socketserver hook
         lobby.start()
         threading.Thread(target=server.serve_forever, name="receiver-acceptor", daemon=True).start()
         seam.register_server(ae, server)  # so that ae.shutdown() stops it too

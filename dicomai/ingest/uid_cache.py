@@ -73,11 +73,11 @@ def _wrap_set_uid(original: Callable[..., UID | None]) -> Callable[..., UID | No
                 return found
             uid = original(value, name, allow_empty, allow_none, validate)
             if validate and _clean(uid):
-                _ACCEPTED[value] = uid  # type: ignore[assignment]
+                _ACCEPTED[value] = uid  # type: ignore[assignment]  # _clean(uid): not None
             return uid
         return original(value, name, allow_empty, allow_none, validate)
 
-    set_uid.__wrapped__ = original  # type: ignore[attr-defined]
+    set_uid.__wrapped__ = original  # type: ignore[attr-defined]  # as functools.wraps sets it
     return set_uid
 
 
@@ -89,7 +89,7 @@ def _wrap_validator(
             return True, ""
         return original(value)
 
-    validate_ui.__wrapped__ = original  # type: ignore[attr-defined]
+    validate_ui.__wrapped__ = original  # type: ignore[attr-defined]  # as functools.wraps
     return validate_ui
 
 
@@ -107,7 +107,7 @@ def _wrap_add_transfer_syntax(
                 return
         original(self, syntax)
 
-    add_transfer_syntax.__wrapped__ = original  # type: ignore[attr-defined]
+    add_transfer_syntax.__wrapped__ = original  # type: ignore[attr-defined]  # as wraps does
     return add_transfer_syntax
 
 
@@ -118,11 +118,12 @@ def install() -> bool:
     if _installed:
         return True
     utils = importlib.import_module("pynetdicom.utils")
-    set_uid = _wrap_set_uid(utils.set_uid)
+    original_set_uid = utils.set_uid
+    set_uid = _wrap_set_uid(original_set_uid)
     for name in _SET_UID_MODULES:
         module = importlib.import_module(name)
-        if getattr(module, "set_uid", None) is set_uid.__wrapped__:  # type: ignore[attr-defined]
-            module.set_uid = set_uid  # type: ignore[attr-defined]
+        if getattr(module, "set_uid", None) is original_set_uid:
+            setattr(module, "set_uid", set_uid)  # noqa: B010  # a module attribute mypy cannot see
     seam.set_ui_validator(_wrap_validator(seam.ui_validator()))
     # mypy: a plain function is assigned where a method was declared (it works as one).
     PresentationContext.add_transfer_syntax = _wrap_add_transfer_syntax(  # type: ignore[method-assign,assignment]

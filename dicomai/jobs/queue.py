@@ -11,10 +11,11 @@ import logging
 import threading
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import event as sa_event
 from sqlalchemy import select, update
+from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomai.db import (
@@ -152,8 +153,9 @@ class Queue:
         query = update(Job).where(Job.id == job_id, Job.state == src.value)
         for column, expected in (guard or {}).items():
             query = query.where(getattr(Job, column) == expected)
-        result = s.execute(query.values(**values))
-        if result.rowcount != 1:  # type: ignore[attr-defined]
+        # an UPDATE returns a CursorResult, the Result subclass that has rowcount
+        result = cast("CursorResult[Any]", s.execute(query.values(**values)))
+        if result.rowcount != 1:
             raise StateConflict(f"job {job_id} is not {src.value}")
         s.add(JobEvent(job_id=job_id, src=src.value, dst=dst.value, at=now, reason=reason))
 

@@ -226,14 +226,15 @@ class Daemon:
         if self.models is not None:
             self.models.stop(0.0)  # no new model loads; one in progress ends on its own
         steps: list[tuple[str, Callable[[], None]]] = []
-        if self.dicomweb is not None:  # first: it stores through the receiver's flusher
-            steps.append(("dicomweb", lambda: self.dicomweb.stop(min(timeout, 10.0))))  # type: ignore[union-attr]
-        if self.receiver is not None:
-            steps.append(("receiver", lambda: self.receiver.stop(min(timeout, 10.0))))  # type: ignore[union-attr]
-        if self.worker is not None:
-            steps.append(("worker", lambda: self.worker.stop(timeout)))  # type: ignore[union-attr]
-        if self.sender is not None:
-            steps.append(("sender", lambda: self.sender.stop(timeout)))  # type: ignore[union-attr]
+        dicomweb, receiver, worker, sender = self.dicomweb, self.receiver, self.worker, self.sender
+        if dicomweb is not None:  # first: it stores through the receiver's flusher
+            steps.append(("dicomweb", lambda: dicomweb.stop(min(timeout, 10.0))))
+        if receiver is not None:
+            steps.append(("receiver", lambda: receiver.stop(min(timeout, 10.0))))
+        if worker is not None:
+            steps.append(("worker", lambda: worker.stop(timeout)))
+        if sender is not None:
+            steps.append(("sender", lambda: sender.stop(timeout)))
         if self.scheduler is not None:
             steps.append(("scheduler", self.scheduler.stop))
         for name, step in steps:
