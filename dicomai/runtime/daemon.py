@@ -159,6 +159,9 @@ class Daemon:
         if self.scheduler is not None:
             info["scheduler"] = "active" if self.scheduler.active else "standby"
         models = self.models
+        # Not-ready states first: a model that finishes loading in between is then in both
+        # (status shows it ready), never in neither.
+        not_ready = models.states() if models is not None else {}
         info["models"] = (
             {}
             if models is None
@@ -172,8 +175,8 @@ class Daemon:
                 for name, b in models.loaded().items()
             }
         )
-        if models is not None and models.states():
-            info["models_not_ready"] = models.states()  # loading, or failed with its error
+        if not_ready:
+            info["models_not_ready"] = not_ready  # loading, or failed with its error
         self.queue.beat(f"daemon@{self.instance_name}", "daemon", self.clock.now(), info)
 
     def _beat_loop(self) -> None:
