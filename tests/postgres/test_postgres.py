@@ -107,8 +107,11 @@ def test_advisory_lock_has_one_holder_and_is_freed_with_its_connection(pg_url):
     assert a.acquire() is True
     a.release()
     with engines[2].connect() as conn:
-        assert conn.execute(text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'")
-                            ).scalar() == 0
+        # This test's database only: pg_locks is cluster-wide, and tests running beside this
+        # one (another pytest-xdist worker, its own database) may hold advisory locks.
+        assert conn.execute(text(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND database = "
+            "(SELECT oid FROM pg_database WHERE datname = current_database())")).scalar() == 0
     for engine in engines:
         engine.dispose()
 
