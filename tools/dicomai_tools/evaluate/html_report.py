@@ -9,7 +9,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from dicomai_tools.evaluate.tables import format_value, format_with_ci, suggested_thresholds_toml
+from dicomai_tools.evaluate.tables import (
+    format_value,
+    format_with_ci,
+    label_row,
+    suggested_thresholds_toml,
+)
 
 
 def _roc_png(label: str, roc: Mapping[str, Sequence[float]], row: Mapping[str, Any]) -> str:
@@ -91,24 +96,7 @@ def write_html(report: Mapping[str, Any], path: Path) -> Path:
         ]
     rows = []
     for r in report["labels"]:
-        row = [
-            r["label"],
-            str(r["n"]),
-            str(r["positives"]),
-            format_with_ci(r["auroc"], r["auroc_ci"]),
-            f"{r['threshold']:g}",
-            format_with_ci(r["sensitivity"], r["sensitivity_ci"]),
-            format_with_ci(r["specificity"], r["specificity_ci"]),
-            format_value(r["ppv"]),
-            format_value(r["npv"]),
-        ]
-        if suggest:
-            sg = r.get("suggested") or {}
-            row += [
-                format_value(sg.get("threshold"), 4),
-                format_value(sg.get("sensitivity")),
-                format_value(sg.get("specificity")),
-            ]
+        row = label_row(r, suggest)
         rows.append(row)
     figures = "".join(
         f'<figure><img alt="ROC curve of {e(r["label"])}" src="data:image/png;base64,'

@@ -67,24 +67,7 @@ def render_table(report: Mapping[str, Any]) -> Any:
     for c in cols:
         t.add_column(c, justify="left" if c == "label" else "right")
     for r in report["labels"]:
-        row = [
-            r["label"],
-            str(r["n"]),
-            str(r["positives"]),
-            format_with_ci(r["auroc"], r["auroc_ci"]),
-            f"{r['threshold']:g}",
-            format_with_ci(r["sensitivity"], r["sensitivity_ci"]),
-            format_with_ci(r["specificity"], r["specificity_ci"]),
-            format_value(r["ppv"]),
-            format_value(r["npv"]),
-        ]
-        if suggest:
-            sg = r.get("suggested") or {}
-            row += [
-                format_value(sg.get("threshold"), 4),
-                format_value(sg.get("sensitivity")),
-                format_value(sg.get("specificity")),
-            ]
+        row = label_row(r, suggest)
         t.add_row(*row)
     parts.append(t)
     if report["subgroups"]:
@@ -142,3 +125,26 @@ def write_scores_csv(report: Mapping[str, Any], path: Path) -> Path:
                 ]
             )
     return Path(path)
+
+
+def label_row(r: dict[str, Any], suggest: bool) -> list[str]:
+    """One label's cells, as the terminal table and the HTML report show them."""
+    row = [
+        r["label"],
+        str(r["n"]),
+        str(r["positives"]),
+        format_with_ci(r["auroc"], r["auroc_ci"]),
+        f"{r['threshold']:g}",
+        format_with_ci(r["sensitivity"], r["sensitivity_ci"]),
+        format_with_ci(r["specificity"], r["specificity_ci"]),
+        format_value(r["ppv"]),
+        format_value(r["npv"]),
+    ]
+    if suggest:
+        sg = r.get("suggested") or {}
+        row += [
+            format_value(sg.get("threshold"), 4),
+            format_value(sg.get("sensitivity")),
+            format_value(sg.get("specificity")),
+        ]
+    return row
